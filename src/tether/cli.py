@@ -11,16 +11,26 @@ import argparse
 import importlib
 import sys
 
+# `tether label ...` gathers the simulated panel (labelers/) and the human app (labeling/).
+LABEL_MODULES = ("tether.labelers.cli", "tether.labeling.cli")
+
 COMMAND_MODULES = (
     "tether.data.cli",
     "tether.sft.cli",
-    "tether.labelers.cli",
     "tether.reward.cli",
     "tether.ppo.cli",
     "tether.eval.cli",
-    "tether.labeling.cli",
     "tether.pipeline_cli",
 )
+
+
+def _import_optional(name: str):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name == name:  # a stage not built yet
+            return None
+        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,13 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # a stage not built yet
-                continue
-            raise
-        module.add_commands(sub)
+        module = _import_optional(name)
+        if module is not None:
+            module.add_commands(sub)
+    label = sub.add_parser("label", help="labels: the simulated panel and the human labeling app")
+    label_sub = label.add_subparsers(dest="label_command", metavar="ACTION", required=True)
+    for name in LABEL_MODULES:
+        module = _import_optional(name)
+        if module is not None:
+            module.add_label_commands(label_sub)
     return parser
 
 
