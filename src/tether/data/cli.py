@@ -14,6 +14,34 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--kind", choices=["prompt", "demonstration", "sample", "comparison", "pretrain"])
     v.set_defaults(func=_validate)
 
+    # Defaults are SUPPRESSed so that PreprocessConfig stays the one place they are set.
+    keep = argparse.SUPPRESS
+    pp = dsub.add_parser(
+        "preprocess",
+        help="PII filter, length filter, dedup, per-user cap and train/valid/test split by user",
+    )
+    pp.add_argument("prompts", help="prompt records: JSONL / Parquet file or datasets directory")
+    pp.add_argument(
+        "--out", required=True,
+        help="directory for train/valid/test.jsonl, dropped.jsonl (ids and reasons), report.json",
+    )
+    pp.add_argument("--pii", choices=["drop", "redact"], default=keep,
+                    help="drop prompts with personal information, or redact it (default: drop)")
+    pp.add_argument("--max-chars", type=int, default=keep,
+                    help="drop prompts longer than this many characters (default: no limit)")
+    pp.add_argument("--max-words", type=int, default=keep,
+                    help="drop prompts longer than this many words (default: 1000)")
+    pp.add_argument("--prefix-chars", type=int, default=keep,
+                    help="duplicates share this many leading characters, case and spacing "
+                    "ignored (default: 64)")
+    pp.add_argument("--max-per-user", type=int, default=keep,
+                    help="at most this many prompts per user id (default: 200)")
+    pp.add_argument("--fractions", type=float, nargs=3, metavar=("TRAIN", "VALID", "TEST"),
+                    default=keep, help="fractions of users per split (default: 0.8 0.1 0.1)")
+    pp.add_argument("--seed", type=int, default=keep,
+                    help="seed for the cap and the split (default: 0)")
+    pp.set_defaults(func=_preprocess)
+
 
 def _validate(args) -> int:
     from tether.data.formats import validate_file
@@ -22,4 +50,26 @@ def _validate(args) -> int:
         report = validate_file(f, args.kind)
         extra = "".join(f", {k}={v}" for k, v in report.stats.items())
         print(f"ok: {report.path}: {report.count} {report.kind} records{extra}")
+    return 0
+
+
+def _preprocess(args) -> int:
+    from tether.data.formats import read_records
+    from tether.data.preprocess import PreprocessConfig, preprocess_prompts
+
+    names = ("pii", "max_chars", "max_words", "prefix_chars", "max_per_user", "fractions", "seed")
+    config = PreprocessConfig(**{n: getattr(args, n) for n in names if hasattr(args, n)})
+    result = preprocess_prompts(read_records(args.prompts, "prompt"), config)
+    result.save(args.out)
+
+    r = result.report
+    print(f"read {r.input} prompts from {r.input_users} users: {args.prompts}")
+    for step, n in r.removed.items():
+        print(f"  removed {n:>7}  {step}")
+    if r.pii_redacted:
+        print(f"  redacted {r.pii_redacted:>6}  pii ({', '.join(r.pii_kinds)})")
+    print(f"kept {r.kept} prompts")
+    for name, n in r.split_prompts.items():
+        print(f"  {name:<6} {n:>7} prompts  {r.split_users[name]:>6} users")
+    print(f"wrote {args.out}/{{train,valid,test}}.jsonl, dropped.jsonl, report.json")
     return 0
