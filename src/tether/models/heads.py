@@ -1,0 +1,100 @@
+"""Scalar heads: the reward model and the value model (InstructGPT §3.5).
+
+Both are standard Hugging Face ``*ForSequenceClassification`` models with ``num_labels=1``: the
+causal LM with its unembedding replaced by a projection to one scalar (the ``score`` layer). The
+reward model reads that scalar at the **last real token** of prompt ⊕ response; the value model
+(initialised from the reward model) reads it at every token.
+
+The RM's normalisation (a bias so that demonstrations score mean 0, SPEC stage 2) is stored in the
+checkpoint's ``config.json`` as ``tether_reward_bias``. Loading a tether RM with plain transformers::
+
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    score = model(**tokenizer(text, return_tensors="pt")).logits[:, 0] + model.config.tether_reward_bias
+
+(transformers finds the last non-pad token itself; tether's pad token differs from EOS, so this
+is correct under left and right padding.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from tether.config import ModelConfig
+from tether.models.generation import position_ids_from_mask
+from tether.models.loading import DTYPES, add_residual_dropout, apply_lora, load_tokenizer, resolve_model_dir
+from tether.ops import last_token_index
+
+REWARD_BIAS_KEY = "tether_reward_bias"
+
+
+def load_scalar_model(cfg: ModelConfig | str, *, trainable: bool = False):
+    """(model, tokenizer): a sequence-classification model with one output, from any HF directory.
+
+    From a causal-LM checkpoint (e.g. the SFT model) the LM head is dropped and a fresh ``score``
+    head is created; from a tether RM directory the trained head (and its bias) come along.
+    """
+    if isinstance(cfg, str):
+        cfg = ModelConfig(name_or_path=cfg)
+    path = resolve_model_dir(cfg.name_or_path)
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[cfg.dtype])
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if not hasattr(model.config, REWARD_BIAS_KEY):
+        setattr(model.config, REWARD_BIAS_KEY, 0.0)
+    if trainable:
+        add_residual_dropout(model, cfg.residual_dropout)
+        if cfg.lora.enabled:
+            model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")
+        model.train()
+    else:
+        model.eval()
+        model.requires_grad_(False)
+    return model, tokenizer
+
+
+def _unwrap(model):
+    """The transformers model under an optional peft wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def scalar_per_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The score head applied at every position: [B,T] (float32). Padding-robust positions."""
+    inner = _unwrap(model)
+    backbone = getattr(inner, inner.base_model_prefix)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+    ).last_hidden_state
+    return inner.score(hidden).squeeze(-1).float()
+
+
+def reward_bias(model) -> float:
+    return float(getattr(_unwrap(model).config, REWARD_BIAS_KEY, 0.0))
+
+
+def set_reward_bias(model, bias: float) -> None:
+    setattr(_unwrap(model).config, REWARD_BIAS_KEY, float(bias))
+
+
+def reward_scores(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, normalized: bool = True
+) -> torch.Tensor:
+    """r(x, y): the scalar at the last real token of each row (left or right padded). [B]."""
+    per_token = scalar_per_token(model, input_ids, attention_mask)
+    idx = last_token_index(attention_mask)
+    scores = per_token.gather(1, idx[:, None]).squeeze(1)
+    return scores + reward_bias(model) if normalized else scores
+
+
+def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """V(s_t) for every position (the value model). [B,T]."""
+    return scalar_per_token(model, input_ids, attention_mask)
+
+
+def save_scalar_model(model, tokenizer, out: str | Path) -> Path:
+    """Save as a plain HF sequence-classification directory (LoRA merged), bias in config.json."""
+    from tether.models.loading import save_model
+
+    return save_model(model, tokenizer, Path(out))
