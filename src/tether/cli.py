@@ -17,6 +17,7 @@ LABEL_MODULES = ("tether.labelers.cli", "tether.labeling.cli")
 COMMAND_MODULES = (
     "tether.data.cli",
     "tether.sft.cli",
+    "tether.models.cli",
     "tether.reward.cli",
     "tether.ppo.cli",
     "tether.eval.cli",

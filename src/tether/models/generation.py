@@ -173,3 +173,55 @@ def generate_texts(
         )
         out.extend(decode_responses(tokenizer, gen))
     return out
+
+
+def sample_k(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence,
+    k: int,
+    *,
+    policy_name: str,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress=None,
+) -> list:
+    """K sampled responses per prompt, as ``Sample`` records ready for ranking (by people or the panel).
+
+    prompts: ``Prompt`` records. Each prompt's K copies share a batch, so the KV cache of a batch
+    holds several prompts × K responses at once.
+    """
+    from tether.data.formats import K_MAX, K_MIN, Sample
+
+    if not K_MIN <= k <= K_MAX:
+        raise ValueError(f"k must be {K_MIN}..{K_MAX} (responses ranked per prompt), got {k}")
+    flat = [p for p in prompts for _ in range(k)]
+    texts = []
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for start in range(0, len(flat), batch_size):
+        gen = sample(
+            model,
+            tokenizer,
+            [p.text for p in flat[start : start + batch_size]],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            generator=generator,
+        )
+        texts.extend(decode_responses(tokenizer, gen))
+        if progress is not None:
+            progress(len(texts), len(flat))
+    # An empty response cannot be ranked or stored (the sample contract); mark it visibly instead.
+    texts = [t if t.strip() else "(empty response)" for t in texts]
+    return [
+        Sample(
+            prompt=p.text,
+            responses=texts[i * k : (i + 1) * k],
+            prompt_id=p.id,
+            policies=[policy_name] * k,
+            user_id=p.user_id,
+            category=p.category,
+        )
+        for i, p in enumerate(prompts)
+    ]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from tether.config import LoraConfig, ModelConfig
 
@@ -40,6 +41,11 @@ TINY_CONFIG = dict(
     tie_word_embeddings=True,
     rms_norm_eps=1e-5,
 )
+
+# tether prints its own progress; transformers' per-load bars and load reports are noise here
+# (e.g. "score.weight newly initialised" is expected when an RM is made from an SFT model).
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -1,0 +1,94 @@
+"""Model loading, the embedded default, KV-cached sampling and scalar heads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tether.models.generation import decode_responses, encode_prompts, position_ids_from_mask, sample
+from tether.models.heads import load_scalar_model, reward_scores
+from tether.models.loading import load_causal_lm, resolve_model_dir
+from tether.ops import token_logprobs
+
+
+def test_tokenizer_pad_differs_from_eos(tiny_dir):
+    _, tok = load_causal_lm(str(tiny_dir))
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    assert tok.pad_token_id != tok.eos_token_id
+
+
+def test_missing_model_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        resolve_model_dir("HuggingFaceTB/SmolLM2-135M-Instruct")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        resolve_model_dir(str(tmp_path))
+
+
+def test_sampling_logprobs_equal_recomputed_under_left_padding(tiny_dir):
+    model, tok = load_causal_lm(str(tiny_dir))
+    prompts = ["hi", "a much longer prompt that forces left padding of the others", "mid length one"]
+    for temperature in (1.0, 0.7):
+        gen = sample(model, tok, prompts, max_new_tokens=12, temperature=temperature,
+                     generator=torch.Generator().manual_seed(0))
+        ids = torch.cat([gen.query_ids, gen.response_ids], 1)
+        mask = torch.cat([gen.query_mask, gen.response_mask], 1)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+        p = gen.query_ids.shape[1]
+        recomputed = token_logprobs(logits[:, p - 1 : -1], gen.response_ids, temperature) * gen.response_mask
+        assert torch.allclose(recomputed, gen.logprobs, atol=1e-5)
+
+
+def test_greedy_batch_equals_one_by_one(tiny_dir):
+    """Left padding and batching do not change what a prompt generates."""
+    model, tok = load_causal_lm(str(tiny_dir))
+    prompts = ["short", "a considerably longer prompt here"]
+    batched = decode_responses(tok, sample(model, tok, prompts, max_new_tokens=10, temperature=0))
+    alone = [decode_responses(tok, sample(model, tok, [p], max_new_tokens=10, temperature=0))[0] for p in prompts]
+    assert batched == alone
+
+
+def test_response_mask_stops_after_eos(tiny_dir):
+    model, tok = load_causal_lm(str(tiny_dir))
+    # Make EOS likely (about 1 in 3) so rows end at different steps.
+    def boost_eos(_module, _inputs, logits):
+        logits[..., tok.eos_token_id] += 10.0
+        return logits
+
+    model.lm_head.register_forward_hook(boost_eos)
+    gen = sample(model, tok, ["x", "y", "z", "w"], max_new_tokens=40, temperature=1.0,
+                 generator=torch.Generator().manual_seed(0))
+    assert gen.finished.all() and len(set(gen.lengths.tolist())) > 1
+    for ids, m in zip(gen.response_ids, gen.response_mask, strict=True):
+        n = int(m.sum())
+        assert ids[n - 1] == tok.eos_token_id and (ids[n:] == tok.pad_token_id).all()
+
+
+def test_reward_score_at_last_real_token_any_padding(tiny_dir):
+    rm, tok = load_scalar_model(str(tiny_dir))
+    texts = ["one two three four five<|im_end|>", "six<|im_end|>"]
+    scores = []
+    for side in ("right", "left"):
+        tok.padding_side = side
+        enc = tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+        scores.append(reward_scores(rm, enc.input_ids, enc.attention_mask))
+    alone = torch.cat([reward_scores(rm, *tok(t, return_tensors="pt", add_special_tokens=False).values()) for t in texts])
+    assert torch.allclose(scores[0], scores[1], atol=1e-5) and torch.allclose(scores[0], alone, atol=1e-5)
+
+
+def test_lora_trains_only_adapters(tiny_dir):
+    from tether.config import LoraConfig, ModelConfig
+
+    model, _ = load_causal_lm(ModelConfig(name_or_path=str(tiny_dir), lora=LoraConfig(enabled=True, r=4)), trainable=True)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+@pytest.mark.slow
+def test_embedded_default_loads_and_generates():
+    model, tok = load_causal_lm("default")
+    assert model.config.num_hidden_layers == 30 and tok.eos_token == "<|im_end|>"
+    assert not hasattr(model.config, "quantization_config")
+    ids, _ = encode_prompts(tok, ["What is the capital of France?"])
+    gen = sample(model, tok, ["What is the capital of France? Answer in one word."], max_new_tokens=12, temperature=0)
+    text = decode_responses(tok, gen)[0]
+    assert "Paris" in text, text

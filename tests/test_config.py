@@ -1,0 +1,65 @@
+"""Config: defaults → preset → YAML → flags, typed coercion, readable errors, saved resolved."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import yaml
+
+from tether.config import SFTConfig, add_config_args, config_from_args, field_docs, resolve, save_config
+
+
+def parse(argv: list[str]) -> SFTConfig:
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, SFTConfig)
+    return config_from_args(SFTConfig, "sft", parser.parse_args(argv))
+
+
+def test_precedence_preset_yaml_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"epochs": 5, "optim": {"lr": 0.5}, "model": {"lora": {"enabled": True}}}))
+    cfg = parse(["--preset", "tiny", "--config", str(path), "--epochs", "7", "--optim.betas", "0.8,0.9"])
+    assert cfg.model.name_or_path == "tiny"  # preset
+    assert cfg.optim.lr == 0.5 and cfg.model.lora.enabled is True  # YAML over preset
+    assert cfg.epochs == 7  # flag over YAML
+    assert cfg.optim.betas == (0.8, 0.9)
+    assert cfg.batch_size == 8  # preset value untouched
+
+
+def test_paper_preset_has_paper_settings():
+    cfg = resolve(SFTConfig, "sft", "paper", overrides={"reward_model": "rm"})
+    assert cfg.epochs == 16 and cfg.optim.betas == (0.9, 0.95) and cfg.model.residual_dropout == 0.2
+    assert cfg.optim.final_lr_fraction == 0.1 and cfg.optim.warmup_steps == 0 and cfg.select_by == "rm_score"
+
+
+def test_saved_config_resolves_to_the_same(tmp_path):
+    cfg = resolve(SFTConfig, "sft", "demo", overrides={"seed": 3})
+    path = save_config(cfg, tmp_path / "config.yaml")
+    assert resolve(SFTConfig, "sft", yaml_path=str(path)) == cfg
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"epochs": "many"}, "config field 'epochs': expected int"),
+        ({"nope": 1}, "unknown config field 'nope'"),
+        ({"optim.lrr": 1}, "unknown config field 'optim.lrr'"),
+        ({"batch_size": 10, "micro_batch_size": 4}, "multiple of micro_batch_size"),
+        ({"select_by": "rm_score"}, "needs sft.reward_model"),
+        ({"epochs": 0}, "epochs must be > 0"),
+        ({"model.lora.enabled": "maybe"}, "expected true/false"),
+    ],
+)
+def test_bad_config_is_a_readable_error(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        resolve(SFTConfig, "sft", overrides=overrides)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        resolve(SFTConfig, "sft", "huge")
+
+
+def test_field_docstrings_are_help():
+    assert "Training epochs" in field_docs(SFTConfig)["epochs"]
