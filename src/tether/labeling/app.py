@@ -20,6 +20,7 @@ import hmac
 import json
 import secrets
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -235,8 +236,12 @@ AdminViewer = Annotated[Viewer, Depends(require_admin)]
 LabelerViewer = Annotated[Viewer, Depends(require_labeler)]
 
 
-async def read_form(request: Request) -> FormData:
-    return await request.form(max_files=1, max_fields=500)
+async def read_form(request: Request) -> AsyncIterator[FormData]:
+    form = await request.form(max_files=1, max_fields=500)
+    try:
+        yield form
+    finally:
+        await form.close()  # uploads are spooled to temporary files
 
 
 Form = Annotated[FormData, Depends(read_form)]

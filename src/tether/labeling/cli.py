@@ -75,9 +75,8 @@ def cmd_add_user(args: argparse.Namespace) -> int:
 
     store = _store(args)
     try:
-        user = store.add_user(
-            args.username, _password(args.password_env, f"Password for {args.username}: "), args.role
-        )
+        password = _password(args.password_env, f"Password for {args.username}: ")
+        user = store.add_user(args.username, password, args.role)
     except LabelingError as e:
         print(f"error: {e}")
         return 2
@@ -122,12 +121,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     summary_path.write_text(json.dumps(result.summary, indent=2, ensure_ascii=False) + "\n")
     s = result.summary
     rate = s["agreement"]["rate"]
+    agreement = f"{100 * rate:.1f} % over {s['agreement']['pairs']} pairs" if rate else "n/a"
     print(
         f"wrote {s['exported']} {s['format']} records to {out} "
         f"(excluded: {s['excluded_all_tie']} all-tie, {s['none_acceptable']} none acceptable; "
-        f"{s['skipped']} skips); agreement "
-        + (f"{100 * rate:.1f} % over {s['agreement']['pairs']} pairs" if rate is not None else "n/a")
-        + f"; summary in {summary_path}"
+        f"{s['skipped']} skips); agreement {agreement}; summary in {summary_path}"
     )
     return 0
 
