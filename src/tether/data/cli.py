@@ -42,6 +42,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     help="seed for the cap and the split (default: 0)")
     pp.set_defaults(func=_preprocess)
 
+    dt = dsub.add_parser(
+        "default-task",
+        help="write the built-in task: prompts, demonstrations and pretraining text",
+    )
+    dt.add_argument("--out", required=True, help="directory for the four JSONL files")
+    dt.add_argument("--seed", type=int, default=0, help="generation seed (default: 0)")
+    dt.set_defaults(func=_default_task)
+
 
 def _validate(args) -> int:
     from tether.data.formats import validate_file
@@ -72,4 +80,13 @@ def _preprocess(args) -> int:
     for name, n in r.split_prompts.items():
         print(f"  {name:<6} {n:>7} prompts  {r.split_users[name]:>6} users")
     print(f"wrote {args.out}/{{train,valid,test}}.jsonl, dropped.jsonl, report.json")
+    return 0
+
+
+def _default_task(args) -> int:
+    from tether.data.task import build_default_task
+
+    task = build_default_task(seed=args.seed)
+    for name, path in task.write(args.out).items():
+        print(f"wrote {path}  ({len(getattr(task, name))} {name.replace('_', ' ')})")
     return 0
