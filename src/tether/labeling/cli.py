@@ -6,6 +6,7 @@ Imports only argparse at import time; the web stack loads inside the handlers.
 from __future__ import annotations
 
 import argparse
+import sys
 
 DEFAULT_DB = "sqlite:///labeling.db"
 
@@ -22,7 +23,6 @@ def _password(env_name: str, prompt: str) -> str:
     """A password from the environment (never argv: it would show in `ps` and shell history)."""
     import getpass
     import os
-    import sys
 
     value = os.environ.get(env_name)
     if value:
@@ -78,7 +78,7 @@ def cmd_add_user(args: argparse.Namespace) -> int:
         password = _password(args.password_env, f"Password for {args.username}: ")
         user = store.add_user(args.username, password, args.role)
     except LabelingError as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"added {user.role} {user.username!r} (id {user.id})")
     return 0
@@ -96,7 +96,7 @@ def cmd_create_project(args: argparse.Namespace) -> int:
             args.name or Path(path).stem, kind, path, overlap=args.overlap
         )
     except LabelingError as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     p = store.progress(pid)[0]
     print(f"project {p.name!r} (id {p.id}): {p.tasks} {kind} tasks, overlap {p.overlap}")
@@ -114,14 +114,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         result = store.export(store.find_project(args.project))
     except LabelingError as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     out = write_records(args.out, result.records)
     summary_path = Path(args.summary) if args.summary else out.with_suffix(".summary.json")
     summary_path.write_text(json.dumps(result.summary, indent=2, ensure_ascii=False) + "\n")
     s = result.summary
     rate = s["agreement"]["rate"]
-    agreement = f"{100 * rate:.1f} % over {s['agreement']['pairs']} pairs" if rate else "n/a"
+    pairs = s["agreement"]["pairs"]
+    agreement = "n/a" if rate is None else f"{100 * rate:.1f} % over {pairs} pairs"
     print(
         f"wrote {s['exported']} {s['format']} records to {out} "
         f"(excluded: {s['excluded_all_tie']} all-tie, {s['none_acceptable']} none acceptable; "
