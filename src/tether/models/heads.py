@@ -24,7 +24,7 @@ from transformers import AutoModelForSequenceClassification
 
 from tether.config import ModelConfig
 from tether.models.generation import position_ids_from_mask
-from tether.models.loading import DTYPES, add_residual_dropout, apply_lora, load_tokenizer, resolve_model_dir
+from tether.models.loading import DTYPES, load_tokenizer, prepare, resolve_device, resolve_model_dir
 from tether.ops import last_token_index
 
 REWARD_BIAS_KEY = "tether_reward_bias"
@@ -44,15 +44,8 @@ def load_scalar_model(cfg: ModelConfig | str, *, trainable: bool = False):
     model.config.pad_token_id = tokenizer.pad_token_id
     if not hasattr(model.config, REWARD_BIAS_KEY):
         setattr(model.config, REWARD_BIAS_KEY, 0.0)
-    if trainable:
-        add_residual_dropout(model, cfg.residual_dropout)
-        if cfg.lora.enabled:
-            model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")
-        model.train()
-    else:
-        model.eval()
-        model.requires_grad_(False)
-    return model, tokenizer
+    model.to(resolve_device(cfg.device))
+    return prepare(model, cfg, trainable=trainable, task_type="SEQ_CLS"), tokenizer
 
 
 def _unwrap(model):

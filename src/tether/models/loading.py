@@ -10,6 +10,7 @@ Nothing here downloads anything: a name that is not a local directory is an erro
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -209,6 +210,42 @@ def add_residual_dropout(model: torch.nn.Module, p: float) -> int:
     return n
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(cfg: ModelConfig, device: torch.device | str):
+    """The forward-pass precision context for a model config (a no-op when autocast is None)."""
+    if not cfg.autocast:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[cfg.autocast])
+
+
+def freeze_lower_layers(model: torch.nn.Module, n_trainable: int) -> None:
+    """Keep only the top ``n_trainable`` decoder blocks, the final norm and the output head trainable.
+
+    Backward then stops at the lowest trainable block, which is what makes CPU training of a
+    135M model fit in minutes. Embeddings stay frozen (they are tied to the LM head in SmolLM2).
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(inner, inner.base_model_prefix)
+    layers = getattr(backbone, "layers", None)
+    if layers is None:
+        raise ValueError(f"trainable_layers: {type(inner).__name__} has no '.layers' list of decoder blocks")
+    if not 0 < n_trainable <= len(layers):
+        raise ValueError(f"trainable_layers must be 1..{len(layers)}, got {n_trainable}")
+    inner.requires_grad_(False)
+    for block in layers[len(layers) - n_trainable :]:
+        block.requires_grad_(True)
+    if getattr(backbone, "norm", None) is not None:
+        backbone.norm.requires_grad_(True)
+    head = getattr(inner, "score", None)  # scalar heads are new and always trained
+    if head is not None:
+        head.requires_grad_(True)
+
+
 def apply_lora(model: torch.nn.Module, lora: LoraConfig, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -243,15 +280,23 @@ def load_causal_lm(cfg: ModelConfig | str, *, trainable: bool = False):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype])
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
-    if trainable:
-        add_residual_dropout(model, cfg.residual_dropout)
-        if cfg.lora.enabled:
-            model = apply_lora(model, cfg.lora)
-        model.train()
-    else:
+    model.to(resolve_device(cfg.device))
+    return prepare(model, cfg, trainable=trainable), tokenizer
+
+
+def prepare(model: torch.nn.Module, cfg: ModelConfig, *, trainable: bool, task_type: str = "CAUSAL_LM"):
+    """Train mode with dropout / LoRA / layer freezing as configured, or frozen eval mode."""
+    if not trainable:
         model.eval()
         model.requires_grad_(False)
-    return model, tokenizer
+        return model
+    add_residual_dropout(model, cfg.residual_dropout)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora, task_type=task_type)
+    elif cfg.trainable_layers:
+        freeze_lower_layers(model, cfg.trainable_layers)
+    model.train()
+    return model
 
 
 def save_model(model, tokenizer, out: Path, *, merge_lora: bool = True) -> Path:

@@ -8,6 +8,7 @@ the same gradient.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -25,7 +26,7 @@ from tether.config import SFTConfig, save_config
 from tether.data.formats import Demonstration
 from tether.metrics import MetricsLogger, progress_bar, read_metrics
 from tether.models.generation import generate_texts
-from tether.models.loading import load_causal_lm, save_model
+from tether.models.loading import autocast, load_causal_lm, save_model
 from tether.optim import build_optimizer, build_scheduler, clip_grad
 from tether.sft.data import (
     IGNORE,
@@ -49,15 +50,24 @@ def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+def forward_logits(model, batch: dict[str, torch.Tensor], precision) -> torch.Tensor:
+    """Logits [B,T,V] for a collated batch, on the model's device, under the configured precision."""
+    device = next(model.parameters()).device
+    with precision:
+        return model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+
+
 @torch.no_grad()
-def evaluate_loss(model, examples: Sequence[SFTExample], pad_token_id: int, batch_size: int = 8) -> float:
+def evaluate_loss(
+    model, examples: Sequence[SFTExample], pad_token_id: int, batch_size: int = 8, precision=None
+) -> float:
     """Mean NLL per target token over ``examples`` (eval mode, no dropout)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], pad_token_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = forward_logits(model, batch, precision or contextlib.nullcontext()).cpu()
         total += float(nll_sum(logits, batch["labels"]))
         count += count_target_tokens(batch["labels"])
     if was_training:
@@ -120,6 +130,8 @@ def train_sft(
     # 1. Models and data (validated whole before anything trains).
     model, tokenizer = load_causal_lm(cfg.model, trainable=True)
     pad = tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    precision = autocast(cfg.model, device)
     demos = load_demonstrations(cfg.train_file)
     if cfg.valid_file:
         valid_demos = load_demonstrations(cfg.valid_file)
@@ -156,7 +168,7 @@ def train_sft(
     valid_prompts = [d.prompt for d in valid_demos[:show_samples]]
 
     if state_dir is None:
-        valid_before = evaluate_loss(model, valid_ex, pad)
+        valid_before = evaluate_loss(model, valid_ex, pad, precision=precision)
         logger.log({"step": 0, "epoch": 0, "valid_loss": valid_before})
         samples_before = _samples(model, tokenizer, valid_prompts, cfg)
         (out / "samples_before.json").write_text(json.dumps(samples_before, indent=1))
@@ -181,8 +193,8 @@ def train_sft(
                 n_target = sum(count_target_tokens(m["labels"]) for m in micro)
                 loss_total = 0.0
                 for m in micro:
-                    logits = model(input_ids=m["input_ids"], attention_mask=m["attention_mask"]).logits
-                    loss = nll_sum(logits, m["labels"]) / max(n_target, 1)
+                    logits = forward_logits(model, m, precision)
+                    loss = nll_sum(logits, m["labels"].to(device)) / max(n_target, 1)
                     loss.backward()
                     loss_total += float(loss.detach())
                 if not math.isfinite(loss_total):
@@ -205,7 +217,7 @@ def train_sft(
                     return None  # type: ignore[return-value]  # simulated crash (tests)
 
             # 4. End of epoch: validation loss, a Hugging Face checkpoint, the resumable state.
-            valid_loss = evaluate_loss(model, valid_ex, pad)
+            valid_loss = evaluate_loss(model, valid_ex, pad, precision=precision)
             epoch_dir = save_model(model, tokenizer, out / f"epoch-{epoch + 1}")
             epochs_done.append({"epoch": epoch + 1, "valid_loss": valid_loss, "dir": epoch_dir.name})
             logger.log({"step": global_step, "epoch": epoch + 1, "valid_loss": valid_loss})
