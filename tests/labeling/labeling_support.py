@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -162,3 +164,100 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 HAVE_CHROMIUM = os.path.exists(CHROMIUM)
+
+
+# ---------------------------------------------------------------------------------------------
+# A throwaway PostgreSQL server, when its binaries are installed
+
+
+def postgres_bin() -> Path | None:
+    """The folder holding initdb and postgres, or None."""
+    found = shutil.which("initdb")
+    if found and shutil.which("postgres"):
+        return Path(found).parent
+    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (candidate / "initdb").exists() and (candidate / "postgres").exists():
+            return candidate
+    return None
+
+
+class PostgresServer:
+    """initdb + postgres on 127.0.0.1 and a free port, in a temporary folder.
+
+    PostgreSQL refuses to run as root, so under root it runs as the ``postgres`` user.
+    """
+
+    def __init__(self, bindir: Path):
+        self.bindir = bindir
+        self.dir = Path(tempfile.mkdtemp(prefix="tether-pg-"))
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        # Run as that user directly (not through runuser, which would not pass on our signals).
+        self._as: dict = {}
+        if os.geteuid() == 0:
+            import pwd
+
+            user = pwd.getpwnam("postgres")
+            os.chown(self.dir, user.pw_uid, user.pw_gid)
+            self._as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+
+    def start(self, timeout: float = 30.0) -> None:
+        import psycopg
+
+        data = self.dir / "data"
+        self._log = open(self.dir / "server.log", "ab")  # noqa: SIM115 - closed in stop()
+        subprocess.run(
+            [str(self.bindir / "initdb"), "-D", str(data), "-U", "postgres"]
+            + ["-A", "trust", "--no-sync", "-E", "UTF8"],
+            check=True,
+            capture_output=True,
+            cwd=self.dir,
+            **self._as,
+        )
+        self.proc = subprocess.Popen(
+            [str(self.bindir / "postgres"), "-D", str(data), "-p", str(self.port)]
+            + ["-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.dir}"]
+            + ["-c", "fsync=off", "-c", "max_connections=200"],
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+            cwd=self.dir,
+            **self._as,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                psycopg.connect(self._dsn("postgres"), connect_timeout=1).close()
+                return
+            except psycopg.OperationalError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("PostgreSQL did not start")
+
+    def _dsn(self, db: str) -> str:
+        return f"host=127.0.0.1 port={self.port} user=postgres dbname={db}"
+
+    def new_schema(self, name: str) -> str:
+        """A fresh, empty schema (much cheaper than a database); returns a SQLAlchemy URL
+        whose connections use it as their search path."""
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(self._dsn("postgres"), autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+        return (
+            f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+            f"?options=-csearch_path%3D{name}"
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # "fast" shutdown
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.proc = None
+        if getattr(self, "_log", None):
+            self._log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)

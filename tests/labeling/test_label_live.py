@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pytest
 from labeling_support import FAST_HASHER, PASSWORD, LiveServer, WebClient, make_samples
 from sqlalchemy import select
 
@@ -100,9 +101,13 @@ def stored_labels(db_url: str) -> Counter:
     return Counter((task, name) for task, name in rows)
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_50_concurrent_labelers_then_crash_and_restart(
-    live_server: LiveServer, db_url: str, tmp_path: Path
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
+    db_url = request.getfixturevalue("db_url" if backend == "sqlite" else "pg_url")
+    live_server = LiveServer(db_url, tmp_path / "server.log")
+    request.addfinalizer(live_server.stop)
     store = LabelStore(db_url, hasher=FAST_HASHER)
     pid = store.create_project("load", "ranking", make_samples(N_TASKS, K), overlap=OVERLAP)
     names = [f"labeler{i:02d}" for i in range(N_LABELERS)]
@@ -158,6 +163,7 @@ def test_50_concurrent_labelers_then_crash_and_restart(
 
     latencies = sorted(tally.latencies)
     report = {
+        "backend": backend,
         "labelers": N_LABELERS,
         "acknowledged": len(tally.acked),
         "stored": sum(stored.values()),

@@ -6,6 +6,7 @@ import itertools
 import random
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,15 @@ from tether.labeling.store import (
     dense_ranking,
     pairwise_agreement,
 )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, db_url: str, clock: Clock) -> Iterator[LabelStore]:
+    """Every store test runs on SQLite and, where it is installed, on PostgreSQL."""
+    url = db_url if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    s = LabelStore(url, hasher=FAST_HASHER, now=clock)
+    yield s
+    s.close()
 
 
 def labelers(store: LabelStore, n: int) -> list[int]:

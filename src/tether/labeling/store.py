@@ -21,6 +21,7 @@ import hashlib
 import random
 import secrets
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -48,7 +49,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from tether.data.formats import (
@@ -78,7 +79,23 @@ USERNAME_MAX = 64
 PASSWORD_MIN = 8
 RESPONSE_MAX_CHARS = 20_000
 # Claiming a slot can lose a race on PostgreSQL (unique violation); retry a few times.
-_CLAIM_RETRIES = 8
+_CLAIM_RETRIES = 10
+
+
+class _LostRace(Exception):
+    """Another transaction took what this one was about to take; retry from the start."""
+
+
+def _retryable(e: Exception) -> bool:
+    """Unique violations (a slot taken under us), deadlocks and serialization failures."""
+    if isinstance(e, IntegrityError | _LostRace):
+        return True
+    return getattr(getattr(e, "orig", None), "sqlstate", None) in ("40001", "40P01")
+
+
+def _backoff(attempt: int) -> None:
+    """Jittered wait before a retry, so racing transactions stop meeting in lockstep."""
+    time.sleep(random.uniform(0, 0.005 * 2**attempt))
 
 
 def utcnow() -> datetime:
@@ -155,7 +172,7 @@ class Project(Base):
     kind: Mapped[str] = mapped_column(String(16))
     overlap: Mapped[int] = mapped_column(Integer)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
-    source: Mapped[str | None] = mapped_column(String(500))
+    source: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime)
 
 
@@ -168,11 +185,13 @@ class Task(Base):
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     position: Mapped[int] = mapped_column(Integer)
     prompt: Mapped[str] = mapped_column(Text)
-    prompt_id: Mapped[str | None] = mapped_column(String(200))
+    # Text, not VARCHAR(n): ids and categories come from user files, and PostgreSQL would
+    # reject an over-long one where SQLite silently accepts it.
+    prompt_id: Mapped[str | None] = mapped_column(Text)
     responses: Mapped[list[str] | None] = mapped_column(JSON)
     policies: Mapped[list[str] | None] = mapped_column(JSON)
-    user_id: Mapped[str | None] = mapped_column(String(200))
-    category: Mapped[str | None] = mapped_column(String(100))
+    user_id: Mapped[str | None] = mapped_column(Text)
+    category: Mapped[str | None] = mapped_column(Text)
 
 
 class Assignment(Base):
@@ -815,14 +834,16 @@ class LabelStore:
         preferring tasks others have started (so overlapping labels complete and agreement can
         be measured early), then file order.
         """
-        for _ in range(_CLAIM_RETRIES):
+        for attempt in range(_CLAIM_RETRIES):
             try:
                 with self._write() as s:
                     return self._claim(s, labeler_id, project_id)
-            except IntegrityError:
-                # Another labeler took the same slot between our read and insert (PostgreSQL;
-                # SQLite serialises writers). Nothing was written: try again.
-                continue
+            except (IntegrityError, _LostRace, OperationalError) as e:
+                # Another labeler took the same slot between our read and insert (PostgreSQL
+                # at READ COMMITTED; SQLite serialises writers). Nothing was written: try again.
+                if not _retryable(e):
+                    raise
+                _backoff(attempt)
         raise Conflict("the queue is very busy; try again")
 
     def _claim(self, s: Session, labeler_id: int, project_id: int) -> int | None:
@@ -861,6 +882,10 @@ class LabelStore:
             )
             .order_by(held.desc(), Task.position)
             .limit(1)
+            # PostgreSQL: lock the chosen task until commit and let concurrent claimers pass over
+            # it to the next one instead of colliding on its slots. (SQLite renders nothing
+            # here: BEGIN IMMEDIATE already serialises claims.)
+            .with_for_update(of=Task, skip_locked=True)
         ).first()
         if row is None:
             return None
@@ -872,7 +897,10 @@ class LabelStore:
                 )
             )
         )
-        slot = min(set(range(project.overlap)) - used)
+        free = set(range(project.overlap)) - used
+        if not free:
+            raise _LostRace  # filled since the query above (READ COMMITTED: new snapshot)
+        slot = min(free)
         order = None
         if responses:
             order = list(range(len(responses)))
@@ -973,7 +1001,7 @@ class LabelStore:
 
     def submit_ranking(self, labeler_id: int, task_id: int, label: LabelInput) -> int:
         """Store a ranking given in the labeler's display order; returns the label id."""
-        for _ in range(_CLAIM_RETRIES):
+        for attempt in range(_CLAIM_RETRIES):
             try:
                 with self._write() as s:
                     task, a = self._assignment(s, labeler_id, task_id)
@@ -995,8 +1023,10 @@ class LabelStore:
                     s.add(row)
                     s.flush()
                     return row.id
-            except IntegrityError:
-                continue  # lost a race for a freed slot (PostgreSQL): look again
+            except (IntegrityError, OperationalError) as e:
+                if not _retryable(e):
+                    raise
+                _backoff(attempt)  # lost a race for a freed slot (PostgreSQL): look again
         raise Conflict("the queue is very busy; try again")
 
     def submit_none_acceptable(
