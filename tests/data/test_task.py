@@ -123,6 +123,15 @@ def test_embedded_word_limit_and_negations_parse():
         Constraint("include_word", "ash"),
     ]
     assert parse_constraints("Tell me about cats.") == []
+    # Close variants a person writing prompts in the labeling app might use.
+    assert parse_constraints("Describe owls in two sentences, in under 20 words.") == [
+        Constraint("num_sentences", 2),
+        Constraint("max_words", 19),
+    ]
+    assert parse_constraints('Reply with 3 bullet points and avoid using the word "hoot".') == [
+        Constraint("bullets", 3),
+        Constraint("exclude_word", "hoot"),
+    ]
     assert parse_constraints("Write IN ALL CAPS about dogs, no more than 12 words.") == [
         Constraint("uppercase"),
         Constraint("max_words", 12),

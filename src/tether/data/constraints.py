@@ -109,9 +109,14 @@ _QUOTED = r'"([^"\n]*)"'
 # One pattern per kind; group 1 is the value where the kind has one. Patterns are matched
 # case-insensitively against the whole prompt (see the re.I below).
 _PATTERNS: dict[str, re.Pattern] = {
-    "max_words": re.compile(r"\b(?:at most|no more than|not more than|up to)\s+(\d+)\s+words\b"),
-    "num_sentences": re.compile(r"\bexactly\s+" + _NUM + r"\s+sentences?\b"),
-    "bullets": re.compile(r"\bexactly\s+" + _NUM + r"\s+bullet(?:\s+point)?s?\b"),
+    # Group 1: an inclusive limit ("at most 30"); group 2: a strict one ("under 30" = 29).
+    "max_words": re.compile(
+        r"\b(?:(?:at most|no more than|not more than|up to)\s+(\d+)"
+        r"|(?:under|fewer than|less than)\s+(\d+))\s+words\b"
+    ),
+    # "exactly" is optional: people write "in two sentences" and "with 3 bullet points".
+    "num_sentences": re.compile(r"\b(?:exactly\s+)?" + _NUM + r"\s+sentences?\b"),
+    "bullets": re.compile(r"\b(?:exactly\s+)?" + _NUM + r"\s+bullet(?:\s+point)?s?\b"),
     "exclude_word": re.compile(
         r"\b(?:(?:do not|don't|never)\s+(?:use|include|mention|say)|avoid(?:\s+using)?)"
         r"\s+the\s+word\s+" + _QUOTED
@@ -149,7 +154,9 @@ def _parse_cached(prompt_text: str) -> tuple[Constraint, ...]:
         pattern = _PATTERNS[kind]
         for m in pattern.finditer(text):
             value: int | str | None = None
-            if kind in ("max_words", "num_sentences", "bullets"):
+            if kind == "max_words":
+                value = int(m.group(1)) if m.group(1) else int(m.group(2)) - 1
+            elif kind in ("num_sentences", "bullets"):
                 value = _number(m.group(1))
             elif pattern.groups:
                 value = m.group(1)  # quoted text, returned as written
