@@ -138,6 +138,78 @@ class SFTConfig:
         _check_positive(self, "epochs", "batch_size", "micro_batch_size", "max_length")
 
 
+# --------------------------------------------------------------------------------------------
+# Stage 2: reward model
+
+
+@dataclass
+class RMConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to start from: the SFT checkpoint (its LM head is replaced by a scalar head)."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9e-6))
+    train_file: str | None = None
+    """Comparisons file (JSONL/Parquet/datasets dir): K = 2..9 ranked responses per prompt."""
+    valid_file: str | None = None
+    """Held-out comparisons. None = a held-out slice of the training prompts (valid_fraction)."""
+    valid_fraction: float = 0.1
+    """Fraction of prompts (all their comparisons) held out when valid_file is not given."""
+    demonstrations_file: str | None = None
+    """Demonstrations that score mean 0 after training (paper). None = the default task's."""
+    heldout_labelers: list[str] = field(default_factory=list)
+    """Labeler ids never trained on, only evaluated (paper: held-out labelers)."""
+    heldout_panel_labelers: bool = False
+    """Also hold out the simulated panel's held-out labelers (tether.labelers.panel)."""
+    epochs: int = 1
+    """Passes over the comparisons (paper: 1; more overfits)."""
+    batch_size: int = 64
+    """Prompts (rankings) per optimiser step, each with all its K responses (paper: 64)."""
+    micro_batch_size: int = 8
+    """Prompts per forward pass; batch_size must be a multiple of it."""
+    max_length: int = 512
+    """Tokens per prompt + response; longer responses are cut (or skipped, see overlength)."""
+    overlength: str = "truncate"
+    """Over-length responses: 'truncate' (keep the prompt, cut the response) or 'skip' the
+    comparison; counted and logged either way."""
+    loss: str = "kwise"
+    """'kwise' (paper eq. 1: a prompt's C(K,2) pairs form one batch element) or 'pairwise'
+    (every pair an independent example of 2 forwards; batch_size then counts pairs)."""
+    seed: int = 0
+    """Seed for the split, data order, the new head and dropout."""
+    out_dir: str = "runs/rm"
+    """Run directory: final/ (the RM), eval.json, metrics.jsonl, config.yaml."""
+    save_every_steps: int = 50
+    """Write a resumable checkpoint every N optimiser steps (and at every epoch end)."""
+    eval_every_steps: int = 0
+    """Held-out accuracy every N steps (0 = only before and after training)."""
+    eval_batch_size: int = 32
+    """Sequences per forward pass when scoring (evaluation, normalisation)."""
+    tensorboard: bool = False
+    """Also log to TensorBoard (needs the tensorboard extra)."""
+
+    @property
+    def grad_accum(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+    def validate(self) -> None:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"rm.batch_size ({self.batch_size}) must be a multiple of "
+                f"micro_batch_size ({self.micro_batch_size})"
+            )
+        if self.loss not in ("kwise", "pairwise"):
+            raise ValueError(f"rm.loss must be 'kwise' or 'pairwise', got {self.loss!r}")
+        if self.overlength not in ("truncate", "skip"):
+            raise ValueError(f"rm.overlength must be 'truncate' or 'skip', got {self.overlength!r}")
+        if not self.valid_file and not 0.0 < self.valid_fraction < 1.0:
+            raise ValueError(
+                "rm.valid_fraction must be in (0, 1) without a valid_file, "
+                f"got {self.valid_fraction}"
+            )
+        _check_positive(
+            self, "epochs", "batch_size", "micro_batch_size", "max_length", "eval_batch_size"
+        )
+
+
 def _check_positive(cfg: Any, *names: str) -> None:
     for n in names:
         if getattr(cfg, n) <= 0:
@@ -176,6 +248,30 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "batch_size": 32,
             "model.residual_dropout": 0.2,
             "select_by": "rm_score",
+        },
+    },
+    "rm": {
+        "tiny": {
+            "model.name_or_path": "tiny",
+            "optim.lr": 3e-3,
+            "batch_size": 8,
+            "micro_batch_size": 4,
+            "max_length": 128,
+            "save_every_steps": 5,
+            "eval_batch_size": 16,
+        },
+        "demo": {
+            "optim.lr": 2e-5,
+            "batch_size": 16,
+            "micro_batch_size": 4,
+            "max_length": 256,
+            "save_every_steps": 10,
+            "heldout_panel_labelers": True,
+        },
+        "paper": {
+            "optim.lr": 9e-6,
+            "epochs": 1,
+            "batch_size": 64,
         },
     },
 }

@@ -1,0 +1,269 @@
+"""Stage 2 data: comparisons tokenised as K sequences each, batched one prompt per batch element.
+
+A comparison (one labeler's ranking of K responses to one prompt) becomes K token sequences
+``chat_prompt(prompt) ⊕ response ⊕ EOS``, tokenised exactly as the policy sees them (prompt and
+response tokenised separately, as in SFT and in sampling). A :class:`RankingBatch` concatenates
+the sequences of several prompts and remembers which prompt and rank each one has, so the K-wise
+loss (InstructGPT eq. 1) can form every pair of a prompt from K forwards.
+
+Nothing is dropped silently: a comparison that cannot be used raises (bad K, a ranking that does
+not match its responses, an empty response, all responses tied), and an over-length one is cut
+or skipped and counted in :class:`EncodeReport`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tether.data.formats import K_MAX, K_MIN, Comparison, Demonstration, read_records
+from tether.models.generation import chat_prompt
+
+
+@dataclass
+class RankedExample:
+    """One comparison, tokenised: K sequences and their ranks."""
+
+    sequences: list[list[int]]  # K token-id lists: chat prompt + response (+ EOS unless cut)
+    ranks: list[int]  # [K] 1 = best, equal = tie
+    labeler_id: str
+    truncated: int = 0  # how many of the K responses were cut to max_length
+
+    @property
+    def k(self) -> int:
+        return len(self.sequences)
+
+
+@dataclass
+class EncodeReport:
+    """What encoding did to the comparisons, so that nothing is dropped silently."""
+
+    kept: int = 0
+    truncated_responses: int = 0  # responses cut to max_length (their EOS is cut too)
+    skipped_prompt_too_long: list[int] = field(default_factory=list)  # comparison indices
+    skipped_overlength: list[int] = field(default_factory=list)  # overlength='skip' only
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_prompt_too_long) + len(self.skipped_overlength)
+
+    def describe(self, max_length: int) -> list[str]:
+        """Log lines for whatever was cut or skipped (empty when nothing was)."""
+        lines = []
+        if self.skipped_prompt_too_long:
+            lines.append(
+                f"skipped {len(self.skipped_prompt_too_long)} comparisons whose prompt alone "
+                f"exceeds max_length={max_length} (indices {self.skipped_prompt_too_long[:10]})"
+            )
+        if self.skipped_overlength:
+            lines.append(
+                f"skipped {len(self.skipped_overlength)} comparisons with a response over "
+                f"max_length={max_length} (overlength='skip'; "
+                f"indices {self.skipped_overlength[:10]})"
+            )
+        if self.truncated_responses:
+            lines.append(
+                f"cut {self.truncated_responses} responses to max_length={max_length} "
+                "(prompt kept; the score is read at the last kept token)"
+            )
+        return lines
+
+
+def check_comparison(c: Comparison) -> None:
+    """The contract of a Comparison built in memory (files are checked by read_records)."""
+    if not K_MIN <= c.k <= K_MAX:
+        raise ValueError(
+            f"comparison for prompt {c.prompt[:40]!r}: K={c.k}; K must be {K_MIN}..{K_MAX}"
+        )
+    if len(c.ranking) != c.k:
+        raise ValueError(
+            f"comparison for prompt {c.prompt[:40]!r}: {len(c.ranking)} ranks for {c.k} responses"
+        )
+    if any(not r.strip() for r in c.responses):
+        raise ValueError(f"comparison for prompt {c.prompt[:40]!r}: a response is empty")
+    if not c.pairs():
+        raise ValueError(f"comparison for prompt {c.prompt[:40]!r}: all responses tie (no pair)")
+
+
+def encode_response(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[int],
+    response: str,
+    max_length: int,
+    *,
+    ended: bool = True,
+) -> tuple[list[int], bool]:
+    """``prompt_ids ⊕ response ⊕ EOS``, cut to ``max_length`` keeping the prompt.
+
+    ``ended=False`` leaves EOS off: a sampled response that ran out of tokens never produced
+    one, and the RM must see it as the policy wrote it. Returns ``(ids, truncated)``; a cut
+    response loses its EOS, so the score is read at the last response token that fits.
+    """
+    response_ids = tokenizer(response, add_special_tokens=False).input_ids
+    if ended:
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    room = max_length - len(prompt_ids)
+    return prompt_ids + response_ids[:room], len(response_ids) > room
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """The chat-formatted prompt's token ids (no special tokens added beyond the template)."""
+    return tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
+
+
+def encode_comparisons(
+    tokenizer: PreTrainedTokenizerBase,
+    comparisons: Sequence[Comparison],
+    max_length: int,
+    overlength: str = "truncate",
+) -> tuple[list[RankedExample], EncodeReport]:
+    """Tokenise every comparison; over-length ones are cut or skipped (``overlength``), counted.
+
+    A comparison whose prompt alone leaves no room for a response token is always skipped (and
+    counted): cutting the prompt would score a different question.
+    """
+    if overlength not in ("truncate", "skip"):
+        raise ValueError(f"overlength must be 'truncate' or 'skip', got {overlength!r}")
+    report = EncodeReport()
+    out = []
+    for i, c in enumerate(comparisons):
+        check_comparison(c)
+        p_ids = prompt_ids(tokenizer, c.prompt)
+        if len(p_ids) >= max_length:
+            report.skipped_prompt_too_long.append(i)
+            continue
+        encoded = [encode_response(tokenizer, p_ids, r, max_length) for r in c.responses]
+        n_cut = sum(cut for _, cut in encoded)
+        if n_cut and overlength == "skip":
+            report.skipped_overlength.append(i)
+            continue
+        report.kept += 1
+        report.truncated_responses += n_cut
+        out.append(RankedExample([ids for ids, _ in encoded], list(c.ranking), c.labeler_id, n_cut))
+    return out, report
+
+
+def expand_to_pairs(examples: Sequence[RankedExample]) -> list[RankedExample]:
+    """Every (winner, loser) pair of every ranking as its own K = 2 example, ranks ``[1, 2]``.
+
+    The pairwise baseline: C(K,2) independent examples per ranking, 2 forwards each. Ties give
+    no pair.
+    """
+    out = []
+    for ex in examples:
+        for w in range(ex.k):
+            for lo in range(ex.k):
+                if ex.ranks[w] < ex.ranks[lo]:
+                    out.append(
+                        RankedExample([ex.sequences[w], ex.sequences[lo]], [1, 2], ex.labeler_id)
+                    )
+    return out
+
+
+@dataclass
+class RankingBatch:
+    """The responses of P prompts, concatenated prompt after prompt: N = Σ K_p sequences.
+
+    The record that crosses from data to the RM trainer; the K-wise loss reads ``prompt_index``
+    and ``ranks`` to form every pair of a prompt inside the batch.
+    """
+
+    input_ids: torch.Tensor  # [N, T] long, right-padded with the pad token (never EOS)
+    attention_mask: torch.Tensor  # [N, T] long, 1 on real tokens
+    prompt_index: torch.Tensor  # [N] long, 0..P-1: which prompt each sequence answers
+    ranks: torch.Tensor  # [N] long, rank within its prompt (1 = best, equal = tie)
+    labeler_ids: list[str]  # [P] who ranked each prompt
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.labeler_ids)
+
+    @property
+    def n_sequences(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def to(self, device: torch.device | str) -> RankingBatch:
+        return RankingBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.prompt_index.to(device),
+            self.ranks.to(device),
+            self.labeler_ids,
+        )
+
+
+def pad_right(
+    sequences: Sequence[list[int]], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists: (input_ids [N,T], attention_mask [N,T])."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def collate(examples: Sequence[RankedExample], pad_token_id: int) -> RankingBatch:
+    """One RankingBatch from P ranked examples (K may differ between them)."""
+    sequences = [s for ex in examples for s in ex.sequences]
+    ids, mask = pad_right(sequences, pad_token_id)
+    prompt_index = torch.tensor(
+        [p for p, ex in enumerate(examples) for _ in range(ex.k)], dtype=torch.long
+    )
+    ranks = torch.tensor([r for ex in examples for r in ex.ranks], dtype=torch.long)
+    return RankingBatch(ids, mask, prompt_index, ranks, [ex.labeler_id for ex in examples])
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and splitting
+
+
+def load_comparisons(path: str | None) -> list[Comparison]:
+    """Comparisons from a file, validated whole (DataError names file, line and field)."""
+    if path is None:
+        raise ValueError(
+            "rm: train_file is required: a comparisons file (JSONL/Parquet), e.g. exported by the "
+            "labeling app or written by the simulated panel"
+        )
+    return read_records(path, "comparison")
+
+
+def load_demonstrations(path: str | None) -> list[Demonstration]:
+    """Demonstrations for the normalisation: a file, or the default task's."""
+    if path is None:
+        from tether.data.task import build_default_task
+
+        return list(build_default_task().demonstrations)
+    return read_records(path, "demonstration")
+
+
+def prompt_key(c: Comparison) -> str:
+    """What makes two comparisons "the same prompt" (several labelers may rank one prompt)."""
+    return c.prompt_id or c.prompt
+
+
+def split_by_prompt(
+    comparisons: Sequence[Comparison], fraction: float, seed: int
+) -> tuple[list[Comparison], list[Comparison]]:
+    """(train, valid): a seeded ``fraction`` of the prompts, with all their comparisons, held out.
+
+    By prompt, not by comparison: when several labelers ranked the same prompt, a per-comparison
+    split would put the same responses on both sides and flatter held-out accuracy.
+    """
+    keys = sorted({prompt_key(c) for c in comparisons})
+    random.Random(seed).shuffle(keys)
+    n_valid = max(1, int(round(fraction * len(keys))))
+    if n_valid >= len(keys):
+        raise ValueError(
+            f"rm: {len(keys)} prompts are too few to hold out {fraction:.0%} for validation"
+        )
+    valid_keys = set(keys[:n_valid])
+    train = [c for c in comparisons if prompt_key(c) not in valid_keys]
+    valid = [c for c in comparisons if prompt_key(c) in valid_keys]
+    return train, valid

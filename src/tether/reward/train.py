@@ -1,0 +1,325 @@
+"""Stage 2: the reward model (InstructGPT §3.5, "Reward modeling").
+
+Read top to bottom: load → split → encode → (resume) → epochs × optimiser steps × micro-batches →
+normalise → evaluate → save. The RM is the SFT model with a scalar head; each optimiser step takes
+``batch_size`` prompts, runs each of their K responses through the model once, and forms all
+C(K,2) pairs of a prompt inside the K-wise loss (eq. 1), every prompt weighing the same. The loss
+of a micro-batch is scaled by its share of the step's prompts, so micro-batches of 1, 2 or 8
+prompts give the same gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tether.checkpoint import find_state, load_state, save_state, truncate_metrics
+from tether.config import RMConfig, save_config
+from tether.data.formats import Comparison
+from tether.metrics import MetricsLogger, progress_bar
+from tether.models.heads import load_scalar_model, reward_scores, save_scalar_model
+from tether.optim import build_optimizer, build_scheduler, clip_grad
+from tether.reward.data import (
+    RankedExample,
+    RankingBatch,
+    collate,
+    encode_comparisons,
+    expand_to_pairs,
+    load_comparisons,
+    load_demonstrations,
+    split_by_prompt,
+)
+from tether.reward.evaluate import RMEval, evaluate_rm
+from tether.reward.loss import kwise_ranking_loss, pairwise_loss
+from tether.reward.normalize import Normalization, normalize_reward_model
+
+
+def ranking_loss(
+    model, batch: RankingBatch, loss: str
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward every sequence of the batch once and apply the K-wise (or pairwise) loss.
+
+    ``loss='pairwise'`` expects every example to be one (winner, loser) pair, as made by
+    :func:`tether.reward.data.expand_to_pairs`: sequences alternate chosen, rejected.
+    Returns ``(loss averaged over the batch's prompts, stats)``.
+    """
+    scores = reward_scores(model, batch.input_ids, batch.attention_mask, normalized=False)  # [N]
+    if loss == "kwise":
+        return kwise_ranking_loss(scores, batch.prompt_index, batch.ranks)
+    chosen, rejected = scores[0::2], scores[1::2]
+    out, stats = pairwise_loss(chosen, rejected)
+    stats["n_prompts"] = stats["n_pairs"]
+    return out, stats
+
+
+def accumulate_gradients(
+    model, batch: Sequence[RankedExample], micro_batch_size: int, pad_token_id: int, loss: str
+) -> dict[str, float]:
+    """Backward the loss of one optimiser step's ``batch``, ``micro_batch_size`` prompts at a time.
+
+    Each micro-batch's loss (a mean over its prompts) is scaled by its share of the step's
+    prompts, so the accumulated gradient is that of the mean over all of them whatever the
+    micro-batch size. Returns the step's loss, pairwise accuracy and mean margin (over pairs).
+    """
+    total = {"loss": 0.0, "correct": 0.0, "margin": 0.0, "pairs": 0}
+    for i in range(0, len(batch), micro_batch_size):
+        micro = collate(batch[i : i + micro_batch_size], pad_token_id)
+        value, stats = ranking_loss(model, micro, loss)
+        value = value * stats["n_prompts"] / len(batch)
+        value.backward()
+        n = int(stats["n_pairs"])
+        total["loss"] += float(value.detach())
+        total["correct"] += float(stats["accuracy"]) * n
+        total["margin"] += float(stats["margin"]) * n
+        total["pairs"] += n
+    pairs = max(total["pairs"], 1)
+    return {
+        "loss": total["loss"],
+        "accuracy": total["correct"] / pairs,
+        "margin": total["margin"] / pairs,
+        "pairs": total["pairs"],
+    }
+
+
+def heldout_labeler_ids(cfg: RMConfig) -> list[str]:
+    """Labelers never trained on: the configured ones and, if asked, the panel's held-out ones."""
+    names = list(cfg.heldout_labelers)
+    if cfg.heldout_panel_labelers:
+        from tether.labelers.panel import Panel
+
+        names += [lab.id for lab in Panel().heldout_labelers if lab.id not in names]
+    return names
+
+
+@dataclass
+class RMData:
+    """What went into training, counted (nothing is dropped silently)."""
+
+    train_comparisons: int
+    valid_comparisons: int
+    heldout_labeler_comparisons_excluded: int  # training-side comparisons by held-out labelers
+    train_examples: int  # batch elements: rankings (kwise) or pairs (pairwise)
+    train_pairs: int
+    truncated_responses: int
+    skipped: int
+    skipped_valid: int
+
+
+@dataclass
+class RMResult:
+    final_dir: Path  # the normalised RM, a Hugging Face sequence-classification directory
+    normalization: Normalization
+    eval_before: dict  # RMEval.to_json() of the initial model (head untrained)
+    eval_after: RMEval
+    data: RMData
+    heldout_labelers: list[str] = field(default_factory=list)
+
+
+def train_reward_model(
+    cfg: RMConfig,
+    *,
+    comparisons: Sequence[Comparison] | None = None,
+    log: Callable[[str], None] = print,
+    stop_after_steps: int | None = None,
+) -> RMResult:
+    """Train (or resume) a reward model as configured; returns the normalised checkpoint's path.
+
+    ``comparisons`` replaces ``cfg.train_file`` (the pipeline passes records it already holds).
+    ``stop_after_steps`` ends the loop early (tests use it to simulate a crash).
+    """
+    cfg.validate()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    torch.manual_seed(cfg.seed)  # the new scalar head's initialisation
+    random.seed(cfg.seed)
+
+    # 1. Model and data: split by prompt, keep held-out labelers out of training, encode.
+    model, tokenizer = load_scalar_model(cfg.model, trainable=True)
+    pad = tokenizer.pad_token_id
+    records = list(comparisons) if comparisons is not None else load_comparisons(cfg.train_file)
+    if cfg.valid_file:
+        train_c, valid_c = records, load_comparisons(cfg.valid_file)
+    else:
+        train_c, valid_c = split_by_prompt(records, cfg.valid_fraction, cfg.seed)
+    heldout = heldout_labeler_ids(cfg)
+    n_excluded = sum(c.labeler_id in heldout for c in train_c)
+    train_c = [c for c in train_c if c.labeler_id not in heldout]
+    train_ex, report = encode_comparisons(tokenizer, train_c, cfg.max_length, cfg.overlength)
+    valid_ex, valid_report = encode_comparisons(tokenizer, valid_c, cfg.max_length, cfg.overlength)
+    for line in report.describe(cfg.max_length):
+        log(f"rm: train: {line}")
+    for line in valid_report.describe(cfg.max_length):
+        log(f"rm: valid: {line}")
+    if n_excluded:
+        log(f"rm: left {n_excluded} training-side comparisons by held-out labelers {heldout} out")
+    if not train_ex or not valid_ex:
+        raise ValueError(
+            "rm: no training or validation comparisons left after the split and encoding"
+        )
+    n_pairs = sum(len(c.pairs()) for c in train_c)
+    if cfg.loss == "pairwise":
+        if any(ex.k > 2 for ex in train_ex):
+            log(
+                "rm: loss='pairwise' expands K > 2 rankings into independent pairs (2 forwards "
+                "each); the paper found this overfits (use loss='kwise')"
+            )
+        train_ex = expand_to_pairs(train_ex)
+    data = RMData(
+        train_comparisons=len(train_c),
+        valid_comparisons=len(valid_c),
+        heldout_labeler_comparisons_excluded=n_excluded,
+        train_examples=len(train_ex),
+        train_pairs=n_pairs,
+        truncated_responses=report.truncated_responses,
+        skipped=report.skipped,
+        skipped_valid=valid_report.skipped,
+    )
+
+    steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    metrics_path = out / "metrics.jsonl"
+
+    def evaluate() -> RMEval:
+        return evaluate_rm(
+            model,
+            valid_ex,
+            pad,
+            heldout_labelers=heldout,
+            comparisons=valid_c,
+            batch_size=cfg.eval_batch_size,
+        )
+
+    # 2. Resume from the last state, if any; else evaluate the untrained head once.
+    epoch0, step0 = 0, 0
+    state_dir = find_state(out / "state")
+    if state_dir is not None:
+        counters = load_state(
+            state_dir, {"reward_model": model}, {"optimizer": optimizer, "scheduler": scheduler}
+        )
+        epoch0, step0 = counters["epoch"], counters["step_in_epoch"]
+        truncate_metrics(metrics_path, counters["global_step"])
+        log(f"rm: resuming at epoch {epoch0 + 1}, step {step0}/{steps_per_epoch} from {state_dir}")
+    logger = MetricsLogger(metrics_path, out / "tensorboard" if cfg.tensorboard else None)
+    if state_dir is None:
+        eval_before = evaluate().to_json()
+        (out / "eval_before.json").write_text(json.dumps(eval_before, indent=1))
+        logger.log({"step": 0, "epoch": 0, **_eval_metrics(eval_before)})
+    else:
+        eval_before = json.loads((out / "eval_before.json").read_text())
+    log(
+        f"rm: {data.train_comparisons} training comparisons ({data.train_pairs} pairs) as "
+        f"{len(train_ex)} {'rankings' if cfg.loss == 'kwise' else 'pairs'}, "
+        f"{steps_per_epoch} steps/epoch x {cfg.epochs}; {len(valid_ex)} held-out comparisons"
+    )
+
+    # 3. Epochs × optimiser steps (batch_size prompts) × micro-batches (micro_batch_size prompts).
+    model.train()
+    global_step = epoch0 * steps_per_epoch + step0
+    steps_this_process = 0
+    with progress_bar("rm") as bar:
+        task = bar.add_task("rm", total=total_steps, completed=global_step, stats="")
+        for epoch in range(epoch0, cfg.epochs):
+            order = torch.randperm(
+                len(train_ex), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+            )
+            for step in range(step0 if epoch == epoch0 else 0, steps_per_epoch):
+                t0 = time.perf_counter()
+                batch = [
+                    train_ex[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                ]
+                stats = accumulate_gradients(model, batch, cfg.micro_batch_size, pad, cfg.loss)
+                if not math.isfinite(stats["loss"]):
+                    raise FloatingPointError(
+                        f"rm: non-finite loss at step {global_step}; "
+                        f"the last good state is in {out / 'state'}"
+                    )
+                grad_norm = clip_grad(model.parameters(), cfg.optim.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                steps_this_process += 1
+                record = {
+                    "step": global_step,
+                    "epoch": epoch + (step + 1) / steps_per_epoch,
+                    **stats,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "comparisons_per_s": len(batch) / (time.perf_counter() - t0),
+                }
+                if cfg.eval_every_steps and global_step % cfg.eval_every_steps == 0:
+                    record.update(_eval_metrics(evaluate().to_json()))
+                logger.log(record)
+                bar.update(
+                    task, advance=1, stats=f"loss {stats['loss']:.3f} · acc {stats['accuracy']:.2f}"
+                )
+                if global_step % cfg.save_every_steps == 0 and step + 1 < steps_per_epoch:
+                    _save(out, model, optimizer, scheduler, epoch, step + 1, global_step)
+                if stop_after_steps is not None and steps_this_process >= stop_after_steps:
+                    return None  # type: ignore[return-value]  # simulated crash (tests)
+            _save(out, model, optimizer, scheduler, epoch + 1, 0, global_step)
+
+    # 4. Normalise (demonstrations score mean 0, paper §3.5), evaluate, save the final RM.
+    demos = load_demonstrations(cfg.demonstrations_file)
+    norm = normalize_reward_model(
+        model, tokenizer, demos, max_length=cfg.max_length, batch_size=cfg.eval_batch_size
+    )
+    cut = f", {norm.truncated} cut to max_length" if norm.truncated else ""
+    log(
+        f"rm: bias {norm.bias:+.4f} makes the {norm.n} demonstrations score mean 0 "
+        f"(raw std {norm.raw_std:.3f}{cut})"
+    )
+    eval_after = evaluate()
+    logger.log(
+        {
+            "step": global_step,
+            "epoch": cfg.epochs,
+            **_eval_metrics(eval_after.to_json()),
+            "bias": norm.bias,
+        }
+    )
+    logger.close()
+    final = save_scalar_model(model, tokenizer, out / "final")
+    summary = {
+        "eval_before": eval_before,
+        "eval_after": eval_after.to_json(),
+        "normalization": norm.__dict__,
+        "data": data.__dict__,
+        "heldout_labelers": heldout,
+    }
+    (out / "eval.json").write_text(json.dumps(summary, indent=1))
+    log(f"rm: held-out {eval_after.summary()}")
+    return RMResult(final, norm, eval_before, eval_after, data, heldout)
+
+
+def _eval_metrics(ev: dict) -> dict[str, float | None]:
+    """The flat numbers of an evaluation for metrics.jsonl."""
+    return {
+        "valid_accuracy": ev["overall"]["accuracy"],
+        "valid_accuracy_train_labelers": ev["train_labelers"]["accuracy"],
+        "valid_accuracy_heldout_labelers": ev["heldout_labelers"]["accuracy"],
+        "valid_margin": ev["margin"],
+        "valid_score_mean": ev["scores"].get("mean"),
+        "valid_score_std": ev["scores"].get("std"),
+    }
+
+
+def _save(
+    out: Path, model, optimizer, scheduler, epoch: int, step_in_epoch: int, global_step: int
+) -> None:
+    save_state(
+        out / "state",
+        {"reward_model": model},
+        {"optimizer": optimizer, "scheduler": scheduler},
+        {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step},
+    )
