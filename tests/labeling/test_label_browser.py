@@ -1,5 +1,6 @@
 """End to end in a real headless Chromium: log in, rate, rank by drag and drop and keyboard,
-submit, export; untrusted text stays text. Also renders the docs' screenshot of the ranking page.
+submit, export, train a reward model on the export with ``tether rm``; untrusted text stays
+text. Also renders the docs' screenshot of the ranking page.
 
 Set TETHER_UPDATE_SCREENSHOT=1 to write docs/img/ranking-page.png from this run.
 """
@@ -21,7 +22,7 @@ from labeling_support import (
     LiveServer,
 )
 
-from tether.data.formats import Sample, read_records
+from tether.data.formats import Demonstration, Sample, read_records, write_records
 from tether.labeling.store import LabelStore
 
 pytestmark = [
@@ -110,15 +111,26 @@ def shown_index(page, sample: Sample) -> dict[int, int]:
     return {sample.responses.index(text): pos for pos, text in enumerate(texts)}
 
 
-def train_reward_model_on_export(export_path: Path, out_dir: Path) -> None:
-    """The issue's last step, for when ``tether rm`` lands: train a reward model on this export.
+def train_reward_model_on_export(export_path: Path, out_dir: Path) -> Path:
+    """The issue's last step: ``tether rm`` trains a reward model on the export as it is.
 
-    Call it at the end of test_rank_by_drag_and_drop_then_export with the downloaded file; it
-    should run ``tether.reward.train.train_reward_model`` (or ``tether rm``) on the tiny test model
-    with ``export_path`` as its comparisons and ``out_dir`` as its run folder, and assert the run
-    writes a model. Not wired yet: the RM trainer is being written in parallel.
+    Runs the real CLI on the tiny test model (seconds on a CPU), validating on the same file
+    (one comparison cannot be split), with a one-line demonstrations file for the mean-0 bias.
+    Returns the trained model's folder.
     """
-    raise NotImplementedError("wire to tether rm once it has landed")
+    from tether.cli import main
+
+    demos = write_records(
+        out_dir / "demonstrations.jsonl",
+        [Demonstration(prompt="Summarise this page.", response="It is about labeling.")],
+    )
+    args = ["rm", "--preset", "tiny", "--out-dir", str(out_dir / "rm")]
+    args += ["--train-file", str(export_path), "--valid-file", str(export_path)]
+    args += ["--demonstrations-file", str(demos)]
+    assert main(args) == 0
+    final = out_dir / "rm" / "final"
+    assert (final / "config.json").exists()
+    return final
 
 
 def test_rank_by_drag_and_drop_then_export(site, chromium, tmp_path: Path) -> None:
@@ -192,6 +204,9 @@ def test_rank_by_drag_and_drop_then_export(site, chromium, tmp_path: Path) -> No
     assert comparison.labeler_id == "alice" and comparison.prompt_id == "xss-1"
     assert dialogs == []
     context.close()
+
+    # 8. And a reward model trains on it with `tether rm`, no conversion in between.
+    train_reward_model_on_export(export, tmp_path)
 
 
 def test_ranking_page_screenshot(site, chromium, tmp_path: Path) -> None:
