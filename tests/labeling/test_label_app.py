@@ -274,6 +274,8 @@ async def test_rank_submit_stores_one_comparison_and_moves_on(env: Env) -> None:
         (ranking_form([1, 2, 3, 4]) | {"rank_7": "1"}, "rank_7"),  # one rank too many
         (ranking_form([1, 2, 3, 5]), "rank_3"),  # out of range
         (ranking_form([1, 2, 3, 4]) | {"rank_0": "first"}, "rank_0"),  # not a number
+        (ranking_form([1, 2, 3, 4]) | {"rank_0": "9" * 30}, "rank_0"),  # no overflow, a 422
+        (ranking_form([1, 2, 3, 4]) | {"rank_x": "1"}, "rank_x"),
         (ranking_form([1, 2, 3, 4]) | {"likert_2": "9"}, "likert_2"),
         ({k: v for k, v in ranking_form([1, 2, 3, 4]).items() if k != "likert_1"}, "likert_1"),
         (ranking_form([1, 2, 3, 4]) | {"flags_1": "made_up"}, "flags_1"),
@@ -302,8 +304,9 @@ async def test_wrong_task_is_403_and_missing_task_404(env: Env) -> None:
         assert (await alice.post(f"/label/tasks/{other}", {"action": "skip"})).status_code == 403
         assert (await alice.http.get("/label/tasks/9999")).status_code == 404
         assert (await alice.post("/label/tasks/9999", ranking_form([1, 2]))).status_code == 404
-        bad_id = await alice.http.get("/label/tasks/abc")
-        assert bad_id.status_code == 422 and "task_id" in error_text(bad_id.text)
+        for bad in ("abc", "0", "99999999999999999999999"):
+            r = await alice.http.get(f"/label/tasks/{bad}")
+            assert r.status_code == 422 and "task_id" in error_text(r.text)
         assert (await alice.post("/label/projects/9999/next")).status_code == 404
     assert env.store.progress(env.rank_pid)[0].done == 0
 

@@ -27,6 +27,7 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -359,6 +360,9 @@ def _parse_bool(form: FormData, name: str) -> bool | None:
 
 router = APIRouter()
 
+# Row ids in URLs: bounded, so a huge number is a 422 rather than a database overflow.
+Id = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
+
 
 def _set_session_cookie(request: Request, response: Response, token: str) -> None:
     store: LabelStore = request.app.state.store
@@ -479,7 +483,7 @@ def _next_redirect(store: LabelStore, viewer: Viewer, project_id: int, notice: s
 
 @router.post("/label/projects/{project_id}/next")
 def next_task(
-    project_id: int,
+    project_id: Id,
     posted: LabelerPost,
     store: Store,
 ) -> Response:
@@ -509,7 +513,7 @@ def _task_page(
 @router.get("/label/tasks/{task_id}")
 def task_page(
     request: Request,
-    task_id: int,
+    task_id: Id,
     viewer: LabelerViewer,
     store: Store,
 ) -> Response:
@@ -519,7 +523,7 @@ def task_page(
 @router.post("/label/tasks/{task_id}")
 def submit_task(
     request: Request,
-    task_id: int,
+    task_id: Id,
     posted: LabelerPost,
     store: Store,
 ) -> Response:
@@ -625,7 +629,7 @@ def create_project(
 @router.get("/admin/projects/{project_id}")
 def project_page(
     request: Request,
-    project_id: int,
+    project_id: Id,
     viewer: AdminViewer,
     store: Store,
 ) -> Response:
@@ -641,7 +645,7 @@ def project_page(
 
 @router.post("/admin/projects/{project_id}")
 def update_project(
-    project_id: int,
+    project_id: Id,
     posted: AdminPost,
     store: Store,
 ) -> Response:
@@ -658,7 +662,7 @@ def _export_name(name: str, kind: str) -> str:
 
 @router.get("/admin/projects/{project_id}/export")
 def export_records(
-    project_id: int,
+    project_id: Id,
     viewer: AdminViewer,
     store: Store,
 ) -> Response:
@@ -674,7 +678,7 @@ def export_records(
 
 @router.get("/admin/projects/{project_id}/export/summary")
 def export_summary(
-    project_id: int,
+    project_id: Id,
     viewer: AdminViewer,
     store: Store,
 ) -> Response:
@@ -723,7 +727,7 @@ def create_user(
 
 @router.post("/admin/users/{user_id}")
 def update_user(
-    user_id: int,
+    user_id: Id,
     posted: AdminPost,
     store: Store,
 ) -> Response:
