@@ -195,6 +195,8 @@ async def test_login_failures_are_401_or_403_never_500(env: Env) -> None:
         assert no_csrf.status_code == 403
         missing = await c.http.post("/login", data={"csrf_token": csrf_of(no_csrf.text)})
         assert missing.status_code == 422 and "username" in error_text(missing.text)
+        nul = {"username": "al\x00ice", "password": PASSWORD, "csrf_token": csrf_of(no_csrf.text)}
+        assert (await c.http.post("/login", data=nul)).status_code == 422
     env.store.set_active(env.store.authenticate("bob", PASSWORD).id, False)
     async with browser(env) as c:
         assert (await c.login("bob")).status_code == 401

@@ -254,6 +254,19 @@ def test_malformed_rankings_name_the_field(store: LabelStore, label: LabelInput,
     store.submit_ranking(a, task, rank_all(4))  # the assignment is still open after a bad try
 
 
+def test_nul_characters_are_refused_on_every_backend(store: LabelStore) -> None:
+    """PostgreSQL text cannot hold NUL: refused with a message, never a database error."""
+    bad = Sample(prompt="p", responses=["fine", "nul \x00 here"])
+    with pytest.raises(InvalidInput) as e:
+        store.create_project("p", "ranking", [bad])
+    assert e.value.field == "responses"
+    pid = store.create_project("d", "demonstration", make_prompts(1))
+    (a,) = labelers(store, 1)
+    task = store.next_task(a, pid)
+    with pytest.raises(InvalidInput):
+        store.submit_demonstration(a, task, "nul \x00")
+
+
 def test_lowering_overlap_keeps_labels_raising_it_reopens_tasks(store: LabelStore) -> None:
     pid = store.create_project("p", "ranking", make_samples(1), overlap=2)
     a, b, c = labelers(store, 3)

@@ -301,6 +301,8 @@ def _form_str(form: FormData, name: str, *, required: bool = True, max_len: int 
         raise InvalidInput(name, "must be text")
     if len(value) > max_len:
         raise InvalidInput(name, f"is longer than {max_len} characters")
+    if "\x00" in value:
+        raise InvalidInput(name, "holds a NUL character")  # PostgreSQL text cannot
     return value
 
 

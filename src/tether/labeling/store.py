@@ -393,6 +393,14 @@ def validate_label(k: int, label: LabelInput) -> None:
                     raise InvalidInput(f"flags[{i}]", f"unknown flag {name!r}")
 
 
+def _check_no_nul(record: Sample | Prompt, where: str) -> None:
+    """PostgreSQL text cannot hold NUL (SQLite can): refuse it up front on every backend."""
+    for name, value in vars(record).items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str) and "\x00" in v for v in values):
+            raise InvalidInput(name, f"{where} holds a NUL character")
+
+
 def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -652,6 +660,9 @@ class LabelStore:
         for i, r in enumerate(records):
             if not isinstance(r, want):
                 raise InvalidInput("records", f"record {i + 1} is not a {want.__name__}")
+            _check_no_nul(r, f"record {i + 1}")
+        if "\x00" in name:
+            raise InvalidInput("name", "holds a NUL character")
         try:
             with self._write() as s:
                 project = Project(
@@ -1059,6 +1070,8 @@ class LabelStore:
             raise InvalidInput("response", "is empty; write the response you would give")
         if len(response) > RESPONSE_MAX_CHARS:
             raise InvalidInput("response", f"is longer than {RESPONSE_MAX_CHARS} characters")
+        if "\x00" in response:
+            raise InvalidInput("response", "holds a NUL character")
         with self._write() as s:
             task, a = self._assignment(s, labeler_id, task_id)
             if task.responses:
