@@ -1,0 +1,213 @@
+"""Evaluation (InstructGPT §4): is the aligned model preferred, and what did it cost?
+
+For every policy on held-out prompts (from users never seen in training): its responses are
+judged by the **held-out** labelers of the panel (win rate against a baseline with a 95 %
+bootstrap interval, Likert 1-7, metadata flag rates), scored by the reward model, measured for
+length, EOS rate and KL to the reference (SFT) policy, and its alignment tax is measured as
+perplexity on held-out pretraining text.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tether.data.formats import Comparison, Prompt, PretrainText
+from tether.models.generation import decode_responses, position_ids_from_mask, sample
+from tether.models.loading import load_causal_lm
+from tether.ops import token_logprobs
+
+
+@dataclass
+class PolicyEval:
+    name: str
+    path: str
+    responses: list[str]
+    win_rate: float | None = None  # vs the baseline, judged by held-out labelers; ties count half
+    win_ci: tuple[float, float] | None = None  # 95 % bootstrap interval over prompts
+    likert: float = float("nan")  # mean 1-7 from held-out labelers
+    flag_rates: dict[str, float] = field(default_factory=dict)
+    rm_score: float | None = None  # mean normalised RM score
+    kl_to_ref: float | None = None  # mean over responses of Σ_t log π − log π_ref (temperature 1 samples)
+    length: float = 0.0  # mean response tokens
+    eos_rate: float = 0.0  # fraction of responses that ended with EOS
+    pretrain_ppl: float | None = None  # held-out pretraining perplexity (alignment tax)
+    human_win_rate: float | None = None  # from people's rankings, when given
+    human_n: int = 0
+
+
+@dataclass
+class EvalReport:
+    baseline: str
+    prompts: list[str]
+    labelers: list[str]
+    policies: list[PolicyEval]
+    temperature: float
+    max_new_tokens: int
+
+    def by_name(self, name: str) -> PolicyEval:
+        return next(p for p in self.policies if p.name == name)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def response_logprobs(model, gen, temperature: float = 1.0) -> torch.Tensor:
+    """Σ_t log p(response token) under ``model`` for a Generation's responses. [B]."""
+    device = next(model.parameters()).device
+    ids = torch.cat([gen.query_ids, gen.response_ids], 1).to(device)
+    mask = torch.cat([gen.query_mask, gen.response_mask], 1).to(device)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    p = gen.query_ids.shape[1]
+    lp = token_logprobs(logits[:, p - 1 : -1], gen.response_ids.to(device), temperature)
+    return (lp * gen.response_mask.to(device)).sum(-1).cpu()
+
+
+@torch.no_grad()
+def pretrain_perplexity(model, tokenizer, texts: Sequence[PretrainText], max_length: int = 256, batch_size: int = 8) -> float:
+    """exp(mean NLL per token) on plain text: the alignment-tax measure."""
+    from tether.sft.data import collate, count_target_tokens, encode_pretrain
+    from tether.sft.train import nll_sum
+
+    examples = [encode_pretrain(tokenizer, t.text, max_length) for t in texts]
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        total += float(nll_sum(logits.cpu(), batch["labels"]))
+        count += count_target_tokens(batch["labels"])
+    return math.exp(total / max(count, 1))
+
+
+def human_win_rate(comparisons: Sequence[Comparison], policy: str, baseline: str) -> tuple[float | None, int]:
+    """Win rate of ``policy`` over ``baseline`` from people's rankings (responses tagged with policies)."""
+    outcomes = []
+    for c in comparisons:
+        if not c.policies:
+            continue
+        for i, pi in enumerate(c.policies):
+            for j, pj in enumerate(c.policies):
+                if pi == policy and pj == baseline:
+                    ri, rj = c.ranking[i], c.ranking[j]
+                    outcomes.append(1.0 if ri < rj else 0.0 if ri > rj else 0.5)
+    return (float(np.mean(outcomes)) if outcomes else None), len(outcomes)
+
+
+def evaluate_policies(
+    policies: dict[str, str],
+    prompts: Sequence[Prompt],
+    *,
+    baseline: str,
+    panel=None,
+    reward_model: str | None = None,
+    ref_policy: str | None = None,
+    pretrain_heldout: Sequence[PretrainText] = (),
+    human_comparisons: Sequence[Comparison] = (),
+    temperature: float = 1.0,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    seed: int = 0,
+    log=print,
+) -> EvalReport:
+    """Evaluate named policies (name → model dir / 'default' / 'tiny') on held-out prompts."""
+    if baseline not in policies:
+        raise ValueError(f"baseline {baseline!r} is not among the policies {list(policies)}")
+    if panel is None:
+        from tether.labelers.panel import Panel
+
+        panel = Panel()
+    judges = panel.heldout_labelers
+    texts = [p.text for p in prompts]
+    ref = load_causal_lm(ref_policy)[0] if ref_policy else None
+    rm = None
+    if reward_model:
+        from tether.models.heads import load_scalar_model
+
+        rm, _ = load_scalar_model(reward_model)
+
+    results: list[PolicyEval] = []
+    for name, path in policies.items():
+        log(f"eval: generating with {name} ({path})")
+        model, tokenizer = load_causal_lm(path)
+        generator = torch.Generator().manual_seed(seed)  # the same seed for every policy
+        responses, lengths, eos, kls, scores = [], [], [], [], []
+        for start in range(0, len(texts), batch_size):
+            gen = sample(model, tokenizer, texts[start : start + batch_size], max_new_tokens=max_new_tokens,
+                         temperature=temperature, generator=generator)
+            responses += decode_responses(tokenizer, gen)
+            lengths += gen.lengths.tolist()
+            eos += gen.finished.tolist()
+            if ref is not None and temperature == 1.0:
+                kls += (gen.logprobs.sum(-1) - response_logprobs(ref, gen)).tolist()
+            if rm is not None:
+                from tether.models.heads import reward_scores
+
+                ids = torch.cat([gen.query_ids, gen.response_ids], 1)
+                mask = torch.cat([gen.query_mask, gen.response_mask], 1)
+                scores += reward_scores(rm, ids.to(rm.device), mask.to(rm.device)).tolist()
+        ppl = pretrain_perplexity(model, tokenizer, pretrain_heldout) if pretrain_heldout else None
+        judgements = [
+            panel.judge(lab, t, r, np.random.default_rng([seed, i, j]))
+            for i, (t, r) in enumerate(zip(texts, responses, strict=True))
+            for j, lab in enumerate(judges)
+        ]
+        flag_names = sorted({k for jd in judgements for k in jd.flags})
+        results.append(
+            PolicyEval(
+                name=name,
+                path=str(path),
+                responses=responses,
+                likert=float(np.mean([jd.likert for jd in judgements])),
+                flag_rates={k: float(np.mean([jd.flags.get(k, False) for jd in judgements])) for k in flag_names},
+                rm_score=float(np.mean(scores)) if scores else None,
+                kl_to_ref=float(np.mean(kls)) if kls else None,
+                length=float(np.mean(lengths)),
+                eos_rate=float(np.mean(eos)),
+                pretrain_ppl=ppl,
+            )
+        )
+        del model
+
+    base = next(r for r in results if r.name == baseline)
+    for r in results:
+        if r.name != baseline:
+            wr = panel.win_rate(texts, r.responses, base.responses, labelers=judges, seed=seed)
+            r.win_rate, r.win_ci = wr.rate, (wr.ci_low, wr.ci_high)
+        else:
+            r.win_rate, r.win_ci = 0.5, (0.5, 0.5)
+        if human_comparisons:
+            r.human_win_rate, r.human_n = human_win_rate(human_comparisons, r.name, baseline)
+    return EvalReport(
+        baseline=baseline,
+        prompts=texts,
+        labelers=[lab.id for lab in judges],
+        policies=results,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+    )
+
+
+def save_eval(report: EvalReport, path: str | Path) -> Path:
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report.to_json(), indent=1))
+    tmp.replace(path)
+    return path
+
+
+def load_eval(path: str | Path) -> EvalReport:
+    import json
+
+    data = json.loads(Path(path).read_text())
+    data["policies"] = [PolicyEval(**{**p, "win_ci": tuple(p["win_ci"]) if p.get("win_ci") else None}) for p in data["policies"]]
+    return EvalReport(**data)

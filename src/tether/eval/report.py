@@ -1,0 +1,202 @@
+"""A self-contained HTML report with PNG plots: win rates, training curves, alignment tax, samples.
+
+Everything is embedded (plots as base64 PNG), so the file can be mailed or opened offline; the
+PNGs are also written next to it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tether.eval.evaluate import EvalReport  # noqa: E402
+from tether.metrics import read_metrics  # noqa: E402
+
+COLORS = {"base": "#9e9e9e", "sft": "#5b8def", "ppo": "#f0a340", "ppo_ptx": "#d9534f"}
+
+
+def _color(name: str) -> str:
+    return COLORS.get(name, "#6c757d")
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_win_rates(report: EvalReport) -> bytes:
+    """The paper's Figure 1 shape: win rate against the baseline, with 95 % intervals."""
+    pols = report.policies
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    xs = range(len(pols))
+    rates = [p.win_rate for p in pols]
+    lows = [p.win_rate - p.win_ci[0] for p in pols]
+    highs = [p.win_ci[1] - p.win_rate for p in pols]
+    ax.bar(xs, rates, yerr=[lows, highs], capsize=5, color=[_color(p.name) for p in pols])
+    ax.axhline(0.5, color="black", lw=0.8, ls="--")
+    ax.set_xticks(list(xs), [p.name for p in pols])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"win rate vs {report.baseline}")
+    ax.set_title(f"Held-out labelers ({', '.join(report.labelers)}), {len(report.prompts)} held-out prompts")
+    for x, r in zip(xs, rates, strict=True):
+        ax.text(x, r + 0.02, f"{r:.2f}", ha="center", fontsize=9)
+    return _png(fig)
+
+
+def plot_alignment_tax(report: EvalReport) -> bytes | None:
+    pols = [p for p in report.policies if p.pretrain_ppl is not None]
+    if not pols:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar([p.name for p in pols], [p.pretrain_ppl for p in pols], color=[_color(p.name) for p in pols])
+    ax.set_ylabel("held-out pretraining perplexity")
+    ax.set_title("Alignment tax (lower is better)")
+    for i, p in enumerate(pols):
+        ax.text(i, p.pretrain_ppl, f"{p.pretrain_ppl:.1f}", ha="center", va="bottom", fontsize=9)
+    return _png(fig)
+
+
+def plot_curves(panels: list[tuple[str, list[tuple[str, list[float], list[float]]]]]) -> bytes | None:
+    """A grid of small line plots: (title, [(label, xs, ys), ...])."""
+    panels = [p for p in panels if any(len(xs) for _, xs, _ in p[1])]
+    if not panels:
+        return None
+    cols = min(3, len(panels))
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    for ax, (title, series) in zip(axes.flat, panels, strict=False):
+        for label, xs, ys in series:
+            if xs:
+                ax.plot(xs, ys, label=label, marker="." if len(xs) < 30 else None)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _series(metrics: list[dict], key: str, x: str = "step") -> tuple[list[float], list[float]]:
+    pts = [(m[x], m[key]) for m in metrics if m.get(key) is not None and x in m]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def training_panels(run_dir: Path) -> list:
+    """Curves from the run directory's stage metrics (whichever stages exist)."""
+    panels = []
+    sft = read_metrics(run_dir / "sft" / "metrics.jsonl")
+    if sft:
+        panels.append(("SFT loss", [("train", *_series(sft, "loss")), ("valid", *_series(sft, "valid_loss"))]))
+    for rm_metrics in sorted(run_dir.glob("round-*/rm/metrics.jsonl")):
+        m = read_metrics(rm_metrics)
+        label = rm_metrics.parts[-3]
+        panels.append((f"RM accuracy ({label})", [("train", *_series(m, "accuracy")), ("held-out", *_series(m, "valid_accuracy"))]))
+    ppo_runs = sorted(run_dir.glob("round-*/ppo*/metrics.jsonl"))
+    for key, title in (("score", "PPO: RM score"), ("kl", "PPO: KL to SFT"), ("response_length", "PPO: response length"),
+                       ("ptx_loss", "PPO: pretraining loss")):
+        series = []
+        for path in ppo_runs:
+            xs, ys = _series(read_metrics(path), key, "iteration")
+            series.append((f"{path.parts[-3]}/{path.parts[-2]}", xs, ys))
+        panels.append((title, series))
+    return panels
+
+
+def _img(png: bytes | None, alt: str) -> str:
+    if png is None:
+        return ""
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _fmt(v, spec: str = ".3f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def write_report(report: EvalReport, out_dir: str | Path, run_dir: str | Path | None = None,
+                 extra: dict | None = None, n_samples: int = 12) -> Path:
+    """Write report.html (+ PNGs) into out_dir; returns the HTML path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = {
+        "win_rates.png": plot_win_rates(report),
+        "alignment_tax.png": plot_alignment_tax(report),
+        "training_curves.png": plot_curves(training_panels(Path(run_dir))) if run_dir else None,
+    }
+    for name, data in pngs.items():
+        if data is not None:
+            (out / name).write_bytes(data)
+
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{c}</td>" for c in (
+            f"<b>{html.escape(p.name)}</b>",
+            f"{p.win_rate:.3f} [{p.win_ci[0]:.3f}, {p.win_ci[1]:.3f}]" if p.win_ci else "–",
+            _fmt(p.likert, ".2f"),
+            _fmt(p.flag_rates.get("satisfies_constraint"), ".2f"),
+            _fmt(p.flag_rates.get("fails_instruction"), ".2f"),
+            _fmt(p.rm_score, ".3f"),
+            _fmt(p.kl_to_ref, ".2f"),
+            f"{p.length:.1f}",
+            f"{p.eos_rate:.2f}",
+            _fmt(p.pretrain_ppl, ".2f"),
+        )) + "</tr>"
+        for p in report.policies
+    )
+    names = [p.name for p in report.policies]
+    show = [n for n in (report.baseline, "ppo_ptx") if n in names] or names[:2]
+    sample_rows = []
+    for i, prompt in enumerate(report.prompts[:n_samples]):
+        cells = [f"<td class=prompt>{html.escape(prompt)}</td>"]
+        cells += [f"<td><pre>{html.escape(report.by_name(n).responses[i])}</pre></td>" for n in show]
+        sample_rows.append("<tr>" + "".join(cells) + "</tr>")
+    extra_html = ""
+    if extra:
+        extra_html = "<h2>Run facts</h2><table>" + "".join(
+            f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in extra.items()
+        ) + "</table>"
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>tether report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; padding: 0 1em; }}
+table {{ border-collapse: collapse; margin: 1em 0; width: 100%; }}
+th, td {{ border: 1px solid #ddd; padding: 6px 8px; vertical-align: top; text-align: left; font-size: 14px; }}
+th {{ background: #f5f5f5; }}
+pre {{ white-space: pre-wrap; margin: 0; font-family: inherit; }}
+td.prompt {{ width: 30%; color: #444; }}
+img {{ max-width: 100%; }}
+.note {{ color: #555; font-size: 14px; }}
+</style></head><body>
+<h1>tether: InstructGPT pipeline report</h1>
+<p class="note">Held-out prompts from users never seen in training; judged by held-out simulated labelers
+({html.escape(", ".join(report.labelers))}), whose labels were never trained on. Sampling temperature
+{report.temperature}, at most {report.max_new_tokens} new tokens. Win rates are against <b>{html.escape(report.baseline)}</b>
+with 95 % bootstrap intervals over prompts; ties count half.</p>
+<h2>Win rate against {html.escape(report.baseline)}</h2>
+{_img(pngs["win_rates.png"], "win rates")}
+<table><tr><th>policy</th><th>win rate [95 % CI]</th><th>Likert 1-7</th><th>constraints satisfied</th>
+<th>fails instruction</th><th>RM score</th><th>KL to SFT (nats)</th><th>length (tokens)</th><th>EOS rate</th>
+<th>pretrain ppl</th></tr>{rows}</table>
+<h2>Alignment tax</h2>
+{_img(pngs["alignment_tax.png"], "alignment tax")}
+<h2>Training curves</h2>
+{_img(pngs["training_curves.png"], "training curves")}
+{extra_html}
+<h2>Samples</h2>
+<table><tr><th>prompt</th>{"".join(f"<th>{html.escape(n)}</th>" for n in show)}</tr>{"".join(sample_rows)}</table>
+</body></html>
+"""
+    path = out / "report.html"
+    path.write_text(page, encoding="utf-8")
+    (out / "eval.json").write_text(json.dumps(report.to_json(), indent=1))
+    return path
