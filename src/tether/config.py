@@ -210,6 +210,151 @@ class RMConfig:
         )
 
 
+# --------------------------------------------------------------------------------------------
+# Stage 3: PPO / PPO-ptx
+
+# Duplicated from tether.ppo.kl so that importing the config never imports torch.
+KL_ESTIMATOR_NAMES = ("k1", "k2", "k3", "abs")
+
+
+@dataclass
+class PPOConfig:
+    policy: ModelConfig = field(default_factory=ModelConfig)
+    """The PPO-init (SFT) checkpoint: the policy starts from it and the frozen reference is it."""
+    reward_model: str | None = None
+    """Reward model directory (a normalised tether RM). Required unless a reward function is
+    passed to train_ppo in Python."""
+    value_model: str | None = None
+    """Value model initialisation. None = the reward model (paper); without an RM, the policy
+    checkpoint with a fresh scalar head."""
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-5, schedule="constant", warmup_steps=10)
+    )
+    """Policy optimiser. In PPO the LR schedule advances once per iteration (batch), so
+    warmup_steps counts iterations (paper: constant LR, 10 iterations of warmup from 1/10)."""
+    value_optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=9e-6, schedule="constant", warmup_steps=10)
+    )
+    """Value-model optimiser (paper: LR 9e-6), scheduled per iteration like optim."""
+    kl_coef: float = 0.02
+    """β of the per-token KL penalty −β·(log π − log π_SFT) (paper: 0.02); the initial β when
+    adaptive_kl."""
+    adaptive_kl: bool = False
+    """Adapt β towards kl_target (Ziegler et al. 2019) instead of keeping it fixed."""
+    kl_target: float = 6.0
+    """Target KL per episode (nats, summed over the response) for adaptive_kl."""
+    kl_horizon: int = 10000
+    """Adaptive-KL horizon in episodes: how fast β moves."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator in the penalty: k1 (log-ratio, the paper's), k2, k3 or abs."""
+    ptx_coef: float = 27.8
+    """γ, the weight of the pretraining LM loss (PPO-ptx; paper 27.8). 0 = plain PPO. The LM loss
+    is a mean over tokens, like the PPO losses."""
+    ptx_examples_per_episode: float = 1.0
+    """Pretraining examples per RL episode (paper: 8; smaller by default to suit a CPU). 0 skips
+    the pretraining pass entirely; with ptx_coef = 0 it still runs and logs ptx_loss."""
+    ptx_max_length: int = 256
+    """Pretraining examples are cut to this many tokens (EOS appended first)."""
+    pretrain_file: str | None = None
+    """Pretraining text for PPO-ptx (PretrainText records). None = the default task's corpus."""
+    prompts_file: str | None = None
+    """RL prompts (Prompt records). None = the train split of the default task's prompts."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are taken from the same logits / temperature (paper: 1)."""
+    max_new_tokens: int = 64
+    """Longest response; a response that reaches it without EOS gets missing_eos_penalty."""
+    max_prompt_length: int = 256
+    """Prompts keep their last this many tokens (the assistant header must stay)."""
+    missing_eos_penalty: float | None = -1.0
+    """Added to the score of a response that never produced EOS. None disables."""
+    gamma: float = 1.0
+    """GAE discount (paper: 1, no discount within a response)."""
+    lam: float = 0.95
+    """GAE λ."""
+    cliprange: float = 0.2
+    """PPO ratio clip ε (paper: 0.2)."""
+    cliprange_value: float = 0.2
+    """Value clip: the new value stays within this of its rollout-time value."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the response tokens of each batch."""
+    batch_size: int = 64
+    """Episodes (prompts, one response each) per iteration (paper: 512)."""
+    mini_batch_size: int = 16
+    """Episodes per optimiser step (paper: 64)."""
+    micro_batch_size: int = 8
+    """Episodes per forward/backward pass; mini_batch_size must be a multiple of it."""
+    generation_batch_size: int = 32
+    """Prompts sampled and scored at once during the rollout (no gradients, so it can be larger
+    than micro_batch_size)."""
+    ppo_epochs: int = 1
+    """Passes over each batch (paper: 1)."""
+    total_episodes: int = 1024
+    """Episodes in the whole run; iterations = total_episodes // batch_size (paper: 256k)."""
+    ema_decay: float | None = None
+    """Exponential moving average of the policy weights, updated after every optimiser step
+    (paper: 0.992). The exported policy/ is the EMA weights when enabled. None disables."""
+    sample_every: int = 10
+    """Write generations for n_sample_prompts fixed prompts to samples.jsonl every N iterations
+    (and at the first and last); 0 disables."""
+    n_sample_prompts: int = 4
+    """Fixed prompts (the first of the prompt list) used for samples.jsonl."""
+    save_every: int = 10
+    """Write the resumable state every N iterations (and at the end)."""
+    keep_policy_every: int = 0
+    """Also keep the policy as a Hugging Face directory iter-N/ every N iterations (0: never)."""
+    seed: int = 0
+    """Seed for sampling, data order, minibatch order and a fresh value head."""
+    out_dir: str = "runs/ppo"
+    """Run directory: policy/, value/, state/, metrics.jsonl, samples.jsonl, config.yaml."""
+    tensorboard: bool = False
+    """Also log to TensorBoard (needs the tensorboard extra)."""
+
+    @property
+    def iterations(self) -> int:
+        return self.total_episodes // self.batch_size
+
+    @property
+    def ptx_per_minibatch(self) -> int:
+        """Pretraining examples accumulated into each optimiser step."""
+        return round(self.ptx_examples_per_episode * self.mini_batch_size)
+
+    def validate(self) -> None:
+        if self.batch_size % self.mini_batch_size or self.mini_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"ppo: batch_size ({self.batch_size}) must be a multiple of mini_batch_size "
+                f"({self.mini_batch_size}), and that a multiple of micro_batch_size "
+                f"({self.micro_batch_size})"
+            )
+        if self.total_episodes < self.batch_size:
+            raise ValueError(
+                f"ppo.total_episodes ({self.total_episodes}) must be at least one batch "
+                f"({self.batch_size})"
+            )
+        if self.kl_estimator not in KL_ESTIMATOR_NAMES:
+            raise ValueError(
+                f"ppo.kl_estimator must be one of {', '.join(KL_ESTIMATOR_NAMES)}, "
+                f"got {self.kl_estimator!r}"
+            )
+        if self.temperature <= 0:
+            raise ValueError(
+                f"ppo.temperature must be > 0 (RL samples; greedy has no log-probs), "
+                f"got {self.temperature}"
+            )
+        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"ppo.gamma and ppo.lam must be in [0, 1]: {self.gamma}, {self.lam}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ppo.ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        if self.kl_coef < 0 or self.ptx_coef < 0 or self.ptx_examples_per_episode < 0:
+            raise ValueError("ppo.kl_coef, ptx_coef and ptx_examples_per_episode must be >= 0")
+        if self.sample_every < 0 or self.keep_policy_every < 0:
+            raise ValueError("ppo.sample_every and keep_policy_every must be >= 0")
+        _check_positive(
+            self, "batch_size", "mini_batch_size", "micro_batch_size", "generation_batch_size",
+            "ppo_epochs", "max_new_tokens", "max_prompt_length", "ptx_max_length", "save_every",
+            "kl_target", "kl_horizon", "cliprange", "cliprange_value",
+        )
+
+
 def _check_positive(cfg: Any, *names: str) -> None:
     for n in names:
         if getattr(cfg, n) <= 0:
@@ -272,6 +417,63 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "optim.lr": 9e-6,
             "epochs": 1,
             "batch_size": 64,
+        },
+    },
+    "ppo": {
+        "tiny": {
+            "policy.name_or_path": "tiny",
+            "optim.lr": 1e-3,
+            "optim.warmup_steps": 0,
+            "value_optim.lr": 1e-3,
+            "value_optim.warmup_steps": 0,
+            "kl_coef": 0.05,
+            "ptx_coef": 1.0,
+            "ptx_examples_per_episode": 0.5,
+            "ptx_max_length": 64,
+            "max_new_tokens": 8,
+            "max_prompt_length": 64,
+            "batch_size": 8,
+            "mini_batch_size": 4,
+            "micro_batch_size": 2,
+            "generation_batch_size": 8,
+            "total_episodes": 32,
+            "sample_every": 2,
+            "n_sample_prompts": 2,
+            "save_every": 2,
+        },
+        "demo": {
+            "optim.lr": 2e-6,
+            "value_optim.lr": 2e-5,
+            "optim.warmup_steps": 2,
+            "value_optim.warmup_steps": 2,
+            "max_new_tokens": 48,
+            "batch_size": 32,
+            "mini_batch_size": 8,
+            "micro_batch_size": 4,
+            "generation_batch_size": 16,
+            "total_episodes": 512,
+            "sample_every": 4,
+            "save_every": 2,
+        },
+        "paper": {
+            "kl_coef": 0.02,
+            "ptx_coef": 27.8,
+            "ptx_examples_per_episode": 8.0,
+            "batch_size": 512,
+            "mini_batch_size": 64,
+            "generation_batch_size": 128,
+            "ppo_epochs": 1,
+            "total_episodes": 256000,
+            "optim.schedule": "constant",
+            "optim.warmup_steps": 10,
+            "optim.warmup_start_fraction": 0.1,
+            "value_optim.lr": 9e-6,
+            "value_optim.schedule": "constant",
+            "value_optim.warmup_steps": 10,
+            "value_optim.warmup_start_fraction": 0.1,
+            "ema_decay": 0.992,
+            "gamma": 1.0,
+            "cliprange": 0.2,
         },
     },
 }

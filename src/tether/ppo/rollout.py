@@ -1,0 +1,278 @@
+"""The PPO rollout: sampled episodes scored by the policy, reference, value and reward models.
+
+An episode is a bandit one (InstructGPT §3.5): a prompt, one sampled response, one RM score. The
+:class:`Rollout` record carries a batch of them from the rollout to the PPO update; every
+per-token field is aligned with ``response_ids`` (position ``t`` is response token ``t``).
+
+Two forward-pass helpers are shared by the rollout (no gradient) and the update (gradient):
+:func:`response_logprobs` and :func:`response_values`. Both run prompt ⊕ response through the
+model with position ids counted over real tokens, so left-padded prompts of different lengths get
+the positions they had while sampling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from tether.models.generation import Generation, position_ids_from_mask
+from tether.models.heads import reward_scores, token_values
+from tether.ops import entropy_from_logits, token_logprobs
+
+# A reward source other than a reward model (tests, toy tasks): (prompts, responses) -> [B].
+RewardFn = Callable[[list[str], list[str]], Tensor]
+
+
+@dataclass
+class Rollout:
+    """A batch of scored episodes. ``B`` episodes, ``P`` prompt and ``R`` response tokens.
+
+    Steps 1 (sampling and scoring) fill everything up to ``finished``; steps 2 and 3 of the
+    trainer fill ``kl`` … ``returns`` (created as zeros until then).
+    """
+
+    query_ids: Tensor  # [B, P] chat-formatted prompt tokens, LEFT-padded
+    query_mask: Tensor  # [B, P] 1 on real prompt tokens
+    response_ids: Tensor  # [B, R] sampled tokens, RIGHT-padded (EOS included when reached)
+    response_mask: Tensor  # [B, R] 1 on real response tokens
+    sample_logprobs: Tensor  # [B, R] log π at sampling time (KV-cached loop); a consistency check
+    logprobs: Tensor  # [B, R] log π(a_t) from a full forward at rollout time: PPO's "old" log-probs
+    ref_logprobs: Tensor  # [B, R] log π_SFT(a_t), same forward procedure as `logprobs`
+    values: Tensor  # [B, R] V(s_t), the value of the prefix before response token t
+    entropy: Tensor  # [B, R] entropy of π(· | s_t) at temperature T (nats)
+    scores: Tensor  # [B] RM score (normalised) plus the missing-EOS penalty where it applies
+    finished: Tensor  # [B] bool: the response ended with EOS
+    kl: Tensor  # [B, R] per-token KL estimate (the configured estimator); 0 on padding
+    non_score_rewards: Tensor  # [B, R] −β·kl
+    rewards: Tensor  # [B, R] non_score_rewards plus the score at the last response token
+    advantages: Tensor  # [B, R] GAE advantages (whitened if configured)
+    returns: Tensor  # [B, R] GAE returns: value targets
+
+    @property
+    def batch_size(self) -> int:
+        return self.query_ids.shape[0]
+
+    @property
+    def n_tokens(self) -> int:
+        """Real response tokens in the batch."""
+        return int(self.response_mask.sum())
+
+    def select(self, index: Tensor | Sequence[int]) -> Rollout:
+        """The episodes at ``index``, with columns that are padding in every row trimmed away.
+
+        Trimming keeps a minibatch of short responses from paying for the longest one in the
+        batch; positions come from the masks, so it changes no result.
+        """
+        index = torch.as_tensor(index, dtype=torch.long, device=self.query_ids.device)
+        query_mask = self.query_mask[index]
+        response_mask = self.response_mask[index]
+        q_real = query_mask.any(0).nonzero()
+        r_real = response_mask.any(0).nonzero()
+        q0 = int(q_real[0]) if len(q_real) else query_mask.shape[1]
+        r1 = int(r_real[-1]) + 1 if len(r_real) else 0
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)[index]
+            if f.name.startswith("query_"):
+                value = value[:, q0:]
+            elif value.dim() == 2:
+                value = value[:, :r1]
+            out[f.name] = value
+        return Rollout(**out)
+
+    @staticmethod
+    def cat(parts: Sequence[Rollout], pad_token_id: int) -> Rollout:
+        """Concatenate batches: prompts re-padded on the left, responses on the right."""
+        width_q = max(p.query_ids.shape[1] for p in parts)
+        width_r = max(p.response_ids.shape[1] for p in parts)
+        out = {}
+        for f in fields(Rollout):
+            tensors = []
+            for p in parts:
+                value = getattr(p, f.name)
+                if value.dim() == 2:
+                    left = f.name.startswith("query_")
+                    width = width_q if left else width_r
+                    fill = pad_token_id if f.name.endswith("_ids") else 0
+                    value = _pad(value, width, fill, left=left)
+                tensors.append(value)
+            out[f.name] = torch.cat(tensors, dim=0)
+        return Rollout(**out)
+
+
+def _pad(x: Tensor, width: int, fill: float, *, left: bool) -> Tensor:
+    """``[B, T]`` → ``[B, width]`` with ``fill`` on the left or the right."""
+    extra = width - x.shape[1]
+    if extra == 0:
+        return x
+    pad = torch.full((x.shape[0], extra), fill, dtype=x.dtype, device=x.device)
+    return torch.cat([pad, x] if left else [x, pad], dim=1)
+
+
+def _joined(
+    query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Prompt ⊕ response ids and attention mask, ``[B, P + R]`` each."""
+    ids = torch.cat([query_ids, response_ids], dim=1)
+    mask = torch.cat([query_mask, response_mask], dim=1).long()
+    return ids, mask
+
+
+def response_logprobs(
+    model: torch.nn.Module,
+    query_ids: Tensor,
+    query_mask: Tensor,
+    response_ids: Tensor,
+    response_mask: Tensor,
+    temperature: float,
+    *,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """log π(a_t | s_t) of every response token under ``softmax(logits / temperature)``.
+
+    One forward over prompt ⊕ response; only the ``R + 1`` last positions go through the LM head
+    (``logits_to_keep``), and ``logits[:, P - 1 + t]`` predicts response token ``t``. The
+    temperature must be the sampling one, or the PPO ratio and the KL use a distribution that
+    was never sampled (SPEC, Known failure modes).
+
+    Args:
+        query_ids, query_mask: ``[B, P]``, left-padded (every row's last prompt token is real).
+        response_ids, response_mask: ``[B, R]``, right-padded.
+
+    Returns:
+        ``(logprobs [B, R], entropy [B, R] or None)``, fp32, 0 on padding; differentiable
+        unless called under ``no_grad``.
+    """
+    ids, mask = _joined(query_ids, query_mask, response_ids, response_mask)
+    r = response_ids.shape[1]
+    logits = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=position_ids_from_mask(mask),
+        logits_to_keep=r + 1,
+        use_cache=False,
+    ).logits[:, :-1]
+    keep = response_mask.bool()
+    logprobs = torch.where(keep, token_logprobs(logits, response_ids, temperature), 0.0)
+    entropy = None
+    if with_entropy:
+        entropy = torch.where(keep, entropy_from_logits(logits, temperature), 0.0)
+    return logprobs, entropy
+
+
+def response_values(
+    value_model: torch.nn.Module,
+    query_ids: Tensor,
+    query_mask: Tensor,
+    response_ids: Tensor,
+    response_mask: Tensor,
+) -> Tensor:
+    """V(s_t) for every response token: the scalar head at the position before it. ``[B, R]``."""
+    ids, mask = _joined(query_ids, query_mask, response_ids, response_mask)
+    p = query_ids.shape[1]
+    values = token_values(value_model, ids, mask)[:, p - 1 : -1]
+    return torch.where(response_mask.bool(), values, 0.0)
+
+
+def _reference(policy: torch.nn.Module, ref_policy: torch.nn.Module | None):
+    """(model, context) computing π_SFT: a frozen copy, or the LoRA policy with adapters off."""
+    if ref_policy is not None:
+        return ref_policy, contextlib.nullcontext()
+    if not hasattr(policy, "disable_adapter"):
+        raise ValueError("ref_policy may only be None for a LoRA (peft) policy")
+    return policy, policy.disable_adapter()
+
+
+@torch.no_grad()
+def episode_scores(
+    gen: Generation,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    reward: torch.nn.Module | RewardFn,
+    missing_eos_penalty: float | None,
+) -> Tensor:
+    """The score of each episode: ``[B]`` float32 on the generation's device.
+
+    A reward model reads the very token ids that were sampled (prompt ⊕ response, EOS included
+    when reached) at the last real token, normalised; a ``RewardFn`` gets the decoded texts. A
+    response that never reached EOS gets ``missing_eos_penalty`` added (None: nothing).
+    """
+    if isinstance(reward, torch.nn.Module):
+        reward.eval()
+        ids, mask = _joined(gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask)
+        scores = reward_scores(reward, ids, mask)
+    else:
+        scores = torch.as_tensor(reward(list(prompts), list(responses)), dtype=torch.float32)
+    if scores.shape != (len(prompts),):
+        raise ValueError(f"the reward gave shape {tuple(scores.shape)} for {len(prompts)} episodes")
+    scores = scores.float().to(gen.response_ids.device)
+    if missing_eos_penalty is not None:
+        scores = torch.where(gen.finished, scores, scores + missing_eos_penalty)
+    return scores
+
+
+@torch.no_grad()
+def score_episodes(
+    gen: Generation,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    *,
+    policy: torch.nn.Module,
+    ref_policy: torch.nn.Module | None,
+    value_model: torch.nn.Module,
+    reward: torch.nn.Module | RewardFn,
+    temperature: float,
+    missing_eos_penalty: float | None,
+) -> Rollout:
+    """Step 1b of the rollout: score sampled episodes with every model, in eval mode.
+
+    The policy and the reference go through the same forward procedure (:func:`response_logprobs`)
+    on the same ids, so when their weights are equal their log-probs are bitwise equal and the KL
+    is exactly 0. Scores come from :func:`episode_scores`.
+
+    Args:
+        gen: the sampled batch (``B`` episodes).
+        prompts, responses: the prompt texts and decoded responses, ``B`` each.
+        ref_policy: the frozen SFT model, or None for a LoRA policy (adapters disabled).
+        reward: a reward model (scalar head, normalised) or a ``RewardFn``.
+
+    Returns:
+        A :class:`Rollout` whose ``kl`` … ``returns`` are zeros (steps 2–3 fill them).
+    """
+    for model in (policy, ref_policy, value_model, reward):
+        if isinstance(model, torch.nn.Module):
+            model.eval()  # dropout off in every model: RL must score what it sampled
+    q_ids, q_mask = gen.query_ids, gen.query_mask
+    r_ids, r_mask = gen.response_ids, gen.response_mask
+    logprobs, entropy = response_logprobs(
+        policy, q_ids, q_mask, r_ids, r_mask, temperature, with_entropy=True
+    )
+    ref_model, ref_context = _reference(policy, ref_policy)
+    with ref_context:
+        ref_logprobs, _ = response_logprobs(ref_model, q_ids, q_mask, r_ids, r_mask, temperature)
+    values = response_values(value_model, q_ids, q_mask, r_ids, r_mask)
+    scores = episode_scores(gen, prompts, responses, reward, missing_eos_penalty)
+    zeros = torch.zeros_like(logprobs)
+    assert entropy is not None
+    return Rollout(
+        query_ids=q_ids,
+        query_mask=q_mask,
+        response_ids=r_ids,
+        response_mask=r_mask,
+        sample_logprobs=gen.logprobs.float(),
+        logprobs=logprobs,
+        ref_logprobs=ref_logprobs,
+        values=values,
+        entropy=entropy,
+        scores=scores,
+        finished=gen.finished,
+        kl=zeros,
+        non_score_rewards=zeros.clone(),
+        rewards=zeros.clone(),
+        advantages=zeros.clone(),
+        returns=zeros.clone(),
+    )

@@ -1,0 +1,508 @@
+"""Stage 3: PPO and PPO-ptx against the reward model (InstructGPT §3.5, eq. 2).
+
+Read top to bottom. Load the four roles (policy and frozen reference from the SFT checkpoint,
+the frozen reward model, a value model initialised from the RM) → resume → per iteration:
+
+1. rollout: one response per prompt, sampled with the KV cache at temperature T, then scored
+   by the policy, the reference, the value model and the reward model (dropout off everywhere);
+2. rewards: −β·KL(π || π_SFT) per token, the RM score added at the last response token;
+3. advantages: GAE(γ, λ), whitened over the batch;
+4. update: epochs × minibatches; each optimiser step accumulates the clipped policy and value
+   losses of its micro-batches and then (PPO-ptx) the pretraining LM loss scaled by γ;
+5. log, sample the fixed prompts, checkpoint.
+
+The policy stays in eval mode throughout, training included: dropout in RL would make the
+log-probs of the update differ from those of the rollout for no reason (SPEC, Known failure
+modes); gradients flow the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tether.checkpoint import find_state, load_state, save_state, truncate_metrics
+from tether.config import ModelConfig, PPOConfig, save_config
+from tether.metrics import MetricsLogger, progress_bar, read_metrics
+from tether.models.generation import decode_responses, sample
+from tether.models.heads import load_scalar_model, save_scalar_model
+from tether.models.loading import load_causal_lm, save_model
+from tether.ops import masked_mean
+from tether.optim import build_optimizer, build_scheduler, clip_grad
+from tether.ppo.advantages import gae, whiten_advantages
+from tether.ppo.kl import AdaptiveKLController, FixedKLController, compute_rewards
+from tether.ppo.loss import lm_loss, policy_loss, value_loss
+from tether.ppo.rollout import (
+    RewardFn,
+    Rollout,
+    episode_scores,
+    response_logprobs,
+    response_values,
+    score_episodes,
+)
+from tether.sft.data import SFTExample, collate, count_target_tokens, encode_pretrain
+
+__all__ = ["EMA", "PPOResult", "check_same_tokenizer", "take_cyclic", "train_ppo"]
+
+
+@dataclass
+class PPOResult:
+    policy_dir: Path  # the trained policy (EMA weights when ema_decay is set), a HF directory
+    value_dir: Path  # the trained value model, a HF sequence-classification directory
+    iterations: int
+    metrics: list[dict[str, Any]]  # one record per iteration, as in metrics.jsonl
+
+
+class EMA:
+    """Exponential moving average of a model's trainable weights (paper: decay 0.992).
+
+    ``shadow ← d·shadow + (1 − d)·w`` after every optimiser step, starting from the initial
+    weights. Only trainable parameters are tracked (the LoRA adapters under LoRA).
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {
+            n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+        }
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                self.shadow[n].lerp_(p.detach(), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """``model`` with the EMA weights in place of its own, restored on exit."""
+        params = dict(model.named_parameters())
+        live = {n: params[n].detach().clone() for n in self.shadow}
+        with torch.no_grad():
+            for n, s in self.shadow.items():
+                params[n].copy_(s)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for n, w in live.items():
+                    params[n].copy_(w)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "shadow": {n: s.cpu() for n, s in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for n, s in state["shadow"].items():
+            self.shadow[n].copy_(s)
+
+
+def take_cyclic(
+    n_items: int, count: int, position: tuple[int, int], seed: int
+) -> tuple[list[int], tuple[int, int]]:
+    """The next ``count`` indices of an endless stream of seeded per-epoch permutations.
+
+    ``position = (epoch, index within that epoch's permutation)`` is all the state there is, so
+    it goes into the checkpoint and a resumed run sees the same prompts in the same order.
+    """
+    if n_items <= 0:
+        raise ValueError("take_cyclic: nothing to take from (empty dataset)")
+    epoch, index = position
+    out: list[int] = []
+    while len(out) < count:
+        rng = torch.Generator().manual_seed(seed * 7919 + epoch)
+        order = torch.randperm(n_items, generator=rng)
+        take = order[index : index + count - len(out)].tolist()
+        out += take
+        index += len(take)
+        if index == n_items:
+            epoch, index = epoch + 1, 0
+    return out, (epoch, index)
+
+
+def check_same_tokenizer(
+    policy_tok: PreTrainedTokenizerBase, other_tok: PreTrainedTokenizerBase, what: str
+) -> None:
+    """Raise unless ``other_tok`` has the policy's vocabulary and special tokens.
+
+    PPO feeds the sampled token ids straight to the reward and value models; a different
+    tokenizer would read them as other words (SPEC, Known failure modes: RM/policy tokenizer
+    mismatch).
+    """
+    problems = []
+    if policy_tok.get_vocab() != other_tok.get_vocab():
+        problems.append(f"vocabularies differ ({len(policy_tok)} vs {len(other_tok)} tokens)")
+    for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        a, b = getattr(policy_tok, name), getattr(other_tok, name)
+        if a != b:
+            problems.append(f"{name} {a} vs {b}")
+    if problems:
+        raise ValueError(
+            f"the {what}'s tokenizer differs from the policy's: {'; '.join(problems)}. PPO scores "
+            "the policy's token ids directly, so both must share one tokenizer (train the reward "
+            "model from the same SFT model)."
+        )
+
+
+def load_prompts(path: str | None) -> list[str]:
+    """Prompt texts from a Prompt file, or the train split of the default task's prompts."""
+    from tether.data.formats import read_records
+
+    if path is None:
+        from tether.data.preprocess import preprocess_prompts
+        from tether.data.task import build_default_task
+
+        records = preprocess_prompts(build_default_task().prompts).splits["train"]
+    else:
+        records = read_records(path, "prompt")
+    if not records:
+        raise ValueError(f"ppo: no prompts in {path or 'the default task'}")
+    return [p.text for p in records]
+
+
+def load_pretrain_texts(path: str | None) -> list[str]:
+    from tether.sft.data import load_pretrain
+
+    texts = [t.text for t in load_pretrain(path)]
+    if not texts:
+        raise ValueError(f"ppo: ptx is on but the pretraining corpus {path or ''} is empty")
+    return texts
+
+
+def _load_models(cfg: PPOConfig, reward_fn: RewardFn | None, device: torch.device, log):
+    """(policy, ref_policy or None, value_model, reward, tokenizer), all on ``device``."""
+    policy, tokenizer = load_causal_lm(cfg.policy, trainable=True)
+    # The reference is a frozen copy of the initial policy; under LoRA it is the same network
+    # with its adapters disabled (no second copy).
+    ref_policy = None
+    if not cfg.policy.lora.enabled:
+        ref_policy = copy.deepcopy(policy).requires_grad_(False)
+    if reward_fn is not None:
+        reward: torch.nn.Module | RewardFn = reward_fn
+    elif cfg.reward_model:
+        reward, rm_tokenizer = load_scalar_model(cfg.reward_model)
+        check_same_tokenizer(tokenizer, rm_tokenizer, "reward model")
+    else:
+        raise ValueError("ppo needs reward_model (a reward model directory) or a reward function")
+    value_init = cfg.value_model or cfg.reward_model or cfg.policy.name_or_path
+    if not (cfg.value_model or cfg.reward_model):
+        log("ppo: no reward model to initialise the value model from; using the policy "
+            "checkpoint with a fresh scalar head")
+    value_cfg = ModelConfig(name_or_path=value_init, dtype=cfg.policy.dtype, lora=cfg.policy.lora)
+    value_model, value_tokenizer = load_scalar_model(value_cfg, trainable=True)
+    check_same_tokenizer(tokenizer, value_tokenizer, "value model")
+    for model in (policy, ref_policy, value_model, reward):
+        if isinstance(model, torch.nn.Module):
+            model.to(device).eval()
+    return policy, ref_policy, value_model, reward, tokenizer
+
+
+def ppo_step(
+    policy: torch.nn.Module,
+    value_model: torch.nn.Module,
+    minibatch: Rollout,
+    ptx: Sequence[SFTExample],
+    cfg: PPOConfig,
+    pad_token_id: int,
+) -> dict[str, float]:
+    """Gradients of one optimiser step (the caller clips and steps); returns its stats.
+
+    The PPO losses are token means over the whole minibatch: each micro-batch's loss is weighted
+    by its share of the minibatch's response tokens, so the gradient does not depend on
+    micro_batch_size. Then, in consecutive passes into the same gradients (PPO-ptx, InstructGPT
+    §3.5), ``ptx_coef`` × the LM loss of the pretraining examples, a token mean likewise.
+    """
+    device = next(policy.parameters()).device
+    totals: dict[str, float] = {}
+
+    def add(name: str, value: torch.Tensor | float, weight: float) -> None:
+        totals[name] = totals.get(name, 0.0) + float(value) * weight
+
+    n_tokens, n_episodes = minibatch.n_tokens, minibatch.batch_size
+    for start in range(0, n_episodes, cfg.micro_batch_size):
+        micro = minibatch.select(range(start, min(start + cfg.micro_batch_size, n_episodes)))
+        weight = micro.n_tokens / n_tokens
+        inputs = (micro.query_ids, micro.query_mask, micro.response_ids, micro.response_mask)
+        logprobs, _ = response_logprobs(policy, *inputs, cfg.temperature)
+        pg_loss, pg_stats = policy_loss(
+            logprobs, micro.logprobs, micro.advantages, micro.response_mask, cfg.cliprange
+        )
+        values = response_values(value_model, *inputs)
+        vf_loss, vf_stats = value_loss(
+            values, micro.values, micro.returns, micro.response_mask, cfg.cliprange_value
+        )
+        # Separate networks and optimisers: one backward fills both sets of gradients.
+        ((pg_loss + vf_loss) * weight).backward()
+        add("policy_loss", pg_loss.detach(), weight)
+        add("value_loss", vf_loss.detach(), weight)
+        add("policy_clipfrac", pg_stats["clipfrac"], weight)
+        add("approx_kl", pg_stats["approx_kl"], weight)
+        add("value_clipfrac", vf_stats["vf_clipfrac"], weight)
+        add("value_error", vf_stats["value_error"], weight)
+
+    if ptx:
+        batches = [
+            collate(ptx[i : i + cfg.micro_batch_size], pad_token_id)
+            for i in range(0, len(ptx), cfg.micro_batch_size)
+        ]
+        n_targets = sum(count_target_tokens(b["labels"]) for b in batches)
+        for b in batches:
+            logits = policy(
+                input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)
+            ).logits
+            loss = lm_loss(logits, b["labels"].to(device))
+            weight = count_target_tokens(b["labels"]) / max(n_targets, 1)
+            (cfg.ptx_coef * weight * loss).backward()
+            add("ptx_loss", loss.detach(), weight)
+    return totals
+
+
+def train_ppo(
+    cfg: PPOConfig,
+    reward_fn: RewardFn | None = None,
+    *,
+    log: Callable[[str], None] = print,
+    stop_after_iterations: int | None = None,
+) -> PPOResult:
+    """Run (or resume) PPO / PPO-ptx as configured; returns where the trained models are.
+
+    ``reward_fn(prompts, responses) -> [B]`` replaces the reward model (toy rewards, tests); the
+    value model then starts from the policy with a fresh head unless ``value_model`` is set.
+    ``stop_after_iterations`` ends this process early (tests use it to simulate a crash).
+    """
+    cfg.validate()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    # 0. The roles, the data, the optimisers, the KL controller and the EMA.
+    policy, ref_policy, value_model, reward, tokenizer = _load_models(cfg, reward_fn, device, log)
+    pad = tokenizer.pad_token_id
+    prompts = load_prompts(cfg.prompts_file)
+    pretrain = load_pretrain_texts(cfg.pretrain_file) if cfg.ptx_per_minibatch > 0 else []
+    sample_prompts = prompts[: cfg.n_sample_prompts]
+    policy_opt = build_optimizer(policy.parameters(), cfg.optim)
+    value_opt = build_optimizer(value_model.parameters(), cfg.value_optim)
+    # The schedules advance once per iteration: the paper's warmup is "10 iterations".
+    policy_sched = build_scheduler(policy_opt, cfg.optim, cfg.iterations)
+    value_sched = build_scheduler(value_opt, cfg.value_optim, cfg.iterations)
+    if cfg.adaptive_kl:
+        kl_ctl: Any = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    else:
+        kl_ctl = FixedKLController(cfg.kl_coef)
+    ema = EMA(policy, cfg.ema_decay) if cfg.ema_decay else None
+    sampling_rng = torch.Generator(device=device).manual_seed(cfg.seed)
+    minibatch_rng = torch.Generator().manual_seed(cfg.seed + 1)
+    models = {"policy": policy, "value_model": value_model}
+    stateful: dict[str, Any] = {
+        "policy_optimizer": policy_opt,
+        "value_optimizer": value_opt,
+        "policy_scheduler": policy_sched,
+        "value_scheduler": value_sched,
+        "kl_controller": kl_ctl,
+    }
+    if ema is not None:
+        stateful["ema"] = ema
+    generators = {"sampling": sampling_rng, "minibatch": minibatch_rng}
+    metrics_path, samples_path = out / "metrics.jsonl", out / "samples.jsonl"
+
+    def write_samples(step: int) -> None:
+        # Fixed prompts, a fixed seed: successive entries differ only by the policy.
+        rng = torch.Generator(device=device).manual_seed(cfg.seed)
+        gen = sample(policy, tokenizer, sample_prompts, max_new_tokens=cfg.max_new_tokens,
+                     temperature=cfg.temperature, generator=rng,
+                     max_prompt_length=cfg.max_prompt_length)
+        texts = decode_responses(tokenizer, gen)
+        scores = episode_scores(gen, sample_prompts, texts, reward, cfg.missing_eos_penalty)
+        with open(samples_path, "a", encoding="utf-8") as fh:
+            for p, t, s, f in zip(sample_prompts, texts, scores.tolist(), gen.finished.tolist(),
+                                  strict=True):
+                record = {"step": step, "prompt": p, "response": t, "score": s, "finished": f}
+                fh.write(json.dumps(record) + "\n")
+
+    def checkpoint(iteration: int, episodes: int, prompt_pos, ptx_pos) -> None:
+        counters = {"iteration": iteration, "episodes": episodes, "prompt_position": prompt_pos,
+                    "ptx_position": ptx_pos, "kl_coef": kl_ctl.value}
+        save_state(out / "state", models, stateful, counters, generators)
+
+    # Resume from the last state, if any.
+    start, episodes, prompt_pos, ptx_pos = 0, 0, (0, 0), (0, 0)
+    state_dir = find_state(out / "state")
+    if state_dir is not None:
+        counters = load_state(state_dir, models, stateful, generators)
+        start, episodes = counters["iteration"], counters["episodes"]
+        prompt_pos, ptx_pos = tuple(counters["prompt_position"]), tuple(counters["ptx_position"])
+        truncate_metrics(metrics_path, start)
+        truncate_metrics(samples_path, start)
+        log(f"ppo: resuming at iteration {start + 1}/{cfg.iterations} from {state_dir}")
+    else:
+        for path in (metrics_path, samples_path):
+            path.unlink(missing_ok=True)
+        if sample_prompts and cfg.sample_every:
+            write_samples(0)
+    log(f"ppo: {len(prompts)} prompts, {cfg.iterations} iterations of {cfg.batch_size} episodes "
+        f"(minibatch {cfg.mini_batch_size}, {cfg.ppo_epochs} epoch(s)); "
+        f"ptx: {cfg.ptx_per_minibatch} examples per minibatch × γ={cfg.ptx_coef}; "
+        f"KL penalty {cfg.kl_estimator}, β={kl_ctl.value:g} ({type(kl_ctl).__name__})")
+    logger = MetricsLogger(metrics_path, out / "tensorboard" if cfg.tensorboard else None)
+
+    iterations_this_process = 0
+    with progress_bar("ppo") as bar:
+        task = bar.add_task("ppo", total=cfg.iterations, completed=start, stats="")
+        for iteration in range(start, cfg.iterations):
+            t_start = time.perf_counter()
+            kl_coef = kl_ctl.value
+            lr, value_lr = policy_sched.get_last_lr()[0], value_sched.get_last_lr()[0]
+
+            # 1. Rollout: sample a response per prompt (KV cache, temperature T), then score
+            #    each episode with the policy, the reference, the value and the reward model.
+            batch_idx, prompt_pos = take_cyclic(len(prompts), cfg.batch_size, prompt_pos, cfg.seed)
+            batch_prompts = [prompts[i] for i in batch_idx]
+            parts, t_gen, t_score = [], 0.0, 0.0
+            for s in range(0, cfg.batch_size, cfg.generation_batch_size):
+                chunk = batch_prompts[s : s + cfg.generation_batch_size]
+                t0 = time.perf_counter()
+                gen = sample(policy, tokenizer, chunk, max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature, generator=sampling_rng,
+                             max_prompt_length=cfg.max_prompt_length)
+                t1 = time.perf_counter()
+                parts.append(score_episodes(
+                    gen, chunk, decode_responses(tokenizer, gen), policy=policy,
+                    ref_policy=ref_policy, value_model=value_model, reward=reward,
+                    temperature=cfg.temperature, missing_eos_penalty=cfg.missing_eos_penalty,
+                ))
+                t_gen, t_score = t_gen + t1 - t0, t_score + time.perf_counter() - t1
+            rollout = Rollout.cat(parts, pad)
+            if not bool(torch.isfinite(rollout.scores).all()):
+                raise FloatingPointError(
+                    f"ppo: the reward gave non-finite scores at iteration {iteration + 1}; the "
+                    f"last good state is in {out / 'state'}"
+                )
+
+            # 2. Rewards: −β·KL(π || π_SFT) per token, the score added at the last real token.
+            rollout.rewards, rollout.non_score_rewards, rollout.kl = compute_rewards(
+                rollout.scores, rollout.logprobs, rollout.ref_logprobs, rollout.response_mask,
+                kl_coef, cfg.kl_estimator,
+            )
+
+            # 3. Advantages: GAE(γ, λ) over the response tokens, whitened over the batch.
+            rollout.advantages, rollout.returns = gae(
+                rollout.rewards, rollout.values, rollout.response_mask, cfg.gamma, cfg.lam
+            )
+            if cfg.whiten_advantages:
+                rollout.advantages = whiten_advantages(rollout.advantages, rollout.response_mask)
+
+            # 4. Update: epochs × minibatches, one optimiser step each (PPO, then ptx, gradients).
+            t0 = time.perf_counter()
+            steps: list[dict[str, float]] = []
+            for _ in range(cfg.ppo_epochs):
+                order = torch.randperm(cfg.batch_size, generator=minibatch_rng)
+                for s in range(0, cfg.batch_size, cfg.mini_batch_size):
+                    ptx: list[SFTExample] = []
+                    if pretrain:
+                        ptx_idx, ptx_pos = take_cyclic(
+                            len(pretrain), cfg.ptx_per_minibatch, ptx_pos, cfg.seed + 1
+                        )
+                        ptx = [encode_pretrain(tokenizer, pretrain[i], cfg.ptx_max_length)
+                               for i in ptx_idx]
+                    minibatch = rollout.select(order[s : s + cfg.mini_batch_size])
+                    stats = ppo_step(policy, value_model, minibatch, ptx, cfg, pad)
+                    stats["grad_norm"] = clip_grad(policy.parameters(), cfg.optim.max_grad_norm)
+                    stats["value_grad_norm"] = clip_grad(
+                        value_model.parameters(), cfg.value_optim.max_grad_norm
+                    )
+                    bad = [k for k, v in stats.items() if not math.isfinite(v)]
+                    if bad:
+                        raise FloatingPointError(
+                            f"ppo: non-finite {', '.join(bad)} at iteration {iteration + 1}; "
+                            f"nothing was applied; the last good state is in {out / 'state'}"
+                        )
+                    policy_opt.step()
+                    value_opt.step()
+                    policy_opt.zero_grad(set_to_none=True)
+                    value_opt.zero_grad(set_to_none=True)
+                    if ema is not None:
+                        ema.update(policy)
+                    steps.append(stats)
+            policy_sched.step()
+            value_sched.step()
+            t_update = time.perf_counter() - t0
+
+            # 5. Log, adapt β, sample the fixed prompts, checkpoint.
+            episodes += cfg.batch_size
+            record = _iteration_record(rollout, steps, cfg)
+            kl_ctl.update(record["kl"], cfg.batch_size)
+            t_total = time.perf_counter() - t_start
+            n_generated = rollout.n_tokens
+            record.update({
+                "step": iteration + 1, "episodes": episodes, "kl_coef": kl_coef,
+                "kl_estimator": cfg.kl_estimator, "lr": lr, "value_lr": value_lr,
+                "time_generation": t_gen, "time_scoring": t_score, "time_update": t_update,
+                "time_total": t_total, "tokens_per_s": n_generated / t_total,
+                "generation_tokens_per_s": n_generated / max(t_gen, 1e-9),
+                "episodes_per_s": cfg.batch_size / t_total,
+            })
+            logger.log(record)
+            bar.update(task, advance=1, stats=(
+                f"score {record['score']:.3f} · kl {record['kl']:.3f} · "
+                f"len {record['response_length']:.1f} · {record['tokens_per_s']:,.0f} tok/s"
+            ))
+            done = iteration + 1
+            last = done == cfg.iterations
+            if sample_prompts and cfg.sample_every and (done % cfg.sample_every == 0 or last):
+                write_samples(done)
+            if cfg.keep_policy_every and done % cfg.keep_policy_every == 0:
+                with ema.applied(policy) if ema is not None else contextlib.nullcontext():
+                    save_model(policy, tokenizer, out / f"iter-{done}")
+            if done % cfg.save_every == 0 or last:
+                checkpoint(done, episodes, prompt_pos, ptx_pos)
+            iterations_this_process += 1
+            if iterations_this_process == stop_after_iterations:
+                logger.close()
+                return None  # type: ignore[return-value]  # simulated crash (tests)
+    logger.close()
+
+    # 6. Export: the policy (EMA weights when enabled) and the value model, as HF directories.
+    with ema.applied(policy) if ema is not None else contextlib.nullcontext():
+        policy_dir = save_model(policy, tokenizer, out / "policy")
+    value_dir = save_scalar_model(value_model, tokenizer, out / "value")
+    log(f"ppo: done; policy: {policy_dir}, value model: {value_dir}")
+    return PPOResult(policy_dir, value_dir, cfg.iterations, read_metrics(metrics_path))
+
+
+def _iteration_record(rollout: Rollout, steps: list[dict[str, float]], cfg: PPOConfig) -> dict:
+    """Per-iteration metrics: rollout statistics (per episode) and update statistics (means)."""
+    mask = rollout.response_mask.bool()
+    gap = torch.where(mask, (rollout.sample_logprobs - rollout.logprobs).abs(), 0.0)
+    record: dict[str, Any] = {
+        "score": float(rollout.scores.mean()),
+        "score_std": float(rollout.scores.std()) if rollout.batch_size > 1 else 0.0,
+        # Sums over the response: the sequence-level quantities of InstructGPT eq. (2).
+        "non_score_reward": float(rollout.non_score_rewards.sum(1).mean()),
+        "reward_total": float(rollout.rewards.sum(1).mean()),
+        "kl": float(rollout.kl.sum(1).mean()),
+        "entropy": float(masked_mean(rollout.entropy, mask)),
+        "response_length": float(rollout.response_mask.sum(1).float().mean()),
+        "eos_rate": float(rollout.finished.float().mean()),
+        "value_mean": float(masked_mean(rollout.values, mask)),
+        "return_mean": float(masked_mean(rollout.returns, mask)),
+        # Sampling-time vs recomputed log-probs: ~1e-6 unless the two distributions differ.
+        "logprob_gap": float(gap.max()),
+    }
+    for key in steps[0]:
+        record[key] = sum(s[key] for s in steps) / len(steps)
+    if "ptx_loss" not in record:
+        record["ptx_loss"] = None
+    return record

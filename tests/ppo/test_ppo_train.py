@@ -1,0 +1,351 @@
+"""Stage 3 behaviour on tiny random Llamas: exact KL 0, log-prob consistency, score placement,
+PPO-ptx with γ = 0, adaptive β, learning on a toy reward, failure handling and exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_demonstrations, write_jsonl
+from safetensors.torch import load_file
+
+from tether.config import PPOConfig, resolve
+from tether.models.generation import decode_responses, position_ids_from_mask, sample
+from tether.models.heads import load_scalar_model, reward_scores, save_scalar_model, set_reward_bias
+from tether.models.loading import load_causal_lm, save_model
+from tether.ops import last_token_index
+from tether.ppo.rollout import Rollout, score_episodes
+from tether.ppo.train import take_cyclic, train_ppo
+
+QUIET = {"log": lambda _: None}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread here and in the CLI subprocesses (OMP_NUM_THREADS below).
+
+    The tiny models gain nothing from threads, a shared 2-core machine loses a lot to
+    oversubscription, and in-process and subprocess runs must reduce in the same order to be
+    bitwise comparable.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def ppo_data(tmp_path_factory) -> dict[str, Path]:
+    """RL prompts (Prompt records, two users) and a small pretraining corpus."""
+    root = tmp_path_factory.mktemp("ppo_data")
+    demos = make_demonstrations(24)
+    prompts = [{"id": d["prompt_id"], "text": d["prompt"], "user_id": f"u{i % 2}"}
+               for i, d in enumerate(demos)]
+    pretrain = [{"text": f"The {d['response'].lower()} It is a plain sentence number {i}."}
+                for i, d in enumerate(demos)]
+    return {
+        "prompts": write_jsonl(root / "prompts.jsonl", prompts),
+        "pretrain": write_jsonl(root / "pretrain.jsonl", pretrain),
+    }
+
+
+@pytest.fixture(scope="session")
+def eos_policy(tiny_dir, tmp_path_factory, ppo_data) -> Path:
+    """The tiny random Llama with EOS made likely (about 1 in 8 per response token).
+
+    A random 49k-token model almost never samples EOS, so every response would have the same
+    length; this one ends responses at varied lengths, which the padding tests and the toy
+    length reward need. The LM head is untied from the embeddings and its EOS row set so that
+    the EOS logit is about 8.8 at the positions that predict response tokens (least squares
+    over sampled responses), whatever the position.
+    """
+    model, tok = load_causal_lm(str(tiny_dir))
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+    texts = [json.loads(line)["text"] for line in ppo_data["prompts"].read_text().splitlines()]
+    gen = sample(model, tok, texts, max_new_tokens=8, generator=torch.Generator().manual_seed(0))
+    ids = torch.cat([gen.query_ids, gen.response_ids], 1)
+    mask = torch.cat([gen.query_mask, gen.response_mask], 1)
+    p = gen.query_ids.shape[1]
+    with torch.no_grad():
+        hidden = model.model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)
+        ).last_hidden_state[:, p - 1 : -1][gen.response_mask.bool()]
+        target = torch.full((hidden.shape[0], 1), 8.8)
+        model.lm_head.weight[tok.eos_token_id] = torch.linalg.lstsq(hidden, target).solution[:, 0]
+    return save_model(model, tok, tmp_path_factory.mktemp("eos_policy") / "policy")
+
+
+@pytest.fixture(scope="session")
+def tiny_rm(eos_policy, tmp_path_factory) -> Path:
+    """A 'reward model': the policy with a random scalar head and a normalisation bias."""
+    torch.manual_seed(0)
+    rm, tok = load_scalar_model(str(eos_policy))
+    set_reward_bias(rm, 0.25)
+    return save_scalar_model(rm, tok, tmp_path_factory.mktemp("tiny_rm") / "rm")
+
+
+def ppo_cfg(out: Path, data: dict[str, Path], policy: Path, **overrides) -> PPOConfig:
+    base = {
+        "policy.name_or_path": str(policy),
+        "prompts_file": str(data["prompts"]),
+        "pretrain_file": str(data["pretrain"]),
+        "out_dir": str(out),
+    }
+    base.update(overrides)
+    return resolve(PPOConfig, "ppo", "tiny", overrides=base)
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def length_reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
+    """Toy reward: shorter responses are better (−characters / 10)."""
+    return torch.tensor([-len(r) / 10 for r in responses])
+
+
+# --------------------------------------------------------------------------------------------
+# The rollout
+
+
+def test_recomputed_logprobs_equal_sampling_logprobs_under_left_padding(eos_policy):
+    policy, tok = load_causal_lm(str(eos_policy))
+    prompts = ["hi", "a much longer prompt that forces left padding of the others", "mid one"]
+    for temperature in (1.0, 0.7):
+        gen = sample(policy, tok, prompts, max_new_tokens=10, temperature=temperature,
+                     generator=torch.Generator().manual_seed(1))
+        assert len(set(gen.query_mask.sum(1).tolist())) == 3  # three prompt lengths
+        rollout = score_episodes(
+            gen, prompts, decode_responses(tok, gen), policy=policy, ref_policy=policy,
+            value_model=load_scalar_model(str(eos_policy))[0], reward=length_reward,
+            temperature=temperature, missing_eos_penalty=None,
+        )
+        assert torch.allclose(rollout.logprobs, gen.logprobs, atol=1e-5, rtol=0)
+        # The same forward for policy and reference: bitwise equal when the weights are.
+        assert torch.equal(rollout.logprobs, rollout.ref_logprobs)
+
+
+def test_score_lands_on_the_last_real_token_under_padding(eos_policy, tiny_rm):
+    policy, tok = load_causal_lm(str(eos_policy))
+    rm, _ = load_scalar_model(str(tiny_rm))
+    value_model, _ = load_scalar_model(str(eos_policy))
+    prompts = ["hi", "a much longer prompt that forces left padding of the others", "mid", "x y"]
+    gen = sample(policy, tok, prompts, max_new_tokens=8, generator=torch.Generator().manual_seed(3))
+    lengths = gen.response_mask.sum(1)
+    assert len(set(lengths.tolist())) > 1 and gen.finished.any()  # ragged responses
+    rollout = score_episodes(
+        gen, prompts, decode_responses(tok, gen), policy=policy, ref_policy=policy,
+        value_model=value_model, reward=rm, temperature=1.0, missing_eos_penalty=-1.0,
+    )
+    for i in range(len(prompts)):
+        # Each episode alone, no padding at all: prompt ⊕ response as sampled.
+        q = gen.query_ids[i][gen.query_mask[i].bool()]
+        r = gen.response_ids[i][gen.response_mask[i].bool()]
+        ids = torch.cat([q, r])[None]
+        alone = reward_scores(rm, ids, torch.ones_like(ids))
+        expected = alone + (0.0 if gen.finished[i] else -1.0)
+        assert torch.allclose(rollout.scores[i], expected[0], atol=1e-5), i
+    from tether.ppo.kl import compute_rewards
+
+    rewards, non_score, _ = compute_rewards(
+        rollout.scores, rollout.logprobs, rollout.ref_logprobs, rollout.response_mask, 0.1
+    )
+    score_part = rewards - non_score
+    last = last_token_index(rollout.response_mask)
+    assert torch.equal(last + 1, lengths)
+    assert torch.allclose(score_part[torch.arange(len(prompts)), last], rollout.scores)
+    score_part[torch.arange(len(prompts)), last] = 0
+    assert not score_part.any()
+
+
+def test_rollout_select_trims_padding_and_cat_repads():
+    def part(p: int, r: int, qlen: list[int], rlen: list[int]) -> Rollout:
+        b = len(qlen)
+        qm = torch.tensor([[0] * (p - n) + [1] * n for n in qlen])
+        rm = torch.tensor([[1] * n + [0] * (r - n) for n in rlen])
+        f = torch.rand(b, r) * rm
+        return Rollout(qm * 7, qm, rm * 5, rm, f, f, f, f, f, torch.rand(b), rm[:, -1] == 0,
+                       f, f, f, f, f)
+
+    a, b = part(4, 3, [4, 2], [3, 1]), part(2, 5, [1], [5])
+    both = Rollout.cat([a, b], pad_token_id=0)
+    assert both.query_ids.shape == (3, 4) and both.response_ids.shape == (3, 5)
+    assert torch.equal(both.query_mask[2], torch.tensor([0, 0, 0, 1]))
+    assert torch.equal(both.response_mask[0], torch.tensor([1, 1, 1, 0, 0]))
+    sub = both.select([1, 0])
+    assert sub.query_ids.shape == (2, 4) and sub.response_ids.shape == (2, 3)
+    assert torch.equal(sub.logprobs, both.logprobs[[1, 0], :3])
+    small = both.select([1])  # prompt 2 tokens, response 1 token
+    assert small.query_ids.shape == (1, 2) and small.response_ids.shape == (1, 1)
+
+
+def test_take_cyclic_walks_seeded_permutations_and_resumes():
+    first, pos = take_cyclic(5, 3, (0, 0), seed=1)
+    second, pos = take_cyclic(5, 4, pos, seed=1)
+    assert sorted(first + second[:2]) == list(range(5))  # epoch 0 is a permutation
+    assert pos == (1, 2)
+    whole, _ = take_cyclic(5, 7, (0, 0), seed=1)
+    assert whole == first + second
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_first_rollout_has_exactly_zero_kl(tmp_path, ppo_data, eos_policy, lora):
+    """Untrained policy vs reference (a copy, or under LoRA the adapters disabled): KL == 0."""
+    cfg = ppo_cfg(tmp_path / "run", ppo_data, eos_policy, total_episodes=8, sample_every=0,
+                  ptx_examples_per_episode=0, **{"policy.lora.enabled": lora, "policy.lora.r": 4})
+    result = train_ppo(cfg, length_reward, **QUIET)
+    first = result.metrics[0]
+    assert first["kl"] == 0.0 and first["non_score_reward"] == 0.0
+    assert first["kl_estimator"] == "k1"
+    assert first["logprob_gap"] < 1e-5
+    assert first["reward_total"] == pytest.approx(first["score"])
+    assert (result.policy_dir / "model.safetensors").exists()  # LoRA merged on export
+    assert (result.value_dir / "model.safetensors").exists()
+
+
+def test_ptx_coef_zero_equals_plain_ppo(tmp_path, ppo_data, eos_policy):
+    """γ = 0 with the pretraining pass running gives the very weights of PPO without it."""
+    common = dict(total_episodes=8, sample_every=0)  # one iteration, two optimiser steps
+    plain = ppo_cfg(tmp_path / "plain", ppo_data, eos_policy, ptx_examples_per_episode=0, **common)
+    zero = ppo_cfg(tmp_path / "zero", ppo_data, eos_policy, ptx_coef=0.0, **common)
+    ptx = ppo_cfg(tmp_path / "ptx", ppo_data, eos_policy, ptx_coef=1.0, **common)
+    results = [train_ppo(c, length_reward, **QUIET) for c in (plain, zero, ptx)]
+    assert results[0].metrics[-1]["ptx_loss"] is None
+    assert results[1].metrics[-1]["ptx_loss"] > 0  # the pretraining pass did run
+    assert_same_weights(results[0].policy_dir, results[1].policy_dir)
+    assert_same_weights(results[0].value_dir, results[1].value_dir)
+    a, c = weights(results[0].policy_dir), weights(results[2].policy_dir)
+    assert any(not torch.equal(a[n], c[n]) for n in a)  # γ > 0 does change the policy
+
+
+def test_toy_reward_rises_while_kl_stays_bounded(tmp_path, ppo_data, eos_policy):
+    cfg = ppo_cfg(tmp_path / "run", ppo_data, eos_policy, total_episodes=64, batch_size=16,
+                  mini_batch_size=8, micro_batch_size=8, generation_batch_size=16,
+                  ptx_examples_per_episode=0, sample_every=2, save_every=100)
+    metrics = train_ppo(cfg, length_reward, **QUIET).metrics
+    scores = [m["score"] for m in metrics]
+    assert scores[-1] > scores[0] + 1.0, scores
+    assert metrics[-1]["response_length"] < metrics[0]["response_length"]
+    kls = [m["kl"] for m in metrics]
+    # Per-episode KL (nats) stays small: β·KL keeps the policy near π_SFT.
+    assert all(0.0 <= k < 5.0 for k in kls), kls
+    samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {0, 2, 4}
+
+
+def test_tokenizer_mismatch_is_a_clear_error(tmp_path, ppo_data, eos_policy, tiny_rm):
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "rm_other_tokenizer"
+    other.mkdir()
+    for f in tiny_rm.iterdir():
+        (other / f.name).symlink_to(f)
+    for f in other.glob("tok*"):
+        f.unlink()
+    tok = AutoTokenizer.from_pretrained(tiny_rm)
+    tok.add_tokens(["<extra_token>"])
+    tok.save_pretrained(other)
+    cfg = ppo_cfg(tmp_path / "run", ppo_data, eos_policy, reward_model=str(other))
+    with pytest.raises(ValueError, match="reward model's tokenizer differs from the policy's"):
+        train_ppo(cfg, **QUIET)
+
+
+def test_non_finite_score_stops_and_keeps_the_last_good_state(tmp_path, ppo_data, eos_policy):
+    calls = []
+
+    def reward(prompts, responses):
+        calls.append(1)
+        # Iteration 3's rollout (one generation chunk per iteration) goes bad.
+        bad = len(calls) == 3
+        return torch.full((len(responses),), float("nan") if bad else 0.5)
+
+    cfg = ppo_cfg(tmp_path / "run", ppo_data, eos_policy, save_every=1, sample_every=0,
+                  ptx_examples_per_episode=0)
+    with pytest.raises(FloatingPointError, match="non-finite scores at iteration 3"):
+        train_ppo(cfg, reward, **QUIET)
+    counters = json.loads((tmp_path / "run" / "state" / "counters.json").read_text())
+    assert counters["iteration"] == 2
+
+
+def _drop_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time") and "per_s" not in k}
+            for r in records]
+
+
+# Everything with state a resume must restore: EMA, adaptive β, PPO-ptx data position, two PPO
+# epochs (minibatch RNG), mid-run prompt position, the sampling RNG, a reward model directory.
+RESUME_ARGS = ["--preset", "tiny", "--total-episodes", "24", "--save-every", "1",
+               "--ema-decay", "0.9", "--adaptive-kl", "true", "--kl-target", "0.05",
+               "--kl-horizon", "20", "--ppo-epochs", "2", "--sample-every", "1"]
+
+
+def resume_cfg(out: Path, data: dict[str, Path], policy: Path, rm: Path) -> PPOConfig:
+    return ppo_cfg(out, data, policy, reward_model=str(rm), total_episodes=24, save_every=1,
+                   ema_decay=0.9, adaptive_kl=True, kl_target=0.05, kl_horizon=20, ppo_epochs=2,
+                   sample_every=1)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, ppo_data, eos_policy, tiny_rm):
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    return train_ppo(resume_cfg(out, ppo_data, eos_policy, tiny_rm), **QUIET)
+
+
+def test_resume_equals_uninterrupted_and_adaptive_beta(tmp_path, ppo_data, eos_policy, tiny_rm,
+                                                        uninterrupted):
+    """Stop after iteration 2 of 3, rerun: same weights, EMA, β, metrics and samples."""
+    broken = resume_cfg(tmp_path / "run", ppo_data, eos_policy, tiny_rm)
+    assert train_ppo(broken, stop_after_iterations=2, **QUIET) is None
+    resumed = train_ppo(broken, **QUIET)
+    assert_same_weights(uninterrupted.policy_dir, resumed.policy_dir)
+    assert_same_weights(uninterrupted.value_dir, resumed.value_dir)
+    assert _drop_timing(uninterrupted.metrics) == _drop_timing(resumed.metrics)
+    samples = [(d / "samples.jsonl").read_text()
+               for d in (uninterrupted.policy_dir.parent, tmp_path / "run")]
+    assert samples[0] == samples[1]
+    # Adaptive β moves towards the target: down after a KL below it, up after one above.
+    m = uninterrupted.metrics
+    assert m[0]["kl"] == 0.0 and m[1]["kl_coef"] < m[0]["kl_coef"]
+    for before, after in zip(m, m[1:], strict=False):
+        assert (after["kl_coef"] > before["kl_coef"]) == (before["kl"] > 0.05)
+
+
+@pytest.mark.timeout(300)
+def test_kill_9_then_rerun_resumes(tmp_path, ppo_data, eos_policy, tiny_rm, uninterrupted):
+    """The CLI with a reward model directory: kill -9 mid-run, rerun, same result."""
+    run = tmp_path / "killed"
+    tether = [sys.executable, "-m", "tether.cli", "ppo", *RESUME_ARGS,
+              "--policy.name-or-path", str(eos_policy), "--reward-model", str(tiny_rm),
+              "--prompts-file", str(ppo_data["prompts"]),
+              "--pretrain-file", str(ppo_data["pretrain"]), "--out-dir", str(run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(tether, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "state" / "counters.json").exists():
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "policy").exists(), "the run finished before it could be killed"
+    done = subprocess.run(tether, check=True, capture_output=True, text=True, env=env)
+    assert "resuming" in done.stdout
+    assert_same_weights(uninterrupted.policy_dir, run / "policy")
+    assert_same_weights(uninterrupted.value_dir, run / "value")
