@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,13 @@ from tether.config import RMConfig, resolve
 from tether.data.formats import Comparison, DataError, Demonstration, parse_record
 from tether.models.heads import load_scalar_model, reward_scores
 from tether.reward.data import collate, encode_comparisons, expand_to_pairs, pad_right
-from tether.reward.evaluate import labeler_agreement
 from tether.reward.score import encode_texts, rm_scorer, score_sequences, score_texts
-from tether.reward.train import accumulate_gradients, ranking_loss, train_reward_model
+from tether.reward.train import (
+    accumulate_gradients,
+    heldout_labeler_ids,
+    ranking_loss,
+    train_reward_model,
+)
 
 # A toy task with a hidden score: a response is four words, its quality is how many are GOOD.
 GOOD = ["sunny", "kind", "bright", "calm", "warm", "happy", "clear", "gentle"]
@@ -395,7 +398,7 @@ def test_cli_trains_and_prints_the_accuracy_table(data_dir, capsys):
     ]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "held-out labelers" in out and "rm done" in out
+    assert "held-out labelers" in out and "RM after" in out and "rm done" in out
     assert (data_dir / "cli" / "final" / "config.json").exists()
     assert (
         main(["rm", "--preset", "tiny", "--loss", "listwise", "--out-dir", str(data_dir / "x")])
@@ -403,13 +406,12 @@ def test_cli_trains_and_prints_the_accuracy_table(data_dir, capsys):
     )
 
 
-def test_labeler_agreement_matches_responses_by_text():
-    a = Comparison("p", ["x", "y", "z"], [1, 2, 3], "ann")
-    b = Comparison("p", ["z", "x", "y"], [3, 2, 1], "bob")  # same task shown in another order
-    # ann: x>y, x>z, y>z; bob: y>x, x>z, y>z -> agree on 2 of 3
-    assert labeler_agreement([a, b]) == {"rate": pytest.approx(2 / 3), "pairs": 3}
-    assert labeler_agreement([a, replace(a, labeler_id="ann")])["pairs"] == 0  # same labeler twice
-    assert labeler_agreement([a])["rate"] is None
+def test_panel_heldout_labelers_join_the_configured_ones(data_dir):
+    from tether.labelers.panel import Panel
+
+    cfg = tiny_cfg(data_dir, heldout_labelers=["ann"], heldout_panel_labelers=True)
+    panel_ids = [lab.id for lab in Panel().heldout_labelers]
+    assert panel_ids and heldout_labeler_ids(cfg) == ["ann", *panel_ids]
 
 
 def test_pad_right_shapes():

@@ -36,32 +36,21 @@ def _run(args: argparse.Namespace) -> int:
     def pct(acc: float | None) -> str:
         return "n/a" if acc is None else f"{100 * acc:.1f} %"
 
-    table = Table(title="held-out pairwise accuracy (ties in ranking make no pair)")
-    for col in ("", "before", "after", "pairs"):
-        table.add_column(col, justify="right" if col else "left")
-    table.add_row(
-        "all comparisons",
-        pct(before["overall"]["accuracy"]),
-        pct(after.overall.accuracy),
-        str(after.overall.pairs),
-    )
-    table.add_row(
-        "train labelers",
-        pct(before["train_labelers"]["accuracy"]),
-        pct(after.train_labelers.accuracy),
-        str(after.train_labelers.pairs),
-    )
-    table.add_row(
-        "held-out labelers",
-        pct(before["heldout_labelers"]["accuracy"]),
-        pct(after.heldout_labelers.accuracy),
-        str(after.heldout_labelers.pairs),
-    )
-    for name, acc in after.by_labeler.items():
-        was = before["by_labeler"].get(name, {}).get("accuracy")
-        table.add_row(f"  {name}", pct(was), pct(acc.accuracy), str(acc.pairs))
     agree = after.labeler_agreement
-    table.add_row("labelers agree with each other", "", pct(agree["rate"]), str(agree["pairs"]))
+    table = Table(title="held-out pairwise accuracy (tied rankings make no pair)")
+    for col in ("", "RM before", "RM after", "pairs", "labeler vs others"):
+        table.add_column(col, justify="right" if col else "left")
+    rows = [
+        ("all comparisons", before["overall"], after.overall, pct(agree["rate"])),
+        ("train labelers", before["train_labelers"], after.train_labelers, ""),
+        ("held-out labelers", before["heldout_labelers"], after.heldout_labelers, ""),
+    ]
+    rows += [
+        (f"  {name}", before["by_labeler"].get(name, {}), acc, pct(agree["by_labeler"].get(name)))
+        for name, acc in after.by_labeler.items()
+    ]
+    for name, was, now, labelers in rows:
+        table.add_row(name, pct(was.get("accuracy")), pct(now.accuracy), str(now.pairs), labelers)
     console.print(table)
     s = after.scores
     console.print(

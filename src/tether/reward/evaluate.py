@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from tether.data.formats import Comparison
-from tether.reward.data import RankedExample, prompt_key
+from tether.reward.data import RankedExample
 from tether.reward.score import score_sequences
 
 
@@ -83,31 +83,19 @@ def _accuracy(outcomes: Iterable[torch.Tensor]) -> Accuracy:
 
 
 def labeler_agreement(comparisons: Sequence[Comparison]) -> dict[str, Any]:
-    """Inter-labeler pairwise agreement on comparisons that several labelers ranked.
+    """Inter-labeler pairwise agreement on the comparisons that several labelers ranked.
 
-    Two comparisons are the same task when they share the prompt and the set of responses
-    (responses are matched by text, so display order does not matter). For every pair of
-    labelers on a task and every pair of responses both ranked strictly, they agree when they
-    prefer the same response. ``{"rate": None, "pairs": 0}`` when no task was ranked twice.
+    ``{"rate": None, "pairs": 0, ...}`` when no task was ranked twice. The definition (tasks
+    matched by prompt and response texts, ties excluded) is the panel's, shared with it.
     """
-    tasks: dict[tuple, dict[str, dict[str, int]]] = defaultdict(dict)
-    for c in comparisons:
-        task = (prompt_key(c), tuple(sorted(c.responses)))
-        tasks[task][c.labeler_id] = dict(zip(c.responses, c.ranking, strict=True))
-    agree = n = 0
-    for by_labeler in tasks.values():
-        names = sorted(by_labeler)
-        for a_i, a in enumerate(names):
-            for b in names[a_i + 1 :]:
-                ra, rb = by_labeler[a], by_labeler[b]
-                texts = sorted(ra)
-                for i, x in enumerate(texts):
-                    for y in texts[i + 1 :]:
-                        da, db = ra[x] - ra[y], rb[x] - rb[y]
-                        if da and db:
-                            agree += (da < 0) == (db < 0)
-                            n += 1
-    return {"rate": agree / n if n else None, "pairs": n}
+    from tether.labelers.panel import pairwise_agreement
+
+    report = pairwise_agreement(comparisons)
+    return {
+        "rate": report.rate if report.n_pairs else None,
+        "pairs": report.n_pairs,
+        "by_labeler": dict(sorted(report.per_labeler.items())),
+    }
 
 
 def score_distribution(
