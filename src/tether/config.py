@@ -422,7 +422,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "ppo": {
         "tiny": {
             "policy.name_or_path": "tiny",
-            "optim.lr": 1e-3,
+            "optim.lr": 3e-4,
             "optim.warmup_steps": 0,
             "value_optim.lr": 1e-3,
             "value_optim.warmup_steps": 0,
