@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -33,11 +34,11 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tether.checkpoint import find_state, load_state, save_state, truncate_metrics
-from tether.config import ModelConfig, PPOConfig, save_config
+from tether.config import PPOConfig, save_config
 from tether.metrics import MetricsLogger, progress_bar, read_metrics
 from tether.models.generation import decode_responses, sample
 from tether.models.heads import load_scalar_model, save_scalar_model
-from tether.models.loading import load_causal_lm, save_model
+from tether.models.loading import autocast, load_causal_lm, save_model
 from tether.ops import masked_mean
 from tether.optim import build_optimizer, build_scheduler, clip_grad
 from tether.ppo.advantages import gae, whiten_advantages
@@ -178,8 +179,8 @@ def load_pretrain_texts(path: str | None) -> list[str]:
     return texts
 
 
-def _load_models(cfg: PPOConfig, reward_fn: RewardFn | None, device: torch.device, log):
-    """(policy, ref_policy or None, value_model, reward, tokenizer), all on ``device``."""
+def _load_models(cfg: PPOConfig, reward_fn: RewardFn | None, log):
+    """(policy, ref_policy or None, value_model, reward, tokenizer), on cfg.policy.device."""
     policy, tokenizer = load_causal_lm(cfg.policy, trainable=True)
     # The reference is a frozen copy of the initial policy; under LoRA it is the same network
     # with its adapters disabled (no second copy).
@@ -197,9 +198,11 @@ def _load_models(cfg: PPOConfig, reward_fn: RewardFn | None, device: torch.devic
     if not (cfg.value_model or cfg.reward_model):
         log("ppo: no reward model to initialise the value model from; using the policy "
             "checkpoint with a fresh scalar head")
-    value_cfg = ModelConfig(name_or_path=value_init, dtype=cfg.policy.dtype, lora=cfg.policy.lora)
+    # The value model is trained like the policy (dtype, device, LoRA, trainable layers).
+    value_cfg = dataclasses.replace(cfg.policy, name_or_path=value_init)
     value_model, value_tokenizer = load_scalar_model(value_cfg, trainable=True)
     check_same_tokenizer(tokenizer, value_tokenizer, "value model")
+    device = next(policy.parameters()).device
     for model in (policy, ref_policy, value_model, reward):
         if isinstance(model, torch.nn.Module):
             model.to(device).eval()
@@ -213,6 +216,7 @@ def ppo_step(
     ptx: Sequence[SFTExample],
     cfg: PPOConfig,
     pad_token_id: int,
+    precision: contextlib.AbstractContextManager | None = None,
 ) -> dict[str, float]:
     """Gradients of one optimiser step (the caller clips and steps); returns its stats.
 
@@ -222,6 +226,7 @@ def ppo_step(
     §3.5), ``ptx_coef`` × the LM loss of the pretraining examples, a token mean likewise.
     """
     device = next(policy.parameters()).device
+    precision = precision or contextlib.nullcontext()
     totals: dict[str, float] = {}
 
     def add(name: str, value: torch.Tensor | float, weight: float) -> None:
@@ -232,11 +237,12 @@ def ppo_step(
         micro = minibatch.select(range(start, min(start + cfg.micro_batch_size, n_episodes)))
         weight = micro.n_tokens / n_tokens
         inputs = (micro.query_ids, micro.query_mask, micro.response_ids, micro.response_mask)
-        logprobs, _ = response_logprobs(policy, *inputs, cfg.temperature)
+        with precision:
+            logprobs, _ = response_logprobs(policy, *inputs, cfg.temperature)
+            values = response_values(value_model, *inputs)
         pg_loss, pg_stats = policy_loss(
             logprobs, micro.logprobs, micro.advantages, micro.response_mask, cfg.cliprange
         )
-        values = response_values(value_model, *inputs)
         vf_loss, vf_stats = value_loss(
             values, micro.values, micro.returns, micro.response_mask, cfg.cliprange_value
         )
@@ -256,14 +262,23 @@ def ppo_step(
         ]
         n_targets = sum(count_target_tokens(b["labels"]) for b in batches)
         for b in batches:
-            logits = policy(
-                input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)
-            ).logits
+            with precision:
+                logits = policy(
+                    input_ids=b["input_ids"].to(device),
+                    attention_mask=b["attention_mask"].to(device),
+                ).logits
             loss = lm_loss(logits, b["labels"].to(device))
             weight = count_target_tokens(b["labels"]) / max(n_targets, 1)
             (cfg.ptx_coef * weight * loss).backward()
             add("ptx_loss", loss.detach(), weight)
     return totals
+
+
+def _now(device: torch.device) -> float:
+    """A timestamp after the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def train_ppo(
@@ -285,10 +300,13 @@ def train_ppo(
     save_config(cfg, out / "config.yaml")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     # 0. The roles, the data, the optimisers, the KL controller and the EMA.
-    policy, ref_policy, value_model, reward, tokenizer = _load_models(cfg, reward_fn, device, log)
+    policy, ref_policy, value_model, reward, tokenizer = _load_models(cfg, reward_fn, log)
+    device = next(policy.parameters()).device
+    # Sampling, scoring and the update all run under the same precision, so the rollout's
+    # log-probs and the update's describe the same distribution.
+    precision = autocast(cfg.policy, device)
     pad = tokenizer.pad_token_id
     prompts = load_prompts(cfg.prompts_file)
     pretrain = load_pretrain_texts(cfg.pretrain_file) if cfg.ptx_per_minibatch > 0 else []
@@ -321,11 +339,12 @@ def train_ppo(
     def write_samples(step: int) -> None:
         # Fixed prompts, a fixed seed: successive entries differ only by the policy.
         rng = torch.Generator(device=device).manual_seed(cfg.seed)
-        gen = sample(policy, tokenizer, sample_prompts, max_new_tokens=cfg.max_new_tokens,
-                     temperature=cfg.temperature, generator=rng,
-                     max_prompt_length=cfg.max_prompt_length)
-        texts = decode_responses(tokenizer, gen)
-        scores = episode_scores(gen, sample_prompts, texts, reward, cfg.missing_eos_penalty)
+        with precision:
+            gen = sample(policy, tokenizer, sample_prompts, max_new_tokens=cfg.max_new_tokens,
+                         temperature=cfg.temperature, generator=rng,
+                         max_prompt_length=cfg.max_prompt_length)
+            texts = decode_responses(tokenizer, gen)
+            scores = episode_scores(gen, sample_prompts, texts, reward, cfg.missing_eos_penalty)
         with open(samples_path, "a", encoding="utf-8") as fh:
             for p, t, s, f in zip(sample_prompts, texts, scores.tolist(), gen.finished.tolist(),
                                   strict=True):
@@ -362,7 +381,7 @@ def train_ppo(
     with progress_bar("ppo") as bar:
         task = bar.add_task("ppo", total=cfg.iterations, completed=start, stats="")
         for iteration in range(start, cfg.iterations):
-            t_start = time.perf_counter()
+            t_start = _now(device)
             kl_coef = kl_ctl.value
             lr, value_lr = policy_sched.get_last_lr()[0], value_sched.get_last_lr()[0]
 
@@ -373,17 +392,19 @@ def train_ppo(
             parts, t_gen, t_score = [], 0.0, 0.0
             for s in range(0, cfg.batch_size, cfg.generation_batch_size):
                 chunk = batch_prompts[s : s + cfg.generation_batch_size]
-                t0 = time.perf_counter()
-                gen = sample(policy, tokenizer, chunk, max_new_tokens=cfg.max_new_tokens,
-                             temperature=cfg.temperature, generator=sampling_rng,
-                             max_prompt_length=cfg.max_prompt_length)
-                t1 = time.perf_counter()
-                parts.append(score_episodes(
-                    gen, chunk, decode_responses(tokenizer, gen), policy=policy,
-                    ref_policy=ref_policy, value_model=value_model, reward=reward,
-                    temperature=cfg.temperature, missing_eos_penalty=cfg.missing_eos_penalty,
-                ))
-                t_gen, t_score = t_gen + t1 - t0, t_score + time.perf_counter() - t1
+                t0 = _now(device)
+                with precision:
+                    gen = sample(policy, tokenizer, chunk, max_new_tokens=cfg.max_new_tokens,
+                                 temperature=cfg.temperature, generator=sampling_rng,
+                                 max_prompt_length=cfg.max_prompt_length)
+                t1 = _now(device)
+                with precision:
+                    parts.append(score_episodes(
+                        gen, chunk, decode_responses(tokenizer, gen), policy=policy,
+                        ref_policy=ref_policy, value_model=value_model, reward=reward,
+                        temperature=cfg.temperature, missing_eos_penalty=cfg.missing_eos_penalty,
+                    ))
+                t_gen, t_score = t_gen + t1 - t0, t_score + _now(device) - t1
             rollout = Rollout.cat(parts, pad)
             if not bool(torch.isfinite(rollout.scores).all()):
                 raise FloatingPointError(
@@ -405,7 +426,7 @@ def train_ppo(
                 rollout.advantages = whiten_advantages(rollout.advantages, rollout.response_mask)
 
             # 4. Update: epochs × minibatches, one optimiser step each (PPO, then ptx, gradients).
-            t0 = time.perf_counter()
+            t0 = _now(device)
             steps: list[dict[str, float]] = []
             for _ in range(cfg.ppo_epochs):
                 order = torch.randperm(cfg.batch_size, generator=minibatch_rng)
@@ -418,7 +439,7 @@ def train_ppo(
                         ptx = [encode_pretrain(tokenizer, pretrain[i], cfg.ptx_max_length)
                                for i in ptx_idx]
                     minibatch = rollout.select(order[s : s + cfg.mini_batch_size])
-                    stats = ppo_step(policy, value_model, minibatch, ptx, cfg, pad)
+                    stats = ppo_step(policy, value_model, minibatch, ptx, cfg, pad, precision)
                     stats["grad_norm"] = clip_grad(policy.parameters(), cfg.optim.max_grad_norm)
                     stats["value_grad_norm"] = clip_grad(
                         value_model.parameters(), cfg.value_optim.max_grad_norm
@@ -438,13 +459,13 @@ def train_ppo(
                     steps.append(stats)
             policy_sched.step()
             value_sched.step()
-            t_update = time.perf_counter() - t0
+            t_update = _now(device) - t0
 
             # 5. Log, adapt β, sample the fixed prompts, checkpoint.
             episodes += cfg.batch_size
             record = _iteration_record(rollout, steps, cfg)
             kl_ctl.update(record["kl"], cfg.batch_size)
-            t_total = time.perf_counter() - t_start
+            t_total = _now(device) - t_start
             n_generated = rollout.n_tokens
             record.update({
                 "step": iteration + 1, "episodes": episodes, "kl_coef": kl_coef,
