@@ -368,6 +368,63 @@ def _check_positive(cfg: Any, *names: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# The whole pipeline (tether run)
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/run"
+    """Run directory: config, manifest, data, every checkpoint, eval and report."""
+    seed: int = 0
+    """Seed for every stage (each stage derives its own from it)."""
+    rounds: int = 1
+    """Iterations of stages 2 and 3: each round ranks samples of the current best policy and retrains the RM on all comparisons so far."""
+    prompts_file: str | None = None
+    """Prompt records (id, text, user_id). None = the default task."""
+    demonstrations_file: str | None = None
+    """Demonstrations for SFT. None = the default task's."""
+    pretrain_file: str | None = None
+    """Pretraining text for the SFT mix and PPO-ptx. None = the default corpus."""
+    pretrain_heldout_file: str | None = None
+    """Held-out pretraining text for the alignment tax. None = the default held-out corpus."""
+    comparisons_file: str | None = None
+    """Rankings from people (e.g. exported from the labeling app), added to round 1's comparisons."""
+    task_users: int = 60
+    """Default task: simulated users (prompts are split by user)."""
+    task_prompts_per_user: int = 8
+    """Default task: prompts per user."""
+    max_prompts_per_user: int = 200
+    """Preprocessing: cap per user (paper: 200)."""
+    k: int = 4
+    """Responses sampled per prompt for ranking (paper: 4..9)."""
+    rm_prompts_per_round: int = 200
+    """Prompts sampled (from the train split) and ranked each round."""
+    labelers_per_sample: int = 1
+    """Training labelers ranking each sample."""
+    heldout_labeler_prompts: int = 40
+    """Samples also ranked by the held-out labelers (RM evaluation only) and by 2 training labelers (agreement)."""
+    run_ppo_baseline: bool = True
+    """Also train plain PPO (ptx_coef = 0) in the last round, to measure what PPO-ptx buys."""
+    eval_base: bool = True
+    """Also evaluate the base model."""
+    eval_prompts: int = 200
+    """Held-out (test-split) prompts evaluated."""
+    eval_temperature: float = 1.0
+    """Sampling temperature in evaluation (1.0 also gives an unbiased KL estimate)."""
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(pretrain_fraction=0.1, select_by="valid_loss"))
+    rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+    def validate(self) -> None:
+        _check_positive(self, "rounds", "k", "rm_prompts_per_round", "labelers_per_sample", "eval_prompts")
+        if not 2 <= self.k <= 9:
+            raise ValueError(f"run.k must be 2..9, got {self.k}")
+        if self.sft.select_by == "rm_score":
+            raise ValueError("run.sft.select_by = 'rm_score' is not available in the pipeline: SFT precedes the first RM")
+        self.sft.validate()
+
+
+# --------------------------------------------------------------------------------------------
 # Presets: overrides by dotted name, applied on top of the defaults.
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -680,3 +737,24 @@ def _metavar(tp: Any) -> str:
 def config_from_args(cls: type, stage: str, args: argparse.Namespace) -> Any:
     overrides = {k[len("cfg__") :]: v for k, v in vars(args).items() if k.startswith("cfg__")}
     return resolve(cls, stage, getattr(args, "preset", None), getattr(args, "config", None), overrides)
+
+
+def _run_presets() -> dict[str, dict[str, Any]]:
+    """`tether run` presets: each stage's preset (prefixed) plus pipeline-level settings."""
+    pipeline = {
+        "tiny": {"out_dir": "runs/tiny", "task_users": 12, "task_prompts_per_user": 4, "rm_prompts_per_round": 16,
+                 "heldout_labeler_prompts": 8, "eval_prompts": 12, "sft.epochs": 1},
+        "demo": {"out_dir": "runs/demo"},
+        "paper": {"k": 9, "rounds": 3},
+    }
+    out = {}
+    for name, extra in pipeline.items():
+        merged: dict[str, Any] = {}
+        for stage in ("sft", "rm", "ppo"):
+            merged.update({f"{stage}.{k}": v for k, v in PRESETS[stage].get(name, {}).items()})
+        merged.update(extra)
+        out[name] = merged
+    return out
+
+
+PRESETS["run"] = _run_presets()
