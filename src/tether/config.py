@@ -411,6 +411,8 @@ class RunConfig:
     """Held-out (test-split) prompts evaluated."""
     eval_temperature: float = 1.0
     """Sampling temperature in evaluation (1.0 also gives an unbiased KL estimate)."""
+    eval_pretrain_texts: int = 0
+    """Held-out pretraining paragraphs for the alignment-tax perplexity (0 = all)."""
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(pretrain_fraction=0.1, select_by="valid_loss"))
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -743,7 +745,7 @@ def _run_presets() -> dict[str, dict[str, Any]]:
     """`tether run` presets: each stage's preset (prefixed) plus pipeline-level settings."""
     pipeline = {
         "tiny": {"out_dir": "runs/tiny", "task_users": 12, "task_prompts_per_user": 4, "rm_prompts_per_round": 16,
-                 "heldout_labeler_prompts": 8, "eval_prompts": 12, "sft.epochs": 1},
+                 "heldout_labeler_prompts": 8, "eval_prompts": 12, "eval_pretrain_texts": 8, "sft.epochs": 1},
         "demo": {"out_dir": "runs/demo"},
         "paper": {"k": 9, "rounds": 3},
     }

@@ -127,7 +127,7 @@ def run_pipeline(cfg: RunConfig, log=print) -> RunResult:
         samples = manifest.run(
             f"round-{r}/sample",
             lambda rdir=rdir, policy=policy, policy_name=policy_name, r=r: _stage_sample(
-                cfg, data["prompts_train"], policy, f"{policy_name}@round-{r}", rdir, r, log),
+                cfg, data["prompts_train"], policy, policy_name, rdir, r, log),
             {"policy": policy, "policy_name": policy_name}, log,
         )
         # 4. Comparisons: the simulated panel's training labelers (plus held-out ones for evaluation only).
@@ -152,7 +152,7 @@ def run_pipeline(cfg: RunConfig, log=print) -> RunResult:
                                                                    data, rdir, log),
                 {"init": sft["policy"], "reference": sft["policy"], "reward_model": rm["reward_model"]}, log,
             )
-        policy, policy_name = trained["ppo_ptx"]["policy"], "ppo_ptx"
+        policy, policy_name = trained["ppo_ptx"]["policy"], f"ppo_ptx@round-{r}"
 
     # 7. Evaluation on held-out users' prompts by held-out labelers, and the report.
     policies = {}
@@ -310,7 +310,7 @@ def _stage_eval(cfg: RunConfig, policies: dict[str, str], reward_model: str, sft
     prompts = read_records(data["prompts_test"], "prompt")[: cfg.eval_prompts]
     report = evaluate_policies(
         policies, prompts, baseline="sft", reward_model=reward_model, ref_policy=sft_policy,
-        pretrain_heldout=read_records(data["pretrain_heldout"], "pretrain"),
+        pretrain_heldout=read_records(data["pretrain_heldout"], "pretrain")[: cfg.eval_pretrain_texts or None],
         temperature=cfg.eval_temperature, max_new_tokens=cfg.ppo.max_new_tokens, seed=cfg.seed, log=log,
     )
     save_eval(report, out / "eval" / "eval.json")

@@ -102,13 +102,17 @@ def training_panels(run_dir: Path) -> list:
     for rm_metrics in sorted(run_dir.glob("round-*/rm/metrics.jsonl")):
         m = read_metrics(rm_metrics)
         label = rm_metrics.parts[-3]
-        panels.append((f"RM accuracy ({label})", [("train", *_series(m, "accuracy")), ("held-out", *_series(m, "valid_accuracy"))]))
+        panels.append((f"RM pairwise accuracy ({label})", [
+            ("train batches", *_series(m, "accuracy")),
+            ("validation", *_series(m, "valid_accuracy")),
+            ("held-out labelers", *_series(m, "valid_accuracy_heldout_labelers")),
+        ]))
     ppo_runs = sorted(run_dir.glob("round-*/ppo*/metrics.jsonl"))
     for key, title in (("score", "PPO: RM score"), ("kl", "PPO: KL to SFT"), ("response_length", "PPO: response length"),
-                       ("ptx_loss", "PPO: pretraining loss")):
+                       ("eos_rate", "PPO: EOS rate"), ("ptx_loss", "PPO: pretraining loss")):
         series = []
         for path in ppo_runs:
-            xs, ys = _series(read_metrics(path), key, "iteration")
+            xs, ys = _series(read_metrics(path), key, "step")
             series.append((f"{path.parts[-3]}/{path.parts[-2]}", xs, ys))
         panels.append((title, series))
     return panels

@@ -1,0 +1,65 @@
+"""The whole pipeline on the tiny preset: two rounds, a kill -9 mid-run, and a resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tether.data.formats import read_records
+
+
+def stages(run: Path) -> dict:
+    path = run / "manifest.json"
+    return json.loads(path.read_text())["stages"] if path.exists() else {}
+
+
+@pytest.mark.timeout(600)
+def test_two_rounds_killed_and_resumed(tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tether.cli", "run", "--preset", "tiny", "--rounds", "2", "--out-dir", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    # Kill once round 1's RM has finished and its PPO-ptx stage is under way.
+    while time.time() < deadline and stages(run).get("round-1/ppo_ptx", {}).get("status") != "running":
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.1)
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = stages(run)
+    assert before["round-1/rm"]["status"] == "done" and before["round-1/ppo_ptx"]["status"] == "running"
+
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "already done, skipping" in done.stdout
+    after = stages(run)
+    # Finished stages were not repeated; the interrupted one ran again and finished.
+    for name in ("data", "sft", "round-1/sample", "round-1/label", "round-1/rm"):
+        assert after[name]["attempts"] == 1, name
+    assert after["round-1/ppo_ptx"]["attempts"] == 2
+    assert all(s["status"] == "done" for s in after.values())
+
+    # Provenance: round 2 ranks samples of round 1's PPO-ptx policy; its RM saw both rounds.
+    r2 = read_records(after["round-2/sample"]["outputs"]["samples"], "sample")
+    assert set(r2[0].policies) == {"ppo_ptx@round-1"}
+    assert after["round-2/sample"]["inputs"]["policy"] == after["round-1/ppo_ptx"]["outputs"]["policy"]
+    assert len(after["round-2/rm"]["outputs"]["trained_on"]) == 2
+    assert after["round-2/ppo_ptx"]["inputs"]["reward_model"] == after["round-2/rm"]["outputs"]["reward_model"]
+    assert "round-1/ppo" not in after and after["round-2/ppo"]["outputs"]["ptx_coef"] == 0.0
+
+    # Users never cross splits; evaluation used the test split only.
+    users = {s: {p.user_id for p in read_records(run / "data" / f"prompts_{s}.jsonl", "prompt")}
+             for s in ("train", "valid", "test")}
+    assert not (users["train"] & users["test"]) and not (users["valid"] & users["test"])
+    report = (run / "report" / "report.html").read_text()
+    assert "Win rate against sft" in report and "ppo_ptx" in report
+    ev = json.loads((run / "eval" / "eval.json").read_text())
+    assert {p["name"] for p in ev["policies"]} == {"base", "sft", "ppo", "ppo_ptx"}
+    assert all(p["pretrain_ppl"] > 0 for p in ev["policies"])
