@@ -221,14 +221,15 @@ def _stage_sft(cfg, log) -> dict[str, Any]:
 
 def _stage_sample(cfg: RunConfig, prompts_path: str, policy: str, policy_name: str, rdir: Path, r: int, log):
     from tether.models.generation import sample_k
-    from tether.models.loading import load_causal_lm
+    from tether.models.loading import autocast, load_causal_lm
 
     prompts = read_records(prompts_path, "prompt")
     rng = random.Random(cfg.seed * 1000 + r)  # a fresh draw of prompts each round
     chosen = rng.sample(prompts, min(cfg.rm_prompts_per_round, len(prompts)))
     model, tokenizer = load_causal_lm(policy)
-    samples = sample_k(model, tokenizer, chosen, cfg.k, policy_name=policy_name,
-                       max_new_tokens=cfg.ppo.max_new_tokens, temperature=1.0, seed=cfg.seed + r)
+    with autocast(cfg.ppo.policy, next(model.parameters()).device):
+        samples = sample_k(model, tokenizer, chosen, cfg.k, policy_name=policy_name,
+                           max_new_tokens=cfg.ppo.max_new_tokens, temperature=1.0, seed=cfg.seed + r)
     path = write_records(rdir / "samples.jsonl", samples)
     log(f"sample: {len(samples)} prompts x {cfg.k} responses from {policy_name}")
     return {"samples": str(path), "policy": policy, "policy_name": policy_name}
@@ -311,7 +312,8 @@ def _stage_eval(cfg: RunConfig, policies: dict[str, str], reward_model: str, sft
     report = evaluate_policies(
         policies, prompts, baseline="sft", reward_model=reward_model, ref_policy=sft_policy,
         pretrain_heldout=read_records(data["pretrain_heldout"], "pretrain")[: cfg.eval_pretrain_texts or None],
-        temperature=cfg.eval_temperature, max_new_tokens=cfg.ppo.max_new_tokens, seed=cfg.seed, log=log,
+        temperature=cfg.eval_temperature, max_new_tokens=cfg.ppo.max_new_tokens, seed=cfg.seed,
+        autocast_dtype=cfg.ppo.policy.autocast, log=log,
     )
     save_eval(report, out / "eval" / "eval.json")
     path = write_report(report, out / "report", run_dir=out)

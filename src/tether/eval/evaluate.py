@@ -114,9 +114,18 @@ def evaluate_policies(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     seed: int = 0,
+    autocast_dtype: str | None = None,
     log=print,
 ) -> EvalReport:
-    """Evaluate named policies (name → model dir / 'default' / 'tiny') on held-out prompts."""
+    """Evaluate named policies (name → model dir / 'default' / 'tiny') on held-out prompts.
+
+    ``autocast_dtype`` ('bfloat16') runs every forward pass under mixed precision (faster on CPUs
+    with AVX512-BF16 and on GPUs); every policy is measured the same way.
+    """
+    from tether.config import ModelConfig
+    from tether.models.loading import autocast, resolve_device
+
+    precision = autocast(ModelConfig(autocast=autocast_dtype), resolve_device("auto"))
     if baseline not in policies:
         raise ValueError(f"baseline {baseline!r} is not among the policies {list(policies)}")
     if panel is None:
@@ -139,20 +148,24 @@ def evaluate_policies(
         generator = torch.Generator().manual_seed(seed)  # the same seed for every policy
         responses, lengths, eos, kls, scores = [], [], [], [], []
         for start in range(0, len(texts), batch_size):
-            gen = sample(model, tokenizer, texts[start : start + batch_size], max_new_tokens=max_new_tokens,
-                         temperature=temperature, generator=generator)
+            with precision:
+                gen = sample(model, tokenizer, texts[start : start + batch_size], max_new_tokens=max_new_tokens,
+                             temperature=temperature, generator=generator)
             responses += decode_responses(tokenizer, gen)
             lengths += gen.lengths.tolist()
             eos += gen.finished.tolist()
             if ref is not None and temperature == 1.0:
-                kls += (gen.logprobs.sum(-1) - response_logprobs(ref, gen)).tolist()
+                with precision:
+                    kls += (response_logprobs(model, gen) - response_logprobs(ref, gen)).tolist()
             if rm is not None:
                 from tether.models.heads import reward_scores
 
                 ids = torch.cat([gen.query_ids, gen.response_ids], 1)
                 mask = torch.cat([gen.query_mask, gen.response_mask], 1)
-                scores += reward_scores(rm, ids.to(rm.device), mask.to(rm.device)).tolist()
-        ppl = pretrain_perplexity(model, tokenizer, pretrain_heldout) if pretrain_heldout else None
+                with precision, torch.no_grad():
+                    scores += reward_scores(rm, ids.to(rm.device), mask.to(rm.device)).tolist()
+        with precision:
+            ppl = pretrain_perplexity(model, tokenizer, pretrain_heldout) if pretrain_heldout else None
         judgements = [
             panel.judge(lab, t, r, np.random.default_rng([seed, i, j]))
             for i, (t, r) in enumerate(zip(texts, responses, strict=True))
