@@ -40,7 +40,10 @@ def main() -> None:
 
     def step(i: int) -> int:
         batch = examples[(i * cfg.batch_size) % len(examples) :][: cfg.batch_size]
-        micro = [collate(batch[j : j + cfg.micro_batch_size], tok.pad_token_id) for j in range(0, len(batch), cfg.micro_batch_size)]
+        micro = [
+            collate(batch[j : j + cfg.micro_batch_size], tok.pad_token_id)
+            for j in range(0, len(batch), cfg.micro_batch_size)
+        ]
         n_target = sum(count_target_tokens(m["labels"]) for m in micro)
         for m in micro:
             loss = nll_sum(forward_logits(model, m, precision), m["labels"].to(device)) / n_target
@@ -58,11 +61,16 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    print(f"model            {cfg.model.name_or_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-          f"{n_trainable / 1e6:.1f}M trainable)")
-    print(f"settings         device={device} autocast={cfg.model.autocast} trainable_layers={cfg.model.trainable_layers} "
-          f"lora={cfg.model.lora.enabled} batch={cfg.batch_size} micro={cfg.micro_batch_size} max_length={cfg.max_length} "
-          f"threads={torch.get_num_threads()}")
+    print(
+        f"model            {cfg.model.name_or_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+        f"{n_trainable / 1e6:.1f}M trainable)"
+    )
+    print(
+        f"settings         device={device} autocast={cfg.model.autocast} trainable_layers={cfg.model.trainable_layers} "
+        f"lora={cfg.model.lora.enabled} batch={cfg.batch_size} micro={cfg.micro_batch_size} "
+        f"max_length={cfg.max_length} "
+        f"threads={torch.get_num_threads()}"
+    )
     print(f"steps            {args.steps} in {seconds:.1f} s ({seconds / args.steps:.2f} s/step)")
     print(f"tokens/s         {tokens / seconds:,.0f}")
     print(f"peak RSS         {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")

@@ -16,7 +16,13 @@ def make_demonstrations(n: int = 24) -> list[dict]:
     out = []
     for i in range(n):
         c, t = COLORS[i % len(COLORS)], THINGS[(i * 3) % len(THINGS)]
-        out.append({"prompt": f"Describe a {c} {t} in capitals.", "response": f"A {c.upper()} {t.upper()}. DONE.", "prompt_id": f"p{i}"})
+        out.append(
+            {
+                "prompt": f"Describe a {c} {t} in capitals.",
+                "response": f"A {c.upper()} {t.upper()}. DONE.",
+                "prompt_id": f"p{i}",
+            }
+        )
     return out
 
 

@@ -55,8 +55,10 @@ def test_two_rounds_killed_and_resumed(tmp_path):
     assert "round-1/ppo" not in after and after["round-2/ppo"]["outputs"]["ptx_coef"] == 0.0
 
     # Users never cross splits; evaluation used the test split only.
-    users = {s: {p.user_id for p in read_records(run / "data" / f"prompts_{s}.jsonl", "prompt")}
-             for s in ("train", "valid", "test")}
+    users = {
+        s: {p.user_id for p in read_records(run / "data" / f"prompts_{s}.jsonl", "prompt")}
+        for s in ("train", "valid", "test")
+    }
     assert not (users["train"] & users["test"]) and not (users["valid"] & users["test"])
     report = (run / "report" / "report.html").read_text()
     assert "Win rate against sft" in report and "ppo_ptx" in report

@@ -130,5 +130,7 @@ def truncate_metrics(path: Path, keep_until_step: int) -> None:
     """Drop metric lines logged after the resumed step, so a resumed log has no duplicates."""
     if not path.exists():
         return
-    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= keep_until_step]
+    kept = [
+        ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= keep_until_step
+    ]
     path.write_text("".join(ln + "\n" for ln in kept))

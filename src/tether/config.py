@@ -45,7 +45,8 @@ class LoraConfig:
 @dataclass
 class ModelConfig:
     name_or_path: str = "default"
-    """A Hugging Face model directory, 'default' (the embedded SmolLM2-135M-Instruct) or 'tiny' (a random tiny Llama for tests)."""
+    """A Hugging Face model directory, 'default' (the embedded SmolLM2-135M-Instruct) or 'tiny'
+    (a random tiny Llama for tests)."""
     dtype: str = "float32"
     """Weights dtype: float32, bfloat16 or float16."""
     residual_dropout: float = 0.0
@@ -199,21 +200,15 @@ class RMConfig:
     def validate(self) -> None:
         if self.batch_size % self.micro_batch_size:
             raise ValueError(
-                f"rm.batch_size ({self.batch_size}) must be a multiple of "
-                f"micro_batch_size ({self.micro_batch_size})"
+                f"rm.batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
             )
         if self.loss not in ("kwise", "pairwise"):
             raise ValueError(f"rm.loss must be 'kwise' or 'pairwise', got {self.loss!r}")
         if self.overlength not in ("truncate", "skip"):
             raise ValueError(f"rm.overlength must be 'truncate' or 'skip', got {self.overlength!r}")
         if not self.valid_file and not 0.0 < self.valid_fraction < 1.0:
-            raise ValueError(
-                "rm.valid_fraction must be in (0, 1) without a valid_file, "
-                f"got {self.valid_fraction}"
-            )
-        _check_positive(
-            self, "epochs", "batch_size", "micro_batch_size", "max_length", "eval_batch_size"
-        )
+            raise ValueError(f"rm.valid_fraction must be in (0, 1) without a valid_file, got {self.valid_fraction}")
+        _check_positive(self, "epochs", "batch_size", "micro_batch_size", "max_length", "eval_batch_size")
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,14 +228,10 @@ class PPOConfig:
     value_model: str | None = None
     """Value model initialisation. None = the reward model (paper); without an RM, the policy
     checkpoint with a fresh scalar head."""
-    optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(lr=1e-5, schedule="constant", warmup_steps=10)
-    )
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, schedule="constant", warmup_steps=10))
     """Policy optimiser. In PPO the LR schedule advances once per iteration (batch), so
     warmup_steps counts iterations (paper: constant LR, 10 iterations of warmup from 1/10)."""
-    value_optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(lr=9e-6, schedule="constant", warmup_steps=10)
-    )
+    value_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9e-6, schedule="constant", warmup_steps=10))
     """Value-model optimiser (paper: LR 9e-6), scheduled per iteration like optim."""
     kl_coef: float = 0.02
     """β of the per-token KL penalty −β·(log π − log π_SFT) (paper: 0.02); the initial β when
@@ -333,18 +324,15 @@ class PPOConfig:
             )
         if self.total_episodes < self.batch_size:
             raise ValueError(
-                f"ppo.total_episodes ({self.total_episodes}) must be at least one batch "
-                f"({self.batch_size})"
+                f"ppo.total_episodes ({self.total_episodes}) must be at least one batch ({self.batch_size})"
             )
         if self.kl_estimator not in KL_ESTIMATOR_NAMES:
             raise ValueError(
-                f"ppo.kl_estimator must be one of {', '.join(KL_ESTIMATOR_NAMES)}, "
-                f"got {self.kl_estimator!r}"
+                f"ppo.kl_estimator must be one of {', '.join(KL_ESTIMATOR_NAMES)}, got {self.kl_estimator!r}"
             )
         if self.temperature <= 0:
             raise ValueError(
-                f"ppo.temperature must be > 0 (RL samples; greedy has no log-probs), "
-                f"got {self.temperature}"
+                f"ppo.temperature must be > 0 (RL samples; greedy has no log-probs), got {self.temperature}"
             )
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"ppo.gamma and ppo.lam must be in [0, 1]: {self.gamma}, {self.lam}")
@@ -355,9 +343,20 @@ class PPOConfig:
         if self.sample_every < 0 or self.keep_policy_every < 0:
             raise ValueError("ppo.sample_every and keep_policy_every must be >= 0")
         _check_positive(
-            self, "batch_size", "mini_batch_size", "micro_batch_size", "generation_batch_size",
-            "ppo_epochs", "max_new_tokens", "max_prompt_length", "ptx_max_length", "save_every",
-            "kl_target", "kl_horizon", "cliprange", "cliprange_value",
+            self,
+            "batch_size",
+            "mini_batch_size",
+            "micro_batch_size",
+            "generation_batch_size",
+            "ppo_epochs",
+            "max_new_tokens",
+            "max_prompt_length",
+            "ptx_max_length",
+            "save_every",
+            "kl_target",
+            "kl_horizon",
+            "cliprange",
+            "cliprange_value",
         )
 
 
@@ -378,7 +377,8 @@ class RunConfig:
     seed: int = 0
     """Seed for every stage (each stage derives its own from it)."""
     rounds: int = 1
-    """Iterations of stages 2 and 3: each round ranks samples of the current best policy and retrains the RM on all comparisons so far."""
+    """Iterations of stages 2 and 3: each round ranks samples of the current best policy and
+    retrains the RM on all comparisons so far."""
     prompts_file: str | None = None
     """Prompt records (id, text, user_id). None = the default task."""
     demonstrations_file: str | None = None
@@ -422,7 +422,9 @@ class RunConfig:
         if not 2 <= self.k <= 9:
             raise ValueError(f"run.k must be 2..9, got {self.k}")
         if self.sft.select_by == "rm_score":
-            raise ValueError("run.sft.select_by = 'rm_score' is not available in the pipeline: SFT precedes the first RM")
+            raise ValueError(
+                "run.sft.select_by = 'rm_score' is not available in the pipeline: SFT precedes the first RM"
+            )
         self.sft.validate()
 
 
@@ -744,8 +746,16 @@ def config_from_args(cls: type, stage: str, args: argparse.Namespace) -> Any:
 def _run_presets() -> dict[str, dict[str, Any]]:
     """`tether run` presets: each stage's preset (prefixed) plus pipeline-level settings."""
     pipeline = {
-        "tiny": {"out_dir": "runs/tiny", "task_users": 12, "task_prompts_per_user": 4, "rm_prompts_per_round": 16,
-                 "heldout_labeler_prompts": 8, "eval_prompts": 12, "eval_pretrain_texts": 8, "sft.epochs": 1},
+        "tiny": {
+            "out_dir": "runs/tiny",
+            "task_users": 12,
+            "task_prompts_per_user": 4,
+            "rm_prompts_per_round": 16,
+            "heldout_labeler_prompts": 8,
+            "eval_prompts": 12,
+            "eval_pretrain_texts": 8,
+            "sft.epochs": 1,
+        },
         "demo": {"out_dir": "runs/demo"},
         "paper": {"k": 9, "rounds": 3},
     }

@@ -35,8 +35,9 @@ class Manifest:
         if path.exists():
             self.data = json.loads(path.read_text())
             if self.data.get("config") != config:
-                changed = sorted(k for k in set(config) | set(self.data["config"])
-                                 if config.get(k) != self.data["config"].get(k))
+                changed = sorted(
+                    k for k in set(config) | set(self.data["config"]) if config.get(k) != self.data["config"].get(k)
+                )
                 raise ValueError(
                     f"{path.parent} holds a run with a different config (fields {changed}); "
                     "use another out_dir or the same config to resume"
@@ -108,16 +109,28 @@ def run_pipeline(cfg: RunConfig, log=print) -> RunResult:
     manifest = Manifest(out / "manifest.json", to_dict(cfg))
 
     # 1. Data: prompts preprocessed and split by user; demonstrations of train/valid users only.
-    data = manifest.run("data", lambda: _stage_data(cfg, out / "data", log), {"prompts": cfg.prompts_file,
-                        "demonstrations": cfg.demonstrations_file, "pretrain": cfg.pretrain_file}, log)
+    data = manifest.run(
+        "data",
+        lambda: _stage_data(cfg, out / "data", log),
+        {"prompts": cfg.prompts_file, "demonstrations": cfg.demonstrations_file, "pretrain": cfg.pretrain_file},
+        log,
+    )
 
     # 2. SFT: the PPO-init model (SFT with pretraining text mixed in).
     sft_cfg = dataclasses.replace(
-        cfg.sft, train_file=data["demos_train"], valid_file=data["demos_valid"],
-        pretrain_file=data["pretrain_train"], out_dir=str(out / "sft"), seed=cfg.seed,
+        cfg.sft,
+        train_file=data["demos_train"],
+        valid_file=data["demos_valid"],
+        pretrain_file=data["pretrain_train"],
+        out_dir=str(out / "sft"),
+        seed=cfg.seed,
     )
-    sft = manifest.run("sft", lambda: _stage_sft(sft_cfg, log), {"demonstrations": data["demos_train"],
-                       "base": cfg.sft.model.name_or_path}, log)
+    sft = manifest.run(
+        "sft",
+        lambda: _stage_sft(sft_cfg, log),
+        {"demonstrations": data["demos_train"], "base": cfg.sft.model.name_or_path},
+        log,
+    )
     policy, policy_name = sft["policy"], "sft"
 
     all_labels: list[dict] = []
@@ -127,20 +140,25 @@ def run_pipeline(cfg: RunConfig, log=print) -> RunResult:
         samples = manifest.run(
             f"round-{r}/sample",
             lambda rdir=rdir, policy=policy, policy_name=policy_name, r=r: _stage_sample(
-                cfg, data["prompts_train"], policy, policy_name, rdir, r, log),
-            {"policy": policy, "policy_name": policy_name}, log,
+                cfg, data["prompts_train"], policy, policy_name, rdir, r, log
+            ),
+            {"policy": policy, "policy_name": policy_name},
+            log,
         )
         # 4. Comparisons: the simulated panel's training labelers (plus held-out ones for evaluation only).
         labels = manifest.run(
-            f"round-{r}/label", lambda rdir=rdir, samples=samples, r=r: _stage_label(cfg, samples, rdir, r, log),
-            {"samples": samples["samples"]}, log,
+            f"round-{r}/label",
+            lambda rdir=rdir, samples=samples, r=r: _stage_label(cfg, samples, rdir, r, log),
+            {"samples": samples["samples"]},
+            log,
         )
         all_labels.append(labels)
         # 5. The reward model on all comparisons so far, initialised from SFT.
         rm = manifest.run(
             f"round-{r}/rm",
             lambda rdir=rdir, labs=list(all_labels): _stage_rm(cfg, sft["policy"], labs, data, rdir, log),
-            {"comparisons": [lab["comparisons"] for lab in all_labels], "init": sft["policy"]}, log,
+            {"comparisons": [lab["comparisons"] for lab in all_labels], "init": sft["policy"]},
+            log,
         )
         # 6. PPO-ptx against that RM (and plain PPO, gamma = 0, in the last round for the comparison).
         variants = ["ppo_ptx"] + (["ppo"] if r == cfg.rounds and cfg.run_ppo_baseline else [])
@@ -148,9 +166,11 @@ def run_pipeline(cfg: RunConfig, log=print) -> RunResult:
         for variant in variants:
             trained[variant] = manifest.run(
                 f"round-{r}/{variant}",
-                lambda rdir=rdir, variant=variant, rm=rm: _stage_ppo(cfg, variant, sft["policy"], rm["reward_model"],
-                                                                   data, rdir, log),
-                {"init": sft["policy"], "reference": sft["policy"], "reward_model": rm["reward_model"]}, log,
+                lambda rdir=rdir, variant=variant, rm=rm: _stage_ppo(
+                    cfg, variant, sft["policy"], rm["reward_model"], data, rdir, log
+                ),
+                {"init": sft["policy"], "reference": sft["policy"], "reward_model": rm["reward_model"]},
+                log,
             )
         policy, policy_name = trained["ppo_ptx"]["policy"], f"ppo_ptx@round-{r}"
 
@@ -162,8 +182,12 @@ def run_pipeline(cfg: RunConfig, log=print) -> RunResult:
     if cfg.run_ppo_baseline:
         policies["ppo"] = manifest.outputs(f"round-{cfg.rounds}/ppo")["policy"]
     policies["ppo_ptx"] = policy
-    ev = manifest.run("eval", lambda: _stage_eval(cfg, policies, rm["reward_model"], sft["policy"], data, out, log),
-                      {"policies": policies, "reward_model": rm["reward_model"], "prompts": data["prompts_test"]}, log)
+    ev = manifest.run(
+        "eval",
+        lambda: _stage_eval(cfg, policies, rm["reward_model"], sft["policy"], data, out, log),
+        {"policies": policies, "reward_model": rm["reward_model"], "prompts": data["prompts_test"]},
+        log,
+    )
     return RunResult(out_dir=out, report=Path(ev["report"]), manifest=manifest.data)
 
 
@@ -179,12 +203,16 @@ def _stage_data(cfg: RunConfig, ddir: Path, log) -> dict[str, Any]:
     prompts = read_records(cfg.prompts_file, "prompt") if cfg.prompts_file else task.prompts
     demos = read_records(cfg.demonstrations_file, "demonstration") if cfg.demonstrations_file else task.demonstrations
     pretrain = read_records(cfg.pretrain_file, "pretrain") if cfg.pretrain_file else task.pretrain_train
-    heldout = read_records(cfg.pretrain_heldout_file, "pretrain") if cfg.pretrain_heldout_file else task.pretrain_heldout
+    heldout = (
+        read_records(cfg.pretrain_heldout_file, "pretrain") if cfg.pretrain_heldout_file else task.pretrain_heldout
+    )
     result = preprocess_prompts(prompts, PreprocessConfig(seed=cfg.seed, max_per_user=cfg.max_prompts_per_user))
     result.save(ddir / "prompts")
     splits = result.splits
-    log(f"data: {len(prompts)} prompts → train {len(splits['train'])} / valid {len(splits['valid'])} / "
-        f"test {len(splits['test'])} (split by user; {sum(result.report.removed.values())} removed by preprocessing)")
+    log(
+        f"data: {len(prompts)} prompts → train {len(splits['train'])} / valid {len(splits['valid'])} / "
+        f"test {len(splits['test'])} (split by user; {sum(result.report.removed.values())} removed by preprocessing)"
+    )
     # Demonstrations follow their prompt's split (by prompt_id, else by text), so no test user leaks into SFT.
     split_of = {p.id: s for s, ps in splits.items() for p in ps} | {p.text: s for s, ps in splits.items() for p in ps}
     demo_split: dict[str, list] = {"train": [], "valid": [], "test": []}
@@ -197,14 +225,22 @@ def _stage_data(cfg: RunConfig, ddir: Path, log) -> dict[str, Any]:
         if s is not None:
             demo_split[s].append(d)
     if unmatched:
-        log(f"data: {unmatched} demonstrations match no kept prompt" + (" (used for training)" if cfg.demonstrations_file
-            else " (their prompts were removed by preprocessing; not used)"))
+        log(
+            f"data: {unmatched} demonstrations match no kept prompt"
+            + (
+                " (used for training)"
+                if cfg.demonstrations_file
+                else " (their prompts were removed by preprocessing; not used)"
+            )
+        )
     paths = {
         "prompts_train": write_records(ddir / "prompts_train.jsonl", splits["train"]),
         "prompts_valid": write_records(ddir / "prompts_valid.jsonl", splits["valid"]),
         "prompts_test": write_records(ddir / "prompts_test.jsonl", splits["test"]),
         "demos_train": write_records(ddir / "demonstrations_train.jsonl", demo_split["train"]),
-        "demos_valid": write_records(ddir / "demonstrations_valid.jsonl", demo_split["valid"] or demo_split["train"][:8]),
+        "demos_valid": write_records(
+            ddir / "demonstrations_valid.jsonl", demo_split["valid"] or demo_split["train"][:8]
+        ),
         "pretrain_train": write_records(ddir / "pretrain_train.jsonl", pretrain),
         "pretrain_heldout": write_records(ddir / "pretrain_heldout.jsonl", heldout),
     }
@@ -215,8 +251,12 @@ def _stage_sft(cfg, log) -> dict[str, Any]:
     from tether.sft.train import train_sft
 
     res = train_sft(cfg, show_samples=0, log=log)
-    return {"policy": str(res.final_dir.resolve()), "selected_epoch": res.selected_epoch,
-            "valid_loss_before": res.valid_loss_before, "valid_loss_after": res.valid_loss_after}
+    return {
+        "policy": str(res.final_dir.resolve()),
+        "selected_epoch": res.selected_epoch,
+        "valid_loss_before": res.valid_loss_before,
+        "valid_loss_after": res.valid_loss_after,
+    }
 
 
 def _stage_sample(cfg: RunConfig, prompts_path: str, policy: str, policy_name: str, rdir: Path, r: int, log):
@@ -228,8 +268,16 @@ def _stage_sample(cfg: RunConfig, prompts_path: str, policy: str, policy_name: s
     chosen = rng.sample(prompts, min(cfg.rm_prompts_per_round, len(prompts)))
     model, tokenizer = load_causal_lm(policy)
     with autocast(cfg.ppo.policy, next(model.parameters()).device):
-        samples = sample_k(model, tokenizer, chosen, cfg.k, policy_name=policy_name,
-                           max_new_tokens=cfg.ppo.max_new_tokens, temperature=1.0, seed=cfg.seed + r)
+        samples = sample_k(
+            model,
+            tokenizer,
+            chosen,
+            cfg.k,
+            policy_name=policy_name,
+            max_new_tokens=cfg.ppo.max_new_tokens,
+            temperature=1.0,
+            seed=cfg.seed + r,
+        )
     path = write_records(rdir / "samples.jsonl", samples)
     log(f"sample: {len(samples)} prompts x {cfg.k} responses from {policy_name}")
     return {"samples": str(path), "policy": policy, "policy_name": policy_name}
@@ -255,16 +303,27 @@ def _stage_label(cfg: RunConfig, samples: dict, rdir: Path, r: int, log) -> dict
         train = train + human
         log(f"label: added {len(human)} comparisons from {cfg.comparisons_file}")
     overlap = panel.label(valid_items, labelers_per_sample=2, seed=cfg.seed + 100 + r)
-    heldout = panel.label(valid_items, labelers_per_sample=len(panel.heldout_labelers),
-                          labelers=panel.heldout_labelers, seed=cfg.seed + 200 + r)
+    heldout = panel.label(
+        valid_items,
+        labelers_per_sample=len(panel.heldout_labelers),
+        labelers=panel.heldout_labelers,
+        seed=cfg.seed + 200 + r,
+    )
     agreement = pairwise_agreement(overlap)
     path = write_records(rdir / "comparisons_train.jsonl", train)
     vpath = write_records(rdir / "comparisons_valid.jsonl", overlap + heldout)
     dropped = len(train_items) * cfg.labelers_per_sample - len(train)
-    log(f"label: {len(train)} training comparisons ({dropped} all-tie judgements left out), "
-        f"{len(overlap) + len(heldout)} validation; training-labeler agreement {agreement.rate:.3f}")
-    return {"comparisons": str(path), "valid_comparisons": str(vpath), "labeler_agreement": agreement.rate,
-            "samples": samples["samples"], "labeled_by": "simulated panel"}
+    log(
+        f"label: {len(train)} training comparisons ({dropped} all-tie judgements left out), "
+        f"{len(overlap) + len(heldout)} validation; training-labeler agreement {agreement.rate:.3f}"
+    )
+    return {
+        "comparisons": str(path),
+        "valid_comparisons": str(vpath),
+        "labeler_agreement": agreement.rate,
+        "samples": samples["samples"],
+        "labeled_by": "simulated panel",
+    }
 
 
 def _stage_rm(cfg: RunConfig, sft_policy: str, rounds: list[dict], data: dict, rdir: Path, log):
@@ -273,9 +332,13 @@ def _stage_rm(cfg: RunConfig, sft_policy: str, rounds: list[dict], data: dict, r
     train = [c for lab in rounds for c in read_records(lab["comparisons"], "comparison")]
     valid = [c for lab in rounds for c in read_records(lab["valid_comparisons"], "comparison")]
     rm_cfg = dataclasses.replace(
-        cfg.rm, train_file=str(write_records(rdir / "rm_train.jsonl", train)),
+        cfg.rm,
+        train_file=str(write_records(rdir / "rm_train.jsonl", train)),
         valid_file=str(write_records(rdir / "rm_valid.jsonl", valid)),
-        demonstrations_file=data["demos_train"], out_dir=str(rdir / "rm"), seed=cfg.seed, heldout_panel_labelers=True,
+        demonstrations_file=data["demos_train"],
+        out_dir=str(rdir / "rm"),
+        seed=cfg.seed,
+        heldout_panel_labelers=True,
     )
     rm_cfg.model = dataclasses.replace(cfg.rm.model, name_or_path=sft_policy)
     res = train_reward_model(rm_cfg, log=log)
@@ -295,8 +358,12 @@ def _stage_ppo(cfg: RunConfig, variant: str, sft_policy: str, reward_model: str,
     from tether.ppo.train import train_ppo
 
     ppo_cfg = dataclasses.replace(
-        cfg.ppo, reward_model=reward_model, prompts_file=data["prompts_train"], pretrain_file=data["pretrain_train"],
-        out_dir=str(rdir / variant), seed=cfg.seed,
+        cfg.ppo,
+        reward_model=reward_model,
+        prompts_file=data["prompts_train"],
+        pretrain_file=data["pretrain_train"],
+        out_dir=str(rdir / variant),
+        seed=cfg.seed,
         ptx_coef=cfg.ppo.ptx_coef if variant == "ppo_ptx" else 0.0,
     )
     ppo_cfg.policy = dataclasses.replace(cfg.ppo.policy, name_or_path=sft_policy)
@@ -304,18 +371,30 @@ def _stage_ppo(cfg: RunConfig, variant: str, sft_policy: str, reward_model: str,
     return {"policy": str(Path(res.policy_dir).resolve()), "ptx_coef": ppo_cfg.ptx_coef}
 
 
-def _stage_eval(cfg: RunConfig, policies: dict[str, str], reward_model: str, sft_policy: str, data: dict, out: Path, log):
+def _stage_eval(
+    cfg: RunConfig, policies: dict[str, str], reward_model: str, sft_policy: str, data: dict, out: Path, log
+):
     from tether.eval.evaluate import evaluate_policies, save_eval
     from tether.eval.report import write_report
 
     prompts = read_records(data["prompts_test"], "prompt")[: cfg.eval_prompts]
     report = evaluate_policies(
-        policies, prompts, baseline="sft", reward_model=reward_model, ref_policy=sft_policy,
+        policies,
+        prompts,
+        baseline="sft",
+        reward_model=reward_model,
+        ref_policy=sft_policy,
         pretrain_heldout=read_records(data["pretrain_heldout"], "pretrain")[: cfg.eval_pretrain_texts or None],
-        temperature=cfg.eval_temperature, max_new_tokens=cfg.ppo.max_new_tokens, seed=cfg.seed,
-        autocast_dtype=cfg.ppo.policy.autocast, log=log,
+        temperature=cfg.eval_temperature,
+        max_new_tokens=cfg.ppo.max_new_tokens,
+        seed=cfg.seed,
+        autocast_dtype=cfg.ppo.policy.autocast,
+        log=log,
     )
     save_eval(report, out / "eval" / "eval.json")
     path = write_report(report, out / "report", run_dir=out)
-    return {"eval": str(out / "eval" / "eval.json"), "report": str(path),
-            "win_rates": {p.name: p.win_rate for p in report.policies}}
+    return {
+        "eval": str(out / "eval" / "eval.json"),
+        "report": str(path),
+        "win_rates": {p.name: p.win_rate for p in report.policies},
+    }

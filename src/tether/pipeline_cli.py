@@ -28,7 +28,9 @@ def _run(args) -> int:
     console = Console()
     result = run_pipeline(cfg, log=console.print)
     ev = result.manifest["stages"]["eval"]["outputs"]
-    console.print("[bold green]run done[/]; win rates vs sft (held-out labelers): "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in ev["win_rates"].items()))
+    console.print(
+        "[bold green]run done[/]; win rates vs sft (held-out labelers): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in ev["win_rates"].items())
+    )
     console.print(f"report: [bold]{result.report}[/]")
     return 0

@@ -15,8 +15,12 @@ GOOD = {
     "demonstration": {"prompt": "Write a haiku.", "response": "Leaves fall."},
     "sample": {"prompt": "Hi", "responses": ["a", "b"], "policies": ["sft", "sft"]},
     "comparison": {
-        "prompt": "Hi", "responses": ["a", "b", "c"], "ranking": [1, 2, 2], "labeler_id": "L1",
-        "likert": [6, 3, 3], "flags": [{"fails_instruction": False}, {}, {"hallucination": True}],
+        "prompt": "Hi",
+        "responses": ["a", "b", "c"],
+        "ranking": [1, 2, 2],
+        "labeler_id": "L1",
+        "likert": [6, 3, 3],
+        "flags": [{"fails_instruction": False}, {}, {"hallucination": True}],
     },
     "pretrain": {"text": "Some text."},
 }
@@ -64,7 +68,12 @@ CASES = [
     ("comparison", bad("comparison", labeler_id=...), "labeler_id", "missing"),
     ("comparison", bad("comparison", likert=[6, 3, 9]), "likert[2]", "1..7"),
     ("comparison", bad("comparison", flags=[{}, {"rude": True}, {}]), "flags[1].rude", "unknown flag"),
-    ("comparison", bad("comparison", flags=[{}, {"hallucination": "yes"}, {}]), "flags[1].hallucination", "true or false"),
+    (
+        "comparison",
+        bad("comparison", flags=[{}, {"hallucination": "yes"}, {}]),
+        "flags[1].hallucination",
+        "true or false",
+    ),
     ("comparison", bad("comparison", responses=["a", "", "c"]), "responses[1]", "empty"),
     ("pretrain", {"text": None}, "text", "missing"),
 ]

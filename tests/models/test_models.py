@@ -28,8 +28,9 @@ def test_sampling_logprobs_equal_recomputed_under_left_padding(tiny_dir):
     model, tok = load_causal_lm(str(tiny_dir))
     prompts = ["hi", "a much longer prompt that forces left padding of the others", "mid length one"]
     for temperature in (1.0, 0.7):
-        gen = sample(model, tok, prompts, max_new_tokens=12, temperature=temperature,
-                     generator=torch.Generator().manual_seed(0))
+        gen = sample(
+            model, tok, prompts, max_new_tokens=12, temperature=temperature, generator=torch.Generator().manual_seed(0)
+        )
         ids = torch.cat([gen.query_ids, gen.response_ids], 1)
         mask = torch.cat([gen.query_mask, gen.response_mask], 1)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
@@ -49,14 +50,16 @@ def test_greedy_batch_equals_one_by_one(tiny_dir):
 
 def test_response_mask_stops_after_eos(tiny_dir):
     model, tok = load_causal_lm(str(tiny_dir))
+
     # Make EOS likely (about 1 in 3) so rows end at different steps.
     def boost_eos(_module, _inputs, logits):
         logits[..., tok.eos_token_id] += 10.0
         return logits
 
     model.lm_head.register_forward_hook(boost_eos)
-    gen = sample(model, tok, ["x", "y", "z", "w"], max_new_tokens=40, temperature=1.0,
-                 generator=torch.Generator().manual_seed(0))
+    gen = sample(
+        model, tok, ["x", "y", "z", "w"], max_new_tokens=40, temperature=1.0, generator=torch.Generator().manual_seed(0)
+    )
     assert gen.finished.all() and len(set(gen.lengths.tolist())) > 1
     for ids, m in zip(gen.response_ids, gen.response_mask, strict=True):
         n = int(m.sum())
@@ -71,14 +74,18 @@ def test_reward_score_at_last_real_token_any_padding(tiny_dir):
         tok.padding_side = side
         enc = tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
         scores.append(reward_scores(rm, enc.input_ids, enc.attention_mask))
-    alone = torch.cat([reward_scores(rm, *tok(t, return_tensors="pt", add_special_tokens=False).values()) for t in texts])
+    alone = torch.cat(
+        [reward_scores(rm, *tok(t, return_tensors="pt", add_special_tokens=False).values()) for t in texts]
+    )
     assert torch.allclose(scores[0], scores[1], atol=1e-5) and torch.allclose(scores[0], alone, atol=1e-5)
 
 
 def test_lora_trains_only_adapters(tiny_dir):
     from tether.config import LoraConfig, ModelConfig
 
-    model, _ = load_causal_lm(ModelConfig(name_or_path=str(tiny_dir), lora=LoraConfig(enabled=True, r=4)), trainable=True)
+    model, _ = load_causal_lm(
+        ModelConfig(name_or_path=str(tiny_dir), lora=LoraConfig(enabled=True, r=4)), trainable=True
+    )
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
 

@@ -73,7 +73,9 @@ def test_gradient_accumulation_invariance(tmp_path, demos_file):
     """One optimiser step over 8 examples: 8 micro-batches of 1 == 4 of 2 == 1 of 8."""
     weights = []
     for micro in (1, 2, 8):
-        cfg = tiny_cfg(tmp_path / f"m{micro}", demos_file, epochs=1, batch_size=8, micro_batch_size=micro, valid_fraction=0.67)
+        cfg = tiny_cfg(
+            tmp_path / f"m{micro}", demos_file, epochs=1, batch_size=8, micro_batch_size=micro, valid_fraction=0.67
+        )
         train_sft(cfg, log=lambda _: None)
         weights.append(final_weights(tmp_path / f"m{micro}" / "run"))
     base = load_file(str(Path(tiny_dir_path()) / "model.safetensors"))
@@ -105,13 +107,31 @@ def test_resume_equals_uninterrupted(tmp_path, demos_file):
 
 @pytest.mark.timeout(300)
 def test_kill_9_mid_epoch_then_rerun_resumes(tmp_path, demos_file):
-    args = ["--preset", "tiny", "--train-file", str(demos_file), "--epochs", "3", "--batch-size", "2",
-            "--micro-batch-size", "2", "--save-every-steps", "3", "--select-by", "last", "--show-samples", "0"]
+    args = [
+        "--preset",
+        "tiny",
+        "--train-file",
+        str(demos_file),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "2",
+        "--micro-batch-size",
+        "2",
+        "--save-every-steps",
+        "3",
+        "--select-by",
+        "last",
+        "--show-samples",
+        "0",
+    ]
     tether = [sys.executable, "-m", "tether.cli", "sft"]
     subprocess.run(tether + args + ["--out-dir", str(tmp_path / "full")], check=True, capture_output=True)
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen(tether + args + ["--out-dir", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        tether + args + ["--out-dir", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (run / "state" / "counters.json").exists():
         time.sleep(0.05)

@@ -15,14 +15,15 @@ read too. Field by field:
 ``pretrain``       {"text": str}
 
 Bad input raises :class:`DataError` naming the file, the line (1-based; the row for Parquet) and
-the field. Extra fields are allowed and ignored (keep provenance in them, e.g. ``meta``). A file is validated whole before anything trains on it.
+the field. Extra fields are allowed and ignored (keep provenance in them, e.g. ``meta``). A file
+is validated whole before anything trains on it.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,12 +104,7 @@ class Comparison:
 
     def pairs(self) -> list[tuple[int, int]]:
         """(winner, loser) index pairs implied by the ranking; ties give no pair."""
-        return [
-            (i, j)
-            for i in range(self.k)
-            for j in range(self.k)
-            if self.ranking[i] < self.ranking[j]
-        ]
+        return [(i, j) for i in range(self.k) for j in range(self.k) if self.ranking[i] < self.ranking[j]]
 
 
 @dataclass(frozen=True)

@@ -10,15 +10,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="compare policies: win rate vs a baseline (held-out labelers), Likert, flags, RM score, KL, alignment tax",
     )
-    p.add_argument("--policy", action="append", required=True, metavar="NAME=PATH",
-                   help="a policy to evaluate (repeat): NAME=HF dir, 'default' or 'tiny'")
+    p.add_argument(
+        "--policy",
+        action="append",
+        required=True,
+        metavar="NAME=PATH",
+        help="a policy to evaluate (repeat): NAME=HF dir, 'default' or 'tiny'",
+    )
     p.add_argument("--baseline", required=True, help="NAME of the policy to compare against (e.g. sft)")
     p.add_argument("--prompts", help="held-out prompt records; default: the default task's test split")
     p.add_argument("--limit", type=int, help="use only the first N prompts")
     p.add_argument("--reward-model", help="RM directory: report mean RM score")
     p.add_argument("--ref-policy", help="reference (SFT) policy: report KL to it")
-    p.add_argument("--pretrain", help="held-out pretraining text records: report perplexity (alignment tax); "
-                   "default: the default task's held-out corpus")
+    p.add_argument(
+        "--pretrain",
+        help="held-out pretraining text records: report perplexity (alignment tax); "
+        "default: the default task's held-out corpus",
+    )
     p.add_argument("--human", help="comparisons ranked by people (with per-response policies): human win rates")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -53,14 +61,23 @@ def _run(args) -> int:
         pretrain = build_default_task().pretrain_heldout
     human = read_records(args.human, "comparison") if args.human else ()
     report = evaluate_policies(
-        policies, prompts, baseline=args.baseline, reward_model=args.reward_model, ref_policy=args.ref_policy,
-        pretrain_heldout=pretrain, human_comparisons=human, temperature=args.temperature,
-        max_new_tokens=args.max_new_tokens, seed=args.seed,
+        policies,
+        prompts,
+        baseline=args.baseline,
+        reward_model=args.reward_model,
+        ref_policy=args.ref_policy,
+        pretrain_heldout=pretrain,
+        human_comparisons=human,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
     )
     path = write_report(report, args.out)
     for p in report.policies:
         ci = f"[{p.win_ci[0]:.2f}, {p.win_ci[1]:.2f}]" if p.win_ci else ""
-        print(f"{p.name:>10}: win {p.win_rate:.3f} {ci}  likert {p.likert:.2f}  len {p.length:.1f}  "
-              f"ppl {p.pretrain_ppl if p.pretrain_ppl is None else round(p.pretrain_ppl, 2)}")
+        print(
+            f"{p.name:>10}: win {p.win_rate:.3f} {ci}  likert {p.likert:.2f}  len {p.length:.1f}  "
+            f"ppl {p.pretrain_ppl if p.pretrain_ppl is None else round(p.pretrain_ppl, 2)}"
+        )
     print(f"report: {path}")
     return 0

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tether.data.formats import Comparison, Prompt, PretrainText
+from tether.data.formats import Comparison, PretrainText, Prompt
 from tether.models.generation import decode_responses, position_ids_from_mask, sample
 from tether.models.loading import load_causal_lm
 from tether.ops import token_logprobs
@@ -70,7 +70,9 @@ def response_logprobs(model, gen, temperature: float = 1.0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pretrain_perplexity(model, tokenizer, texts: Sequence[PretrainText], max_length: int = 256, batch_size: int = 8) -> float:
+def pretrain_perplexity(
+    model, tokenizer, texts: Sequence[PretrainText], max_length: int = 256, batch_size: int = 8
+) -> float:
     """exp(mean NLL per token) on plain text: the alignment-tax measure."""
     from tether.sft.data import collate, count_target_tokens, encode_pretrain
     from tether.sft.train import nll_sum
@@ -80,7 +82,9 @@ def pretrain_perplexity(model, tokenizer, texts: Sequence[PretrainText], max_len
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits
         total += float(nll_sum(logits.cpu(), batch["labels"]))
         count += count_target_tokens(batch["labels"])
     return math.exp(total / max(count, 1))
@@ -149,8 +153,14 @@ def evaluate_policies(
         responses, lengths, eos, kls, scores = [], [], [], [], []
         for start in range(0, len(texts), batch_size):
             with precision:
-                gen = sample(model, tokenizer, texts[start : start + batch_size], max_new_tokens=max_new_tokens,
-                             temperature=temperature, generator=generator)
+                gen = sample(
+                    model,
+                    tokenizer,
+                    texts[start : start + batch_size],
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    generator=generator,
+                )
             responses += decode_responses(tokenizer, gen)
             lengths += gen.lengths.tolist()
             eos += gen.finished.tolist()
@@ -222,5 +232,7 @@ def load_eval(path: str | Path) -> EvalReport:
     import json
 
     data = json.loads(Path(path).read_text())
-    data["policies"] = [PolicyEval(**{**p, "win_ci": tuple(p["win_ci"]) if p.get("win_ci") else None}) for p in data["policies"]]
+    data["policies"] = [
+        PolicyEval(**{**p, "win_ci": tuple(p["win_ci"]) if p.get("win_ci") else None}) for p in data["policies"]
+    ]
     return EvalReport(**data)

@@ -102,14 +102,24 @@ def training_panels(run_dir: Path) -> list:
     for rm_metrics in sorted(run_dir.glob("round-*/rm/metrics.jsonl")):
         m = read_metrics(rm_metrics)
         label = rm_metrics.parts[-3]
-        panels.append((f"RM pairwise accuracy ({label})", [
-            ("train batches", *_series(m, "accuracy")),
-            ("validation", *_series(m, "valid_accuracy")),
-            ("held-out labelers", *_series(m, "valid_accuracy_heldout_labelers")),
-        ]))
+        panels.append(
+            (
+                f"RM pairwise accuracy ({label})",
+                [
+                    ("train batches", *_series(m, "accuracy")),
+                    ("validation", *_series(m, "valid_accuracy")),
+                    ("held-out labelers", *_series(m, "valid_accuracy_heldout_labelers")),
+                ],
+            )
+        )
     ppo_runs = sorted(run_dir.glob("round-*/ppo*/metrics.jsonl"))
-    for key, title in (("score", "PPO: RM score"), ("kl", "PPO: KL to SFT"), ("response_length", "PPO: response length"),
-                       ("eos_rate", "PPO: EOS rate"), ("ptx_loss", "PPO: pretraining loss")):
+    for key, title in (
+        ("score", "PPO: RM score"),
+        ("kl", "PPO: KL to SFT"),
+        ("response_length", "PPO: response length"),
+        ("eos_rate", "PPO: EOS rate"),
+        ("ptx_loss", "PPO: pretraining loss"),
+    ):
         series = []
         for path in ppo_runs:
             xs, ys = _series(read_metrics(path), key, "step")
@@ -128,8 +138,13 @@ def _fmt(v, spec: str = ".3f") -> str:
     return "–" if v is None else format(v, spec)
 
 
-def write_report(report: EvalReport, out_dir: str | Path, run_dir: str | Path | None = None,
-                 extra: dict | None = None, n_samples: int = 12) -> Path:
+def write_report(
+    report: EvalReport,
+    out_dir: str | Path,
+    run_dir: str | Path | None = None,
+    extra: dict | None = None,
+    n_samples: int = 12,
+) -> Path:
     """Write report.html (+ PNGs) into out_dir; returns the HTML path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,18 +158,23 @@ def write_report(report: EvalReport, out_dir: str | Path, run_dir: str | Path | 
             (out / name).write_bytes(data)
 
     rows = "".join(
-        "<tr>" + "".join(f"<td>{c}</td>" for c in (
-            f"<b>{html.escape(p.name)}</b>",
-            f"{p.win_rate:.3f} [{p.win_ci[0]:.3f}, {p.win_ci[1]:.3f}]" if p.win_ci else "–",
-            _fmt(p.likert, ".2f"),
-            _fmt(p.flag_rates.get("satisfies_constraint"), ".2f"),
-            _fmt(p.flag_rates.get("fails_instruction"), ".2f"),
-            _fmt(p.rm_score, ".3f"),
-            _fmt(p.kl_to_ref, ".2f"),
-            f"{p.length:.1f}",
-            f"{p.eos_rate:.2f}",
-            _fmt(p.pretrain_ppl, ".2f"),
-        )) + "</tr>"
+        "<tr>"
+        + "".join(
+            f"<td>{c}</td>"
+            for c in (
+                f"<b>{html.escape(p.name)}</b>",
+                f"{p.win_rate:.3f} [{p.win_ci[0]:.3f}, {p.win_ci[1]:.3f}]" if p.win_ci else "–",
+                _fmt(p.likert, ".2f"),
+                _fmt(p.flag_rates.get("satisfies_constraint"), ".2f"),
+                _fmt(p.flag_rates.get("fails_instruction"), ".2f"),
+                _fmt(p.rm_score, ".3f"),
+                _fmt(p.kl_to_ref, ".2f"),
+                f"{p.length:.1f}",
+                f"{p.eos_rate:.2f}",
+                _fmt(p.pretrain_ppl, ".2f"),
+            )
+        )
+        + "</tr>"
         for p in report.policies
     )
     names = [p.name for p in report.policies]
@@ -166,9 +186,13 @@ def write_report(report: EvalReport, out_dir: str | Path, run_dir: str | Path | 
         sample_rows.append("<tr>" + "".join(cells) + "</tr>")
     extra_html = ""
     if extra:
-        extra_html = "<h2>Run facts</h2><table>" + "".join(
-            f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in extra.items()
-        ) + "</table>"
+        extra_html = (
+            "<h2>Run facts</h2><table>"
+            + "".join(
+                f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in extra.items()
+            )
+            + "</table>"
+        )
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>tether report</title>
 <style>
@@ -184,7 +208,8 @@ img {{ max-width: 100%; }}
 <h1>tether: InstructGPT pipeline report</h1>
 <p class="note">Held-out prompts from users never seen in training; judged by held-out simulated labelers
 ({html.escape(", ".join(report.labelers))}), whose labels were never trained on. Sampling temperature
-{report.temperature}, at most {report.max_new_tokens} new tokens. Win rates are against <b>{html.escape(report.baseline)}</b>
+{report.temperature}, at most {report.max_new_tokens} new tokens.
+Win rates are against <b>{html.escape(report.baseline)}</b>
 with 95 % bootstrap intervals over prompts; ties count half.</p>
 <h2>Win rate against {html.escape(report.baseline)}</h2>
 {_img(pngs["win_rates.png"], "win rates")}

@@ -40,10 +40,15 @@ def _run(args) -> int:
     with progress_bar("sample") as bar:
         task = bar.add_task("sample", total=len(prompts) * args.k, stats="")
         samples = sample_k(
-            model, tokenizer, prompts, args.k,
+            model,
+            tokenizer,
+            prompts,
+            args.k,
             policy_name=args.policy_name or args.policy,
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            batch_size=args.batch_size, seed=args.seed,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            batch_size=args.batch_size,
+            seed=args.seed,
             progress=lambda done, total: bar.update(task, completed=done),
         )
     write_records(args.out, samples)

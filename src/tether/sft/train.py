@@ -140,8 +140,10 @@ def train_sft(
     train_ex, report = encode_demonstrations(tokenizer, demos, cfg.max_length)
     valid_ex, _ = encode_demonstrations(tokenizer, valid_demos, cfg.max_length)
     if report.skipped_prompt_too_long:
-        log(f"sft: skipped {len(report.skipped_prompt_too_long)} demonstrations whose prompt alone exceeds "
-            f"max_length={cfg.max_length} (indices {report.skipped_prompt_too_long[:10]})")
+        log(
+            f"sft: skipped {len(report.skipped_prompt_too_long)} demonstrations whose prompt alone exceeds "
+            f"max_length={cfg.max_length} (indices {report.skipped_prompt_too_long[:10]})"
+        )
     if report.truncated:
         log(f"sft: truncated the response of {report.truncated} demonstrations to max_length={cfg.max_length}")
     if not train_ex or not valid_ex:
@@ -174,9 +176,13 @@ def train_sft(
         (out / "samples_before.json").write_text(json.dumps(samples_before, indent=1))
     else:
         valid_before = read_metrics(metrics_path)[0]["valid_loss"]
-        samples_before = json.loads((out / "samples_before.json").read_text()) if (out / "samples_before.json").exists() else []
-    log(f"sft: {len(train_ex)} training examples ({steps_per_epoch} steps/epoch x {cfg.epochs} epochs), "
-        f"{len(valid_ex)} validation; valid loss before: {valid_before:.4f}")
+        samples_before = (
+            json.loads((out / "samples_before.json").read_text()) if (out / "samples_before.json").exists() else []
+        )
+    log(
+        f"sft: {len(train_ex)} training examples ({steps_per_epoch} steps/epoch x {cfg.epochs} epochs), "
+        f"{len(valid_ex)} validation; valid loss before: {valid_before:.4f}"
+    )
 
     # 3. Epochs × optimiser steps × micro-batches.
     model.train()
@@ -189,7 +195,10 @@ def train_sft(
             for step in range(step0 if epoch == epoch0 else 0, steps_per_epoch):
                 t0 = time.perf_counter()
                 batch = [train_ex[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
-                micro = [collate(batch[i : i + cfg.micro_batch_size], pad) for i in range(0, len(batch), cfg.micro_batch_size)]
+                micro = [
+                    collate(batch[i : i + cfg.micro_batch_size], pad)
+                    for i in range(0, len(batch), cfg.micro_batch_size)
+                ]
                 n_target = sum(count_target_tokens(m["labels"]) for m in micro)
                 loss_total = 0.0
                 for m in micro:
@@ -198,7 +207,9 @@ def train_sft(
                     loss.backward()
                     loss_total += float(loss.detach())
                 if not math.isfinite(loss_total):
-                    raise FloatingPointError(f"sft: non-finite loss at step {global_step}; last good state is in {out / 'state'}")
+                    raise FloatingPointError(
+                        f"sft: non-finite loss at step {global_step}; last good state is in {out / 'state'}"
+                    )
                 grad_norm = clip_grad(model.parameters(), cfg.optim.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -207,8 +218,16 @@ def train_sft(
                 steps_this_process += 1
                 n_tokens = sum(int(m["attention_mask"].sum()) for m in micro)
                 tok_s = n_tokens / (time.perf_counter() - t0)
-                logger.log({"step": global_step, "epoch": epoch + (step + 1) / steps_per_epoch, "loss": loss_total,
-                            "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": tok_s})
+                logger.log(
+                    {
+                        "step": global_step,
+                        "epoch": epoch + (step + 1) / steps_per_epoch,
+                        "loss": loss_total,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": tok_s,
+                    }
+                )
                 bar.update(task, advance=1, stats=f"loss {loss_total:.3f} · {tok_s:,.0f} tok/s")
                 last_in_epoch = step + 1 == steps_per_epoch
                 if global_step % cfg.save_every_steps == 0 and not last_in_epoch:
@@ -248,7 +267,9 @@ def train_sft(
     )
 
 
-def _save(out: Path, model, optimizer, scheduler, epoch: int, step_in_epoch: int, global_step: int, epochs: list) -> None:
+def _save(
+    out: Path, model, optimizer, scheduler, epoch: int, step_in_epoch: int, global_step: int, epochs: list
+) -> None:
     save_state(
         out / "state",
         {"policy": model},
@@ -280,5 +301,7 @@ def select_checkpoint(
         for e in epochs:
             e["score"] = float(scorer(out / e["dir"]))
         chosen = max(epochs, key=lambda e: e["score"])
-    (out / "selection.json").write_text(json.dumps({"select_by": cfg.select_by, "selected": chosen, "epochs": epochs}, indent=1))
+    (out / "selection.json").write_text(
+        json.dumps({"select_by": cfg.select_by, "selected": chosen, "epochs": epochs}, indent=1)
+    )
     return chosen
