@@ -182,6 +182,9 @@ def load_pretrain_texts(path: str | None) -> list[str]:
 def _load_models(cfg: PPOConfig, reward_fn: RewardFn | None, log):
     """(policy, ref_policy or None, value_model, reward, tokenizer), on cfg.policy.device."""
     policy, tokenizer = load_causal_lm(cfg.policy, trainable=True)
+    if cfg.policy.residual_dropout > 0:
+        log(f"ppo: policy.residual_dropout={cfg.policy.residual_dropout} has no effect: every "
+            "model runs in eval mode (dropout off) in RL")
     # The reference is a frozen copy of the initial policy; under LoRA it is the same network
     # with its adapters disabled (no second copy).
     ref_policy = None
@@ -508,6 +511,7 @@ def _iteration_record(rollout: Rollout, steps: list[dict[str, float]], cfg: PPOC
     mask = rollout.response_mask.bool()
     gap = torch.where(mask, (rollout.sample_logprobs - rollout.logprobs).abs(), 0.0)
     record: dict[str, Any] = {
+        # The score includes the missing-EOS penalty: it is what the policy is optimised for.
         "score": float(rollout.scores.mean()),
         "score_std": float(rollout.scores.std()) if rollout.batch_size > 1 else 0.0,
         # Sums over the response: the sequence-level quantities of InstructGPT eq. (2).

@@ -1,0 +1,151 @@
+"""PPO throughput and its phase split for a given config (not a test: prints figures).
+
+    python benchmarks/bench_ppo.py --preset tiny --iterations 4
+    python benchmarks/bench_ppo.py --preset demo --iterations 2 --batch-size 16
+    python benchmarks/bench_ppo.py --preset tiny --compare-no-cache
+    python benchmarks/bench_ppo.py --preset demo --iterations 0 --compare-no-cache
+
+Runs the real trainer (``train_ppo``) for a few iterations in a temporary directory, with a toy
+length reward unless ``--reward-model`` is given, and prints episodes/s, generated tokens/s and
+how each iteration's time splits between generation (KV-cached sampling), scoring (policy,
+reference, value and reward forwards) and the update (PPO epochs × minibatches, PPO-ptx
+included). The first iteration is reported apart: it pays for allocator and kernel warm-up.
+
+``--compare-no-cache`` also times :func:`tether.models.generation.sample` against the naive loop
+that re-runs the whole sequence through the model for every new token.
+
+These machines are shared: compare settings within one invocation, not across days.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from tether.config import PPOConfig, add_config_args, config_from_args
+from tether.models.generation import encode_prompts, position_ids_from_mask, sample
+from tether.models.loading import load_causal_lm
+from tether.ppo.train import load_prompts, train_ppo
+
+
+def toy_reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
+    """Negative distance of the word count to 20: a cheap stand-in for a reward model."""
+    return torch.tensor([-abs(len(r.split()) - 20) / 20 for r in responses])
+
+
+@torch.no_grad()
+def sample_no_cache(model, tokenizer, prompts, *, max_new_tokens, temperature, generator):
+    """The naive sampler: the whole prefix goes through the model again for every token."""
+    ids, mask = encode_prompts(tokenizer, prompts)
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        positions = position_ids_from_mask(mask)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                       use_cache=False, logits_to_keep=1).logits[:, -1]
+        probs = F.softmax(logits.float() / temperature, dim=-1)
+        tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        tok = torch.where(finished, tokenizer.pad_token_id, tok)
+        ids = torch.cat([ids, tok[:, None]], dim=1)
+        mask = torch.cat([mask, (~finished).long()[:, None]], dim=1)
+        finished |= tok == tokenizer.eos_token_id
+        if bool(finished.all()):
+            break
+    return ids
+
+
+class _NoEOS:
+    """The tokenizer with an EOS id that never occurs: every prompt gets max_new_tokens tokens."""
+
+    eos_token_id = -1
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._tokenizer, name)
+
+
+def compare_no_cache(cfg: PPOConfig, n_prompts: int) -> None:
+    model, tok = load_causal_lm(cfg.policy)
+    prompts = load_prompts(cfg.prompts_file)[:n_prompts]
+    device = next(model.parameters()).device
+    times = {}
+    for name, fn in (("KV cache (sample)", sample), ("no cache (naive)", sample_no_cache)):
+        rng = torch.Generator(device=device).manual_seed(0)
+        fn(model, tok, prompts[:2], max_new_tokens=4, temperature=cfg.temperature, generator=rng)
+        t0 = time.perf_counter()
+        fn(model, _NoEOS(tok), prompts, max_new_tokens=cfg.max_new_tokens,
+           temperature=cfg.temperature, generator=rng)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times[name] = time.perf_counter() - t0
+    tokens = len(prompts) * cfg.max_new_tokens
+    print(f"\ngeneration of {len(prompts)} prompts × {cfg.max_new_tokens} tokens:")
+    for name, seconds in times.items():
+        print(f"  {name:<20} {seconds:7.2f} s   {tokens / seconds:9,.0f} tokens/s")
+    print(f"  KV cache speed-up    {times['no cache (naive)'] / times['KV cache (sample)']:.1f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_config_args(parser, PPOConfig)
+    parser.add_argument("--iterations", type=int, default=3,
+                        help="iterations to run (the first is reported apart as warm-up); 0 runs "
+                        "only --compare-no-cache")
+    parser.add_argument("--compare-no-cache", action="store_true",
+                        help="also time KV-cached sampling against the naive no-cache loop")
+    args = parser.parse_args()
+    cfg = config_from_args(PPOConfig, "ppo", args)
+    if args.iterations > 0:
+        run_trainer(cfg, args.iterations)
+    if args.compare_no_cache:
+        compare_no_cache(cfg, n_prompts=cfg.generation_batch_size)
+
+
+def run_trainer(cfg: PPOConfig, iterations: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp:
+        cfg.out_dir = tmp
+        cfg.total_episodes = iterations * cfg.batch_size
+        cfg.sample_every = 0
+        cfg.save_every = iterations  # one checkpoint, after the timed iterations
+        result = train_ppo(cfg, None if cfg.reward_model else toy_reward, log=lambda _: None)
+    records = result.metrics
+    timed = records[1:] or records
+
+    def mean(key: str, rows: list[dict] = timed) -> float:
+        return sum(r[key] for r in rows) / len(rows)
+
+    total = mean("time_total")
+    reward = cfg.reward_model or "toy length reward"
+    print(f"policy           {cfg.policy.name_or_path}; reward: {reward}")
+    print(f"settings         batch={cfg.batch_size} minibatch={cfg.mini_batch_size} "
+          f"micro={cfg.micro_batch_size} generation_batch={cfg.generation_batch_size} "
+          f"epochs={cfg.ppo_epochs} max_new_tokens={cfg.max_new_tokens} "
+          f"ptx/minibatch={cfg.ptx_per_minibatch} threads={torch.get_num_threads()}")
+    print(f"iterations       {len(records)} (first, warm-up: {records[0]['time_total']:.2f} s; "
+          f"then {total:.2f} s per iteration)")
+    print(f"episodes/s       {mean('episodes_per_s'):.2f}")
+    print(f"tokens/s         {mean('tokens_per_s'):,.0f} generated tokens per second of iteration; "
+          f"{mean('generation_tokens_per_s'):,.0f} during generation")
+    print(f"response length  {mean('response_length'):.1f} tokens "
+          f"(EOS rate {mean('eos_rate'):.2f})")
+    for phase in ("generation", "scoring", "update"):
+        seconds = mean(f"time_{phase}")
+        print(f"  {phase:<14} {seconds:7.2f} s  {100 * seconds / total:5.1f} %")
+    print(f"peak RSS         {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
