@@ -47,8 +47,9 @@ def sample_no_cache(model, tokenizer, prompts, *, max_new_tokens, temperature, g
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
         positions = position_ids_from_mask(mask)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                       use_cache=False, logits_to_keep=1).logits[:, -1]
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1
+        ).logits[:, -1]
         probs = F.softmax(logits.float() / temperature, dim=-1)
         tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         tok = torch.where(finished, tokenizer.pad_token_id, tok)
@@ -84,8 +85,7 @@ def compare_no_cache(cfg: PPOConfig, n_prompts: int) -> None:
         rng = torch.Generator(device=device).manual_seed(0)
         fn(model, tok, prompts[:2], max_new_tokens=4, temperature=cfg.temperature, generator=rng)
         t0 = time.perf_counter()
-        fn(model, _NoEOS(tok), prompts, max_new_tokens=cfg.max_new_tokens,
-           temperature=cfg.temperature, generator=rng)
+        fn(model, _NoEOS(tok), prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=rng)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times[name] = time.perf_counter() - t0
@@ -97,15 +97,17 @@ def compare_no_cache(cfg: PPOConfig, n_prompts: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, PPOConfig)
-    parser.add_argument("--iterations", type=int, default=3,
-                        help="iterations to run (the first is reported apart as warm-up); 0 runs "
-                        "only --compare-no-cache")
-    parser.add_argument("--compare-no-cache", action="store_true",
-                        help="also time KV-cached sampling against the naive no-cache loop")
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=3,
+        help="iterations to run (the first is reported apart as warm-up); 0 runs only --compare-no-cache",
+    )
+    parser.add_argument(
+        "--compare-no-cache", action="store_true", help="also time KV-cached sampling against the naive no-cache loop"
+    )
     args = parser.parse_args()
     cfg = config_from_args(PPOConfig, "ppo", args)
     if args.iterations > 0:
@@ -130,17 +132,22 @@ def run_trainer(cfg: PPOConfig, iterations: int) -> None:
     total = mean("time_total")
     reward = cfg.reward_model or "toy length reward"
     print(f"policy           {cfg.policy.name_or_path}; reward: {reward}")
-    print(f"settings         batch={cfg.batch_size} minibatch={cfg.mini_batch_size} "
-          f"micro={cfg.micro_batch_size} generation_batch={cfg.generation_batch_size} "
-          f"epochs={cfg.ppo_epochs} max_new_tokens={cfg.max_new_tokens} "
-          f"ptx/minibatch={cfg.ptx_per_minibatch} threads={torch.get_num_threads()}")
-    print(f"iterations       {len(records)} (first, warm-up: {records[0]['time_total']:.2f} s; "
-          f"then {total:.2f} s per iteration)")
+    print(
+        f"settings         batch={cfg.batch_size} minibatch={cfg.mini_batch_size} "
+        f"micro={cfg.micro_batch_size} generation_batch={cfg.generation_batch_size} "
+        f"epochs={cfg.ppo_epochs} max_new_tokens={cfg.max_new_tokens} "
+        f"ptx/minibatch={cfg.ptx_per_minibatch} threads={torch.get_num_threads()}"
+    )
+    print(
+        f"iterations       {len(records)} (first, warm-up: {records[0]['time_total']:.2f} s; "
+        f"then {total:.2f} s per iteration)"
+    )
     print(f"episodes/s       {mean('episodes_per_s'):.2f}")
-    print(f"tokens/s         {mean('tokens_per_s'):,.0f} generated tokens per second of iteration; "
-          f"{mean('generation_tokens_per_s'):,.0f} during generation")
-    print(f"response length  {mean('response_length'):.1f} tokens "
-          f"(EOS rate {mean('eos_rate'):.2f})")
+    print(
+        f"tokens/s         {mean('tokens_per_s'):,.0f} generated tokens per second of iteration; "
+        f"{mean('generation_tokens_per_s'):,.0f} during generation"
+    )
+    print(f"response length  {mean('response_length'):.1f} tokens (EOS rate {mean('eos_rate'):.2f})")
     for phase in ("generation", "scoring", "update"):
         seconds = mean(f"time_{phase}")
         print(f"  {phase:<14} {seconds:7.2f} s  {100 * seconds / total:5.1f} %")

@@ -47,10 +47,10 @@ def ppo_data(tmp_path_factory) -> dict[str, Path]:
     """RL prompts (Prompt records, two users) and a small pretraining corpus."""
     root = tmp_path_factory.mktemp("ppo_data")
     demos = make_demonstrations(24)
-    prompts = [{"id": d["prompt_id"], "text": d["prompt"], "user_id": f"u{i % 2}"}
-               for i, d in enumerate(demos)]
-    pretrain = [{"text": f"The {d['response'].lower()} It is a plain sentence number {i}."}
-                for i, d in enumerate(demos)]
+    prompts = [{"id": d["prompt_id"], "text": d["prompt"], "user_id": f"u{i % 2}"} for i, d in enumerate(demos)]
+    pretrain = [
+        {"text": f"The {d['response'].lower()} It is a plain sentence number {i}."} for i, d in enumerate(demos)
+    ]
     return {
         "prompts": write_jsonl(root / "prompts.jsonl", prompts),
         "pretrain": write_jsonl(root / "pretrain.jsonl", pretrain),
@@ -128,13 +128,20 @@ def test_recomputed_logprobs_equal_sampling_logprobs_under_left_padding(eos_poli
     policy, tok = load_causal_lm(str(eos_policy))
     prompts = ["hi", "a much longer prompt that forces left padding of the others", "mid one"]
     for temperature in (1.0, 0.7):
-        gen = sample(policy, tok, prompts, max_new_tokens=10, temperature=temperature,
-                     generator=torch.Generator().manual_seed(1))
+        gen = sample(
+            policy, tok, prompts, max_new_tokens=10, temperature=temperature, generator=torch.Generator().manual_seed(1)
+        )
         assert len(set(gen.query_mask.sum(1).tolist())) == 3  # three prompt lengths
         rollout = score_episodes(
-            gen, prompts, decode_responses(tok, gen), policy=policy, ref_policy=policy,
-            value_model=load_scalar_model(str(eos_policy))[0], reward=length_reward,
-            temperature=temperature, missing_eos_penalty=None,
+            gen,
+            prompts,
+            decode_responses(tok, gen),
+            policy=policy,
+            ref_policy=policy,
+            value_model=load_scalar_model(str(eos_policy))[0],
+            reward=length_reward,
+            temperature=temperature,
+            missing_eos_penalty=None,
         )
         assert torch.allclose(rollout.logprobs, gen.logprobs, atol=1e-5, rtol=0)
         # The same forward for policy and reference: bitwise equal when the weights are.
@@ -150,8 +157,15 @@ def test_score_lands_on_the_last_real_token_under_padding(eos_policy, tiny_rm):
     lengths = gen.response_mask.sum(1)
     assert len(set(lengths.tolist())) > 1 and gen.finished.any()  # ragged responses
     rollout = score_episodes(
-        gen, prompts, decode_responses(tok, gen), policy=policy, ref_policy=policy,
-        value_model=value_model, reward=rm, temperature=1.0, missing_eos_penalty=-1.0,
+        gen,
+        prompts,
+        decode_responses(tok, gen),
+        policy=policy,
+        ref_policy=policy,
+        value_model=value_model,
+        reward=rm,
+        temperature=1.0,
+        missing_eos_penalty=-1.0,
     )
     for i in range(len(prompts)):
         # Each episode alone, no padding at all: prompt ⊕ response as sampled.
@@ -180,8 +194,7 @@ def test_rollout_select_trims_padding_and_cat_repads():
         qm = torch.tensor([[0] * (p - n) + [1] * n for n in qlen])
         rm = torch.tensor([[1] * n + [0] * (r - n) for n in rlen])
         f = torch.rand(b, r) * rm
-        return Rollout(qm * 7, qm, rm * 5, rm, f, f, f, f, f, torch.rand(b), rm[:, -1] == 0,
-                       f, f, f, f, f)
+        return Rollout(qm * 7, qm, rm * 5, rm, f, f, f, f, f, torch.rand(b), rm[:, -1] == 0, f, f, f, f, f)
 
     a, b = part(4, 3, [4, 2], [3, 1]), part(2, 5, [1], [5])
     both = Rollout.cat([a, b], pad_token_id=0)
@@ -230,8 +243,15 @@ def test_ema_tracks_weights_and_applies_temporarily():
 @pytest.mark.parametrize("lora", [False, True])
 def test_first_rollout_has_exactly_zero_kl(tmp_path, ppo_data, eos_policy, lora):
     """Untrained policy vs reference (a copy, or under LoRA the adapters disabled): KL == 0."""
-    cfg = ppo_cfg(tmp_path / "run", ppo_data, eos_policy, total_episodes=8, sample_every=0,
-                  ptx_examples_per_episode=0, **{"policy.lora.enabled": lora, "policy.lora.r": 4})
+    cfg = ppo_cfg(
+        tmp_path / "run",
+        ppo_data,
+        eos_policy,
+        total_episodes=8,
+        sample_every=0,
+        ptx_examples_per_episode=0,
+        **{"policy.lora.enabled": lora, "policy.lora.r": 4},
+    )
     result = train_ppo(cfg, length_reward, **QUIET)
     first = result.metrics[0]
     assert first["kl"] == 0.0 and first["non_score_reward"] == 0.0
@@ -264,8 +284,15 @@ def test_micro_batch_size_does_not_change_the_gradient(ppo_data, eos_policy):
     prompts = ["hi", "a much longer prompt that forces left padding of the others", "mid", "x y"]
     gen = sample(policy, tok, prompts, max_new_tokens=8, generator=torch.Generator().manual_seed(3))
     rollout = score_episodes(
-        gen, prompts, decode_responses(tok, gen), policy=policy, ref_policy=policy,
-        value_model=value_model, reward=length_reward, temperature=1.0, missing_eos_penalty=-1.0,
+        gen,
+        prompts,
+        decode_responses(tok, gen),
+        policy=policy,
+        ref_policy=policy,
+        value_model=value_model,
+        reward=length_reward,
+        temperature=1.0,
+        missing_eos_penalty=-1.0,
     )
     rollout.advantages = torch.randn(rollout.response_mask.shape) * rollout.response_mask
     rollout.returns = torch.randn(rollout.response_mask.shape) * rollout.response_mask
@@ -275,8 +302,7 @@ def test_micro_batch_size_does_not_change_the_gradient(ppo_data, eos_policy):
     for micro in (1, 4):
         cfg = resolve(PPOConfig, "ppo", "tiny", overrides={"micro_batch_size": micro})
         ppo_step(policy, value_model, rollout, ptx, cfg, tok.pad_token_id)
-        grads.append({n: p.grad.clone() for n, p in [*policy.named_parameters(),
-                                                      *value_model.named_parameters()]})
+        grads.append({n: p.grad.clone() for n, p in [*policy.named_parameters(), *value_model.named_parameters()]})
         policy.zero_grad()
         value_model.zero_grad()
     for name, g in grads[0].items():
@@ -284,9 +310,19 @@ def test_micro_batch_size_does_not_change_the_gradient(ppo_data, eos_policy):
 
 
 def test_toy_reward_rises_while_kl_stays_bounded(tmp_path, ppo_data, eos_policy):
-    cfg = ppo_cfg(tmp_path / "run", ppo_data, eos_policy, total_episodes=80, batch_size=16,
-                  mini_batch_size=8, micro_batch_size=8, generation_batch_size=16,
-                  ptx_examples_per_episode=0, sample_every=2, save_every=100)
+    cfg = ppo_cfg(
+        tmp_path / "run",
+        ppo_data,
+        eos_policy,
+        total_episodes=80,
+        batch_size=16,
+        mini_batch_size=8,
+        micro_batch_size=8,
+        generation_batch_size=16,
+        ptx_examples_per_episode=0,
+        sample_every=2,
+        save_every=100,
+    )
     metrics = train_ppo(cfg, length_reward, **QUIET).metrics
     scores = [m["score"] for m in metrics]
     assert min(scores[1:]) > scores[0] + 0.75, scores
@@ -324,8 +360,7 @@ def test_non_finite_score_stops_and_keeps_the_last_good_state(tmp_path, ppo_data
         bad = len(calls) == 3
         return torch.full((len(responses),), float("nan") if bad else 0.5)
 
-    cfg = ppo_cfg(tmp_path / "run", ppo_data, eos_policy, save_every=1, sample_every=0,
-                  ptx_examples_per_episode=0)
+    cfg = ppo_cfg(tmp_path / "run", ppo_data, eos_policy, save_every=1, sample_every=0, ptx_examples_per_episode=0)
     with pytest.raises(FloatingPointError, match="non-finite scores at iteration 3"):
         train_ppo(cfg, reward, **QUIET)
     counters = json.loads((tmp_path / "run" / "state" / "counters.json").read_text())
@@ -333,21 +368,32 @@ def test_non_finite_score_stops_and_keeps_the_last_good_state(tmp_path, ppo_data
 
 
 def _drop_timing(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith("time") and "per_s" not in k}
-            for r in records]
+    return [{k: v for k, v in r.items() if not k.startswith("time") and "per_s" not in k} for r in records]
 
 
 # Everything with state a resume must restore: EMA, adaptive β, PPO-ptx data position, two PPO
 # epochs (minibatch RNG), mid-run prompt position, the sampling RNG, a reward model directory.
-RESUME_ARGS = ["--preset", "tiny", "--total-episodes", "24", "--save-every", "1",
-               "--ema-decay", "0.9", "--adaptive-kl", "true", "--kl-target", "0.05",
-               "--kl-horizon", "20", "--ppo-epochs", "2", "--sample-every", "1"]
+RESUME_ARGS = (
+    "--preset tiny --total-episodes 24 --save-every 1 --ema-decay 0.9 --adaptive-kl true "
+    "--kl-target 0.05 --kl-horizon 20 --ppo-epochs 2 --sample-every 1"
+).split()
 
 
 def resume_cfg(out: Path, data: dict[str, Path], policy: Path, rm: Path) -> PPOConfig:
-    return ppo_cfg(out, data, policy, reward_model=str(rm), total_episodes=24, save_every=1,
-                   ema_decay=0.9, adaptive_kl=True, kl_target=0.05, kl_horizon=20, ppo_epochs=2,
-                   sample_every=1)
+    return ppo_cfg(
+        out,
+        data,
+        policy,
+        reward_model=str(rm),
+        total_episodes=24,
+        save_every=1,
+        ema_decay=0.9,
+        adaptive_kl=True,
+        kl_target=0.05,
+        kl_horizon=20,
+        ppo_epochs=2,
+        sample_every=1,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -356,8 +402,7 @@ def uninterrupted(tmp_path_factory, ppo_data, eos_policy, tiny_rm):
     return train_ppo(resume_cfg(out, ppo_data, eos_policy, tiny_rm), **QUIET)
 
 
-def test_resume_equals_uninterrupted_and_adaptive_beta(tmp_path, ppo_data, eos_policy, tiny_rm,
-                                                        uninterrupted):
+def test_resume_equals_uninterrupted_and_adaptive_beta(tmp_path, ppo_data, eos_policy, tiny_rm, uninterrupted):
     """Stop after iteration 2 of 3, rerun: same weights, EMA, β, metrics and samples."""
     broken = resume_cfg(tmp_path / "run", ppo_data, eos_policy, tiny_rm)
     assert train_ppo(broken, stop_after_iterations=2, **QUIET) is None
@@ -365,8 +410,7 @@ def test_resume_equals_uninterrupted_and_adaptive_beta(tmp_path, ppo_data, eos_p
     assert_same_weights(uninterrupted.policy_dir, resumed.policy_dir)
     assert_same_weights(uninterrupted.value_dir, resumed.value_dir)
     assert _drop_timing(uninterrupted.metrics) == _drop_timing(resumed.metrics)
-    samples = [(d / "samples.jsonl").read_text()
-               for d in (uninterrupted.policy_dir.parent, tmp_path / "run")]
+    samples = [(d / "samples.jsonl").read_text() for d in (uninterrupted.policy_dir.parent, tmp_path / "run")]
     assert samples[0] == samples[1]
     # Adaptive β moves towards the target: down after a KL below it, up after one above.
     m = uninterrupted.metrics
@@ -379,10 +423,15 @@ def test_resume_equals_uninterrupted_and_adaptive_beta(tmp_path, ppo_data, eos_p
 def test_kill_9_then_rerun_resumes(tmp_path, ppo_data, eos_policy, tiny_rm, uninterrupted):
     """The CLI with a reward model directory: kill -9 mid-run, rerun, same result."""
     run = tmp_path / "killed"
-    tether = [sys.executable, "-m", "tether.cli", "ppo", *RESUME_ARGS,
-              "--policy.name-or-path", str(eos_policy), "--reward-model", str(tiny_rm),
-              "--prompts-file", str(ppo_data["prompts"]),
-              "--pretrain-file", str(ppo_data["pretrain"]), "--out-dir", str(run)]
+    paths = {
+        "--policy.name-or-path": eos_policy,
+        "--reward-model": tiny_rm,
+        "--prompts-file": ppo_data["prompts"],
+        "--pretrain-file": ppo_data["pretrain"],
+        "--out-dir": run,
+    }
+    tether = [sys.executable, "-m", "tether.cli", "ppo", *RESUME_ARGS]
+    tether += [x for flag, path in paths.items() for x in (flag, str(path))]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(tether, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 120

@@ -248,9 +248,7 @@ def score_episodes(
             model.eval()  # dropout off in every model: RL must score what it sampled
     q_ids, q_mask = gen.query_ids, gen.query_mask
     r_ids, r_mask = gen.response_ids, gen.response_mask
-    logprobs, entropy = response_logprobs(
-        policy, q_ids, q_mask, r_ids, r_mask, temperature, with_entropy=True
-    )
+    logprobs, entropy = response_logprobs(policy, q_ids, q_mask, r_ids, r_mask, temperature, with_entropy=True)
     ref_model, ref_context = _reference(policy, ref_policy)
     with ref_context:
         ref_logprobs, _ = response_logprobs(ref_model, q_ids, q_mask, r_ids, r_mask, temperature)

@@ -74,9 +74,7 @@ class EMA:
 
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
         self.decay = decay
-        self.shadow = {
-            n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
-        }
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
@@ -107,9 +105,7 @@ class EMA:
             self.shadow[n].copy_(s)
 
 
-def take_cyclic(
-    n_items: int, count: int, position: tuple[int, int], seed: int
-) -> tuple[list[int], tuple[int, int]]:
+def take_cyclic(n_items: int, count: int, position: tuple[int, int], seed: int) -> tuple[list[int], tuple[int, int]]:
     """The next ``count`` indices of an endless stream of seeded per-epoch permutations.
 
     ``position = (epoch, index within that epoch's permutation)`` is all the state there is, so
@@ -130,9 +126,7 @@ def take_cyclic(
     return out, (epoch, index)
 
 
-def check_same_tokenizer(
-    policy_tok: PreTrainedTokenizerBase, other_tok: PreTrainedTokenizerBase, what: str
-) -> None:
+def check_same_tokenizer(policy_tok: PreTrainedTokenizerBase, other_tok: PreTrainedTokenizerBase, what: str) -> None:
     """Raise unless ``other_tok`` has the policy's vocabulary and special tokens.
 
     PPO feeds the sampled token ids straight to the reward and value models; a different
@@ -183,8 +177,10 @@ def _load_models(cfg: PPOConfig, reward_fn: RewardFn | None, log):
     """(policy, ref_policy or None, value_model, reward, tokenizer), on cfg.policy.device."""
     policy, tokenizer = load_causal_lm(cfg.policy, trainable=True)
     if cfg.policy.residual_dropout > 0:
-        log(f"ppo: policy.residual_dropout={cfg.policy.residual_dropout} has no effect: every "
-            "model runs in eval mode (dropout off) in RL")
+        log(
+            f"ppo: policy.residual_dropout={cfg.policy.residual_dropout} has no effect: every "
+            "model runs in eval mode (dropout off) in RL"
+        )
     # The reference is a frozen copy of the initial policy; under LoRA it is the same network
     # with its adapters disabled (no second copy).
     ref_policy = None
@@ -199,8 +195,10 @@ def _load_models(cfg: PPOConfig, reward_fn: RewardFn | None, log):
         raise ValueError("ppo needs reward_model (a reward model directory) or a reward function")
     value_init = cfg.value_model or cfg.reward_model or cfg.policy.name_or_path
     if not (cfg.value_model or cfg.reward_model):
-        log("ppo: no reward model to initialise the value model from; using the policy "
-            "checkpoint with a fresh scalar head")
+        log(
+            "ppo: no reward model to initialise the value model from; using the policy "
+            "checkpoint with a fresh scalar head"
+        )
     # The value model is trained like the policy (dtype, device, LoRA, trainable layers).
     value_cfg = dataclasses.replace(cfg.policy, name_or_path=value_init)
     value_model, value_tokenizer = load_scalar_model(value_cfg, trainable=True)
@@ -243,12 +241,8 @@ def ppo_step(
         with precision:
             logprobs, _ = response_logprobs(policy, *inputs, cfg.temperature)
             values = response_values(value_model, *inputs)
-        pg_loss, pg_stats = policy_loss(
-            logprobs, micro.logprobs, micro.advantages, micro.response_mask, cfg.cliprange
-        )
-        vf_loss, vf_stats = value_loss(
-            values, micro.values, micro.returns, micro.response_mask, cfg.cliprange_value
-        )
+        pg_loss, pg_stats = policy_loss(logprobs, micro.logprobs, micro.advantages, micro.response_mask, cfg.cliprange)
+        vf_loss, vf_stats = value_loss(values, micro.values, micro.returns, micro.response_mask, cfg.cliprange_value)
         # Separate networks and optimisers: one backward fills both sets of gradients.
         ((pg_loss + vf_loss) * weight).backward()
         add("policy_loss", pg_loss.detach(), weight)
@@ -260,8 +254,7 @@ def ppo_step(
 
     if ptx:
         batches = [
-            collate(ptx[i : i + cfg.micro_batch_size], pad_token_id)
-            for i in range(0, len(ptx), cfg.micro_batch_size)
+            collate(ptx[i : i + cfg.micro_batch_size], pad_token_id) for i in range(0, len(ptx), cfg.micro_batch_size)
         ]
         n_targets = sum(count_target_tokens(b["labels"]) for b in batches)
         for b in batches:
@@ -343,20 +336,30 @@ def train_ppo(
         # Fixed prompts, a fixed seed: successive entries differ only by the policy.
         rng = torch.Generator(device=device).manual_seed(cfg.seed)
         with precision:
-            gen = sample(policy, tokenizer, sample_prompts, max_new_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, generator=rng,
-                         max_prompt_length=cfg.max_prompt_length)
+            gen = sample(
+                policy,
+                tokenizer,
+                sample_prompts,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                generator=rng,
+                max_prompt_length=cfg.max_prompt_length,
+            )
             texts = decode_responses(tokenizer, gen)
             scores = episode_scores(gen, sample_prompts, texts, reward, cfg.missing_eos_penalty)
         with open(samples_path, "a", encoding="utf-8") as fh:
-            for p, t, s, f in zip(sample_prompts, texts, scores.tolist(), gen.finished.tolist(),
-                                  strict=True):
+            for p, t, s, f in zip(sample_prompts, texts, scores.tolist(), gen.finished.tolist(), strict=True):
                 record = {"step": step, "prompt": p, "response": t, "score": s, "finished": f}
                 fh.write(json.dumps(record) + "\n")
 
     def checkpoint(iteration: int, episodes: int, prompt_pos, ptx_pos) -> None:
-        counters = {"iteration": iteration, "episodes": episodes, "prompt_position": prompt_pos,
-                    "ptx_position": ptx_pos, "kl_coef": kl_ctl.value}
+        counters = {
+            "iteration": iteration,
+            "episodes": episodes,
+            "prompt_position": prompt_pos,
+            "ptx_position": ptx_pos,
+            "kl_coef": kl_ctl.value,
+        }
         save_state(out / "state", models, stateful, counters, generators)
 
     # Resume from the last state, if any.
@@ -374,10 +377,12 @@ def train_ppo(
             path.unlink(missing_ok=True)
         if sample_prompts and cfg.sample_every:
             write_samples(0)
-    log(f"ppo: {len(prompts)} prompts, {cfg.iterations} iterations of {cfg.batch_size} episodes "
+    log(
+        f"ppo: {len(prompts)} prompts, {cfg.iterations} iterations of {cfg.batch_size} episodes "
         f"(minibatch {cfg.mini_batch_size}, {cfg.ppo_epochs} epoch(s)); "
         f"ptx: {cfg.ptx_per_minibatch} examples per minibatch × γ={cfg.ptx_coef}; "
-        f"KL penalty {cfg.kl_estimator}, β={kl_ctl.value:g} ({type(kl_ctl).__name__})")
+        f"KL penalty {cfg.kl_estimator}, β={kl_ctl.value:g} ({type(kl_ctl).__name__})"
+    )
     logger = MetricsLogger(metrics_path, out / "tensorboard" if cfg.tensorboard else None)
 
     iterations_this_process = 0
@@ -397,16 +402,30 @@ def train_ppo(
                 chunk = batch_prompts[s : s + cfg.generation_batch_size]
                 t0 = _now(device)
                 with precision:
-                    gen = sample(policy, tokenizer, chunk, max_new_tokens=cfg.max_new_tokens,
-                                 temperature=cfg.temperature, generator=sampling_rng,
-                                 max_prompt_length=cfg.max_prompt_length)
+                    gen = sample(
+                        policy,
+                        tokenizer,
+                        chunk,
+                        max_new_tokens=cfg.max_new_tokens,
+                        temperature=cfg.temperature,
+                        generator=sampling_rng,
+                        max_prompt_length=cfg.max_prompt_length,
+                    )
                 t1 = _now(device)
                 with precision:
-                    parts.append(score_episodes(
-                        gen, chunk, decode_responses(tokenizer, gen), policy=policy,
-                        ref_policy=ref_policy, value_model=value_model, reward=reward,
-                        temperature=cfg.temperature, missing_eos_penalty=cfg.missing_eos_penalty,
-                    ))
+                    parts.append(
+                        score_episodes(
+                            gen,
+                            chunk,
+                            decode_responses(tokenizer, gen),
+                            policy=policy,
+                            ref_policy=ref_policy,
+                            value_model=value_model,
+                            reward=reward,
+                            temperature=cfg.temperature,
+                            missing_eos_penalty=cfg.missing_eos_penalty,
+                        )
+                    )
                 t_gen, t_score = t_gen + t1 - t0, t_score + _now(device) - t1
             rollout = Rollout.cat(parts, pad)
             if not bool(torch.isfinite(rollout.scores).all()):
@@ -417,8 +436,12 @@ def train_ppo(
 
             # 2. Rewards: −β·KL(π || π_SFT) per token, the score added at the last real token.
             rollout.rewards, rollout.non_score_rewards, rollout.kl = compute_rewards(
-                rollout.scores, rollout.logprobs, rollout.ref_logprobs, rollout.response_mask,
-                kl_coef, cfg.kl_estimator,
+                rollout.scores,
+                rollout.logprobs,
+                rollout.ref_logprobs,
+                rollout.response_mask,
+                kl_coef,
+                cfg.kl_estimator,
             )
 
             # 3. Advantages: GAE(γ, λ) over the response tokens, whitened over the batch.
@@ -436,17 +459,12 @@ def train_ppo(
                 for s in range(0, cfg.batch_size, cfg.mini_batch_size):
                     ptx: list[SFTExample] = []
                     if pretrain:
-                        ptx_idx, ptx_pos = take_cyclic(
-                            len(pretrain), cfg.ptx_per_minibatch, ptx_pos, cfg.seed + 1
-                        )
-                        ptx = [encode_pretrain(tokenizer, pretrain[i], cfg.ptx_max_length)
-                               for i in ptx_idx]
+                        ptx_idx, ptx_pos = take_cyclic(len(pretrain), cfg.ptx_per_minibatch, ptx_pos, cfg.seed + 1)
+                        ptx = [encode_pretrain(tokenizer, pretrain[i], cfg.ptx_max_length) for i in ptx_idx]
                     minibatch = rollout.select(order[s : s + cfg.mini_batch_size])
                     stats = ppo_step(policy, value_model, minibatch, ptx, cfg, pad, precision)
                     stats["grad_norm"] = clip_grad(policy.parameters(), cfg.optim.max_grad_norm)
-                    stats["value_grad_norm"] = clip_grad(
-                        value_model.parameters(), cfg.value_optim.max_grad_norm
-                    )
+                    stats["value_grad_norm"] = clip_grad(value_model.parameters(), cfg.value_optim.max_grad_norm)
                     bad = [k for k, v in stats.items() if not math.isfinite(v)]
                     if bad:
                         raise FloatingPointError(
@@ -470,19 +488,32 @@ def train_ppo(
             kl_ctl.update(record["kl"], cfg.batch_size)
             t_total = _now(device) - t_start
             n_generated = rollout.n_tokens
-            record.update({
-                "step": iteration + 1, "episodes": episodes, "kl_coef": kl_coef,
-                "kl_estimator": cfg.kl_estimator, "lr": lr, "value_lr": value_lr,
-                "time_generation": t_gen, "time_scoring": t_score, "time_update": t_update,
-                "time_total": t_total, "tokens_per_s": n_generated / t_total,
-                "generation_tokens_per_s": n_generated / max(t_gen, 1e-9),
-                "episodes_per_s": cfg.batch_size / t_total,
-            })
+            record.update(
+                {
+                    "step": iteration + 1,
+                    "episodes": episodes,
+                    "kl_coef": kl_coef,
+                    "kl_estimator": cfg.kl_estimator,
+                    "lr": lr,
+                    "value_lr": value_lr,
+                    "time_generation": t_gen,
+                    "time_scoring": t_score,
+                    "time_update": t_update,
+                    "time_total": t_total,
+                    "tokens_per_s": n_generated / t_total,
+                    "generation_tokens_per_s": n_generated / max(t_gen, 1e-9),
+                    "episodes_per_s": cfg.batch_size / t_total,
+                }
+            )
             logger.log(record)
-            bar.update(task, advance=1, stats=(
-                f"score {record['score']:.3f} · kl {record['kl']:.3f} · "
-                f"len {record['response_length']:.1f} · {record['tokens_per_s']:,.0f} tok/s"
-            ))
+            bar.update(
+                task,
+                advance=1,
+                stats=(
+                    f"score {record['score']:.3f} · kl {record['kl']:.3f} · "
+                    f"len {record['response_length']:.1f} · {record['tokens_per_s']:,.0f} tok/s"
+                ),
+            )
             done = iteration + 1
             last = done == cfg.iterations
             if sample_prompts and cfg.sample_every and (done % cfg.sample_every == 0 or last):
