@@ -355,6 +355,25 @@ def test_rm_scorer_for_sft_selection_is_seeded(trained, tiny_dir):
     assert isinstance(a, float) and a == b
 
 
+def test_sft_selects_its_epoch_by_rm_score(trained, tmp_path, demos_file):
+    """The paper's SFT checkpoint selection, through tether.reward.score.rm_scorer."""
+    from tether.config import SFTConfig
+    from tether.sft.train import train_sft
+
+    _, rm = trained
+    overrides = {
+        "train_file": str(demos_file),
+        "out_dir": str(tmp_path / "sft"),
+        "valid_fraction": 0.2,
+        "select_by": "rm_score",
+        "reward_model": str(rm.final_dir),
+    }
+    result = train_sft(resolve(SFTConfig, "sft", "tiny", overrides=overrides), **QUIET)
+    epochs = json.loads((tmp_path / "sft" / "selection.json").read_text())["epochs"]
+    scores = [e["score"] for e in epochs]
+    assert len(scores) == 2 and result.selected_epoch == 1 + scores.index(max(scores))
+
+
 def test_resume_equals_uninterrupted(data_dir):
     """Stop mid-epoch, rerun: the same final RM. Dropout on, so the RNG state must be restored."""
     common = {"epochs": 2, "batch_size": 4, "micro_batch_size": 2, "save_every_steps": 3}

@@ -68,9 +68,10 @@ def accumulate_gradients(
     prompts, so the accumulated gradient is that of the mean over all of them whatever the
     micro-batch size. Returns the step's loss, pairwise accuracy and mean margin (over pairs).
     """
+    device = next(model.parameters()).device
     total = {"loss": 0.0, "correct": 0.0, "margin": 0.0, "pairs": 0}
     for i in range(0, len(batch), micro_batch_size):
-        micro = collate(batch[i : i + micro_batch_size], pad_token_id)
+        micro = collate(batch[i : i + micro_batch_size], pad_token_id).to(device)
         value, stats = ranking_loss(model, micro, loss)
         value = value * stats["n_prompts"] / len(batch)
         value.backward()
