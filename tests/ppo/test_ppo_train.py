@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_demonstrations, write_jsonl
 from safetensors.torch import load_file
 
 from tether.config import PPOConfig, resolve
@@ -42,15 +41,23 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 @pytest.fixture(scope="session")
 def ppo_data(tmp_path_factory) -> dict[str, Path]:
     """RL prompts (Prompt records, two users) and a small pretraining corpus."""
     root = tmp_path_factory.mktemp("ppo_data")
-    demos = make_demonstrations(24)
-    prompts = [{"id": d["prompt_id"], "text": d["prompt"], "user_id": f"u{i % 2}"} for i, d in enumerate(demos)]
-    pretrain = [
-        {"text": f"The {d['response'].lower()} It is a plain sentence number {i}."} for i, d in enumerate(demos)
+    colors = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple"]
+    things = ["apple", "car", "house", "bird", "boat", "cup", "door", "lamp"]
+    pairs = [(colors[i % 8], things[(i * 3) % 8]) for i in range(24)]
+    prompts = [
+        {"id": f"p{i}", "text": f"Describe a {c} {t} in capitals.", "user_id": f"u{i % 2}"}
+        for i, (c, t) in enumerate(pairs)
     ]
+    pretrain = [{"text": f"The {c} {t} is here. It is a plain sentence number {i}."} for i, (c, t) in enumerate(pairs)]
     return {
         "prompts": write_jsonl(root / "prompts.jsonl", prompts),
         "pretrain": write_jsonl(root / "pretrain.jsonl", pretrain),
