@@ -759,7 +759,29 @@ def _run_presets() -> dict[str, dict[str, Any]]:
             "eval_pretrain_texts": 8,
             "sft.epochs": 1,
         },
-        "demo": {"out_dir": "runs/demo"},
+        # CPU budget (2 cores, < 30 min): bf16 autocast and training only the top blocks of the
+        # 135M model; fewer, shorter episodes than the paper; γ and ptx examples scaled down with them.
+        "demo": {
+            "out_dir": "runs/demo",
+            "rm_prompts_per_round": 200,
+            "heldout_labeler_prompts": 40,
+            "sft.epochs": 2,
+            "sft.optim.lr": 2e-4,
+            "sft.model.autocast": "bfloat16",
+            "sft.model.trainable_layers": 8,
+            "rm.optim.lr": 1e-4,
+            "rm.model.autocast": "bfloat16",
+            "rm.model.trainable_layers": 6,
+            "ppo.policy.autocast": "bfloat16",
+            "ppo.policy.trainable_layers": 8,
+            "ppo.max_new_tokens": 80,
+            "ppo.optim.lr": 1e-5,
+            "ppo.value_optim.lr": 5e-5,
+            "ppo.total_episodes": 192,
+            "ppo.kl_coef": 0.02,
+            "ppo.ptx_coef": 1.0,
+            "ppo.ptx_examples_per_episode": 0.25,
+        },
         "paper": {"k": 9, "rounds": 3},
     }
     out = {}
