@@ -371,7 +371,10 @@ def train_ppo(
         prompt_pos, ptx_pos = tuple(counters["prompt_position"]), tuple(counters["ptx_position"])
         truncate_metrics(metrics_path, start)
         truncate_metrics(samples_path, start)
-        log(f"ppo: resuming at iteration {start + 1}/{cfg.iterations} from {state_dir}")
+        if start < cfg.iterations:
+            log(f"ppo: resuming at iteration {start + 1}/{cfg.iterations} from {state_dir}")
+        else:
+            log(f"ppo: all {cfg.iterations} iterations are done ({state_dir}); exporting the models")
     else:
         for path in (metrics_path, samples_path):
             path.unlink(missing_ok=True)
