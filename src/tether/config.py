@@ -403,6 +403,8 @@ class RunConfig:
     """Prompts sampled (from the train split) and ranked each round."""
     labelers_per_sample: int = 1
     """Training labelers ranking each sample."""
+    sample_batch_size: int = 64
+    """Sequences per forward pass when sampling K responses per prompt."""
     heldout_labeler_prompts: int = 40
     """Samples also ranked by the held-out labelers (RM evaluation only) and by 2 training labelers (agreement)."""
     run_ppo_baseline: bool = True
@@ -777,9 +779,10 @@ def _run_presets() -> dict[str, dict[str, Any]]:
             "ppo.policy.autocast": "bfloat16",
             "ppo.policy.trainable_layers": 8,
             "ppo.max_new_tokens": 80,
-            "ppo.optim.lr": 1e-5,
-            "ppo.value_optim.lr": 5e-5,
-            "ppo.total_episodes": 192,
+            "ppo.optim.lr": 5e-5,
+            "ppo.value_optim.lr": 1e-4,
+            "ppo.total_episodes": 320,
+            "ppo.ppo_epochs": 2,
             "ppo.kl_coef": 0.02,
             "ppo.ptx_coef": 1.0,
             "ppo.ptx_examples_per_episode": 0.25,

@@ -277,6 +277,7 @@ def _stage_sample(cfg: RunConfig, prompts_path: str, policy: str, policy_name: s
             max_new_tokens=cfg.ppo.max_new_tokens,
             temperature=1.0,
             seed=cfg.seed + r,
+            batch_size=cfg.sample_batch_size,
         )
     path = write_records(rdir / "samples.jsonl", samples)
     log(f"sample: {len(samples)} prompts x {cfg.k} responses from {policy_name}")
