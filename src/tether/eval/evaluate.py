@@ -18,9 +18,8 @@ import numpy as np
 import torch
 
 from tether.data.formats import Comparison, PretrainText, Prompt
-from tether.models.generation import decode_responses, position_ids_from_mask, sample
+from tether.models.generation import decode_responses, sample
 from tether.models.loading import load_causal_lm
-from tether.ops import token_logprobs
 
 
 @dataclass
@@ -57,37 +56,25 @@ class EvalReport:
         return asdict(self)
 
 
-@torch.no_grad()
-def response_logprobs(model, gen, temperature: float = 1.0) -> torch.Tensor:
-    """Σ_t log p(response token) under ``model`` for a Generation's responses. [B]."""
+def response_logprob_sums(model, gen) -> torch.Tensor:
+    """Σ_t log p(response token) under ``model`` (temperature 1) for a Generation's responses. [B]."""
+    from tether.ppo.rollout import response_logprobs
+
     device = next(model.parameters()).device
-    ids = torch.cat([gen.query_ids, gen.response_ids], 1).to(device)
-    mask = torch.cat([gen.query_mask, gen.response_mask], 1).to(device)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
-    p = gen.query_ids.shape[1]
-    lp = token_logprobs(logits[:, p - 1 : -1], gen.response_ids.to(device), temperature)
-    return (lp * gen.response_mask.to(device)).sum(-1).cpu()
+    with torch.no_grad():
+        lp, _ = response_logprobs(
+            model, *(t.to(device) for t in (gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask)), 1.0
+        )
+    return lp.sum(-1).cpu()
 
 
-@torch.no_grad()
-def pretrain_perplexity(
-    model, tokenizer, texts: Sequence[PretrainText], max_length: int = 256, batch_size: int = 8
-) -> float:
+def pretrain_perplexity(model, tokenizer, texts: Sequence[PretrainText], max_length: int = 256) -> float:
     """exp(mean NLL per token) on plain text: the alignment-tax measure."""
-    from tether.sft.data import collate, count_target_tokens, encode_pretrain
-    from tether.sft.train import nll_sum
+    from tether.sft.data import encode_pretrain
+    from tether.sft.train import evaluate_loss
 
     examples = [encode_pretrain(tokenizer, t.text, max_length) for t in texts]
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], tokenizer.pad_token_id)
-        logits = model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        ).logits
-        total += float(nll_sum(logits.cpu(), batch["labels"]))
-        count += count_target_tokens(batch["labels"])
-    return math.exp(total / max(count, 1))
+    return math.exp(evaluate_loss(model, examples, tokenizer.pad_token_id))
 
 
 def human_win_rate(comparisons: Sequence[Comparison], policy: str, baseline: str) -> tuple[float | None, int]:
@@ -166,7 +153,7 @@ def evaluate_policies(
             eos += gen.finished.tolist()
             if ref is not None and temperature == 1.0:
                 with precision:
-                    kls += (response_logprobs(model, gen) - response_logprobs(ref, gen)).tolist()
+                    kls += (response_logprob_sums(model, gen) - response_logprob_sums(ref, gen)).tolist()
             if rm is not None:
                 from tether.models.heads import reward_scores
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tether.data.formats import K_MAX, K_MIN, Comparison, Demonstration, read_records
+from tether.data.formats import K_MAX, K_MIN, Comparison, read_records
 from tether.models.generation import chat_prompt
 
 
@@ -76,13 +76,9 @@ class EncodeReport:
 def check_comparison(c: Comparison) -> None:
     """The contract of a Comparison built in memory (files are checked by read_records)."""
     if not K_MIN <= c.k <= K_MAX:
-        raise ValueError(
-            f"comparison for prompt {c.prompt[:40]!r}: K={c.k}; K must be {K_MIN}..{K_MAX}"
-        )
+        raise ValueError(f"comparison for prompt {c.prompt[:40]!r}: K={c.k}; K must be {K_MIN}..{K_MAX}")
     if len(c.ranking) != c.k:
-        raise ValueError(
-            f"comparison for prompt {c.prompt[:40]!r}: {len(c.ranking)} ranks for {c.k} responses"
-        )
+        raise ValueError(f"comparison for prompt {c.prompt[:40]!r}: {len(c.ranking)} ranks for {c.k} responses")
     if any(not r.strip() for r in c.responses):
         raise ValueError(f"comparison for prompt {c.prompt[:40]!r}: a response is empty")
     if not c.pairs():
@@ -158,9 +154,7 @@ def expand_to_pairs(examples: Sequence[RankedExample]) -> list[RankedExample]:
         for w in range(ex.k):
             for lo in range(ex.k):
                 if ex.ranks[w] < ex.ranks[lo]:
-                    out.append(
-                        RankedExample([ex.sequences[w], ex.sequences[lo]], [1, 2], ex.labeler_id)
-                    )
+                    out.append(RankedExample([ex.sequences[w], ex.sequences[lo]], [1, 2], ex.labeler_id))
     return out
 
 
@@ -196,9 +190,7 @@ class RankingBatch:
         )
 
 
-def pad_right(
-    sequences: Sequence[list[int]], pad_token_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_right(sequences: Sequence[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token lists: (input_ids [N,T], attention_mask [N,T])."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
@@ -213,9 +205,7 @@ def collate(examples: Sequence[RankedExample], pad_token_id: int) -> RankingBatc
     """One RankingBatch from P ranked examples (K may differ between them)."""
     sequences = [s for ex in examples for s in ex.sequences]
     ids, mask = pad_right(sequences, pad_token_id)
-    prompt_index = torch.tensor(
-        [p for p, ex in enumerate(examples) for _ in range(ex.k)], dtype=torch.long
-    )
+    prompt_index = torch.tensor([p for p, ex in enumerate(examples) for _ in range(ex.k)], dtype=torch.long)
     ranks = torch.tensor([r for ex in examples for r in ex.ranks], dtype=torch.long)
     return RankingBatch(ids, mask, prompt_index, ranks, [ex.labeler_id for ex in examples])
 
@@ -232,15 +222,6 @@ def load_comparisons(path: str | None) -> list[Comparison]:
             "labeling app or written by the simulated panel"
         )
     return read_records(path, "comparison")
-
-
-def load_demonstrations(path: str | None) -> list[Demonstration]:
-    """Demonstrations for the normalisation: a file, or the default task's."""
-    if path is None:
-        from tether.data.task import build_default_task
-
-        return list(build_default_task().demonstrations)
-    return read_records(path, "demonstration")
 
 
 def prompt_key(c: Comparison) -> str:
@@ -260,9 +241,7 @@ def split_by_prompt(
     random.Random(seed).shuffle(keys)
     n_valid = max(1, int(round(fraction * len(keys))))
     if n_valid >= len(keys):
-        raise ValueError(
-            f"rm: {len(keys)} prompts are too few to hold out {fraction:.0%} for validation"
-        )
+        raise ValueError(f"rm: {len(keys)} prompts are too few to hold out {fraction:.0%} for validation")
     valid_keys = set(keys[:n_valid])
     train = [c for c in comparisons if prompt_key(c) not in valid_keys]
     valid = [c for c in comparisons if prompt_key(c) in valid_keys]

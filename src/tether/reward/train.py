@@ -33,17 +33,15 @@ from tether.reward.data import (
     encode_comparisons,
     expand_to_pairs,
     load_comparisons,
-    load_demonstrations,
     split_by_prompt,
 )
 from tether.reward.evaluate import RMEval, evaluate_rm
 from tether.reward.loss import kwise_ranking_loss, pairwise_loss
 from tether.reward.normalize import Normalization, normalize_reward_model
+from tether.sft.data import load_demonstrations
 
 
-def ranking_loss(
-    model, batch: RankingBatch, loss: str
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def ranking_loss(model, batch: RankingBatch, loss: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward every sequence of the batch once and apply the K-wise (or pairwise) loss.
 
     ``loss='pairwise'`` expects every example to be one (winner, loser) pair, as made by
@@ -162,9 +160,7 @@ def train_reward_model(
     if n_excluded:
         log(f"rm: left {n_excluded} training-side comparisons by held-out labelers {heldout} out")
     if not train_ex or not valid_ex:
-        raise ValueError(
-            "rm: no training or validation comparisons left after the split and encoding"
-        )
+        raise ValueError("rm: no training or validation comparisons left after the split and encoding")
     n_pairs = sum(len(c.pairs()) for c in train_c)
     if cfg.loss == "pairwise":
         if any(ex.k > 2 for ex in train_ex):
@@ -204,9 +200,7 @@ def train_reward_model(
     epoch0, step0 = 0, 0
     state_dir = find_state(out / "state")
     if state_dir is not None:
-        counters = load_state(
-            state_dir, {"reward_model": model}, {"optimizer": optimizer, "scheduler": scheduler}
-        )
+        counters = load_state(state_dir, {"reward_model": model}, {"optimizer": optimizer, "scheduler": scheduler})
         epoch0, step0 = counters["epoch"], counters["step_in_epoch"]
         truncate_metrics(metrics_path, counters["global_step"])
         log(f"rm: resuming at epoch {epoch0 + 1}, step {step0}/{steps_per_epoch} from {state_dir}")
@@ -230,19 +224,14 @@ def train_reward_model(
     with progress_bar("rm") as bar:
         task = bar.add_task("rm", total=total_steps, completed=global_step, stats="")
         for epoch in range(epoch0, cfg.epochs):
-            order = torch.randperm(
-                len(train_ex), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
-            )
+            order = torch.randperm(len(train_ex), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
             for step in range(step0 if epoch == epoch0 else 0, steps_per_epoch):
                 t0 = time.perf_counter()
-                batch = [
-                    train_ex[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                ]
+                batch = [train_ex[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
                 stats = accumulate_gradients(model, batch, cfg.micro_batch_size, pad, cfg.loss)
                 if not math.isfinite(stats["loss"]):
                     raise FloatingPointError(
-                        f"rm: non-finite loss at step {global_step}; "
-                        f"the last good state is in {out / 'state'}"
+                        f"rm: non-finite loss at step {global_step}; the last good state is in {out / 'state'}"
                     )
                 grad_norm = clip_grad(model.parameters(), cfg.optim.max_grad_norm)
                 optimizer.step()
@@ -261,9 +250,7 @@ def train_reward_model(
                 if cfg.eval_every_steps and global_step % cfg.eval_every_steps == 0:
                     record.update(_eval_metrics(evaluate().to_json()))
                 logger.log(record)
-                bar.update(
-                    task, advance=1, stats=f"loss {stats['loss']:.3f} · acc {stats['accuracy']:.2f}"
-                )
+                bar.update(task, advance=1, stats=f"loss {stats['loss']:.3f} · acc {stats['accuracy']:.2f}")
                 if global_step % cfg.save_every_steps == 0 and step + 1 < steps_per_epoch:
                     _save(out, model, optimizer, scheduler, epoch, step + 1, global_step)
                 if stop_after_steps is not None and steps_this_process >= stop_after_steps:
@@ -272,14 +259,9 @@ def train_reward_model(
 
     # 4. Normalise (demonstrations score mean 0, paper §3.5), evaluate, save the final RM.
     demos = load_demonstrations(cfg.demonstrations_file)
-    norm = normalize_reward_model(
-        model, tokenizer, demos, max_length=cfg.max_length, batch_size=cfg.eval_batch_size
-    )
+    norm = normalize_reward_model(model, tokenizer, demos, max_length=cfg.max_length, batch_size=cfg.eval_batch_size)
     cut = f", {norm.truncated} cut to max_length" if norm.truncated else ""
-    log(
-        f"rm: bias {norm.bias:+.4f} makes the {norm.n} demonstrations score mean 0 "
-        f"(raw std {norm.raw_std:.3f}{cut})"
-    )
+    log(f"rm: bias {norm.bias:+.4f} makes the {norm.n} demonstrations score mean 0 (raw std {norm.raw_std:.3f}{cut})")
     eval_after = evaluate()
     logger.log(
         {
@@ -315,9 +297,7 @@ def _eval_metrics(ev: dict) -> dict[str, float | None]:
     }
 
 
-def _save(
-    out: Path, model, optimizer, scheduler, epoch: int, step_in_epoch: int, global_step: int
-) -> None:
+def _save(out: Path, model, optimizer, scheduler, epoch: int, step_in_epoch: int, global_step: int) -> None:
     save_state(
         out / "state",
         {"reward_model": model},
