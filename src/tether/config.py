@@ -402,7 +402,8 @@ class RunConfig:
     rm_prompts_per_round: int = 200
     """Prompts sampled (from the train split) and ranked each round."""
     labelers_per_sample: int = 1
-    """Training labelers ranking each sample."""
+    """Training labelers ranking each sample. Rankings of the same K responses share the RM's
+    forwards, so more labelers per sample cost labeling time, not RM compute."""
     sample_batch_size: int = 64
     """Sequences per forward pass when sampling K responses per prompt."""
     heldout_labeler_prompts: int = 40
@@ -413,6 +414,9 @@ class RunConfig:
     """Also evaluate the base model."""
     eval_prompts: int = 200
     """Held-out (test-split) prompts evaluated."""
+    eval_samples_per_prompt: int = 1
+    """Responses sampled per prompt and policy in evaluation; each is judged against the
+    baseline's response of the same index, and the interval is bootstrapped over prompts."""
     eval_temperature: float = 1.0
     """Sampling temperature in evaluation (1.0 also gives an unbiased KL estimate)."""
     eval_pretrain_texts: int = 0
@@ -422,7 +426,15 @@ class RunConfig:
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def validate(self) -> None:
-        _check_positive(self, "rounds", "k", "rm_prompts_per_round", "labelers_per_sample", "eval_prompts")
+        _check_positive(
+            self,
+            "rounds",
+            "k",
+            "rm_prompts_per_round",
+            "labelers_per_sample",
+            "eval_prompts",
+            "eval_samples_per_prompt",
+        )
         if not 2 <= self.k <= 9:
             raise ValueError(f"run.k must be 2..9, got {self.k}")
         if self.sft.select_by == "rm_score":

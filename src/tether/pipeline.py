@@ -388,6 +388,8 @@ def _stage_eval(
         pretrain_heldout=read_records(data["pretrain_heldout"], "pretrain")[: cfg.eval_pretrain_texts or None],
         temperature=cfg.eval_temperature,
         max_new_tokens=cfg.ppo.max_new_tokens,
+        batch_size=cfg.sample_batch_size,
+        samples_per_prompt=cfg.eval_samples_per_prompt,
         seed=cfg.seed,
         autocast_dtype=cfg.ppo.policy.autocast,
         log=log,

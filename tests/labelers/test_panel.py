@@ -150,9 +150,7 @@ def test_flags_mean_what_they_say(panel, task, samples):
     assert rate("junk", "fails_instruction") > 0.8
     assert rate("hallucinated", "hallucination") > 0.8
     assert rate("unconstrained", "satisfies_constraint") < 0.3
-    opinion = panel.judge(
-        "sim-1", "Tell me about tea.", "I think tea is great.", np.random.default_rng(0)
-    )
+    opinion = panel.judge("sim-1", "Tell me about tea.", "I think tea is great.", np.random.default_rng(0))
     assert opinion.flags["expresses_opinion"]
 
 
@@ -239,6 +237,24 @@ def test_win_rate_of_demonstrations_against_broken_ones(panel, task):
         Panel(PanelConfig(n_heldout=0)).win_rate(prompts, demos, broken)
 
 
+def test_win_rate_with_several_samples_per_prompt_bootstraps_prompts(panel, task):
+    """Three pairs per prompt: the rate is the mean of per-prompt means, n counts prompts, and
+    the interval is narrower than with one pair per prompt (less sampling noise per prompt)."""
+    triples = _broken_pairs(task)[:60]
+    prompts = [t[0] for t in triples for _ in range(3)]
+    demos = [t[1] for t in triples for _ in range(3)]
+    broken = [t[2] for t in triples for _ in range(3)]
+    clusters = [i for i in range(len(triples)) for _ in range(3)]
+    win = panel.win_rate(prompts, demos, broken, seed=0, clusters=clusters)
+    assert win.n == 60 and len(win.preferences) == 180
+    by_hand = np.mean(np.reshape(win.preferences, (60, 3)).mean(1))
+    assert win.rate == pytest.approx(by_hand)
+    single = panel.win_rate(prompts[::3], demos[::3], broken[::3], seed=0)
+    assert win.ci_high - win.ci_low < single.ci_high - single.ci_low
+    with pytest.raises(ValueError, match="cluster"):
+        panel.win_rate(prompts, demos, broken, clusters=clusters[:-1])
+
+
 def test_synthetic_responses_are_a_mix_of_distinct_responses(task, samples):
     assert len(samples) == len(task.prompts)
     kinds = set()
@@ -267,6 +283,4 @@ def test_cli_simulate_writes_comparisons_and_reports_agreement(tmp_path, samples
     assert len(comparisons) == 120
     assert {c.labeler_id for c in comparisons} <= {f"sim-{i}" for i in range(1, 7)}
     assert main([*argv, "--labelers-per-sample", "8", "--include-heldout"]) == 0
-    assert {c.labeler_id for c in read_records(out, "comparison")} == {
-        f"sim-{i}" for i in range(1, 9)
-    }
+    assert {c.labeler_id for c in read_records(out, "comparison")} == {f"sim-{i}" for i in range(1, 9)}

@@ -30,9 +30,7 @@ TOPICS = ["the sea", "a dog", "the city", "a garden", "the moon", "a train"]
 QUIET = dict(log=lambda _: None)
 
 
-def toy_comparisons(
-    n: int, seed: int = 0, k: tuple[int, int] = (2, 6), labelers=("ann", "bob", "cy")
-):
+def toy_comparisons(n: int, seed: int = 0, k: tuple[int, int] = (2, 6), labelers=("ann", "bob", "cy")):
     """Rankings by the hidden score (ties where it is equal); K varies per prompt."""
     rng = random.Random(seed)
     rows = []
@@ -70,10 +68,7 @@ def records(rows: list[dict]) -> list[Comparison]:
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     write_jsonl(tmp_path / "comparisons.jsonl", toy_comparisons(160))
-    demos = [
-        {"prompt": "Describe the sea.", "response": r}
-        for r in ("sunny kind calm warm", "dark cold sad rude")
-    ]
+    demos = [{"prompt": "Describe the sea.", "response": r} for r in ("sunny kind calm warm", "dark cold sad rude")]
     write_jsonl(tmp_path / "demos.jsonl", demos)
     return tmp_path
 
@@ -153,13 +148,37 @@ def test_k2_kwise_step_equals_pairwise_step(trainable):
     assert_same_gradients(grads_kwise, grads_pairwise)
 
 
+def test_rankings_of_the_same_responses_share_forwards(trainable):
+    """Three labelers rank one prompt's K = 4 responses: 4 forwards, not 12, and the step's
+    gradient is the mean over the 4 rankings as if each had been forwarded on its own."""
+    model, tok = trainable
+    pad = tok.pad_token_id
+    responses = ["sunny kind", "dark cold", "calm warm bright", "sad"]
+    shared = [
+        Comparison("Describe the sea.", responses, ranking, who)
+        for ranking, who in (([1, 3, 2, 4], "ann"), ([2, 3, 1, 4], "bob"), ([1, 2, 2, 3], "cy"))
+    ]
+    alone = Comparison("Describe a dog.", ["kind calm", "rude dark"], [1, 2], "ann")
+    examples, _ = encode_comparisons(tok, [shared[0], alone, shared[1], shared[2]], 128)
+    batch = collate(examples, pad)
+    assert batch.n_prompts == 4 and batch.n_sequences == 4 + 2  # distinct sequences only
+    assert batch.sequence_index.tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 0, 1, 2, 3]
+
+    for micro in (1, 2, 8):  # micro-batches count response sets: the group is never split
+        stats, grads = step_gradients(model, examples, micro, pad)
+        model.zero_grad()
+        by_hand = torch.stack([ranking_loss(model, collate([ex], pad), "kwise")[0] for ex in examples]).mean()
+        by_hand.backward()
+        assert stats["loss"] == pytest.approx(float(by_hand.detach()), abs=1e-6)
+        assert stats["pairs"] == 6 + 1 + 6 + 5
+        assert_same_gradients(grads, [p.grad.clone() for p in model.parameters()])
+
+
 def test_loss_of_a_batch_matches_eq1_by_hand(tiny):
     """Ties make no pair; each prompt weighs 1/P whatever its K (a K=2 and a K=6 prompt)."""
     model, tok = tiny
     small = Comparison("Describe a dog.", ["kind calm", "rude dark"], [2, 1], "ann")
-    big = Comparison(
-        "Describe the sea.", ["a", "b b", "c c c", "d", "e e", "f"], [1, 2, 2, 3, 4, 4], "bob"
-    )
+    big = Comparison("Describe the sea.", ["a", "b b", "c c c", "d", "e e", "f"], [1, 2, 2, 3, 4, 4], "bob")
     examples, _ = encode_comparisons(tok, [small, big], 128)
     batch = collate(examples, tok.pad_token_id)
     with torch.no_grad():
@@ -300,17 +319,13 @@ def test_learns_a_hidden_score_task(trained):
     after = result.eval_after
     assert after.overall.accuracy > 0.8
     assert result.eval_before["overall"]["accuracy"] < 0.7
-    assert (
-        after.heldout_labelers.pairs > 0 and after.heldout_labelers.accuracy > 0.8
-    )  # never trained on
+    assert after.heldout_labelers.pairs > 0 and after.heldout_labelers.accuracy > 0.8  # never trained on
     assert set(after.by_labeler) == {"ann", "bob", "cy", "dee", "eve"}
     assert after.margin > 0
     assert result.data.heldout_labeler_comparisons_excluded > 0
     assert 0.6 < after.labeler_agreement["rate"] < 0.9  # eve reverses 1 ranking in 4
     assert sum(after.histogram["counts"]) == after.scores["n"]
-    metrics = [
-        json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()
-    ]
+    metrics = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
     lrs = [m["lr"] for m in metrics if "lr" in m]
     assert lrs[0] > lrs[-1] == pytest.approx(0.1 * cfg.optim.lr)  # cosine to 10 %
     assert any("valid_accuracy" in m and "loss" in m for m in metrics)  # eval_every_steps
@@ -331,9 +346,7 @@ def test_normalised_so_demonstrations_score_mean_zero_and_loads_as_plain_hf(trai
     hf = AutoModelForSequenceClassification.from_pretrained(final)
     hf_tok = AutoTokenizer.from_pretrained(final)
     texts = [
-        hf_tok.apply_chat_template(
-            [{"role": "user", "content": d.prompt}], tokenize=False, add_generation_prompt=True
-        )
+        hf_tok.apply_chat_template([{"role": "user", "content": d.prompt}], tokenize=False, add_generation_prompt=True)
         + d.response
         + hf_tok.eos_token
         for d in demos
@@ -341,16 +354,12 @@ def test_normalised_so_demonstrations_score_mean_zero_and_loads_as_plain_hf(trai
     with torch.no_grad():
         for text, expected in zip(texts, scores, strict=True):
             logits = hf(**hf_tok(text, return_tensors="pt")).logits
-            assert float(logits[0, 0]) + hf.config.tether_reward_bias == pytest.approx(
-                float(expected), abs=1e-4
-            )
+            assert float(logits[0, 0]) + hf.config.tether_reward_bias == pytest.approx(float(expected), abs=1e-4)
 
 
 def test_rm_scorer_for_sft_selection_is_seeded(trained, tiny_dir):
     _, result = trained
-    scorer = rm_scorer(
-        result.final_dir, ["Describe a dog.", "Describe the moon."], max_new_tokens=6, seed=3
-    )
+    scorer = rm_scorer(result.final_dir, ["Describe a dog.", "Describe the moon."], max_new_tokens=6, seed=3)
     a, b = scorer(tiny_dir), scorer(tiny_dir)
     assert isinstance(a, float) and a == b
 
@@ -387,13 +396,8 @@ def test_resume_equals_uninterrupted(data_dir):
     train_reward_model(broken, log=logs.append)  # resumes from the state saved at step 3
     assert any("resuming" in line for line in logs)
     assert_same_weights(final_weights(full), final_weights(broken))
-    steps = [
-        json.loads(x)["step"]
-        for x in (Path(broken.out_dir) / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert (
-        len(steps) == len(set(steps)) + 1
-    )  # no duplicated step lines (only the final eval repeats)
+    steps = [json.loads(x)["step"] for x in (Path(broken.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == len(set(steps)) + 1  # no duplicated step lines (only the final eval repeats)
 
 
 def test_cli_trains_and_prints_the_accuracy_table(data_dir, capsys):
@@ -419,10 +423,7 @@ def test_cli_trains_and_prints_the_accuracy_table(data_dir, capsys):
     out = capsys.readouterr().out
     assert "held-out labelers" in out and "RM after" in out and "rm done" in out
     assert (data_dir / "cli" / "final" / "config.json").exists()
-    assert (
-        main(["rm", "--preset", "tiny", "--loss", "listwise", "--out-dir", str(data_dir / "x")])
-        == 2
-    )
+    assert main(["rm", "--preset", "tiny", "--loss", "listwise", "--out-dir", str(data_dir / "x")]) == 2
 
 
 def test_panel_heldout_labelers_join_the_configured_ones(data_dir):

@@ -28,6 +28,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "default: the default task's held-out corpus",
     )
     p.add_argument("--human", help="comparisons ranked by people (with per-response policies): human win rates")
+    p.add_argument(
+        "--samples-per-prompt",
+        type=int,
+        default=1,
+        help="responses per prompt and policy (narrows the win-rate interval; bootstrapped over prompts)",
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="sequences sampled per forward pass")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -70,6 +77,8 @@ def _run(args) -> int:
         human_comparisons=human,
         temperature=args.temperature,
         max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        samples_per_prompt=args.samples_per_prompt,
         seed=args.seed,
     )
     path = write_report(report, args.out)

@@ -26,7 +26,7 @@ from tether.models.loading import load_causal_lm
 class PolicyEval:
     name: str
     path: str
-    responses: list[str]
+    responses: list[str]  # samples_per_prompt per prompt, prompt-major (prompt i: i*n .. i*n+n-1)
     win_rate: float | None = None  # vs the baseline, judged by held-out labelers; ties count half
     win_ci: tuple[float, float] | None = None  # 95 % bootstrap interval over prompts
     likert: float = float("nan")  # mean 1-7 from held-out labelers
@@ -38,6 +38,7 @@ class PolicyEval:
     pretrain_ppl: float | None = None  # held-out pretraining perplexity (alignment tax)
     human_win_rate: float | None = None  # from people's rankings, when given
     human_n: int = 0
+    preferences: list[float] | None = None  # per response: held-out labelers' mean preference over the baseline's
 
 
 @dataclass
@@ -48,6 +49,7 @@ class EvalReport:
     policies: list[PolicyEval]
     temperature: float
     max_new_tokens: int
+    samples_per_prompt: int = 1
 
     def by_name(self, name: str) -> PolicyEval:
         return next(p for p in self.policies if p.name == name)
@@ -104,13 +106,17 @@ def evaluate_policies(
     temperature: float = 1.0,
     max_new_tokens: int = 64,
     batch_size: int = 16,
+    samples_per_prompt: int = 1,
     seed: int = 0,
     autocast_dtype: str | None = None,
     log=print,
 ) -> EvalReport:
     """Evaluate named policies (name → model dir / 'default' / 'tiny') on held-out prompts.
 
-    ``autocast_dtype`` ('bfloat16') runs every forward pass under mixed precision (faster on CPUs
+    Each policy answers every prompt ``samples_per_prompt`` times; response ``j`` of a prompt is
+    judged against the baseline's response ``j`` and the win rate's interval is bootstrapped
+    over prompts, so more samples narrow it by averaging out sampling noise, not by pretending
+    to have more prompts. ``autocast_dtype`` ('bfloat16') runs every forward pass under mixed precision (faster on CPUs
     with AVX512-BF16 and on GPUs); every policy is measured the same way.
     """
     from tether.config import ModelConfig
@@ -123,8 +129,12 @@ def evaluate_policies(
         from tether.labelers.panel import Panel
 
         panel = Panel()
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
     judges = panel.heldout_labelers
-    texts = [p.text for p in prompts]
+    prompt_texts = [p.text for p in prompts]
+    texts = [t for t in prompt_texts for _ in range(samples_per_prompt)]  # one entry per response
+    clusters = [i for i in range(len(prompt_texts)) for _ in range(samples_per_prompt)]
     ref = load_causal_lm(ref_policy)[0] if ref_policy else None
     rm = None
     if reward_model:
@@ -188,19 +198,20 @@ def evaluate_policies(
     base = next(r for r in results if r.name == baseline)
     for r in results:
         if r.name != baseline:
-            wr = panel.win_rate(texts, r.responses, base.responses, labelers=judges, seed=seed)
-            r.win_rate, r.win_ci = wr.rate, (wr.ci_low, wr.ci_high)
+            wr = panel.win_rate(texts, r.responses, base.responses, labelers=judges, seed=seed, clusters=clusters)
+            r.win_rate, r.win_ci, r.preferences = wr.rate, (wr.ci_low, wr.ci_high), list(wr.preferences)
         else:
             r.win_rate, r.win_ci = 0.5, (0.5, 0.5)
         if human_comparisons:
             r.human_win_rate, r.human_n = human_win_rate(human_comparisons, r.name, baseline)
     return EvalReport(
         baseline=baseline,
-        prompts=texts,
+        prompts=prompt_texts,
         labelers=[lab.id for lab in judges],
         policies=results,
         temperature=temperature,
         max_new_tokens=max_new_tokens,
+        samples_per_prompt=samples_per_prompt,
     )
 
 

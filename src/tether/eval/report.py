@@ -138,6 +138,17 @@ def _fmt(v, spec: str = ".3f") -> str:
     return "–" if v is None else format(v, spec)
 
 
+def _verdict(policy, index: int, baseline: str) -> str:
+    """The held-out labelers' verdict on one response of ``policy`` against the baseline's."""
+    if not policy.preferences:
+        return "(baseline)"
+    p = policy.preferences[index]
+    if p == 0.5:
+        return f"tie ({p:.2f})"
+    winner = policy.name if p > 0.5 else baseline
+    return f"{winner} preferred ({p:.2f} for {policy.name})"
+
+
 def write_report(
     report: EvalReport,
     out_dir: str | Path,
@@ -180,9 +191,12 @@ def write_report(
     names = [p.name for p in report.policies]
     show = [n for n in (report.baseline, "ppo_ptx") if n in names] or names[:2]
     sample_rows = []
+    challenger = report.by_name(show[-1])
+    n_per = report.samples_per_prompt
     for i, prompt in enumerate(report.prompts[:n_samples]):
         cells = [f"<td class=prompt>{html.escape(prompt)}</td>"]
-        cells += [f"<td><pre>{html.escape(report.by_name(n).responses[i])}</pre></td>" for n in show]
+        cells += [f"<td><pre>{html.escape(report.by_name(n).responses[i * n_per])}</pre></td>" for n in show]
+        cells.append(f"<td>{html.escape(_verdict(challenger, i * n_per, report.baseline))}</td>")
         sample_rows.append("<tr>" + "".join(cells) + "</tr>")
     extra_html = ""
     if extra:
@@ -210,7 +224,8 @@ img {{ max-width: 100%; }}
 ({html.escape(", ".join(report.labelers))}), whose labels were never trained on. Sampling temperature
 {report.temperature}, at most {report.max_new_tokens} new tokens.
 Win rates are against <b>{html.escape(report.baseline)}</b>
-with 95 % bootstrap intervals over prompts; ties count half.</p>
+with 95 % bootstrap intervals over prompts; ties count half; {report.samples_per_prompt} sampled
+response(s) per prompt and policy, each judged against the baseline's response of the same index.</p>
 <h2>Win rate against {html.escape(report.baseline)}</h2>
 {_img(pngs["win_rates.png"], "win rates")}
 <table><tr><th>policy</th><th>win rate [95 % CI]</th><th>Likert 1-7</th><th>constraints satisfied</th>
@@ -222,7 +237,8 @@ with 95 % bootstrap intervals over prompts; ties count half.</p>
 {_img(pngs["training_curves.png"], "training curves")}
 {extra_html}
 <h2>Samples</h2>
-<table><tr><th>prompt</th>{"".join(f"<th>{html.escape(n)}</th>" for n in show)}</tr>{"".join(sample_rows)}</table>
+<table><tr><th>prompt</th>{"".join(f"<th>{html.escape(n)}</th>" for n in show)}<th>held-out labelers</th></tr>
+{"".join(sample_rows)}</table>
 </body></html>
 """
     path = out / "report.html"

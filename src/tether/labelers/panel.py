@@ -285,13 +285,7 @@ def judged_flags(features: Features) -> dict[str, bool]:
     constraint parsed from the prompt holds; vacuously True when the prompt states none).
     ``hallucination`` is judged for closed-domain prompts only (a quoted source text).
     """
-    fails = (
-        features.empty
-        or features.degenerate
-        or features.refusal
-        or features.echo
-        or features.on_topic < 0.5
-    )
+    fails = features.empty or features.degenerate or features.refusal or features.echo or features.on_topic < 0.5
     return {
         "fails_instruction": fails,
         "satisfies_constraint": all(features.satisfied) and not features.empty,
@@ -342,9 +336,7 @@ class Labeler:
     def likert(self, utility: float) -> int:
         """A 1-7 score from a (noisy) utility: linear in the share of the best utility."""
         share = utility / self.max_utility + self.leniency
-        score = LIKERT_MIN + (LIKERT_MAX - LIKERT_MIN) * (share - _LIKERT_FLOOR) / (
-            1 - _LIKERT_FLOOR
-        )
+        score = LIKERT_MIN + (LIKERT_MAX - LIKERT_MIN) * (share - _LIKERT_FLOOR) / (1 - _LIKERT_FLOOR)
         return int(min(LIKERT_MAX, max(LIKERT_MIN, round(score))))
 
 
@@ -388,7 +380,8 @@ class WinRate:
     rate: float
     ci_low: float
     ci_high: float
-    n: int  # prompts compared
+    n: int  # prompts compared (bootstrap units)
+    preferences: tuple[float, ...] = ()  # per response pair: the judges' mean preference
 
 
 def _gumbel(rng: np.random.Generator, scale: float, size: int | None = None):
@@ -477,18 +470,14 @@ class Panel:
 
     # ---- single judgements -------------------------------------------------------------------
 
-    def judge(
-        self, labeler: Labeler | str, prompt: str, response: str, rng: np.random.Generator
-    ) -> Judgement:
+    def judge(self, labeler: Labeler | str, prompt: str, response: str, rng: np.random.Generator) -> Judgement:
         """One labeler's Likert score, flags and noisy utility for one response."""
         lab = self._resolve(labeler)
         f = read_response(prompt, response)
         utility = lab.utility(f) + float(_gumbel(rng, lab.noise))
         return Judgement(lab.likert(utility), judged_flags(f), utility)
 
-    def prefer(
-        self, labeler: Labeler | str, prompt: str, a: str, b: str, rng: np.random.Generator
-    ) -> float:
+    def prefer(self, labeler: Labeler | str, prompt: str, a: str, b: str, rng: np.random.Generator) -> float:
         """1.0 if the labeler prefers ``a``, 0.0 if ``b``, 0.5 for a tie."""
         lab = self._resolve(labeler)
         if a == b:
@@ -536,17 +525,14 @@ class Panel:
         pool = list(labelers) if labelers is not None else self.train_labelers
         if not 1 <= labelers_per_sample <= len(pool):
             raise ValueError(
-                f"labelers_per_sample must be 1..{len(pool)} (labelers available), "
-                f"got {labelers_per_sample}"
+                f"labelers_per_sample must be 1..{len(pool)} (labelers available), got {labelers_per_sample}"
             )
         order = [pool[i] for i in np.random.default_rng([seed, 0x0DE7]).permutation(len(pool))]
         out = []
         for s_idx, sample in enumerate(samples):
             for j in range(labelers_per_sample):
                 lab = order[(s_idx * labelers_per_sample + j) % len(order)]
-                ranks, utilities = self.rank(
-                    lab, sample.prompt, sample.responses, self._rng(seed, s_idx, lab)
-                )
+                ranks, utilities = self.rank(lab, sample.prompt, sample.responses, self._rng(seed, s_idx, lab))
                 if len(set(ranks)) == 1:
                     continue
                 feats = [read_response(sample.prompt, r) for r in sample.responses]
@@ -572,33 +558,38 @@ class Panel:
         labelers: list[Labeler] | None = None,
         seed: int = 0,
         n_bootstrap: int = 2000,
+        clusters: Sequence[int] | None = None,
     ) -> WinRate:
         """How often ``responses[i]`` is preferred over ``baseline_responses[i]``.
 
         Every labeler in ``labelers`` (default: the held-out ones, so that evaluation does not
-        reuse the tastes the reward model was trained on) judges every prompt; ties count half.
-        The rate is the mean over prompts of each prompt's mean preference. The 95 % interval
-        is a percentile bootstrap over prompts (``n_bootstrap`` resamples, seeded), which
-        accounts for labelers judging the same prompt not being independent.
+        reuse the tastes the reward model was trained on) judges every pair; ties count half.
+        ``clusters[i]`` names the prompt of pair ``i`` when a prompt has several sampled pairs
+        (default: every pair its own prompt). The rate is the mean over prompts of each
+        prompt's mean preference. The 95 % interval is a percentile bootstrap over prompts
+        (``n_bootstrap`` resamples, seeded), which accounts for labelers judging the same
+        prompt, and samples of the same prompt, not being independent.
         """
         if not (len(prompts) == len(responses) == len(baseline_responses)):
             raise ValueError("prompts, responses and baseline_responses must have equal length")
         if not prompts:
             raise ValueError("win_rate needs at least one prompt")
+        if clusters is not None and len(clusters) != len(prompts):
+            raise ValueError(f"win_rate: {len(clusters)} cluster ids for {len(prompts)} pairs")
         judges = list(labelers) if labelers is not None else self.heldout_labelers
         if not judges:
             raise ValueError("no labelers to judge with (this panel has no held-out labelers)")
-        per_prompt = np.empty(len(prompts))
+        per_pair = np.empty(len(prompts))
         for i, (p, a, b) in enumerate(zip(prompts, responses, baseline_responses, strict=True)):
             text = p.text if isinstance(p, Prompt) else p
-            per_prompt[i] = np.mean(
-                [self.prefer(lab, text, a, b, self._rng(seed, i, lab)) for lab in judges]
-            )
+            per_pair[i] = np.mean([self.prefer(lab, text, a, b, self._rng(seed, i, lab)) for lab in judges])
+        ids = np.unique(np.asarray(clusters if clusters is not None else range(len(prompts))), return_inverse=True)[1]
+        per_prompt = np.bincount(ids, weights=per_pair) / np.bincount(ids)
         rng = np.random.default_rng([seed, 0xB007])
         idx = rng.integers(0, len(per_prompt), size=(n_bootstrap, len(per_prompt)))
         means = per_prompt[idx].mean(axis=1)
         low, high = np.percentile(means, [2.5, 97.5])
-        return WinRate(float(per_prompt.mean()), float(low), float(high), len(per_prompt))
+        return WinRate(float(per_prompt.mean()), float(low), float(high), len(per_prompt), tuple(per_pair.tolist()))
 
 
 # --------------------------------------------------------------------------------------------

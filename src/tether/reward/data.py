@@ -158,19 +158,34 @@ def expand_to_pairs(examples: Sequence[RankedExample]) -> list[RankedExample]:
     return out
 
 
+def group_rankings(examples: Sequence[RankedExample]) -> list[list[RankedExample]]:
+    """Rankings of the very same K sequences (several labelers, one task) grouped, first-seen order.
+
+    A group costs one forward per distinct sequence however many labelers ranked it, so the
+    trainer batches and micro-batches whole groups.
+    """
+    groups: dict[tuple[tuple[int, ...], ...], list[RankedExample]] = {}
+    for ex in examples:
+        groups.setdefault(tuple(tuple(s) for s in ex.sequences), []).append(ex)
+    return list(groups.values())
+
+
 @dataclass
 class RankingBatch:
-    """The responses of P prompts, concatenated prompt after prompt: N = Σ K_p sequences.
+    """P rankings over U distinct sequences: N = Σ K_p (ranking, response) entries.
 
-    The record that crosses from data to the RM trainer; the K-wise loss reads ``prompt_index``
-    and ``ranks`` to form every pair of a prompt inside the batch.
+    The record that crosses from data to the RM trainer. Each distinct sequence is one row of
+    ``input_ids`` (forwarded once); ``sequence_index`` maps each of the N entries to its row, so
+    rankings of the same responses by several labelers share the forwards. The K-wise loss reads
+    ``prompt_index`` and ``ranks`` to form every pair of a ranking inside the batch.
     """
 
-    input_ids: torch.Tensor  # [N, T] long, right-padded with the pad token (never EOS)
-    attention_mask: torch.Tensor  # [N, T] long, 1 on real tokens
-    prompt_index: torch.Tensor  # [N] long, 0..P-1: which prompt each sequence answers
-    ranks: torch.Tensor  # [N] long, rank within its prompt (1 = best, equal = tie)
-    labeler_ids: list[str]  # [P] who ranked each prompt
+    input_ids: torch.Tensor  # [U, T] long, right-padded with the pad token (never EOS)
+    attention_mask: torch.Tensor  # [U, T] long, 1 on real tokens
+    sequence_index: torch.Tensor  # [N] long, 0..U-1: the row of input_ids of each entry
+    prompt_index: torch.Tensor  # [N] long, 0..P-1: which ranking each entry belongs to
+    ranks: torch.Tensor  # [N] long, rank within its ranking (1 = best, equal = tie)
+    labeler_ids: list[str]  # [P] who made each ranking
 
     @property
     def n_prompts(self) -> int:
@@ -184,6 +199,7 @@ class RankingBatch:
         return RankingBatch(
             self.input_ids.to(device),
             self.attention_mask.to(device),
+            self.sequence_index.to(device),
             self.prompt_index.to(device),
             self.ranks.to(device),
             self.labeler_ids,
@@ -201,13 +217,21 @@ def pad_right(sequences: Sequence[list[int]], pad_token_id: int) -> tuple[torch.
     return ids, mask
 
 
+def unique_sequences(examples: Sequence[RankedExample]) -> tuple[list[list[int]], list[int]]:
+    """(distinct sequences in first-seen order, the index of each example's each sequence)."""
+    rows: dict[tuple[int, ...], int] = {}
+    index = [rows.setdefault(tuple(s), len(rows)) for ex in examples for s in ex.sequences]
+    return [list(s) for s in rows], index
+
+
 def collate(examples: Sequence[RankedExample], pad_token_id: int) -> RankingBatch:
-    """One RankingBatch from P ranked examples (K may differ between them)."""
-    sequences = [s for ex in examples for s in ex.sequences]
+    """One RankingBatch from P ranked examples (K may differ); identical sequences forward once."""
+    sequences, index = unique_sequences(examples)
     ids, mask = pad_right(sequences, pad_token_id)
     prompt_index = torch.tensor([p for p, ex in enumerate(examples) for _ in range(ex.k)], dtype=torch.long)
     ranks = torch.tensor([r for ex in examples for r in ex.ranks], dtype=torch.long)
-    return RankingBatch(ids, mask, prompt_index, ranks, [ex.labeler_id for ex in examples])
+    sequence_index = torch.tensor(index, dtype=torch.long)
+    return RankingBatch(ids, mask, sequence_index, prompt_index, ranks, [ex.labeler_id for ex in examples])
 
 
 # --------------------------------------------------------------------------------------------

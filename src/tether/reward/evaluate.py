@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from tether.data.formats import Comparison
-from tether.reward.data import RankedExample
+from tether.reward.data import RankedExample, unique_sequences
 from tether.reward.score import score_sequences
 
 
@@ -42,9 +42,7 @@ class RMEval:
     heldout_labelers: Accuracy  # comparisons by held-out labelers (never trained on)
     labeler_agreement: dict[str, Any]  # {"rate", "pairs"}: labelers agreeing with each other
     scores: dict[str, float]  # distribution of every held-out response's score
-    histogram: dict[str, list[float]] = field(
-        default_factory=dict
-    )  # {"edges": [B+1], "counts": [B]}
+    histogram: dict[str, list[float]] = field(default_factory=dict)  # {"edges": [B+1], "counts": [B]}
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,9 +96,7 @@ def labeler_agreement(comparisons: Sequence[Comparison]) -> dict[str, Any]:
     }
 
 
-def score_distribution(
-    scores: torch.Tensor, bins: int = 10
-) -> tuple[dict[str, float], dict[str, list[float]]]:
+def score_distribution(scores: torch.Tensor, bins: int = 10) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Summary statistics and a ``bins``-bin histogram of ``[N]`` scores."""
     s = scores.float()
     if s.numel() == 0:
@@ -139,9 +135,10 @@ def evaluate_rm(
     agreement; the scores include the model's bias (the normalised score scale).
     """
     heldout = set(heldout_labelers)
-    flat = [s for ex in examples for s in ex.sequences]
-    scores = score_sequences(model, flat, pad_token_id, batch_size) if flat else torch.zeros(0)
-    per_example = scores.split([ex.k for ex in examples]) if flat else []
+    # Each distinct sequence is scored once, however many labelers ranked it.
+    distinct, index = unique_sequences(examples)
+    scores = score_sequences(model, distinct, pad_token_id, batch_size) if distinct else torch.zeros(0)
+    per_example = scores[torch.tensor(index, dtype=torch.long)].split([ex.k for ex in examples]) if distinct else []
     outcomes = [pair_outcomes(s, ex.ranks) for s, ex in zip(per_example, examples, strict=True)]
 
     by_labeler: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -153,12 +150,8 @@ def evaluate_rm(
         overall=_accuracy(c for c, _ in outcomes),
         margin=float(margins.mean()) if margins.numel() else None,
         by_labeler={name: _accuracy(v) for name, v in sorted(by_labeler.items())},
-        train_labelers=_accuracy(
-            c for name, v in by_labeler.items() if name not in heldout for c in v
-        ),
-        heldout_labelers=_accuracy(
-            c for name, v in by_labeler.items() if name in heldout for c in v
-        ),
+        train_labelers=_accuracy(c for name, v in by_labeler.items() if name not in heldout for c in v),
+        heldout_labelers=_accuracy(c for name, v in by_labeler.items() if name in heldout for c in v),
         labeler_agreement=labeler_agreement(comparisons or []),
         scores=stats,
         histogram=histogram,

@@ -32,6 +32,7 @@ from tether.reward.data import (
     collate,
     encode_comparisons,
     expand_to_pairs,
+    group_rankings,
     load_comparisons,
     split_by_prompt,
 )
@@ -48,7 +49,8 @@ def ranking_loss(model, batch: RankingBatch, loss: str) -> tuple[torch.Tensor, d
     :func:`tether.reward.data.expand_to_pairs`: sequences alternate chosen, rejected.
     Returns ``(loss averaged over the batch's prompts, stats)``.
     """
-    scores = reward_scores(model, batch.input_ids, batch.attention_mask, normalized=False)  # [N]
+    rows = reward_scores(model, batch.input_ids, batch.attention_mask, normalized=False)  # [U]
+    scores = rows[batch.sequence_index]  # [N]: a sequence ranked by several labelers forwards once
     if loss == "kwise":
         return kwise_ranking_loss(scores, batch.prompt_index, batch.ranks)
     chosen, rejected = scores[0::2], scores[1::2]
@@ -62,14 +64,18 @@ def accumulate_gradients(
 ) -> dict[str, float]:
     """Backward the loss of one optimiser step's ``batch``, ``micro_batch_size`` prompts at a time.
 
-    Each micro-batch's loss (a mean over its prompts) is scaled by its share of the step's
-    prompts, so the accumulated gradient is that of the mean over all of them whatever the
-    micro-batch size. Returns the step's loss, pairwise accuracy and mean margin (over pairs).
+    ``batch`` holds rankings; rankings of the same responses (several labelers, one prompt) go
+    into one micro-batch and share its forwards, so ``micro_batch_size`` counts distinct
+    prompts' response sets (the forward cost), not rankings. Each micro-batch's loss (a mean
+    over its rankings) is scaled by its share of the step's rankings, so the accumulated
+    gradient is that of the mean over all of them whatever the micro-batch size. Returns the
+    step's loss, pairwise accuracy and mean margin (over pairs).
     """
     device = next(model.parameters()).device
     total = {"loss": 0.0, "correct": 0.0, "margin": 0.0, "pairs": 0}
-    for i in range(0, len(batch), micro_batch_size):
-        micro = collate(batch[i : i + micro_batch_size], pad_token_id).to(device)
+    groups = group_rankings(batch)
+    for i in range(0, len(groups), micro_batch_size):
+        micro = collate([ex for g in groups[i : i + micro_batch_size] for ex in g], pad_token_id).to(device)
         value, stats = ranking_loss(model, micro, loss)
         value = value * stats["n_prompts"] / len(batch)
         value.backward()
@@ -180,7 +186,9 @@ def train_reward_model(
         skipped_valid=valid_report.skipped,
     )
 
-    steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
+    # A step takes batch_size prompts with every ranking of their responses (one per labeler).
+    train_groups = group_rankings(train_ex)
+    steps_per_epoch = math.ceil(len(train_groups) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
@@ -213,7 +221,7 @@ def train_reward_model(
         eval_before = json.loads((out / "eval_before.json").read_text())
     log(
         f"rm: {data.train_comparisons} training comparisons ({data.train_pairs} pairs) as "
-        f"{len(train_ex)} {'rankings' if cfg.loss == 'kwise' else 'pairs'}, "
+        f"{len(train_ex)} {'rankings' if cfg.loss == 'kwise' else 'pairs'} of {len(train_groups)} response sets, "
         f"{steps_per_epoch} steps/epoch x {cfg.epochs}; {len(valid_ex)} held-out comparisons"
     )
 
@@ -224,10 +232,12 @@ def train_reward_model(
     with progress_bar("rm") as bar:
         task = bar.add_task("rm", total=total_steps, completed=global_step, stats="")
         for epoch in range(epoch0, cfg.epochs):
-            order = torch.randperm(len(train_ex), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+            generator = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+            order = torch.randperm(len(train_groups), generator=generator)
             for step in range(step0 if epoch == epoch0 else 0, steps_per_epoch):
                 t0 = time.perf_counter()
-                batch = [train_ex[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
+                picked = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                batch = [ex for i in picked for ex in train_groups[i]]
                 stats = accumulate_gradients(model, batch, cfg.micro_batch_size, pad, cfg.loss)
                 if not math.isfinite(stats["loss"]):
                     raise FloatingPointError(

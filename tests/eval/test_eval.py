@@ -1,0 +1,116 @@
+"""`tether eval` on tiny random policies: invariances of the win rate, KL and perplexity, the report."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tether.data.formats import PretrainText, Prompt
+from tether.data.task import build_default_task
+from tether.eval.evaluate import evaluate_policies, load_eval, pretrain_perplexity, save_eval
+from tether.eval.report import write_report
+from tether.models.loading import load_causal_lm
+
+QUIET = dict(log=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[Prompt]:
+    return [Prompt(id=f"t{i}", text=p.text, user_id="u") for i, p in enumerate(build_default_task().prompts[:5])]
+
+
+@pytest.fixture(scope="module")
+def perturbed(tiny_dir, tmp_path_factory) -> Path:
+    """The tiny model with every weight nudged: a different policy with the same tokenizer."""
+    out = tmp_path_factory.mktemp("perturbed")
+    for f in tiny_dir.iterdir():
+        if f.name != "model.safetensors":
+            (out / f.name).write_bytes(f.read_bytes())
+    gen = torch.Generator().manual_seed(0)
+    original = load_file(tiny_dir / "model.safetensors")
+    weights = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in original.items()}
+    save_file(weights, out / "model.safetensors")
+    return out
+
+
+def test_a_policy_against_itself_ties_with_zero_kl(tiny_dir, prompts):
+    """The same weights and seed answer identically: every judgement a tie, KL exactly 0."""
+    report = evaluate_policies(
+        {"sft": str(tiny_dir), "copy": str(tiny_dir)},
+        prompts,
+        baseline="sft",
+        ref_policy=str(tiny_dir),
+        samples_per_prompt=3,
+        max_new_tokens=12,
+        batch_size=4,  # batches cut across prompts: alignment must not depend on it
+        **QUIET,
+    )
+    sft, copy = report.by_name("sft"), report.by_name("copy")
+    assert report.prompts == [p.text for p in prompts] and report.samples_per_prompt == 3
+    assert len(copy.responses) == 15 and copy.responses == sft.responses
+    assert (copy.win_rate, *copy.win_ci) == (0.5, 0.5, 0.5)
+    assert copy.preferences == [0.5] * 15
+    assert copy.kl_to_ref == 0.0 and sft.kl_to_ref == 0.0
+    # Three samples of one prompt are three draws, not one answer copied three times.
+    assert any(len(set(sft.responses[3 * i : 3 * i + 3])) > 1 for i in range(5))
+
+
+def test_samples_per_prompt_keeps_prompt_and_response_aligned(tiny_dir, perturbed, prompts):
+    """Response j of prompt i is judged against the baseline's response j of prompt i."""
+    one = evaluate_policies(
+        {"sft": str(tiny_dir), "other": str(perturbed)}, prompts, baseline="sft", max_new_tokens=12, **QUIET
+    )
+    three = evaluate_policies(
+        {"sft": str(tiny_dir), "other": str(perturbed)},
+        prompts,
+        baseline="sft",
+        samples_per_prompt=3,
+        max_new_tokens=12,
+        **QUIET,
+    )
+    other = three.by_name("other")
+    assert len(other.preferences) == 15 and all(0 <= p <= 1 for p in other.preferences)
+    per_prompt = [sum(other.preferences[3 * i : 3 * i + 3]) / 3 for i in range(5)]
+    assert other.win_rate == pytest.approx(sum(per_prompt) / 5)
+    assert other.win_ci[0] <= other.win_rate <= other.win_ci[1]
+    assert len(one.by_name("other").responses) == 5 and len(one.by_name("other").preferences) == 5
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        evaluate_policies({"sft": str(tiny_dir)}, prompts, baseline="sft", samples_per_prompt=0, **QUIET)
+
+
+def test_pretrain_perplexity_is_exp_of_the_token_mean_nll(tiny_dir):
+    model, tok = load_causal_lm(str(tiny_dir))
+    texts = [PretrainText("The cat sat on the mat."), PretrainText("Rivers run to the sea, and rain falls again.")]
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for t in texts:
+            ids = tok(t.text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+            logits = model(torch.tensor([ids])).logits[0, :-1]
+            nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum"))
+            n += len(ids) - 1
+    assert pretrain_perplexity(model, tok, texts) == pytest.approx(math.exp(nll / n), rel=1e-4)
+
+
+def test_report_shows_verdicts_and_round_trips(tiny_dir, perturbed, prompts, tmp_path):
+    report = evaluate_policies(
+        {"sft": str(tiny_dir), "ppo_ptx": str(perturbed)},
+        prompts,
+        baseline="sft",
+        samples_per_prompt=2,
+        max_new_tokens=8,
+        pretrain_heldout=[PretrainText("The cat sat on the mat.")],
+        **QUIET,
+    )
+    path = write_report(report, tmp_path / "report")
+    page = path.read_text()
+    assert "held-out labelers</th>" in page and page.count("<td class=prompt>") == 5
+    assert "2 sampled" in page
+    for png in ("win_rates.png", "alignment_tax.png"):  # training curves need a run directory
+        assert (tmp_path / "report" / png).stat().st_size > 1000
+    again = load_eval(save_eval(report, tmp_path / "eval.json"))
+    assert again.samples_per_prompt == 2
+    assert again.by_name("ppo_ptx").preferences == report.by_name("ppo_ptx").preferences
