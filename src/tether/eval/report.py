@@ -214,8 +214,8 @@ body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto;
 table {{ border-collapse: collapse; margin: 1em 0; width: 100%; }}
 th, td {{ border: 1px solid #ddd; padding: 6px 8px; vertical-align: top; text-align: left; font-size: 14px; }}
 th {{ background: #f5f5f5; }}
-pre {{ white-space: pre-wrap; margin: 0; font-family: inherit; }}
-td.prompt {{ width: 30%; color: #444; }}
+pre {{ white-space: pre-wrap; overflow-wrap: anywhere; margin: 0; font-family: inherit; }}
+td.prompt {{ width: 30%; color: #444; overflow-wrap: anywhere; }}
 img {{ max-width: 100%; }}
 .note {{ color: #555; font-size: 14px; }}
 </style></head><body>
