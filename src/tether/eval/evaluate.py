@@ -158,19 +158,18 @@ def evaluate_policies(
                     temperature=temperature,
                     generator=generator,
                 )
-            responses += decode_responses(tokenizer, gen)
+            batch_texts = decode_responses(tokenizer, gen)
+            responses += batch_texts
             lengths += gen.lengths.tolist()
             eos += gen.finished.tolist()
             if ref is not None and temperature == 1.0:
                 with precision:
                     kls += (response_logprob_sums(model, gen) - response_logprob_sums(ref, gen)).tolist()
             if rm is not None:
-                from tether.models.heads import reward_scores
+                from tether.ppo.rollout import episode_scores
 
-                ids = torch.cat([gen.query_ids, gen.response_ids], 1)
-                mask = torch.cat([gen.query_mask, gen.response_mask], 1)
-                with precision, torch.no_grad():
-                    scores += reward_scores(rm, ids.to(rm.device), mask.to(rm.device)).tolist()
+                with precision:  # the RM reads the sampled ids, as in PPO; no missing-EOS penalty
+                    scores += episode_scores(gen, texts[start : start + batch_size], batch_texts, rm, None).tolist()
         with precision:
             ppl = pretrain_perplexity(model, tokenizer, pretrain_heldout) if pretrain_heldout else None
         judgements = [
