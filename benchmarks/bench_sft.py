@@ -1,7 +1,7 @@
 """SFT throughput and peak memory for a given config (not a test: prints figures).
 
-    python benchmarks/bench_sft.py --preset demo --steps 4
-    python benchmarks/bench_sft.py --preset demo --model.autocast bfloat16 --model.trainable-layers 10
+    python benchmarks/bench_sft.py --preset demo --steps 4      # bf16 autocast, top 8 blocks trained
+    python benchmarks/bench_sft.py --preset demo --model.autocast none --model.trainable-layers none
 
 Runs a few optimiser steps of the real SFT step (forward, response-only loss, backward, AdamW) on
 the default task's demonstrations and prints tokens/s (padded tokens through the model) and the

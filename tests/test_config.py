@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import pytest
 import yaml
 
-from tether.config import SFTConfig, add_config_args, config_from_args, field_docs, resolve, save_config
+from tether.config import (
+    PPOConfig,
+    RMConfig,
+    RunConfig,
+    SFTConfig,
+    add_config_args,
+    config_from_args,
+    field_docs,
+    resolve,
+    save_config,
+)
 
 
 def parse(argv: list[str]) -> SFTConfig:
@@ -63,3 +74,22 @@ def test_unknown_preset():
 
 def test_field_docstrings_are_help():
     assert "Training epochs" in field_docs(SFTConfig)["epochs"]
+
+
+@pytest.mark.parametrize("stage,cls", [("sft", SFTConfig), ("rm", RMConfig), ("ppo", PPOConfig)])
+@pytest.mark.parametrize("preset", ["demo", "paper"])
+def test_stage_presets_are_the_run_presets_stages(stage, cls, preset):
+    """`tether ppo --preset demo` trains as `tether run --preset demo` does (one set of settings).
+
+    By design the run's SFT is the PPO-init model (10 % pretraining mix) and selects its checkpoint
+    by validation loss (no RM exists yet when SFT runs); nothing else may differ.
+    """
+    run = resolve(RunConfig, "run", preset)
+    run.validate()  # the run preset itself must be valid (`tether run --preset paper` once was not)
+    in_run = getattr(run, stage)
+    # The paper's SFT selection needs an RM to select with.
+    alone = resolve(cls, stage, preset, overrides={"reward_model": "rm"} if (stage, preset) == ("sft", "paper") else {})
+    if stage == "sft":
+        fields = {k: getattr(alone, k) for k in ("select_by", "reward_model")}
+        in_run = dataclasses.replace(in_run, pretrain_fraction=0.0, **fields)
+    assert alone == in_run
