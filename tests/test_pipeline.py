@@ -63,5 +63,9 @@ def test_two_rounds_killed_and_resumed(tmp_path):
     report = (run / "report" / "report.html").read_text()
     assert "Win rate against sft" in report and "ppo_ptx" in report
     ev = json.loads((run / "eval" / "eval.json").read_text())
-    assert {p["name"] for p in ev["policies"]} == {"base", "sft", "ppo", "ppo_ptx"}
-    assert all(p["pretrain_ppl"] > 0 for p in ev["policies"])
+    assert {p["name"] for p in ev["policies"]} == {"base", "sft", "sft_bo2", "ppo", "ppo_ptx"}
+    by_name = {p["name"]: p for p in ev["policies"]}
+    # Best-of-2 by the final RM: the RM prefers its picks; the model itself is SFT (no tax of its own).
+    assert by_name["sft_bo2"]["best_of"] == 2 and by_name["sft_bo2"]["rm_score"] > by_name["sft"]["rm_score"]
+    assert by_name["sft_bo2"]["pretrain_ppl"] is None and "is not a trained policy" in report
+    assert all(p["pretrain_ppl"] > 0 for n, p in by_name.items() if n != "sft_bo2")

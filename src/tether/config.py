@@ -419,6 +419,9 @@ class RunConfig:
     baseline's response of the same index, and the interval is bootstrapped over prompts."""
     eval_temperature: float = 1.0
     """Sampling temperature in evaluation (1.0 also gives an unbiased KL estimate)."""
+    eval_best_of: int = 0
+    """Also evaluate ``sft_boN``: N samples of SFT, the final RM keeps its favourite. No training,
+    KL at most log N − (N − 1)/N: how much the RM itself can buy, to set PPO against (0 = off)."""
     eval_pretrain_texts: int = 0
     """Held-out pretraining paragraphs for the alignment-tax perplexity (0 = all)."""
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(pretrain_fraction=0.1, select_by="valid_loss"))
@@ -437,6 +440,8 @@ class RunConfig:
         )
         if not 2 <= self.k <= 9:
             raise ValueError(f"run.k must be 2..9, got {self.k}")
+        if self.eval_best_of < 0 or self.eval_best_of == 1:
+            raise ValueError(f"run.eval_best_of must be 0 (off) or >= 2, got {self.eval_best_of}")
         if self.sft.select_by == "rm_score":
             raise ValueError(
                 "run.sft.select_by = 'rm_score' is not available in the pipeline: SFT precedes the first RM"
@@ -787,6 +792,7 @@ def _run_presets() -> dict[str, dict[str, Any]]:
             "rm_prompts_per_round": 16,
             "heldout_labeler_prompts": 8,
             "eval_prompts": 12,
+            "eval_best_of": 2,
             "eval_pretrain_texts": 8,
             "sft.epochs": 1,
         },
@@ -798,6 +804,7 @@ def _run_presets() -> dict[str, dict[str, Any]]:
             # six noisy judgements per set teach it more than one (held-out accuracy 60 -> 65 %).
             "labelers_per_sample": 6,
             "heldout_labeler_prompts": 40,
+            "eval_best_of": 4,
         },
         # The paper picks the SFT checkpoint by RM score, but in the pipeline SFT precedes the
         # first RM: the run selects by validation loss instead.

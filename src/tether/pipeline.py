@@ -179,6 +179,8 @@ def run_pipeline(cfg: RunConfig, log=print) -> RunResult:
     if cfg.eval_base:
         policies["base"] = cfg.sft.model.name_or_path
     policies["sft"] = sft["policy"]
+    if cfg.eval_best_of:
+        policies[f"sft_bo{cfg.eval_best_of}"] = sft["policy"]
     if cfg.run_ppo_baseline:
         policies["ppo"] = manifest.outputs(f"round-{cfg.rounds}/ppo")["policy"]
     policies["ppo_ptx"] = policy
@@ -390,6 +392,7 @@ def _stage_eval(
         max_new_tokens=cfg.ppo.max_new_tokens,
         batch_size=cfg.sample_batch_size,
         samples_per_prompt=cfg.eval_samples_per_prompt,
+        best_of={f"sft_bo{cfg.eval_best_of}": cfg.eval_best_of} if cfg.eval_best_of else None,
         seed=cfg.seed,
         autocast_dtype=cfg.ppo.policy.autocast,
         log=log,

@@ -13,7 +13,10 @@ from tether.data.formats import PretrainText, Prompt
 from tether.data.task import build_default_task
 from tether.eval.evaluate import evaluate_policies, load_eval, pretrain_perplexity, save_eval
 from tether.eval.report import write_report
+from tether.models.generation import decode_responses, sample
+from tether.models.heads import load_scalar_model, save_scalar_model
 from tether.models.loading import load_causal_lm
+from tether.ppo.rollout import episode_scores
 
 QUIET = dict(log=lambda _: None)
 
@@ -114,3 +117,36 @@ def test_report_shows_verdicts_and_round_trips(tiny_dir, perturbed, prompts, tmp
     again = load_eval(save_eval(report, tmp_path / "eval.json"))
     assert again.samples_per_prompt == 2
     assert again.by_name("ppo_ptx").preferences == report.by_name("ppo_ptx").preferences
+
+
+def test_best_of_n_keeps_the_reward_models_pick(tiny_dir, prompts, tmp_path):
+    """Best-of-4: each response is the RM's top-scored of 4 samples; KL is the analytic bound."""
+    torch.manual_seed(0)
+    rm, tok = load_scalar_model(str(tiny_dir))  # the tiny LM with a random scalar head
+    rm_dir = save_scalar_model(rm, tok, tmp_path / "rm")
+    common = dict(baseline="sft", reward_model=str(rm_dir), ref_policy=str(tiny_dir), max_new_tokens=10, batch_size=8)
+    report = evaluate_policies(
+        {"sft": str(tiny_dir), "bo4": str(tiny_dir)}, prompts, best_of={"bo4": 4}, **common, **QUIET
+    )
+    bo4, sft = report.by_name("bo4"), report.by_name("sft")
+
+    # An independent oracle: the same draws (2 prompts x 4 candidates per forward batch), scored.
+    model, _ = load_causal_lm(str(tiny_dir))
+    generator, picks, candidate_scores = torch.Generator().manual_seed(0), [], []
+    for chunk in ([0, 1], [2, 3], [4]):
+        texts = [prompts[i].text for i in chunk for _ in range(4)]
+        gen = sample(model, tok, texts, max_new_tokens=10, temperature=1.0, generator=generator)
+        responses = decode_responses(tok, gen)
+        scores = episode_scores(gen, texts, responses, rm, None).view(-1, 4)
+        picks += [responses[4 * j + int(scores[j].argmax())] for j in range(len(chunk))]
+        candidate_scores.append(scores)
+    best = torch.cat(candidate_scores).max(-1).values
+    assert bo4.responses == picks and bo4.best_of == 4 and sft.best_of == 1
+    assert bo4.rm_score == pytest.approx(float(best.mean()), abs=1e-5)
+    assert bo4.rm_score > float(torch.cat(candidate_scores).mean())
+    assert bo4.kl_to_ref == pytest.approx(math.log(4) - 0.75) and bo4.pretrain_ppl is None
+    assert "≤ 0.64" in write_report(report, tmp_path / "report").read_text()
+    with pytest.raises(ValueError, match="needs a reward model"):
+        evaluate_policies({"sft": str(tiny_dir)}, prompts, baseline="sft", best_of={"sft": 2}, **QUIET)
+    with pytest.raises(ValueError, match="not among the policies"):
+        evaluate_policies({"sft": str(tiny_dir)}, prompts, baseline="sft", best_of={"bo": 2}, **QUIET)

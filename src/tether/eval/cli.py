@@ -34,6 +34,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=1,
         help="responses per prompt and policy (narrows the win-rate interval; bootstrapped over prompts)",
     )
+    p.add_argument(
+        "--best-of",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="make policy NAME best-of-N: keep the response the --reward-model scores highest of N samples "
+        "(repeat; e.g. --policy sft_bo4=runs/sft/final --best-of sft_bo4=4)",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="sequences sampled per forward pass")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -53,6 +61,12 @@ def _run(args) -> int:
         if not sep or not name or not path:
             raise ValueError(f"--policy expects NAME=PATH, got {spec!r}")
         policies[name] = path
+    best_of = {}
+    for spec in args.best_of:
+        name, sep, n = spec.partition("=")
+        if not sep or not n.isdigit():
+            raise ValueError(f"--best-of expects NAME=N with N a whole number, got {spec!r}")
+        best_of[name] = int(n)
     if args.prompts:
         prompts = read_records(args.prompts, "prompt")
     else:
@@ -79,6 +93,7 @@ def _run(args) -> int:
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         samples_per_prompt=args.samples_per_prompt,
+        best_of=best_of,
         seed=args.seed,
     )
     path = write_report(report, args.out)

@@ -39,6 +39,7 @@ class PolicyEval:
     human_win_rate: float | None = None  # from people's rankings, when given
     human_n: int = 0
     preferences: list[float] | None = None  # per response: held-out labelers' mean preference over the baseline's
+    best_of: int = 1  # > 1: each response is the RM's pick of this many samples (kl_to_ref is then a bound)
 
 
 @dataclass
@@ -68,6 +69,15 @@ def response_logprob_sums(model, gen) -> torch.Tensor:
             model, *(t.to(device) for t in (gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask)), 1.0
         )
     return lp.sum(-1).cpu()
+
+
+def best_of_n_kl_bound(n: int) -> float:
+    """Upper bound on KL(best-of-n ‖ π) for a policy's best-of-n by any scorer: log n − (n − 1)/n nats.
+
+    The usual analytic figure for best-of-n sampling (Stiennon et al. 2020; shown to be an upper
+    bound by Beirami et al. 2024): best-of-n cannot be scored token by token like a policy.
+    """
+    return math.log(n) - (n - 1) / n
 
 
 def pretrain_perplexity(model, tokenizer, texts: Sequence[PretrainText], max_length: int = 256) -> float:
@@ -107,6 +117,7 @@ def evaluate_policies(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     samples_per_prompt: int = 1,
+    best_of: dict[str, int] | None = None,
     seed: int = 0,
     autocast_dtype: str | None = None,
     log=print,
@@ -116,7 +127,10 @@ def evaluate_policies(
     Each policy answers every prompt ``samples_per_prompt`` times; response ``j`` of a prompt is
     judged against the baseline's response ``j`` and the win rate's interval is bootstrapped
     over prompts, so more samples narrow it by averaging out sampling noise, not by pretending
-    to have more prompts. ``autocast_dtype`` ('bfloat16') runs every forward pass under mixed precision (faster on CPUs
+    to have more prompts. ``best_of`` (name → n) makes a policy best-of-n: each of its responses
+    is the one the reward model scores highest among n samples, the RM's own optimisation without
+    any training, at a KL of at most log n − (n − 1)/n nats when that policy is the reference.
+    ``autocast_dtype`` ('bfloat16') runs every forward pass under mixed precision (faster on CPUs
     with AVX512-BF16 and on GPUs); every policy is measured the same way.
     """
     from tether.config import ModelConfig
@@ -131,6 +145,14 @@ def evaluate_policies(
         panel = Panel()
     if samples_per_prompt < 1:
         raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+    best_of = best_of or {}
+    for name, n in best_of.items():
+        if name not in policies:
+            raise ValueError(f"best_of names {name!r}, which is not among the policies {list(policies)}")
+        if n < 1:
+            raise ValueError(f"best_of[{name!r}] must be >= 1, got {n}")
+        if n > 1 and not reward_model:
+            raise ValueError(f"best_of[{name!r}] = {n} needs a reward model to pick with")
     judges = panel.heldout_labelers
     prompt_texts = [p.text for p in prompts]
     texts = [t for t in prompt_texts for _ in range(samples_per_prompt)]  # one entry per response
@@ -144,34 +166,46 @@ def evaluate_policies(
 
     results: list[PolicyEval] = []
     for name, path in policies.items():
-        log(f"eval: generating with {name} ({path})")
+        n_best = best_of.get(name, 1)
+        log(f"eval: generating with {name} ({path})" + (f", best of {n_best} by the RM" if n_best > 1 else ""))
         model, tokenizer = load_causal_lm(path)
         generator = torch.Generator().manual_seed(seed)  # the same seed for every policy
         responses, lengths, eos, kls, scores = [], [], [], [], []
-        for start in range(0, len(texts), batch_size):
+        step = max(1, batch_size // n_best)  # prompts per forward batch of n_best candidates each
+        for start in range(0, len(texts), step):
+            chunk = texts[start : start + step]
+            candidates = [t for t in chunk for _ in range(n_best)]
             with precision:
                 gen = sample(
                     model,
                     tokenizer,
-                    texts[start : start + batch_size],
+                    candidates,
                     max_new_tokens=max_new_tokens,
                     temperature=temperature,
                     generator=generator,
                 )
             batch_texts = decode_responses(tokenizer, gen)
-            responses += batch_texts
-            lengths += gen.lengths.tolist()
-            eos += gen.finished.tolist()
-            if ref is not None and temperature == 1.0:
-                with precision:
-                    kls += (response_logprob_sums(model, gen) - response_logprob_sums(ref, gen)).tolist()
             if rm is not None:
                 from tether.ppo.rollout import episode_scores
 
                 with precision:  # the RM reads the sampled ids, as in PPO; no missing-EOS penalty
-                    scores += episode_scores(gen, texts[start : start + batch_size], batch_texts, rm, None).tolist()
+                    batch_scores = episode_scores(gen, candidates, batch_texts, rm, None).cpu()
+                if n_best > 1:  # keep each prompt's top-scored candidate
+                    pick = batch_scores.view(-1, n_best).argmax(-1) + torch.arange(len(chunk)) * n_best
+                    gen, batch_scores = gen.select(pick.to(gen.response_ids.device)), batch_scores[pick]
+                    batch_texts = [batch_texts[i] for i in pick.tolist()]
+                scores += batch_scores.tolist()
+            responses += batch_texts
+            lengths += gen.lengths.tolist()
+            eos += gen.finished.tolist()
+            if ref is not None and temperature == 1.0 and n_best == 1:
+                with precision:
+                    kls += (response_logprob_sums(model, gen) - response_logprob_sums(ref, gen)).tolist()
+        if n_best > 1 and ref_policy is not None and str(path) == str(ref_policy) and temperature == 1.0:
+            kls = [best_of_n_kl_bound(n_best)]
         with precision:
-            ppl = pretrain_perplexity(model, tokenizer, pretrain_heldout) if pretrain_heldout else None
+            # Best-of-n leaves the model as it is: no alignment tax of its own to measure.
+            ppl = pretrain_perplexity(model, tokenizer, pretrain_heldout) if pretrain_heldout and n_best == 1 else None
         judgements = [
             panel.judge(lab, t, r, np.random.default_rng([seed, i, j]))
             for i, (t, r) in enumerate(zip(texts, responses, strict=True))
@@ -190,6 +224,7 @@ def evaluate_policies(
                 length=float(np.mean(lengths)),
                 eos_rate=float(np.mean(eos)),
                 pretrain_ppl=ppl,
+                best_of=n_best,
             )
         )
         del model

@@ -179,7 +179,7 @@ def write_report(
                 _fmt(p.flag_rates.get("satisfies_constraint"), ".2f"),
                 _fmt(p.flag_rates.get("fails_instruction"), ".2f"),
                 _fmt(p.rm_score, ".3f"),
-                _fmt(p.kl_to_ref, ".2f"),
+                ("≤ " if p.best_of > 1 and p.kl_to_ref is not None else "") + _fmt(p.kl_to_ref, ".2f"),
                 f"{p.length:.1f}",
                 f"{p.eos_rate:.2f}",
                 _fmt(p.pretrain_ppl, ".2f"),
@@ -198,6 +198,14 @@ def write_report(
         cells += [f"<td><pre>{html.escape(report.by_name(n).responses[i * n_per])}</pre></td>" for n in show]
         cells.append(f"<td>{html.escape(_verdict(challenger, i * n_per, report.baseline))}</td>")
         sample_rows.append("<tr>" + "".join(cells) + "</tr>")
+    best_of_note = "".join(
+        f"<p class=note><b>{html.escape(p.name)}</b> is not a trained policy: each response is the one the "
+        f"reward model scores highest among {p.best_of} samples of {html.escape(p.path)}. It shows what the RM "
+        f"itself can buy at a KL of at most log {p.best_of} − {p.best_of - 1}/{p.best_of} nats, to set the RL "
+        "policies against.</p>"
+        for p in report.policies
+        if p.best_of > 1
+    )
     extra_html = ""
     if extra:
         extra_html = (
@@ -231,6 +239,7 @@ response(s) per prompt and policy, each judged against the baseline's response o
 <table><tr><th>policy</th><th>win rate [95 % CI]</th><th>Likert 1-7</th><th>constraints satisfied</th>
 <th>fails instruction</th><th>RM score</th><th>KL to SFT (nats)</th><th>length (tokens)</th><th>EOS rate</th>
 <th>pretrain ppl</th></tr>{rows}</table>
+{best_of_note}
 <h2>Alignment tax</h2>
 {_img(pngs["alignment_tax.png"], "alignment tax")}
 <h2>Training curves</h2>

@@ -8,6 +8,7 @@ because sampling and log-prob distributions differ").
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,6 +64,10 @@ class Generation:
     @property
     def lengths(self) -> torch.Tensor:
         return self.response_mask.sum(-1)
+
+    def select(self, index: torch.Tensor) -> Generation:
+        """The rows ``index`` (a 1-D index tensor) of every field, in that order."""
+        return Generation(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
 
 
 @torch.no_grad()
