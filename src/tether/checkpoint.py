@@ -134,3 +134,12 @@ def truncate_metrics(path: Path, keep_until_step: int) -> None:
         ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= keep_until_step
     ]
     path.write_text("".join(ln + "\n" for ln in kept))
+
+
+def epoch_order(n_items: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of ``n_items`` in ``epoch``: a function of (seed, epoch) alone.
+
+    A resumed run recomputes the interrupted epoch's order from the checkpointed epoch and takes
+    up at the checkpointed step, so it sees exactly the batches an uninterrupted run would.
+    """
+    return torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 7919 + epoch))

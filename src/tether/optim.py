@@ -47,3 +47,15 @@ def clip_grad(params, max_norm: float) -> float:
     if max_norm and max_norm > 0:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+
+
+def optimizer_step(model: torch.nn.Module, optimizer, scheduler, max_grad_norm: float) -> float:
+    """Clip the gradients, step the optimiser and the schedule, zero the gradients.
+
+    Returns the gradient norm before clipping.
+    """
+    grad_norm = clip_grad(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

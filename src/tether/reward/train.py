@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from tether.checkpoint import find_state, load_state, save_state, truncate_metrics
+from tether.checkpoint import epoch_order, find_state, load_state, save_state, truncate_metrics
 from tether.config import RMConfig, save_config
 from tether.data.formats import Comparison
 from tether.metrics import MetricsLogger, progress_bar
 from tether.models.heads import load_scalar_model, reward_scores, save_scalar_model
-from tether.optim import build_optimizer, build_scheduler, clip_grad
+from tether.optim import build_optimizer, build_scheduler, optimizer_step
 from tether.reward.data import (
     RankedExample,
     RankingBatch,
@@ -232,8 +232,7 @@ def train_reward_model(
     with progress_bar("rm") as bar:
         task = bar.add_task("rm", total=total_steps, completed=global_step, stats="")
         for epoch in range(epoch0, cfg.epochs):
-            generator = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
-            order = torch.randperm(len(train_groups), generator=generator)
+            order = epoch_order(len(train_groups), cfg.seed, epoch)
             for step in range(step0 if epoch == epoch0 else 0, steps_per_epoch):
                 t0 = time.perf_counter()
                 picked = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
@@ -243,10 +242,7 @@ def train_reward_model(
                     raise FloatingPointError(
                         f"rm: non-finite loss at step {global_step}; the last good state is in {out / 'state'}"
                     )
-                grad_norm = clip_grad(model.parameters(), cfg.optim.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm = optimizer_step(model, optimizer, scheduler, cfg.optim.max_grad_norm)
                 global_step += 1
                 steps_this_process += 1
                 record = {

@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tether.checkpoint import find_state, load_state, save_state, truncate_metrics
+from tether.checkpoint import epoch_order, find_state, load_state, save_state, truncate_metrics
 from tether.config import SFTConfig, save_config
 from tether.data.formats import Demonstration
 from tether.metrics import MetricsLogger, progress_bar, read_metrics
 from tether.models.generation import generate_texts
 from tether.models.loading import autocast, load_causal_lm, save_model
-from tether.optim import build_optimizer, build_scheduler, clip_grad
+from tether.optim import build_optimizer, build_scheduler, optimizer_step
 from tether.sft.data import (
     IGNORE,
     SFTExample,
@@ -191,7 +191,7 @@ def train_sft(
     with progress_bar("sft") as bar:
         task = bar.add_task("sft", total=total_steps, completed=global_step, stats="")
         for epoch in range(epoch0, cfg.epochs):
-            order = torch.randperm(len(train_ex), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+            order = epoch_order(len(train_ex), cfg.seed, epoch)
             for step in range(step0 if epoch == epoch0 else 0, steps_per_epoch):
                 t0 = time.perf_counter()
                 batch = [train_ex[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
@@ -210,10 +210,7 @@ def train_sft(
                     raise FloatingPointError(
                         f"sft: non-finite loss at step {global_step}; last good state is in {out / 'state'}"
                     )
-                grad_norm = clip_grad(model.parameters(), cfg.optim.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                grad_norm = optimizer_step(model, optimizer, scheduler, cfg.optim.max_grad_norm)
                 global_step += 1
                 steps_this_process += 1
                 n_tokens = sum(int(m["attention_mask"].sum()) for m in micro)
