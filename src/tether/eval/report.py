@@ -135,7 +135,10 @@ def _img(png: bytes | None, alt: str) -> str:
 
 
 def _fmt(v, spec: str = ".3f") -> str:
-    return "–" if v is None else format(v, spec)
+    if v is None:
+        return "–"
+    text = format(v, spec)
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
 
 
 def _verdict(policy, index: int, baseline: str) -> str:
