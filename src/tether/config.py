@@ -277,7 +277,15 @@ class PPOConfig:
     whiten_advantages: bool = True
     """Whiten advantages over the response tokens of each batch."""
     batch_size: int = 64
-    """Episodes (prompts, one response each) per iteration (paper: 512)."""
+    """Episodes per iteration (paper: 512): batch_size / samples_per_prompt prompts."""
+    samples_per_prompt: int = 1
+    """Responses sampled for each prompt of a batch (paper: 1; batch_size must be a multiple)."""
+    score_baseline: str = "none"
+    """'leave_one_out' (needs samples_per_prompt >= 2): each score minus the mean score of the
+    same prompt's other responses, before the KL penalty. The RM is trained to rank responses to
+    one prompt, not to compare prompts; this keeps only what it was trained for (a baseline that
+    does not depend on the episode's own action: the policy gradient stays unbiased). 'none':
+    the paper's raw score."""
     mini_batch_size: int = 16
     """Episodes per optimiser step (paper: 64)."""
     micro_batch_size: int = 8
@@ -328,6 +336,15 @@ class PPOConfig:
             raise ValueError(
                 f"ppo.total_episodes ({self.total_episodes}) must be at least one batch ({self.batch_size})"
             )
+        if self.samples_per_prompt < 1 or self.batch_size % self.samples_per_prompt:
+            raise ValueError(
+                f"ppo.batch_size ({self.batch_size}) must be a multiple of samples_per_prompt "
+                f"({self.samples_per_prompt}, >= 1)"
+            )
+        if self.score_baseline not in ("none", "leave_one_out"):
+            raise ValueError(f"ppo.score_baseline must be none or leave_one_out, got {self.score_baseline!r}")
+        if self.score_baseline == "leave_one_out" and self.samples_per_prompt < 2:
+            raise ValueError("ppo.score_baseline = leave_one_out needs samples_per_prompt >= 2")
         if self.kl_estimator not in KL_ESTIMATOR_NAMES:
             raise ValueError(
                 f"ppo.kl_estimator must be one of {', '.join(KL_ESTIMATOR_NAMES)}, got {self.kl_estimator!r}"

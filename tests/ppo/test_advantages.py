@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tether.ppo.advantages import gae, whiten_advantages
+from tether.ppo.advantages import gae, leave_one_out, whiten_advantages
 
 
 def _naive_gae(rewards, values, lengths, gamma, lam):
@@ -91,3 +91,18 @@ def test_whiten_advantages_over_mask():
     torch.testing.assert_close(w[keep].mean(), torch.tensor(0.0, dtype=torch.float64))
     torch.testing.assert_close(w[keep].std(), torch.tensor(1.0, dtype=torch.float64))
     assert torch.all(w[~keep] == 0)
+
+
+def test_leave_one_out_subtracts_the_other_responses_mean():
+    scores = torch.tensor([1.0, 2.0, 6.0, -1.0, 0.5, 0.5, 3.0, 9.0, -4.0], dtype=torch.float64)
+    out = leave_one_out(scores, 3)
+    naive = [scores[i] - (scores[3 * (i // 3) : 3 * (i // 3) + 3].sum() - scores[i]) / 2 for i in range(9)]
+    assert torch.allclose(out, torch.stack(naive))
+    assert torch.allclose(out.view(3, 3).sum(-1), torch.zeros(3, dtype=torch.float64))
+    # A prompt's level (the same shift for all its responses) is gone; the differences stay.
+    shifted = scores + torch.tensor([5.0, -2.0, 100.0], dtype=torch.float64).repeat_interleave(3)
+    assert torch.allclose(leave_one_out(shifted, 3), out)
+    with pytest.raises(ValueError, match="groups of 2"):
+        leave_one_out(scores[:3], 2)
+    with pytest.raises(ValueError, match="groups of 1"):
+        leave_one_out(scores, 1)

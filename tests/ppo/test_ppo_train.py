@@ -345,6 +345,41 @@ def test_toy_reward_rises_while_kl_stays_bounded(tmp_path, ppo_data, eos_policy)
     assert {s["step"] for s in samples} == {0, 2, 4, 5}  # every 2 iterations, and the last
 
 
+def test_samples_per_prompt_with_leave_one_out_baseline(tmp_path, ppo_data, eos_policy):
+    """Each prompt's responses are consecutive; the prompt's level leaves the reward, not the log."""
+    seen: list[list[str]] = []
+    level = {}  # a large per-prompt offset, the part of a score an RM never learned
+
+    def reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
+        seen.append(list(prompts))
+        return length_reward(prompts, responses) + torch.tensor(
+            [level.setdefault(p, 50.0 * len(level)) for p in prompts]
+        )
+
+    cfg = ppo_cfg(
+        tmp_path / "run",
+        ppo_data,
+        eos_policy,
+        total_episodes=16,
+        samples_per_prompt=4,
+        score_baseline="leave_one_out",
+        sample_every=0,
+        ptx_examples_per_episode=0,
+    )
+    metrics = train_ppo(cfg, reward, **QUIET).metrics
+    assert len(metrics) == 2 and len(seen) == 2 and all(len(b) == 8 for b in seen)  # 2 iterations of 8
+    for b in seen:
+        assert all(len(set(b[i : i + 4])) == 1 for i in range(0, 8, 4)) and b[0] != b[4]
+    for m in metrics:
+        assert m["score"] > 10  # the logged score is the raw one, offsets included
+        # The reward the policy saw: leave-one-out scores average exactly 0 over the batch.
+        assert m["reward_total"] - m["non_score_reward"] == pytest.approx(0.0, abs=1e-4)
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        ppo_cfg(tmp_path / "bad", ppo_data, eos_policy, score_baseline="leave_one_out")
+    with pytest.raises(ValueError, match="multiple of samples_per_prompt"):
+        ppo_cfg(tmp_path / "bad", ppo_data, eos_policy, samples_per_prompt=3)
+
+
 def test_tokenizer_mismatch_is_a_clear_error(tmp_path, ppo_data, eos_policy, tiny_rm):
     from transformers import AutoTokenizer
 

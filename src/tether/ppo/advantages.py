@@ -71,3 +71,19 @@ def whiten_advantages(adv: Tensor, mask: Tensor, shift_mean: bool = True) -> Ten
     See :func:`tether.ops.masked_whiten`; padding is 0 on return.
     """
     return masked_whiten(adv, mask, shift_mean=shift_mean)
+
+
+def leave_one_out(scores: Tensor, group_size: int) -> Tensor:
+    """Each score minus the mean of the other scores of its group (consecutive runs of ``group_size``).
+
+    With the responses of one prompt as a group this removes the prompt's level, which a reward
+    model trained on rankings within prompts never learned, and keeps the differences it did.
+    The baseline of an episode does not depend on that episode's own response, so the policy
+    gradient stays unbiased (the RLOO estimator, Kool et al. 2019; Ahmadian et al. 2024).
+    Every group's adjusted scores sum to 0.
+    """
+    if group_size < 2 or scores.ndim != 1 or scores.numel() % group_size:
+        raise ValueError(f"leave_one_out: {tuple(scores.shape)} scores do not split into groups of {group_size} >= 2")
+    groups = scores.view(-1, group_size)
+    others = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).view(-1)

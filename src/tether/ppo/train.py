@@ -41,7 +41,7 @@ from tether.models.heads import load_scalar_model, save_scalar_model
 from tether.models.loading import autocast, load_causal_lm, save_model
 from tether.ops import masked_mean
 from tether.optim import build_optimizer, build_scheduler, clip_grad
-from tether.ppo.advantages import gae, whiten_advantages
+from tether.ppo.advantages import gae, leave_one_out, whiten_advantages
 from tether.ppo.kl import AdaptiveKLController, FixedKLController, compute_rewards
 from tether.ppo.loss import lm_loss, policy_loss, value_loss
 from tether.ppo.rollout import (
@@ -382,7 +382,8 @@ def train_ppo(
             write_samples(0)
     log(
         f"ppo: {len(prompts)} prompts, {cfg.iterations} iterations of {cfg.batch_size} episodes "
-        f"(minibatch {cfg.mini_batch_size}, {cfg.ppo_epochs} epoch(s)); "
+        f"({cfg.samples_per_prompt} per prompt, score baseline {cfg.score_baseline}; "
+        f"minibatch {cfg.mini_batch_size}, {cfg.ppo_epochs} epoch(s)); "
         f"ptx: {cfg.ptx_per_minibatch} examples per minibatch × γ={cfg.ptx_coef}; "
         f"KL penalty {cfg.kl_estimator}, β={kl_ctl.value:g} ({type(kl_ctl).__name__})"
     )
@@ -398,8 +399,9 @@ def train_ppo(
 
             # 1. Rollout: sample a response per prompt (KV cache, temperature T), then score
             #    each episode with the policy, the reference, the value and the reward model.
-            batch_idx, prompt_pos = take_cyclic(len(prompts), cfg.batch_size, prompt_pos, cfg.seed)
-            batch_prompts = [prompts[i] for i in batch_idx]
+            n_per = cfg.samples_per_prompt  # each prompt's responses are consecutive episodes
+            batch_idx, prompt_pos = take_cyclic(len(prompts), cfg.batch_size // n_per, prompt_pos, cfg.seed)
+            batch_prompts = [prompts[i] for i in batch_idx for _ in range(n_per)]
             parts, t_gen, t_score = [], 0.0, 0.0
             for s in range(0, cfg.batch_size, cfg.generation_batch_size):
                 chunk = batch_prompts[s : s + cfg.generation_batch_size]
@@ -437,9 +439,13 @@ def train_ppo(
                     f"last good state is in {out / 'state'}"
                 )
 
-            # 2. Rewards: −β·KL(π || π_SFT) per token, the score added at the last real token.
+            # 2. Rewards: −β·KL(π || π_SFT) per token, the score (less the other responses' mean
+            #    with a leave-one-out baseline) added at the last real token.
+            scores = rollout.scores
+            if cfg.score_baseline == "leave_one_out":
+                scores = leave_one_out(scores, n_per)
             rollout.rewards, rollout.non_score_rewards, rollout.kl = compute_rewards(
-                rollout.scores,
+                scores,
                 rollout.logprobs,
                 rollout.ref_logprobs,
                 rollout.response_mask,
