@@ -1,0 +1,125 @@
+"""How much a PPO setting buys over SFT, by the held-out labelers (not a test: prints figures).
+
+    python benchmarks/ppo_sweep.py --run runs/demo --name demo_setting
+    python benchmarks/ppo_sweep.py --run runs/demo --name beta002 --set kl_coef=0.02
+    python benchmarks/ppo_sweep.py --run runs/demo --name lam1 --set lam=1.0 --set ppo_epochs=4
+    python benchmarks/ppo_sweep.py --run runs/demo --best-of 4      # the RM's own reranking, no PPO
+
+Trains PPO-ptx from a finished run's SFT policy against its round-1 reward model with the run's
+PPO config plus ``--set`` overrides, then samples ``--samples`` responses per **validation** prompt
+(not the test prompts the report uses, so that sweeping does not tune on them) at temperature 1
+from SFT and from the trained policy. Each response gets the two held-out labelers' *noise-free*
+utility; the expected win rate of the policy over SFT is the mean, over prompts and response pairs,
+of sigmoid(Δutility / noise), the labelers' Bradley-Terry preference. Far less noisy than counting
+sampled verdicts (standard error about 0.017 on the demo's 77 prompts × 4). This is how README's
+"What limits the demo" table was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from tether.config import PPOConfig, resolve
+from tether.data.formats import read_records
+from tether.labelers.panel import Panel, read_response
+from tether.models.generation import decode_responses, sample
+from tether.models.heads import load_scalar_model
+from tether.models.loading import autocast, load_causal_lm
+from tether.ppo.rollout import episode_scores
+
+
+def utilities(policy: str, rm, prompts: list[str], n: int, best_of: int, max_new_tokens: int, precision):
+    """(noise-free held-out utility per response, RM score per response, words per response)."""
+    panel = Panel()
+    model, tok = load_causal_lm(policy)
+    generator = torch.Generator().manual_seed(123)
+    texts = [p for p in prompts for _ in range(n) for _ in range(best_of)]
+    responses, scores = [], []
+    for start in range(0, len(texts), 64):
+        chunk = texts[start : start + 64]
+        with precision:
+            gen = sample(model, tok, chunk, max_new_tokens=max_new_tokens, temperature=1.0, generator=generator)
+            out = decode_responses(tok, gen)
+            s = episode_scores(gen, chunk, out, rm, None).float().cpu()
+        for j in range(0, len(chunk), best_of):  # keep the RM's favourite of each best_of draws
+            k = j + int(s[j : j + best_of].argmax())
+            responses.append(out[k])
+            scores.append(float(s[k]))
+    features = [read_response(p, r) for p, r in zip(texts[::best_of], responses, strict=True)]
+    u = np.array([np.mean([lab.utility(f) for lab in panel.heldout_labelers]) for f in features])
+    return u, np.array(scores), float(np.mean([f.n_words for f in features]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default="runs/demo", help="a finished `tether run` directory")
+    parser.add_argument("--name", default="sweep", help="subdirectory of --out for this setting")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="PPO config override")
+    parser.add_argument("--best-of", type=int, default=1, help="> 1: no PPO; SFT best-of-N by the RM")
+    parser.add_argument("--samples", type=int, default=4, help="responses per validation prompt")
+    parser.add_argument("--out", default="runs/sweep")
+    args = parser.parse_args()
+
+    run = Path(args.run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    sft = manifest["stages"]["sft"]["outputs"]["policy"]
+    rm_dir = manifest["stages"]["round-1/rm"]["outputs"]["reward_model"]
+    run_ppo = yaml.safe_load((run / "round-1" / "ppo_ptx" / "config.yaml").read_text())
+    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    cfg = resolve(PPOConfig, "ppo", None, overrides={**_flatten(run_ppo), **overrides})
+    cfg = dataclasses.replace(cfg, out_dir=str(Path(args.out) / args.name))
+    cfg.policy = dataclasses.replace(cfg.policy, name_or_path=sft)
+    precision = autocast(cfg.policy, torch.device("cpu"))
+    prompts = [p.text for p in read_records(run / "data" / "prompts_valid.jsonl", "prompt")]
+    rm, _ = load_scalar_model(rm_dir)
+
+    seconds = 0.0
+    if args.best_of > 1:
+        policy = sft
+    else:
+        from tether.ppo.train import train_ppo
+
+        t0 = time.perf_counter()
+        policy = str(train_ppo(cfg, log=lambda _: None).policy_dir)
+        seconds = time.perf_counter() - t0
+    u0, s0, w0 = utilities(sft, rm, prompts, args.samples, 1, cfg.max_new_tokens, precision)
+    u1, s1, w1 = utilities(policy, rm, prompts, args.samples, args.best_of, cfg.max_new_tokens, precision)
+    noise = float(np.mean([lab.noise for lab in Panel().heldout_labelers]))
+    diff = u1.reshape(-1, args.samples)[:, :, None] - u0.reshape(-1, args.samples)[:, None, :]
+    win = (1 / (1 + np.exp(-diff / noise))).mean((1, 2))
+    result = {
+        "name": args.name if args.best_of == 1 else f"sft_bo{args.best_of}",
+        "overrides": overrides,
+        "ppo_seconds": round(seconds),
+        "expected_win_vs_sft": round(float(win.mean()), 4),
+        "standard_error": round(float(win.std() / np.sqrt(len(win))), 4),
+        "utility": [round(float(u0.mean()), 3), round(float(u1.mean()), 3)],
+        "rm_score": [round(float(s0.mean()), 3), round(float(s1.mean()), 3)],
+        "words": [round(w0, 1), round(w1, 1)],
+        "prompts": len(prompts),
+        "samples_per_prompt": args.samples,
+    }
+    print(json.dumps(result))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as dotted overrides (what `resolve` takes)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+if __name__ == "__main__":
+    main()
