@@ -24,38 +24,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 
 from tether.config import PPOConfig, resolve
 from tether.data.formats import read_records
+from tether.eval.evaluate import evaluate_policies
 from tether.labelers.panel import Panel, read_response
-from tether.models.generation import decode_responses, sample
-from tether.models.heads import load_scalar_model
-from tether.models.loading import autocast, load_causal_lm
-from tether.ppo.rollout import episode_scores
 
 
-def utilities(policy: str, rm, prompts: list[str], n: int, best_of: int, max_new_tokens: int, precision):
-    """(noise-free held-out utility per response, RM score per response, words per response)."""
+def utilities(responses: list[str], prompts: list[str], n: int) -> tuple[np.ndarray, float]:
+    """(the held-out labelers' mean noise-free utility per response, mean words per response)."""
     panel = Panel()
-    model, tok = load_causal_lm(policy)
-    generator = torch.Generator().manual_seed(123)
-    texts = [p for p in prompts for _ in range(n) for _ in range(best_of)]
-    responses, scores = [], []
-    for start in range(0, len(texts), 64):
-        chunk = texts[start : start + 64]
-        with precision:
-            gen = sample(model, tok, chunk, max_new_tokens=max_new_tokens, temperature=1.0, generator=generator)
-            out = decode_responses(tok, gen)
-            s = episode_scores(gen, chunk, out, rm, None).float().cpu()
-        for j in range(0, len(chunk), best_of):  # keep the RM's favourite of each best_of draws
-            k = j + int(s[j : j + best_of].argmax())
-            responses.append(out[k])
-            scores.append(float(s[k]))
-    features = [read_response(p, r) for p, r in zip(texts[::best_of], responses, strict=True)]
+    features = [read_response(p, r) for p, r in zip([p for p in prompts for _ in range(n)], responses, strict=True)]
     u = np.array([np.mean([lab.utility(f) for lab in panel.heldout_labelers]) for f in features])
-    return u, np.array(scores), float(np.mean([f.n_words for f in features]))
+    return u, float(np.mean([f.n_words for f in features]))
 
 
 def main() -> None:
@@ -77,9 +59,7 @@ def main() -> None:
     cfg = resolve(PPOConfig, "ppo", None, overrides={**_flatten(run_ppo), **overrides})
     cfg = dataclasses.replace(cfg, out_dir=str(Path(args.out) / args.name))
     cfg.policy = dataclasses.replace(cfg.policy, name_or_path=sft)
-    precision = autocast(cfg.policy, torch.device("cpu"))
-    prompts = [p.text for p in read_records(run / "data" / "prompts_valid.jsonl", "prompt")]
-    rm, _ = load_scalar_model(rm_dir)
+    prompts = read_records(run / "data" / "prompts_valid.jsonl", "prompt")
 
     seconds = 0.0
     if args.best_of > 1:
@@ -90,8 +70,24 @@ def main() -> None:
         t0 = time.perf_counter()
         policy = str(train_ppo(cfg, log=lambda _: None).policy_dir)
         seconds = time.perf_counter() - t0
-    u0, s0, w0 = utilities(sft, rm, prompts, args.samples, 1, cfg.max_new_tokens, precision)
-    u1, s1, w1 = utilities(policy, rm, prompts, args.samples, args.best_of, cfg.max_new_tokens, precision)
+    # The same sampling, RM scoring and best-of-N picking as `tether eval` (its noisy verdicts unused).
+    report = evaluate_policies(
+        {"sft": sft, "policy": policy},
+        prompts,
+        baseline="sft",
+        reward_model=rm_dir,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=64,
+        samples_per_prompt=args.samples,
+        best_of={"policy": args.best_of},
+        seed=123,
+        autocast_dtype=cfg.policy.autocast,
+        log=lambda _: None,
+    )
+    texts = [p.text for p in prompts]
+    u0, w0 = utilities(report.by_name("sft").responses, texts, args.samples)
+    u1, w1 = utilities(report.by_name("policy").responses, texts, args.samples)
+    s0, s1 = report.by_name("sft").rm_score, report.by_name("policy").rm_score
     noise = float(np.mean([lab.noise for lab in Panel().heldout_labelers]))
     diff = u1.reshape(-1, args.samples)[:, :, None] - u0.reshape(-1, args.samples)[:, None, :]
     win = (1 / (1 + np.exp(-diff / noise))).mean((1, 2))
@@ -102,7 +98,7 @@ def main() -> None:
         "expected_win_vs_sft": round(float(win.mean()), 4),
         "standard_error": round(float(win.std() / np.sqrt(len(win))), 4),
         "utility": [round(float(u0.mean()), 3), round(float(u1.mean()), 3)],
-        "rm_score": [round(float(s0.mean()), 3), round(float(s1.mean()), 3)],
+        "rm_score": [round(s0, 3), round(s1, 3)],
         "words": [round(w0, 1), round(w1, 1)],
         "prompts": len(prompts),
         "samples_per_prompt": args.samples,

@@ -180,7 +180,7 @@ def run_pipeline(cfg: RunConfig, log=print) -> RunResult:
         policies["base"] = cfg.sft.model.name_or_path
     policies["sft"] = sft["policy"]
     if cfg.eval_best_of:
-        policies[f"sft_bo{cfg.eval_best_of}"] = sft["policy"]
+        policies[_best_of_name(cfg)] = sft["policy"]
     if cfg.run_ppo_baseline:
         policies["ppo"] = manifest.outputs(f"round-{cfg.rounds}/ppo")["policy"]
     policies["ppo_ptx"] = policy
@@ -374,6 +374,11 @@ def _stage_ppo(cfg: RunConfig, variant: str, sft_policy: str, reward_model: str,
     return {"policy": str(Path(res.policy_dir).resolve()), "ptx_coef": ppo_cfg.ptx_coef}
 
 
+def _best_of_name(cfg: RunConfig) -> str:
+    """The evaluation's name for SFT best-of-N by the final RM (``run.eval_best_of``)."""
+    return f"sft_bo{cfg.eval_best_of}"
+
+
 def _stage_eval(
     cfg: RunConfig, policies: dict[str, str], reward_model: str, sft_policy: str, data: dict, out: Path, log
 ):
@@ -392,7 +397,7 @@ def _stage_eval(
         max_new_tokens=cfg.ppo.max_new_tokens,
         batch_size=cfg.sample_batch_size,
         samples_per_prompt=cfg.eval_samples_per_prompt,
-        best_of={f"sft_bo{cfg.eval_best_of}": cfg.eval_best_of} if cfg.eval_best_of else None,
+        best_of={_best_of_name(cfg): cfg.eval_best_of} if cfg.eval_best_of else None,
         seed=cfg.seed,
         autocast_dtype=cfg.ppo.policy.autocast,
         log=log,

@@ -161,6 +161,7 @@ def evaluate_policies(
     rm = None
     if reward_model:
         from tether.models.heads import load_scalar_model
+        from tether.ppo.rollout import episode_scores
 
         rm, _ = load_scalar_model(reward_model)
 
@@ -186,8 +187,6 @@ def evaluate_policies(
                 )
             batch_texts = decode_responses(tokenizer, gen)
             if rm is not None:
-                from tether.ppo.rollout import episode_scores
-
                 with precision:  # the RM reads the sampled ids, as in PPO; no missing-EOS penalty
                     batch_scores = episode_scores(gen, candidates, batch_texts, rm, None).cpu()
                 if n_best > 1:  # keep each prompt's top-scored candidate

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tether.checkpoint import find_state, load_state, save_state, truncate_metrics
+from tether.checkpoint import epoch_order, find_state, load_state, save_state, truncate_metrics
 from tether.config import PPOConfig, save_config
 from tether.metrics import MetricsLogger, progress_bar, read_metrics
 from tether.models.generation import decode_responses, sample
@@ -116,8 +116,7 @@ def take_cyclic(n_items: int, count: int, position: tuple[int, int], seed: int) 
     epoch, index = position
     out: list[int] = []
     while len(out) < count:
-        rng = torch.Generator().manual_seed(seed * 7919 + epoch)
-        order = torch.randperm(n_items, generator=rng)
+        order = epoch_order(n_items, seed, epoch)
         take = order[index : index + count - len(out)].tolist()
         out += take
         index += len(take)
