@@ -69,3 +69,21 @@ def test_two_rounds_killed_and_resumed(tmp_path):
     assert by_name["sft_bo2"]["best_of"] == 2 and by_name["sft_bo2"]["rm_score"] > by_name["sft"]["rm_score"]
     assert by_name["sft_bo2"]["pretrain_ppl"] is None and "is not a trained policy" in report
     assert all(p["pretrain_ppl"] > 0 for n, p in by_name.items() if n != "sft_bo2")
+    # Samples record which responses ended (EOS) and the comparisons carry it to the RM.
+    r1 = read_records(after["round-1/sample"]["outputs"]["samples"], "sample")
+    assert all(s.ended is not None and len(s.ended) == len(s.responses) for s in r1)
+    comparisons = read_records(after["round-1/label"]["outputs"]["comparisons"], "comparison")
+    assert all(c.ended is not None for c in comparisons)
+    assert by_name["ppo_ptx"]["expected_win_rate"] is not None and by_name["ppo_ptx"]["expected_win_ci"]
+
+    # `tether eval --run` re-evaluates the run: its policies, its test split, flags on top of its settings.
+    out = tmp_path / "re-eval"
+    cmd = [sys.executable, "-m", "tether.cli", "eval", "--run", str(run), "--samples-per-prompt", "2", "--limit", "4"]
+    done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = json.loads((out / "eval.json").read_text())
+    test_prompts = [p.text for p in read_records(run / "data" / "prompts_test.jsonl", "prompt")]
+    assert again["prompts"] == test_prompts[:4] and again["samples_per_prompt"] == 2
+    assert {p["name"] for p in again["policies"]} == set(by_name)
+    assert again["config"]["sft_best_of"] == 2  # the run's own setting, kept
+    assert (out / "report.html").exists() and "expected win" in done.stdout

@@ -142,4 +142,5 @@ def epoch_order(n_items: int, seed: int, epoch: int) -> torch.Tensor:
     A resumed run recomputes the interrupted epoch's order from the checkpointed epoch and takes
     up at the checkpointed step, so it sees exactly the batches an uninterrupted run would.
     """
+    # CPU: the permutation is made on the CPU whatever device trains (randperm's default device).
     return torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 7919 + epoch))

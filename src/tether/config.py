@@ -52,7 +52,8 @@ class ModelConfig:
     residual_dropout: float = 0.0
     """Dropout on every attention/MLP sublayer output before the residual add (paper SFT: 0.2)."""
     autocast: str | None = None
-    """Mixed precision for forward passes: 'bfloat16' (2-3x faster on CPUs with AVX512-BF16, and on GPUs) or None."""
+    """Mixed precision for forward passes: 'bfloat16' (2-3x faster on CPUs with AVX512-BF16 and on
+    GPUs, ~5x slower on AVX2-only CPUs), 'auto' (bfloat16 where it runs natively, else none) or None."""
     trainable_layers: int | None = None
     """Train only the top N transformer blocks (+ final norm and head); None trains all. A CPU-budget option."""
     device: str = "auto"
@@ -162,6 +163,9 @@ class RMConfig:
     """Fraction of prompts (all their comparisons) held out when valid_file is not given."""
     demonstrations_file: str | None = None
     """Demonstrations that score mean 0 after training (paper). None = the default task's."""
+    normalize_scale: bool = True
+    """Also scale the RM so the demonstrations' scores have std 1 (the paper sets only the mean):
+    β, the missing-EOS penalty and the value clip then act in the same units in every run."""
     heldout_labelers: list[str] = field(default_factory=list)
     """Labeler ids never trained on, only evaluated (paper: held-out labelers)."""
     heldout_panel_labelers: bool = False
@@ -250,8 +254,9 @@ class PPOConfig:
     SmolLM2-135M is ~1.4x the PPO gradient at γ = 1 (measured), so 27.8 lets it dominate the
     clipped update: small models want a smaller γ."""
     ptx_examples_per_episode: float = 1.0
-    """Pretraining examples per RL episode (paper: 8; smaller by default to suit a CPU). 0 skips
-    the pretraining pass entirely; with ptx_coef = 0 it still runs and logs ptx_loss."""
+    """Pretraining examples per RL episode (paper: 8; smaller by default to suit a CPU), drawn once
+    per batch: further PPO epochs reuse them as they reuse the episodes. The pretraining pass is
+    skipped entirely when this or ptx_coef is 0 (plain PPO)."""
     ptx_max_length: int = 256
     """Pretraining examples are cut to this many tokens (EOS appended first)."""
     pretrain_file: str | None = None
@@ -386,6 +391,56 @@ def _check_positive(cfg: Any, *names: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@dataclass
+class EvalConfig:
+    baseline: str = "sft"
+    """The policy every other is compared with (win rates against it)."""
+    prompts: str | None = None
+    """Held-out prompt records. None: the run's test split (``tether eval --run``, ``tether run``),
+    else the default task's (prompts of users never seen in training)."""
+    limit: int = 0
+    """Evaluate only the first N prompts (0 = all)."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt and policy; response j is judged against the baseline's
+    response j, and intervals are bootstrapped over prompts (never counting a prompt twice)."""
+    temperature: float = 1.0
+    """Sampling temperature (1.0 also gives an unbiased KL estimate)."""
+    max_new_tokens: int | None = None
+    """Longest response. None: the run's ppo.max_new_tokens (64 outside a run)."""
+    batch_size: int = 64
+    """Sequences sampled per forward pass."""
+    sft_best_of: int = 0
+    """Also evaluate ``sft_boN``: N samples of the baseline policy, the reward model keeps its
+    favourite. No training, KL at most log N − (N − 1)/N: how much the RM itself can buy, to set
+    PPO against (0 = off; needs a reward model)."""
+    base: bool = True
+    """Also evaluate the base model (the model SFT started from) when evaluating a run."""
+    pretrain: str | None = None
+    """Held-out pretraining text for the alignment-tax perplexity. None: the run's held-out split,
+    else the default task's."""
+    pretrain_texts: int = 0
+    """Use only the first N held-out pretraining paragraphs (0 = all)."""
+    n_bootstrap: int = 2000
+    """Bootstrap resamples (over prompts) for every 95 % interval."""
+    seed: int = 0
+    """Seed for sampling (every policy gets the same stream) and the labelers' noise."""
+
+    def validate(self) -> None:
+        _check_positive(self, "samples_per_prompt", "batch_size", "n_bootstrap")
+        if self.limit < 0 or self.pretrain_texts < 0:
+            raise ValueError("eval.limit and eval.pretrain_texts must be >= 0 (0 = all)")
+        if self.max_new_tokens is not None and self.max_new_tokens <= 0:
+            raise ValueError(f"eval.max_new_tokens must be > 0 or None, got {self.max_new_tokens}")
+        if self.sft_best_of < 0 or self.sft_best_of == 1:
+            raise ValueError(f"eval.sft_best_of must be 0 (off) or >= 2, got {self.sft_best_of}")
+        if self.temperature < 0:
+            raise ValueError(f"eval.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+
+
+# --------------------------------------------------------------------------------------------
 # The whole pipeline (tether run)
 
 
@@ -427,43 +482,22 @@ class RunConfig:
     """Samples also ranked by the held-out labelers (RM evaluation only) and by 2 training labelers (agreement)."""
     run_ppo_baseline: bool = True
     """Also train plain PPO (ptx_coef = 0) in the last round, to measure what PPO-ptx buys."""
-    eval_base: bool = True
-    """Also evaluate the base model."""
-    eval_prompts: int = 200
-    """Held-out (test-split) prompts evaluated."""
-    eval_samples_per_prompt: int = 1
-    """Responses sampled per prompt and policy in evaluation; each is judged against the
-    baseline's response of the same index, and the interval is bootstrapped over prompts."""
-    eval_temperature: float = 1.0
-    """Sampling temperature in evaluation (1.0 also gives an unbiased KL estimate)."""
-    eval_best_of: int = 0
-    """Also evaluate ``sft_boN``: N samples of SFT, the final RM keeps its favourite. No training,
-    KL at most log N − (N − 1)/N: how much the RM itself can buy, to set PPO against (0 = off)."""
-    eval_pretrain_texts: int = 0
-    """Held-out pretraining paragraphs for the alignment-tax perplexity (0 = all)."""
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(pretrain_fraction=0.1, select_by="valid_loss"))
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
-        _check_positive(
-            self,
-            "rounds",
-            "k",
-            "rm_prompts_per_round",
-            "labelers_per_sample",
-            "eval_prompts",
-            "eval_samples_per_prompt",
-        )
+        _check_positive(self, "rounds", "k", "rm_prompts_per_round", "labelers_per_sample")
         if not 2 <= self.k <= 9:
             raise ValueError(f"run.k must be 2..9, got {self.k}")
-        if self.eval_best_of < 0 or self.eval_best_of == 1:
-            raise ValueError(f"run.eval_best_of must be 0 (off) or >= 2, got {self.eval_best_of}")
         if self.sft.select_by == "rm_score":
             raise ValueError(
                 "run.sft.select_by = 'rm_score' is not available in the pipeline: SFT precedes the first RM"
             )
-        self.sft.validate()
+        # Every stage before the first one starts: a bad --ppo.* value must not cost an SFT run.
+        for stage in (self.sft, self.rm, self.ppo, self.eval):
+            stage.validate()
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,7 +521,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # 135M model trained.
         "demo": {
             "model.name_or_path": "default",
-            "model.autocast": "bfloat16",
+            "model.autocast": "auto",
             "model.trainable_layers": 8,
             "optim.lr": 2e-4,
             "epochs": 2,
@@ -516,7 +550,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "eval_batch_size": 16,
         },
         "demo": {
-            "model.autocast": "bfloat16",
+            "model.autocast": "auto",
             "model.trainable_layers": 6,
             "optim.lr": 3e-4,
             "batch_size": 16,
@@ -530,6 +564,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "epochs": 1,
             "batch_size": 64,
         },
+    },
+    "eval": {
+        "tiny": {"limit": 12, "sft_best_of": 2, "pretrain_texts": 8, "batch_size": 16},
+        "demo": {"sft_best_of": 4},
     },
     "ppo": {
         "tiny": {
@@ -556,7 +594,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "demo": {
             # Sized for a CPU: fewer, shorter episodes than the paper; γ and the pretraining
             # examples per episode scaled down with them.
-            "policy.autocast": "bfloat16",
+            "policy.autocast": "auto",
             "policy.trainable_layers": 8,
             "optim.lr": 1e-4,
             "value_optim.lr": 1e-4,
@@ -808,9 +846,6 @@ def _run_presets() -> dict[str, dict[str, Any]]:
             "task_prompts_per_user": 4,
             "rm_prompts_per_round": 16,
             "heldout_labeler_prompts": 8,
-            "eval_prompts": 12,
-            "eval_best_of": 2,
-            "eval_pretrain_texts": 8,
             "sft.epochs": 1,
         },
         # The stages' own `demo` presets (above) plus these pipeline settings.
@@ -821,7 +856,6 @@ def _run_presets() -> dict[str, dict[str, Any]]:
             # six noisy judgements per set teach it more than one (held-out accuracy 60 -> 65 %).
             "labelers_per_sample": 6,
             "heldout_labeler_prompts": 40,
-            "eval_best_of": 4,
         },
         # The paper picks the SFT checkpoint by RM score, but in the pipeline SFT precedes the
         # first RM: the run selects by validation loss instead.
@@ -830,7 +864,7 @@ def _run_presets() -> dict[str, dict[str, Any]]:
     out = {}
     for name, extra in pipeline.items():
         merged: dict[str, Any] = {}
-        for stage in ("sft", "rm", "ppo"):
+        for stage in ("sft", "rm", "ppo", "eval"):
             merged.update({f"{stage}.{k}": v for k, v in PRESETS[stage].get(name, {}).items()})
         merged.update(extra)
         out[name] = merged

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tether.config import RunConfig, save_config, to_dict
-from tether.data.formats import Prompt, read_records, write_records
+from tether.config import EvalConfig, RunConfig, save_config, to_dict
+from tether.data.formats import Comparison, read_records, write_records
 
 
 class Manifest:
@@ -82,15 +82,6 @@ def _version() -> str:
         return version("tether")
     except PackageNotFoundError:
         return "unknown"
-
-
-def default_splits(seed: int = 0, n_users: int = 60, prompts_per_user: int = 8) -> dict[str, list[Prompt]]:
-    """The default task's prompts, preprocessed as in the paper and split by user."""
-    from tether.data.preprocess import PreprocessConfig, preprocess_prompts
-    from tether.data.task import build_default_task
-
-    task = build_default_task(seed=seed, n_users=n_users, prompts_per_user=prompts_per_user)
-    return preprocess_prompts(task.prompts, PreprocessConfig(seed=seed)).splits
 
 
 @dataclass
@@ -175,19 +166,11 @@ def run_pipeline(cfg: RunConfig, log=print) -> RunResult:
         policy, policy_name = trained["ppo_ptx"]["policy"], f"ppo_ptx@round-{r}"
 
     # 7. Evaluation on held-out users' prompts by held-out labelers, and the report.
-    policies = {}
-    if cfg.eval_base:
-        policies["base"] = cfg.sft.model.name_or_path
-    policies["sft"] = sft["policy"]
-    if cfg.eval_best_of:
-        policies[_best_of_name(cfg)] = sft["policy"]
-    if cfg.run_ppo_baseline:
-        policies["ppo"] = manifest.outputs(f"round-{cfg.rounds}/ppo")["policy"]
-    policies["ppo_ptx"] = policy
+    policies, reward_model, _ = run_eval_policies(cfg, manifest.data["stages"])
     ev = manifest.run(
         "eval",
-        lambda: _stage_eval(cfg, policies, rm["reward_model"], sft["policy"], data, out, log),
-        {"policies": policies, "reward_model": rm["reward_model"], "prompts": data["prompts_test"]},
+        lambda: evaluate_run(cfg, manifest.data["stages"], out, out / "eval", out / "report", log),
+        {"policies": policies, "reward_model": reward_model, "prompts": cfg.eval.prompts or data["prompts_test"]},
         log,
     )
     return RunResult(out_dir=out, report=Path(ev["report"]), manifest=manifest.data)
@@ -354,6 +337,7 @@ def _stage_rm(cfg: RunConfig, sft_policy: str, rounds: list[dict], data: dict, r
         "heldout_labeler_accuracy": ev.heldout_labelers.accuracy,
         "labeler_agreement": ev.labeler_agreement.get("rate"),
         "bias": res.normalization.bias,
+        "gain": res.normalization.gain,
     }
 
 
@@ -374,38 +358,78 @@ def _stage_ppo(cfg: RunConfig, variant: str, sft_policy: str, reward_model: str,
     return {"policy": str(Path(res.policy_dir).resolve()), "ptx_coef": ppo_cfg.ptx_coef}
 
 
-def _best_of_name(cfg: RunConfig) -> str:
-    """The evaluation's name for SFT best-of-N by the final RM (``run.eval_best_of``)."""
-    return f"sft_bo{cfg.eval_best_of}"
+def best_of_name(cfg: EvalConfig) -> str:
+    """The evaluation's name for the baseline's best-of-N by the final RM (``eval.sft_best_of``)."""
+    return f"{cfg.baseline}_bo{cfg.sft_best_of}"
 
 
-def _stage_eval(
-    cfg: RunConfig, policies: dict[str, str], reward_model: str, sft_policy: str, data: dict, out: Path, log
-):
+def run_eval_policies(cfg: RunConfig, stages: dict[str, Any]) -> tuple[dict[str, str], str, str]:
+    """(policies to evaluate by name, the final reward model, the SFT policy) of a run's manifest."""
+    sft = stages["sft"]["outputs"]["policy"]
+    last = f"round-{cfg.rounds}"
+    policies = {}
+    if cfg.eval.base:
+        policies["base"] = cfg.sft.model.name_or_path
+    policies["sft"] = sft
+    if cfg.eval.sft_best_of:
+        policies[best_of_name(cfg.eval)] = policies[cfg.eval.baseline]
+    if cfg.run_ppo_baseline:
+        policies["ppo"] = stages[f"{last}/ppo"]["outputs"]["policy"]
+    policies["ppo_ptx"] = stages[f"{last}/ppo_ptx"]["outputs"]["policy"]
+    return policies, stages[f"{last}/rm"]["outputs"]["reward_model"], sft
+
+
+def run_eval_config(cfg: RunConfig, eval_cfg: EvalConfig | None = None) -> EvalConfig:
+    """The run's evaluation settings (or ``eval_cfg``) with its unset length filled in: the
+    policies are evaluated at the response length PPO trained them at."""
+    eval_cfg = eval_cfg or cfg.eval
+    if eval_cfg.max_new_tokens is None:
+        eval_cfg = dataclasses.replace(eval_cfg, max_new_tokens=cfg.ppo.max_new_tokens)
+    return eval_cfg
+
+
+def evaluate_run(
+    cfg: RunConfig,
+    stages: dict[str, Any],
+    run_dir: Path,
+    eval_dir: Path,
+    report_dir: Path,
+    log,
+    *,
+    eval_cfg: EvalConfig | None = None,
+    human_comparisons: list[Comparison] | None = None,
+) -> dict[str, Any]:
+    """Evaluate a finished run's policies on its own test split (users never seen in training)
+    and held-out pretraining text; writes ``eval_dir/eval.json`` and ``report_dir/report.html``.
+
+    Used by ``tether run`` (its last stage) and ``tether eval --run DIR`` (re-evaluating a run,
+    e.g. with more samples per prompt).
+    """
     from tether.eval.evaluate import evaluate_policies, save_eval
     from tether.eval.report import write_report
 
-    prompts = read_records(data["prompts_test"], "prompt")[: cfg.eval_prompts]
+    ecfg = run_eval_config(cfg, eval_cfg)
+    data = stages["data"]["outputs"]
+    policies, reward_model, sft = run_eval_policies(dataclasses.replace(cfg, eval=ecfg), stages)
+    prompts = read_records(ecfg.prompts or data["prompts_test"], "prompt")[: ecfg.limit or None]
+    pretrain = read_records(ecfg.pretrain or data["pretrain_heldout"], "pretrain")[: ecfg.pretrain_texts or None]
     report = evaluate_policies(
         policies,
         prompts,
-        baseline="sft",
+        ecfg,
         reward_model=reward_model,
-        ref_policy=sft_policy,
-        pretrain_heldout=read_records(data["pretrain_heldout"], "pretrain")[: cfg.eval_pretrain_texts or None],
-        temperature=cfg.eval_temperature,
-        max_new_tokens=cfg.ppo.max_new_tokens,
-        batch_size=cfg.sample_batch_size,
-        samples_per_prompt=cfg.eval_samples_per_prompt,
-        best_of={_best_of_name(cfg): cfg.eval_best_of} if cfg.eval_best_of else None,
-        seed=cfg.seed,
+        ref_policy=sft,
+        pretrain_heldout=pretrain,
+        human_comparisons=human_comparisons or (),
+        best_of={best_of_name(ecfg): ecfg.sft_best_of} if ecfg.sft_best_of else None,
         autocast_dtype=cfg.ppo.policy.autocast,
         log=log,
     )
-    save_eval(report, out / "eval" / "eval.json")
-    path = write_report(report, out / "report", run_dir=out)
+    eval_path = save_eval(report, eval_dir / "eval.json")
+    path = write_report(report, report_dir, run_dir=run_dir)
     return {
-        "eval": str(out / "eval" / "eval.json"),
+        "eval": str(eval_path),
         "report": str(path),
         "win_rates": {p.name: p.win_rate for p in report.policies},
+        "expected_win_rates": {p.name: p.expected_win_rate for p in report.policies},
     }

@@ -29,8 +29,8 @@ def _run(args) -> int:
     result = run_pipeline(cfg, log=console.print)
     ev = result.manifest["stages"]["eval"]["outputs"]
     console.print(
-        "[bold green]run done[/]; win rates vs sft (held-out labelers): "
-        + ", ".join(f"{k} {v:.3f}" for k, v in ev["win_rates"].items())
+        f"[bold green]run done[/]; win rates vs {cfg.eval.baseline} (held-out labelers, expected / sampled): "
+        + ", ".join(f"{k} {ev['expected_win_rates'][k]:.3f} / {v:.3f}" for k, v in ev["win_rates"].items())
     )
     console.print(f"report: [bold]{result.report}[/]")
     return 0

@@ -9,10 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tether.config import EvalConfig
 from tether.data.formats import PretrainText, Prompt
 from tether.data.task import build_default_task
 from tether.eval.evaluate import evaluate_policies, load_eval, pretrain_perplexity, save_eval
 from tether.eval.report import write_report
+from tether.labelers.panel import Panel
 from tether.models.generation import decode_responses, sample
 from tether.models.heads import load_scalar_model, save_scalar_model
 from tether.models.loading import load_causal_lm
@@ -45,18 +47,20 @@ def test_a_policy_against_itself_ties_with_zero_kl(tiny_dir, prompts):
     report = evaluate_policies(
         {"sft": str(tiny_dir), "copy": str(tiny_dir)},
         prompts,
-        baseline="sft",
+        # batch_size 4: batches cut across prompts, and alignment must not depend on it
+        EvalConfig(samples_per_prompt=3, max_new_tokens=12, batch_size=4),
         ref_policy=str(tiny_dir),
-        samples_per_prompt=3,
-        max_new_tokens=12,
-        batch_size=4,  # batches cut across prompts: alignment must not depend on it
         **QUIET,
     )
     sft, copy = report.by_name("sft"), report.by_name("copy")
     assert report.prompts == [p.text for p in prompts] and report.samples_per_prompt == 3
     assert len(copy.responses) == 15 and copy.responses == sft.responses
     assert (copy.win_rate, *copy.win_ci) == (0.5, 0.5, 0.5)
+    assert (copy.expected_win_rate, *copy.expected_win_ci) == (0.5, 0.5, 0.5)
     assert copy.preferences == [0.5] * 15
+    # Expected: response j against every baseline response k of its prompt; by symmetry each
+    # prompt's mean is exactly one half (pref(a, b) + pref(b, a) = 1).
+    assert all(sum(copy.expected_preferences[3 * i : 3 * i + 3]) / 3 == pytest.approx(0.5) for i in range(5))
     assert copy.kl_to_ref == 0.0 and sft.kl_to_ref == 0.0
     # Three samples of one prompt are three draws, not one answer copied three times.
     assert any(len(set(sft.responses[3 * i : 3 * i + 3])) > 1 for i in range(5))
@@ -65,14 +69,12 @@ def test_a_policy_against_itself_ties_with_zero_kl(tiny_dir, prompts):
 def test_samples_per_prompt_keeps_prompt_and_response_aligned(tiny_dir, perturbed, prompts):
     """Response j of prompt i is judged against the baseline's response j of prompt i."""
     one = evaluate_policies(
-        {"sft": str(tiny_dir), "other": str(perturbed)}, prompts, baseline="sft", max_new_tokens=12, **QUIET
+        {"sft": str(tiny_dir), "other": str(perturbed)}, prompts, EvalConfig(max_new_tokens=12), **QUIET
     )
     three = evaluate_policies(
         {"sft": str(tiny_dir), "other": str(perturbed)},
         prompts,
-        baseline="sft",
-        samples_per_prompt=3,
-        max_new_tokens=12,
+        EvalConfig(samples_per_prompt=3, max_new_tokens=12),
         **QUIET,
     )
     other = three.by_name("other")
@@ -81,8 +83,23 @@ def test_samples_per_prompt_keeps_prompt_and_response_aligned(tiny_dir, perturbe
     assert other.win_rate == pytest.approx(sum(per_prompt) / 5)
     assert other.win_ci[0] <= other.win_rate <= other.win_ci[1]
     assert len(one.by_name("other").responses) == 5 and len(one.by_name("other").preferences) == 5
+    # The expected win rate: every response against every baseline response of its prompt, each
+    # held-out labeler's exact preference probability, by hand.
+    panel, base = Panel(), three.by_name("sft")
+    by_hand = [
+        sum(
+            panel.expected_prefer(lab, prompts[i].text, other.responses[3 * i + j], base.responses[3 * i + k])
+            for j in range(3)
+            for k in range(3)
+            for lab in panel.heldout_labelers
+        )
+        / (9 * len(panel.heldout_labelers))
+        for i in range(5)
+    ]
+    assert other.expected_win_rate == pytest.approx(sum(by_hand) / 5)
+    assert other.expected_win_ci[0] <= other.expected_win_rate <= other.expected_win_ci[1]
     with pytest.raises(ValueError, match="samples_per_prompt"):
-        evaluate_policies({"sft": str(tiny_dir)}, prompts, baseline="sft", samples_per_prompt=0, **QUIET)
+        evaluate_policies({"sft": str(tiny_dir)}, prompts, EvalConfig(samples_per_prompt=0), **QUIET)
 
 
 def test_pretrain_perplexity_is_exp_of_the_token_mean_nll(tiny_dir):
@@ -102,9 +119,7 @@ def test_report_shows_verdicts_and_round_trips(tiny_dir, perturbed, prompts, tmp
     report = evaluate_policies(
         {"sft": str(tiny_dir), "ppo_ptx": str(perturbed)},
         prompts,
-        baseline="sft",
-        samples_per_prompt=2,
-        max_new_tokens=8,
+        EvalConfig(samples_per_prompt=2, max_new_tokens=8),
         pretrain_heldout=[PretrainText("The cat sat on the mat.")],
         **QUIET,
     )
@@ -117,6 +132,8 @@ def test_report_shows_verdicts_and_round_trips(tiny_dir, perturbed, prompts, tmp
     again = load_eval(save_eval(report, tmp_path / "eval.json"))
     assert again.samples_per_prompt == 2
     assert again.by_name("ppo_ptx").preferences == report.by_name("ppo_ptx").preferences
+    assert again.by_name("ppo_ptx").expected_win_ci == report.by_name("ppo_ptx").expected_win_ci
+    assert "expected win rate [95 % CI]" in page and again.config["samples_per_prompt"] == 2
 
 
 def test_best_of_n_keeps_the_reward_models_pick(tiny_dir, prompts, tmp_path):
@@ -124,9 +141,10 @@ def test_best_of_n_keeps_the_reward_models_pick(tiny_dir, prompts, tmp_path):
     torch.manual_seed(0)
     rm, tok = load_scalar_model(str(tiny_dir))  # the tiny LM with a random scalar head
     rm_dir = save_scalar_model(rm, tok, tmp_path / "rm")
-    common = dict(baseline="sft", reward_model=str(rm_dir), ref_policy=str(tiny_dir), max_new_tokens=10, batch_size=8)
+    common = dict(reward_model=str(rm_dir), ref_policy=str(tiny_dir))
+    cfg = EvalConfig(max_new_tokens=10, batch_size=8)
     report = evaluate_policies(
-        {"sft": str(tiny_dir), "bo4": str(tiny_dir)}, prompts, best_of={"bo4": 4}, **common, **QUIET
+        {"sft": str(tiny_dir), "bo4": str(tiny_dir)}, prompts, cfg, best_of={"bo4": 4}, **common, **QUIET
     )
     bo4, sft = report.by_name("bo4"), report.by_name("sft")
 
@@ -147,6 +165,6 @@ def test_best_of_n_keeps_the_reward_models_pick(tiny_dir, prompts, tmp_path):
     assert bo4.kl_to_ref == pytest.approx(math.log(4) - 0.75) and bo4.pretrain_ppl is None
     assert "≤ 0.64" in write_report(report, tmp_path / "report").read_text()
     with pytest.raises(ValueError, match="needs a reward model"):
-        evaluate_policies({"sft": str(tiny_dir)}, prompts, baseline="sft", best_of={"sft": 2}, **QUIET)
+        evaluate_policies({"sft": str(tiny_dir)}, prompts, best_of={"sft": 2}, **QUIET)
     with pytest.raises(ValueError, match="not among the policies"):
-        evaluate_policies({"sft": str(tiny_dir)}, prompts, baseline="sft", best_of={"bo": 2}, **QUIET)
+        evaluate_policies({"sft": str(tiny_dir)}, prompts, best_of={"bo": 2}, **QUIET)

@@ -255,6 +255,36 @@ def test_win_rate_with_several_samples_per_prompt_bootstraps_prompts(panel, task
         panel.win_rate(prompts, demos, broken, clusters=clusters[:-1])
 
 
+def test_expected_preference_is_the_mean_of_sampled_verdicts(panel, task):
+    """expected_prefer integrates the labeler's noise exactly: it matches the mean of many noisy
+    verdicts (ties counted half), is complementary in its arguments and 0.5 for identical texts."""
+    prompt, good, bad = _broken_pairs(task)[0]
+    lab = panel.heldout_labelers[0]
+    exact = panel.expected_prefer(lab, prompt, good, bad)
+    draws = [panel.prefer(lab, prompt, good, bad, np.random.default_rng([7, i])) for i in range(20000)]
+    assert exact == pytest.approx(float(np.mean(draws)), abs=0.01)  # 4 standard errors
+    assert 0.5 < exact < 1.0
+    assert exact + panel.expected_prefer(lab, prompt, bad, good) == pytest.approx(1.0)
+    assert panel.expected_prefer(lab, prompt, good, good) == 0.5
+
+
+def test_expected_win_rate_estimates_the_sampled_win_rate_with_less_noise(panel, task):
+    triples = _broken_pairs(task)[:60]
+    prompts = [t[0] for t in triples]
+    demos, broken = [t[1] for t in triples], [t[2] for t in triples]
+    sampled = panel.win_rate(prompts, demos, broken, seed=0)
+    expected = panel.expected_win_rate(prompts, demos, broken, seed=0)
+    assert expected.ci_low <= expected.rate <= expected.ci_high
+    assert abs(expected.rate - sampled.rate) < 0.05
+    assert expected.ci_high - expected.ci_low < sampled.ci_high - sampled.ci_low
+    mean_of_pairs = np.mean(
+        [np.mean([panel.expected_prefer(lab, p, a, b) for lab in panel.heldout_labelers]) for p, a, b in triples]
+    )
+    assert expected.rate == pytest.approx(mean_of_pairs)
+    same = panel.expected_win_rate(prompts, demos, demos)
+    assert (same.rate, same.ci_low, same.ci_high) == (0.5, 0.5, 0.5)
+
+
 def test_synthetic_responses_are_a_mix_of_distinct_responses(task, samples):
     assert len(samples) == len(task.prompts)
     kinds = set()

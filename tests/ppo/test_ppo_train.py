@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from tether.config import PPOConfig, resolve
 from tether.models.generation import decode_responses, position_ids_from_mask, sample
-from tether.models.heads import load_scalar_model, reward_scores, save_scalar_model, set_reward_bias
+from tether.models.heads import load_scalar_model, reward_scores, save_scalar_model, set_reward_normalization
 from tether.models.loading import load_causal_lm, save_model
 from tether.ops import last_token_index
 from tether.ppo.rollout import Rollout, score_episodes
@@ -93,10 +93,10 @@ def eos_policy(tiny_dir, tmp_path_factory, ppo_data) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_rm(eos_policy, tmp_path_factory) -> Path:
-    """A 'reward model': the policy with a random scalar head and a normalisation bias."""
+    """A "reward model": the policy with a random scalar head and a normalisation gain and bias."""
     torch.manual_seed(0)
     rm, tok = load_scalar_model(str(eos_policy))
-    set_reward_bias(rm, 0.25)
+    set_reward_normalization(rm, gain=1.7, bias=0.25)
     return save_scalar_model(rm, tok, tmp_path_factory.mktemp("tiny_rm") / "rm")
 
 
@@ -271,19 +271,66 @@ def test_first_rollout_has_exactly_zero_kl(tmp_path, ppo_data, eos_policy, lora)
     assert (result.value_dir / "model.safetensors").exists()
 
 
-def test_ptx_coef_zero_equals_plain_ppo(tmp_path, ppo_data, eos_policy):
-    """γ = 0 with the pretraining pass running gives the very weights of PPO without it."""
+def test_ptx_coef_zero_equals_plain_ppo_and_skips_the_pretraining_pass(tmp_path, ppo_data, eos_policy):
+    """γ = 0 gives the very weights of PPO without pretraining data, and pays for no ptx forward."""
     common = dict(total_episodes=8, sample_every=0)  # one iteration, two optimiser steps
     plain = ppo_cfg(tmp_path / "plain", ppo_data, eos_policy, ptx_examples_per_episode=0, **common)
     zero = ppo_cfg(tmp_path / "zero", ppo_data, eos_policy, ptx_coef=0.0, **common)
     ptx = ppo_cfg(tmp_path / "ptx", ppo_data, eos_policy, ptx_coef=1.0, **common)
     results = [train_ppo(c, length_reward, **QUIET) for c in (plain, zero, ptx)]
     assert results[0].metrics[-1]["ptx_loss"] is None
-    assert results[1].metrics[-1]["ptx_loss"] > 0  # the pretraining pass did run
+    assert results[1].metrics[-1]["ptx_loss"] is None  # γ = 0: no pretraining forward or backward
+    assert results[2].metrics[-1]["ptx_loss"] > 0
     assert_same_weights(results[0].policy_dir, results[1].policy_dir)
     assert_same_weights(results[0].value_dir, results[1].value_dir)
     a, c = weights(results[0].policy_dir), weights(results[2].policy_dir)
     assert any(not torch.equal(a[n], c[n]) for n in a)  # γ > 0 does change the policy
+
+
+def test_ptx_step_with_zero_coefficient_adds_no_gradient(ppo_data, eos_policy):
+    """The ptx pass scaled by γ = 0 leaves ppo_step's gradients exactly as without it."""
+    policy, tok = load_causal_lm(str(eos_policy), trainable=True)
+    value_model, _ = load_scalar_model(str(eos_policy), trainable=True)
+    prompts = ["hi", "a much longer prompt", "mid", "x y"]
+    gen = sample(policy, tok, prompts, max_new_tokens=6, generator=torch.Generator().manual_seed(3))
+    rollout = score_episodes(
+        gen,
+        prompts,
+        decode_responses(tok, gen),
+        policy=policy,
+        ref_policy=policy,
+        value_model=value_model,
+        reward=length_reward,
+        temperature=1.0,
+        missing_eos_penalty=None,
+    )
+    rollout.advantages = torch.randn_like(rollout.logprobs) * rollout.response_mask
+    rollout.returns = torch.randn_like(rollout.logprobs) * rollout.response_mask
+    texts = [json.loads(line)["text"] for line in ppo_data["pretrain"].read_text().splitlines()][:3]
+    ptx = [encode_pretrain(tok, t, 32) for t in texts]
+    cfg = resolve(PPOConfig, "ppo", "tiny", overrides={"ptx_coef": 0.0})
+    grads = []
+    for examples in ([], ptx):
+        policy.zero_grad(set_to_none=True)
+        ppo_step(policy, value_model, rollout, examples, cfg, tok.pad_token_id)
+        grads.append([p.grad.clone() for p in policy.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+def test_pretraining_examples_per_episode_do_not_multiply_with_ppo_epochs(tmp_path, ppo_data, eos_policy):
+    """ptx_examples_per_episode counts distinct pretraining examples per episode, whatever ppo_epochs."""
+    taken = {}
+    for epochs in (1, 2):
+        cfg = ppo_cfg(
+            tmp_path / f"e{epochs}", ppo_data, eos_policy, total_episodes=8, sample_every=0, ppo_epochs=epochs
+        )
+        train_ppo(cfg, length_reward, **QUIET)
+        counters = json.loads((tmp_path / f"e{epochs}" / "state" / "counters.json").read_text())
+        epoch, index = counters["ptx_position"]
+        taken[epochs] = epoch * 24 + index  # 24 pretraining texts in the fixture
+    # 8 episodes × 0.5 examples per episode (the tiny preset) = 4, with one epoch or two.
+    assert taken == {1: 4, 2: 4}
 
 
 def test_micro_batch_size_does_not_change_the_gradient(ppo_data, eos_policy):

@@ -354,7 +354,8 @@ def test_normalised_so_demonstrations_score_mean_zero_and_loads_as_plain_hf(trai
     with torch.no_grad():
         for text, expected in zip(texts, scores, strict=True):
             logits = hf(**hf_tok(text, return_tensors="pt")).logits
-            assert float(logits[0, 0]) + hf.config.tether_reward_bias == pytest.approx(float(expected), abs=1e-4)
+            score = float(logits[0, 0]) * hf.config.tether_reward_gain + hf.config.tether_reward_bias
+            assert score == pytest.approx(float(expected), abs=1e-4)
 
 
 def test_rm_scorer_for_sft_selection_is_seeded(trained, tiny_dir):

@@ -7,15 +7,19 @@ read too. Field by field:
 ``prompt``         {"id": str, "text": str, "user_id": str, "category": str?}
 ``demonstration``  {"prompt": str, "response": str, "prompt_id": str?, "labeler_id": str?}
 ``sample``         {"prompt": str, "responses": [str] (K = 2..9), "prompt_id": str?,
-                    "policies": [str]? (one per response), "user_id": str?, "category": str?}
+                    "policies": [str]? (one per response), "ended": [bool]? (one per response),
+                    "user_id": str?, "category": str?}
 ``comparison``     {"prompt": str, "responses": [str] (K = 2..9), "ranking": [int] (one rank per
                     response, 1 = best, equal ranks = a tie), "labeler_id": str,
                     "prompt_id": str?, "likert": [int 1..7]?, "flags": [{flag: bool}]?,
-                    "policies": [str]?}
+                    "policies": [str]?, "ended": [bool]?}
 ``pretrain``       {"text": str}
 
 Bad input raises :class:`DataError` naming the file, the line (1-based; the row for Parquet) and
-the field. Extra fields are allowed and ignored (keep provenance in them, e.g. ``meta``). A file
+the field. ``ended[i]`` is false for a sampled response that ran out of tokens before the model
+ended it (EOS); absent means every response ended, as a written one does. The reward model trains
+on a response as the policy wrote it: EOS after an ended one, none after a cut one. Extra fields
+are allowed and ignored (keep provenance in them, e.g. ``meta``). A file
 is validated whole before anything trains on it.
 """
 
@@ -83,6 +87,7 @@ class Sample:
     policies: list[str] | None = None
     user_id: str | None = None
     category: str | None = None
+    ended: list[bool] | None = None  # per response: it ended with EOS (None: all did)
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,7 @@ class Comparison:
     likert: list[int] | None = None
     flags: list[dict[str, bool]] | None = None
     policies: list[str] | None = None
+    ended: list[bool] | None = None  # per response: it ended with EOS (None: all did)
 
     @property
     def k(self) -> int:
@@ -163,6 +169,15 @@ def _optional_per_response(obj: dict, name: str, k: int, where: tuple) -> list |
     return list(value)
 
 
+def _optional_ended(obj: dict, k: int, where: tuple) -> list[bool] | None:
+    ended = _optional_per_response(obj, "ended", k, where)
+    if ended is not None:
+        for i, e in enumerate(ended):
+            if not isinstance(e, bool):
+                raise DataError(*where, f"ended[{i}]", "must be true or false")
+    return ended
+
+
 def parse_record(obj: Any, kind: str, path: str | Path = "<memory>", line: int | None = None):
     """Validate one decoded JSON object as ``kind`` and return its record."""
     where = (path, line)
@@ -199,6 +214,7 @@ def parse_record(obj: Any, kind: str, path: str | Path = "<memory>", line: int |
             policies=[str(p) for p in policies] if policies else None,
             user_id=_require_str(obj, "user_id", where, optional=True),
             category=_require_str(obj, "category", where, optional=True),
+            ended=_optional_ended(obj, len(responses), where),
         )
     if kind == "comparison":
         prompt = _require_str(obj, "prompt", where)
@@ -241,6 +257,7 @@ def parse_record(obj: Any, kind: str, path: str | Path = "<memory>", line: int |
             likert=likert,
             flags=flags,
             policies=[str(p) for p in policies] if policies else None,
+            ended=_optional_ended(obj, k, where),
         )
     raise ValueError(f"unknown record kind {kind!r}; known: {', '.join(KINDS)}")
 

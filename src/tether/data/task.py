@@ -45,6 +45,7 @@ from tether.data.constraints import (
     words,
 )
 from tether.data.formats import Demonstration, PretrainText, Prompt, write_records
+from tether.data.preprocess import PreprocessConfig, preprocess_prompts
 
 __all__ = [
     "CATEGORIES",
@@ -659,3 +660,14 @@ def build_default_task(seed: int = 0, n_users: int = 60, prompts_per_user: int =
             task.topics[pid] = draft.topic.name
     task.pretrain_train, task.pretrain_heldout = pretrain_corpus()
     return task
+
+
+def default_splits(seed: int = 0, n_users: int = 60, prompts_per_user: int = 8) -> dict[str, list[Prompt]]:
+    """The default task's prompts, preprocessed as in the paper and split by user.
+
+    The one owner of "the default task's train / valid / test prompts" for commands run without
+    files (``tether ppo``, ``tether eval``); a ``tether run`` writes its own split to
+    ``RUN/data/`` and everything after reads that.
+    """
+    task = build_default_task(seed=seed, n_users=n_users, prompts_per_user=prompts_per_user)
+    return preprocess_prompts(task.prompts, PreprocessConfig(seed=seed)).splits

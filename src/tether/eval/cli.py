@@ -1,39 +1,35 @@
-"""``tether eval``: compare policies on held-out prompts; writes eval.json and report.html."""
+"""``tether eval``: compare policies on held-out prompts; writes eval.json and report.html.
+
+Two ways in: ``--run DIR`` evaluates a finished ``tether run`` (its policies, its reward model, its
+test split and held-out pretraining text, its evaluation settings unless flags override them);
+``--policy NAME=PATH ...`` evaluates any model directories. Settings are :class:`EvalConfig`'s.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from pathlib import Path
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    from tether.config import EvalConfig, add_config_args
+
     p = sub.add_parser(
         "eval",
         help="compare policies: win rate vs a baseline (held-out labelers), Likert, flags, RM score, KL, alignment tax",
     )
+    p.add_argument("--run", help="a finished `tether run` directory: evaluate its policies on its test split")
     p.add_argument(
         "--policy",
         action="append",
-        required=True,
+        default=[],
         metavar="NAME=PATH",
         help="a policy to evaluate (repeat): NAME=HF dir, 'default' or 'tiny'",
     )
-    p.add_argument("--baseline", required=True, help="NAME of the policy to compare against (e.g. sft)")
-    p.add_argument("--prompts", help="held-out prompt records; default: the default task's test split")
-    p.add_argument("--limit", type=int, help="use only the first N prompts")
-    p.add_argument("--reward-model", help="RM directory: report mean RM score")
-    p.add_argument("--ref-policy", help="reference (SFT) policy: report KL to it")
-    p.add_argument(
-        "--pretrain",
-        help="held-out pretraining text records: report perplexity (alignment tax); "
-        "default: the default task's held-out corpus",
-    )
+    p.add_argument("--reward-model", help="RM directory: report mean RM score (default with --run: the run's)")
+    p.add_argument("--ref-policy", help="reference (SFT) policy: report KL to it (default with --run: the run's)")
     p.add_argument("--human", help="comparisons ranked by people (with per-response policies): human win rates")
-    p.add_argument(
-        "--samples-per-prompt",
-        type=int,
-        default=1,
-        help="responses per prompt and policy (narrows the win-rate interval; bootstrapped over prompts)",
-    )
     p.add_argument(
         "--best-of",
         action="append",
@@ -42,66 +38,107 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="make policy NAME best-of-N: keep the response the --reward-model scores highest of N samples "
         "(repeat; e.g. --policy sft_bo4=runs/sft/final --best-of sft_bo4=4)",
     )
-    p.add_argument("--batch-size", type=int, default=16, help="sequences sampled per forward pass")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/eval", help="output directory (eval.json, report.html, PNGs)")
+    p.add_argument("--out", help="output directory (eval.json, report.html, PNGs); default runs/eval, or RUN/eval-cli")
+    add_config_args(p, EvalConfig)
     p.set_defaults(func=_run)
 
 
+def _pairs(specs: list[str], flag: str, what: str) -> dict[str, str]:
+    out = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"{flag} expects NAME={what}, got {spec!r}")
+        out[name] = value
+    return out
+
+
 def _run(args) -> int:
+    from tether.config import EvalConfig, RunConfig, config_from_args, from_dict, set_dotted, to_dict
     from tether.data.formats import read_records
-    from tether.eval.evaluate import evaluate_policies
+    from tether.eval.evaluate import evaluate_policies, load_eval, save_eval
     from tether.eval.report import write_report
 
-    policies = {}
-    for spec in args.policy:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--policy expects NAME=PATH, got {spec!r}")
-        policies[name] = path
+    human = read_records(args.human, "comparison") if args.human else None
     best_of = {}
-    for spec in args.best_of:
-        name, sep, n = spec.partition("=")
-        if not sep or not n.isdigit():
-            raise ValueError(f"--best-of expects NAME=N with N a whole number, got {spec!r}")
+    for name, n in _pairs(args.best_of, "--best-of", "N").items():
+        if not n.isdigit():
+            raise ValueError(f"--best-of expects NAME=N with N a whole number, got {name}={n}")
         best_of[name] = int(n)
-    if args.prompts:
-        prompts = read_records(args.prompts, "prompt")
-    else:
-        from tether.pipeline import default_splits
+    if args.run:
+        import json
 
-        prompts = default_splits(seed=args.seed)["test"]
-    prompts = prompts[: args.limit] if args.limit else prompts
-    if args.pretrain:
-        pretrain = read_records(args.pretrain, "pretrain")
-    else:
-        from tether.data.task import build_default_task
+        import yaml
 
-        pretrain = build_default_task().pretrain_heldout
-    human = read_records(args.human, "comparison") if args.human else ()
-    report = evaluate_policies(
-        policies,
-        prompts,
-        baseline=args.baseline,
-        reward_model=args.reward_model,
-        ref_policy=args.ref_policy,
-        pretrain_heldout=pretrain,
-        human_comparisons=human,
-        temperature=args.temperature,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        samples_per_prompt=args.samples_per_prompt,
-        best_of=best_of,
-        seed=args.seed,
-    )
-    path = write_report(report, args.out)
+        from tether.pipeline import evaluate_run
+
+        run = Path(args.run)
+        if not (run / "manifest.json").exists() or not (run / "config.yaml").exists():
+            raise FileNotFoundError(f"--run {run}: no manifest.json / config.yaml (not a tether run directory)")
+        if args.policy or args.best_of or args.reward_model or args.ref_policy:
+            raise ValueError("--run evaluates the run's own policies: leave out --policy, --best-of, --reward-model")
+        run_cfg = from_dict(RunConfig, yaml.safe_load((run / "config.yaml").read_text()))
+        stages = json.loads((run / "manifest.json").read_text())["stages"]
+        missing = [
+            s for s in ("data", "sft", f"round-{run_cfg.rounds}/ppo_ptx") if stages.get(s, {}).get("status") != "done"
+        ]
+        if missing:
+            raise ValueError(f"--run {run}: stages {missing} are not finished; rerun `tether run` first")
+        # The run's own evaluation settings, with the flags given here on top.
+        data = to_dict(run_cfg.eval)
+        for key, value in vars(args).items():
+            if key.startswith("cfg__"):
+                set_dotted(data, key[len("cfg__") :], value)
+        eval_cfg = from_dict(EvalConfig, data)
+        eval_cfg.validate()
+        out = Path(args.out) if args.out else run / "eval-cli"
+        res = evaluate_run(run_cfg, stages, run, out, out, print, eval_cfg=eval_cfg, human_comparisons=human)
+        report = load_eval(res["eval"])
+        path = Path(res["report"])
+    else:
+        policies = _pairs(args.policy, "--policy", "PATH")
+        if not policies:
+            raise ValueError("tether eval needs --run DIR or at least one --policy NAME=PATH")
+        cfg = config_from_args(EvalConfig, "eval", args)
+        if cfg.prompts:
+            prompts = read_records(cfg.prompts, "prompt")
+        else:
+            from tether.data.task import default_splits
+
+            prompts = default_splits(seed=cfg.seed)["test"]
+        if cfg.pretrain:
+            pretrain = read_records(cfg.pretrain, "pretrain")
+        else:
+            from tether.data.task import build_default_task
+
+            pretrain = build_default_task().pretrain_heldout
+        if cfg.sft_best_of:
+            best_of.setdefault(f"{cfg.baseline}_bo{cfg.sft_best_of}", cfg.sft_best_of)
+            policies.setdefault(f"{cfg.baseline}_bo{cfg.sft_best_of}", policies.get(cfg.baseline, ""))
+        report = evaluate_policies(
+            policies,
+            prompts[: cfg.limit or None],
+            dataclasses.replace(cfg, max_new_tokens=cfg.max_new_tokens or 64),
+            reward_model=args.reward_model,
+            ref_policy=args.ref_policy,
+            pretrain_heldout=pretrain[: cfg.pretrain_texts or None],
+            human_comparisons=human or (),
+            best_of=best_of,
+        )
+        out = Path(args.out or "runs/eval")
+        save_eval(report, out / "eval.json")
+        path = write_report(report, out)
     for p in report.policies:
-        ci = f"[{p.win_ci[0]:.2f}, {p.win_ci[1]:.2f}]" if p.win_ci else ""
         print(
-            f"{p.name:>10}: win {p.win_rate:.3f} {ci}  likert {p.likert:.2f}  len {p.length:.1f}  "
+            f"{p.name:>10}: expected win {_ci(p.expected_win_rate, p.expected_win_ci)}  "
+            f"sampled win {_ci(p.win_rate, p.win_ci)}  likert {p.likert:.2f}  len {p.length:.1f}  "
             f"ppl {p.pretrain_ppl if p.pretrain_ppl is None else round(p.pretrain_ppl, 2)}"
         )
     print(f"report: {path}")
     return 0
+
+
+def _ci(rate: float | None, ci: tuple[float, float] | None) -> str:
+    if rate is None:
+        return "–"
+    return f"{rate:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{rate:.3f}"

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tether.config import EvalConfig, to_dict
 from tether.data.formats import Comparison, PretrainText, Prompt
 from tether.models.generation import decode_responses, sample
 from tether.models.loading import load_causal_lm
@@ -27,8 +28,12 @@ class PolicyEval:
     name: str
     path: str
     responses: list[str]  # samples_per_prompt per prompt, prompt-major (prompt i: i*n .. i*n+n-1)
-    win_rate: float | None = None  # vs the baseline, judged by held-out labelers; ties count half
+    win_rate: float | None = None  # vs the baseline, sampled verdicts of held-out labelers; ties count half
     win_ci: tuple[float, float] | None = None  # 95 % bootstrap interval over prompts
+    # The same win rate with the held-out labelers' noise integrated out exactly (every policy ×
+    # baseline response pair of a prompt): the headline figure for the simulated panel.
+    expected_win_rate: float | None = None
+    expected_win_ci: tuple[float, float] | None = None
     likert: float = float("nan")  # mean 1-7 from held-out labelers
     flag_rates: dict[str, float] = field(default_factory=dict)
     rm_score: float | None = None  # mean normalised RM score
@@ -39,6 +44,7 @@ class PolicyEval:
     human_win_rate: float | None = None  # from people's rankings, when given
     human_n: int = 0
     preferences: list[float] | None = None  # per response: held-out labelers' mean preference over the baseline's
+    expected_preferences: list[float] | None = None  # per response: the same, noise integrated out
     best_of: int = 1  # > 1: each response is the RM's pick of this many samples (kl_to_ref is then a bound)
 
 
@@ -51,6 +57,7 @@ class EvalReport:
     temperature: float
     max_new_tokens: int
     samples_per_prompt: int = 1
+    config: dict | None = None  # the EvalConfig used, as a dict
 
     def by_name(self, name: str) -> PolicyEval:
         return next(p for p in self.policies if p.name == name)
@@ -106,36 +113,37 @@ def human_win_rate(comparisons: Sequence[Comparison], policy: str, baseline: str
 def evaluate_policies(
     policies: dict[str, str],
     prompts: Sequence[Prompt],
+    cfg: EvalConfig | None = None,
     *,
-    baseline: str,
     panel=None,
     reward_model: str | None = None,
     ref_policy: str | None = None,
     pretrain_heldout: Sequence[PretrainText] = (),
     human_comparisons: Sequence[Comparison] = (),
-    temperature: float = 1.0,
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
-    samples_per_prompt: int = 1,
     best_of: dict[str, int] | None = None,
-    seed: int = 0,
     autocast_dtype: str | None = None,
     log=print,
 ) -> EvalReport:
     """Evaluate named policies (name → model dir / 'default' / 'tiny') on held-out prompts.
 
-    Each policy answers every prompt ``samples_per_prompt`` times; response ``j`` of a prompt is
-    judged against the baseline's response ``j`` and the win rate's interval is bootstrapped
-    over prompts, so more samples narrow it by averaging out sampling noise, not by pretending
-    to have more prompts. ``best_of`` (name → n) makes a policy best-of-n: each of its responses
-    is the one the reward model scores highest among n samples, the RM's own optimisation without
-    any training, at a KL of at most log n − (n − 1)/n nats when that policy is the reference.
-    ``autocast_dtype`` ('bfloat16') runs every forward pass under mixed precision (faster on CPUs
-    with AVX512-BF16 and on GPUs); every policy is measured the same way.
+    Each policy answers every prompt ``cfg.samples_per_prompt`` times; response ``j`` of a prompt
+    is judged against the baseline's response ``j`` (sampled verdicts), and every response
+    against every baseline response of its prompt with the judges' noise integrated out (the
+    expected win rate). Both intervals are bootstrapped over prompts, so more samples narrow them
+    by averaging out sampling noise, not by pretending to have more prompts. ``best_of`` (name →
+    n) makes a policy best-of-n: each of its responses is the one the reward model scores highest
+    among n samples, the RM's own optimisation without any training, at a KL of at most
+    log n − (n − 1)/n nats when that policy is the reference. ``autocast_dtype`` ('bfloat16',
+    'auto') runs every forward pass under mixed precision; every policy is measured the same way.
     """
     from tether.config import ModelConfig
     from tether.models.loading import autocast, resolve_device
 
+    cfg = cfg or EvalConfig()
+    cfg.validate()
+    baseline, seed, samples_per_prompt = cfg.baseline, cfg.seed, cfg.samples_per_prompt
+    temperature, batch_size = cfg.temperature, cfg.batch_size
+    max_new_tokens = cfg.max_new_tokens or 64
     precision = autocast(ModelConfig(autocast=autocast_dtype), resolve_device("auto"))
     if baseline not in policies:
         raise ValueError(f"baseline {baseline!r} is not among the policies {list(policies)}")
@@ -143,8 +151,6 @@ def evaluate_policies(
         from tether.labelers.panel import Panel
 
         panel = Panel()
-    if samples_per_prompt < 1:
-        raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
     best_of = best_of or {}
     for name, n in best_of.items():
         if name not in policies:
@@ -170,7 +176,8 @@ def evaluate_policies(
         n_best = best_of.get(name, 1)
         log(f"eval: generating with {name} ({path})" + (f", best of {n_best} by the RM" if n_best > 1 else ""))
         model, tokenizer = load_causal_lm(path)
-        generator = torch.Generator().manual_seed(seed)  # the same seed for every policy
+        # The same seed for every policy, on the model's device (a CPU generator cannot drive CUDA sampling).
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
         responses, lengths, eos, kls, scores = [], [], [], [], []
         step = max(1, batch_size // n_best)  # prompts per forward batch of n_best candidates each
         for start in range(0, len(texts), step):
@@ -231,10 +238,15 @@ def evaluate_policies(
     base = next(r for r in results if r.name == baseline)
     for r in results:
         if r.name != baseline:
-            wr = panel.win_rate(texts, r.responses, base.responses, labelers=judges, seed=seed, clusters=clusters)
+            common = dict(labelers=judges, seed=seed, clusters=clusters, n_bootstrap=cfg.n_bootstrap)
+            wr = panel.win_rate(texts, r.responses, base.responses, **common)
             r.win_rate, r.win_ci, r.preferences = wr.rate, (wr.ci_low, wr.ci_high), list(wr.preferences)
+            ex = panel.expected_win_rate(texts, r.responses, base.responses, **common)
+            r.expected_win_rate, r.expected_win_ci = ex.rate, (ex.ci_low, ex.ci_high)
+            r.expected_preferences = list(ex.preferences)
         else:
             r.win_rate, r.win_ci = 0.5, (0.5, 0.5)
+            r.expected_win_rate, r.expected_win_ci = 0.5, (0.5, 0.5)
         if human_comparisons:
             r.human_win_rate, r.human_n = human_win_rate(human_comparisons, r.name, baseline)
     return EvalReport(
@@ -245,6 +257,7 @@ def evaluate_policies(
         temperature=temperature,
         max_new_tokens=max_new_tokens,
         samples_per_prompt=samples_per_prompt,
+        config=to_dict(cfg),
     )
 
 
@@ -264,6 +277,12 @@ def load_eval(path: str | Path) -> EvalReport:
 
     data = json.loads(Path(path).read_text())
     data["policies"] = [
-        PolicyEval(**{**p, "win_ci": tuple(p["win_ci"]) if p.get("win_ci") else None}) for p in data["policies"]
+        PolicyEval(
+            **{
+                **p,
+                **{k: tuple(p[k]) if p.get(k) else None for k in ("win_ci", "expected_win_ci")},
+            }
+        )
+        for p in data["policies"]
     ]
     return EvalReport(**data)

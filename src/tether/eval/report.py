@@ -13,18 +13,22 @@ import json
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from tether.eval.evaluate import EvalReport  # noqa: E402
-from tether.metrics import read_metrics  # noqa: E402
+from tether.eval.evaluate import EvalReport
+from tether.metrics import read_metrics
 
 COLORS = {"base": "#9e9e9e", "sft": "#5b8def", "ppo": "#f0a340", "ppo_ptx": "#d9534f"}
 
 
 def _color(name: str) -> str:
     return COLORS.get(name, "#6c757d")
+
+
+def _figure(*args, **kwargs):
+    """A new figure on the file-only Agg backend (no display needed; set where figures are made)."""
+    matplotlib.use("Agg")
+    return plt.subplots(*args, **kwargs)
 
 
 def _png(fig) -> bytes:
@@ -35,21 +39,37 @@ def _png(fig) -> bytes:
 
 
 def plot_win_rates(report: EvalReport) -> bytes:
-    """The paper's Figure 1 shape: win rate against the baseline, with 95 % intervals."""
+    """The paper's Figure 1 shape: win rate against the baseline, with 95 % intervals.
+
+    Two bars per policy: the expected win rate (the held-out labelers' noise integrated out) and
+    the win rate of their sampled verdicts; both estimate the same quantity.
+    """
     pols = report.policies
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    xs = range(len(pols))
-    rates = [p.win_rate for p in pols]
-    lows = [p.win_rate - p.win_ci[0] for p in pols]
-    highs = [p.win_ci[1] - p.win_rate for p in pols]
-    ax.bar(xs, rates, yerr=[lows, highs], capsize=5, color=[_color(p.name) for p in pols])
+    fig, ax = _figure(figsize=(7, 3.8))
+    width = 0.38
+    for offset, key, label, alpha in (
+        (-width / 2, "expected_win", "expected (noise integrated out)", 1.0),
+        (width / 2, "win", "sampled verdicts", 0.45),
+    ):
+        rates = [getattr(p, f"{key}_rate") for p in pols]
+        cis = [getattr(p, f"{key}_ci") for p in pols]
+        if any(r is None for r in rates):
+            continue
+        xs = [i + offset for i in range(len(pols))]
+        err = [[r - c[0] for r, c in zip(rates, cis, strict=True)], [c[1] - r for r, c in zip(rates, cis, strict=True)]]
+        ax.bar(xs, rates, width, yerr=err, capsize=4, color=[_color(p.name) for p in pols], alpha=alpha, label=label)
+        for x, r in zip(xs, rates, strict=True):
+            ax.text(x, r + 0.03, f"{r:.2f}", ha="center", fontsize=8)
     ax.axhline(0.5, color="black", lw=0.8, ls="--")
-    ax.set_xticks(list(xs), [p.name for p in pols])
+    ax.set_xticks(range(len(pols)), [p.name for p in pols])
     ax.set_ylim(0, 1)
     ax.set_ylabel(f"win rate vs {report.baseline}")
-    ax.set_title(f"Held-out labelers ({', '.join(report.labelers)}), {len(report.prompts)} held-out prompts")
-    for x, r in zip(xs, rates, strict=True):
-        ax.text(x, r + 0.02, f"{r:.2f}", ha="center", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(
+        f"Held-out labelers ({', '.join(report.labelers)}), {len(report.prompts)} held-out prompts "
+        f"× {report.samples_per_prompt}",
+        fontsize=10,
+    )
     return _png(fig)
 
 
@@ -57,7 +77,7 @@ def plot_alignment_tax(report: EvalReport) -> bytes | None:
     pols = [p for p in report.policies if p.pretrain_ppl is not None]
     if not pols:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = _figure(figsize=(6, 3.2))
     ax.bar([p.name for p in pols], [p.pretrain_ppl for p in pols], color=[_color(p.name) for p in pols])
     ax.set_ylabel("held-out pretraining perplexity")
     ax.set_title("Alignment tax (lower is better)")
@@ -73,7 +93,7 @@ def plot_curves(panels: list[tuple[str, list[tuple[str, list[float], list[float]
         return None
     cols = min(3, len(panels))
     rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = _figure(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
     for ax, (title, series) in zip(axes.flat, panels, strict=False):
         for label, xs, ys in series:
             if xs:
@@ -141,6 +161,10 @@ def _fmt(v, spec: str = ".3f") -> str:
     return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
 
 
+def _rate(rate: float | None, ci: tuple[float, float] | None) -> str:
+    return f"{rate:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if rate is not None and ci else "–"
+
+
 def _verdict(policy, index: int, baseline: str) -> str:
     """The held-out labelers' verdict on one response of ``policy`` against the baseline's."""
     if not policy.preferences:
@@ -177,7 +201,8 @@ def write_report(
             f"<td>{c}</td>"
             for c in (
                 f"<b>{html.escape(p.name)}</b>",
-                f"{p.win_rate:.3f} [{p.win_ci[0]:.3f}, {p.win_ci[1]:.3f}]" if p.win_ci else "–",
+                _rate(p.expected_win_rate, p.expected_win_ci),
+                _rate(p.win_rate, p.win_ci),
                 _fmt(p.likert, ".2f"),
                 _fmt(p.flag_rates.get("satisfies_constraint"), ".2f"),
                 _fmt(p.flag_rates.get("fails_instruction"), ".2f"),
@@ -236,10 +261,15 @@ img {{ max-width: 100%; }}
 {report.temperature}, at most {report.max_new_tokens} new tokens.
 Win rates are against <b>{html.escape(report.baseline)}</b>
 with 95 % bootstrap intervals over prompts; ties count half; {report.samples_per_prompt} sampled
-response(s) per prompt and policy, each judged against the baseline's response of the same index.</p>
+response(s) per prompt and policy. <b>Expected</b>: each held-out labeler's exact probability of
+preferring the policy's response to each of the baseline's responses to the same prompt under the
+labeler's own noise model (ties half), averaged; the headline figure. <b>Sampled</b>: the labelers'
+noisy verdicts, each response against the baseline's response of the same index (what people would
+give); it estimates the same quantity with more noise.</p>
 <h2>Win rate against {html.escape(report.baseline)}</h2>
 {_img(pngs["win_rates.png"], "win rates")}
-<table><tr><th>policy</th><th>win rate [95 % CI]</th><th>Likert 1-7</th><th>constraints satisfied</th>
+<table><tr><th>policy</th><th>expected win rate [95 % CI]</th><th>sampled win rate [95 % CI]</th>
+<th>Likert 1-7</th><th>constraints satisfied</th>
 <th>fails instruction</th><th>RM score</th><th>KL to SFT (nats)</th><th>length (tokens)</th><th>EOS rate</th>
 <th>pretrain ppl</th></tr>{rows}</table>
 {best_of_note}

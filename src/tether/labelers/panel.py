@@ -489,6 +489,18 @@ class Panel:
             return 0.5
         return 1.0 if ua > ub else 0.0
 
+    def expected_prefer(self, labeler: Labeler | str, prompt: str, a: str, b: str) -> float:
+        """The exact expectation of :meth:`prefer` over the labeler's noise: P(a) + P(tie) / 2.
+
+        Each utility gets independent Gumbel noise of scale s, so their difference is logistic:
+        with d = u_a − u_b and tie threshold τ, P(a) = σ((d − τ)/s) and P(b) = σ((−d − τ)/s).
+        """
+        lab = self._resolve(labeler)
+        if a == b:
+            return 0.5
+        d = lab.utility(read_response(prompt, a)) - lab.utility(read_response(prompt, b))
+        return _expected_preference(np.asarray(d), lab.noise, lab.tie_threshold).item()
+
     def rank(
         self,
         labeler: Labeler | str,
@@ -546,6 +558,7 @@ class Panel:
                         likert=[lab.likert(u) for u in utilities],
                         flags=[judged_flags(f) for f in feats],
                         policies=list(sample.policies) if sample.policies else None,
+                        ended=list(sample.ended) if sample.ended is not None else None,
                     )
                 )
         return out
@@ -585,11 +598,73 @@ class Panel:
             per_pair[i] = np.mean([self.prefer(lab, text, a, b, self._rng(seed, i, lab)) for lab in judges])
         ids = np.unique(np.asarray(clusters if clusters is not None else range(len(prompts))), return_inverse=True)[1]
         per_prompt = np.bincount(ids, weights=per_pair) / np.bincount(ids)
-        rng = np.random.default_rng([seed, 0xB007])
-        idx = rng.integers(0, len(per_prompt), size=(n_bootstrap, len(per_prompt)))
-        means = per_prompt[idx].mean(axis=1)
-        low, high = np.percentile(means, [2.5, 97.5])
-        return WinRate(float(per_prompt.mean()), float(low), float(high), len(per_prompt), tuple(per_pair.tolist()))
+        low, high = _bootstrap_interval(per_prompt, seed, n_bootstrap)
+        return WinRate(float(per_prompt.mean()), low, high, len(per_prompt), tuple(per_pair.tolist()))
+
+    def expected_win_rate(
+        self,
+        prompts: Sequence[str | Prompt],
+        responses: Sequence[str],
+        baseline_responses: Sequence[str],
+        labelers: list[Labeler] | None = None,
+        seed: int = 0,
+        n_bootstrap: int = 2000,
+        clusters: Sequence[int] | None = None,
+    ) -> WinRate:
+        """The win rate :meth:`win_rate` estimates, with the labelers' noise integrated out exactly.
+
+        For every pair of a policy response and a baseline response to the same prompt (all
+        n × n pairs when a prompt has n samples of each: each pair is an unbiased estimate of the
+        same expectation, and using all of them averages out more sampling noise), every judge's
+        :meth:`expected_prefer`; the rate is the mean over prompts of each prompt's mean, with a
+        percentile bootstrap over prompts. ``preferences`` holds each response's mean over its
+        prompt's baseline responses and the judges. Only a simulated panel allows this: people's
+        noise model is unknown, so for them only sampled verdicts exist.
+        """
+        if not (len(prompts) == len(responses) == len(baseline_responses)):
+            raise ValueError("prompts, responses and baseline_responses must have equal length")
+        if not prompts:
+            raise ValueError("expected_win_rate needs at least one prompt")
+        if clusters is not None and len(clusters) != len(prompts):
+            raise ValueError(f"expected_win_rate: {len(clusters)} cluster ids for {len(prompts)} pairs")
+        judges = list(labelers) if labelers is not None else self.heldout_labelers
+        if not judges:
+            raise ValueError("no labelers to judge with (this panel has no held-out labelers)")
+        texts = [p.text if isinstance(p, Prompt) else p for p in prompts]
+        ids = np.unique(np.asarray(clusters if clusters is not None else range(len(texts))), return_inverse=True)[1]
+        # Noise-free utilities, one row per judge: [J, N] for the policy and for the baseline.
+        feats = [read_response(t, r) for t, r in zip(texts, responses, strict=True)]
+        feats0 = [read_response(t, r) for t, r in zip(texts, baseline_responses, strict=True)]
+        u = np.array([[lab.utility(f) for f in feats] for lab in judges])
+        u0 = np.array([[lab.utility(f) for f in feats0] for lab in judges])
+        per_response = np.empty(len(texts))
+        for c in range(ids.max() + 1):
+            rows = np.flatnonzero(ids == c)
+            d = u[:, rows, None] - u0[:, None, rows]  # [J, n, n]: every policy × baseline pair
+            pref = np.stack([_expected_preference(d[j], lab.noise, lab.tie_threshold) for j, lab in enumerate(judges)])
+            same = np.array([[responses[i] == baseline_responses[k] for k in rows] for i in rows])
+            pref = np.where(same[None], 0.5, pref)  # identical texts always tie
+            per_response[rows] = pref.mean(axis=(0, 2))
+        per_prompt = np.bincount(ids, weights=per_response) / np.bincount(ids)
+        low, high = _bootstrap_interval(per_prompt, seed, n_bootstrap)
+        return WinRate(float(per_prompt.mean()), low, high, len(per_prompt), tuple(per_response.tolist()))
+
+
+def _expected_preference(d: np.ndarray, noise: float, tie: float) -> np.ndarray:
+    """P(win) + P(tie)/2 for utility differences ``d`` under logistic(0, noise) noise, tie band τ."""
+
+    def sigmoid(x: np.ndarray) -> np.ndarray:
+        return 0.5 * (1.0 + np.tanh(0.5 * x))  # overflow-free
+
+    return sigmoid((d - tie) / noise) + 0.5 * (1.0 - sigmoid((d - tie) / noise) - sigmoid((-d - tie) / noise))
+
+
+def _bootstrap_interval(per_prompt: np.ndarray, seed: int, n_bootstrap: int) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of the mean over prompts (seeded)."""
+    rng = np.random.default_rng([seed, 0xB007])
+    idx = rng.integers(0, len(per_prompt), size=(n_bootstrap, len(per_prompt)))
+    low, high = np.percentile(per_prompt[idx].mean(axis=1), [2.5, 97.5])
+    return float(low), float(high)
 
 
 # --------------------------------------------------------------------------------------------

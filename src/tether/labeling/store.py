@@ -45,7 +45,9 @@ from sqlalchemy import (
     event,
     exists,
     func,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine
@@ -176,6 +178,24 @@ class Project(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime)
 
 
+def _add_missing_columns(engine) -> None:
+    """Add the nullable columns a newer tether defines to the tables of an older database.
+
+    ``create_all`` creates missing tables but never alters existing ones; every column added
+    since a table's creation is nullable, so adding it keeps every existing row valid.
+    """
+    inspector = inspect(engine)
+    for table in Base.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present:
+                kind = column.type.compile(dialect=engine.dialect)
+                with engine.begin() as conn:
+                    conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+
+
 class Task(Base):
     """One prompt (demonstration projects) or one prompt with K responses (ranking projects)."""
 
@@ -192,6 +212,9 @@ class Task(Base):
     policies: Mapped[list[str] | None] = mapped_column(JSON)
     user_id: Mapped[str | None] = mapped_column(Text)
     category: Mapped[str | None] = mapped_column(Text)
+    # Per response: it ended with EOS (None: all did). Carried into the exported comparisons so
+    # the reward model trains on a cut-off sample as cut off.
+    ended: Mapped[list[bool] | None] = mapped_column(JSON)
 
 
 class Assignment(Base):
@@ -483,6 +506,7 @@ class LabelStore:
         self._hash_slots = threading.BoundedSemaphore(hash_concurrency)
         self._dummy_hash: str | None = None
         Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -686,6 +710,7 @@ class LabelStore:
                             policies=list(r.policies) if r.policies else None,
                             user_id=r.user_id,
                             category=r.category,
+                            ended=list(r.ended) if r.ended is not None else None,
                         )
                     else:
                         task = Task(
@@ -1156,6 +1181,7 @@ class LabelStore:
                                 else None
                             ),
                             policies=list(task.policies) if task.policies else None,
+                            ended=list(task.ended) if task.ended is not None else None,
                         )
                     )
         agreement = self.agreement(project_id)

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 
@@ -98,9 +97,11 @@ def sample(
 
     tokens, logps = [], []
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         scaled = logits.float() / (temperature if temperature > 0 else 1.0)
-        logp = F.log_softmax(scaled, dim=-1)
+        # z - logsumexp(z), as tether.ops.token_logprobs computes it: F.log_softmax's float32 CPU
+        # kernel is off by ~1e-4 near p = 1 on some CPUs (AVX2), logsumexp is not.
+        logp = scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
         if temperature > 0:
             # Gumbel-max: an exact draw from softmax(logp), ~3x faster than torch.multinomial
             # over a 49k vocabulary on a CPU.
@@ -114,8 +115,8 @@ def sample(
         logps.append(torch.where(finished, torch.zeros_like(tok_logp), tok_logp))
         alive = ~finished
         finished = finished | (tok == eos)
-        if bool(finished.all()):
-            break
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break  # no forward for a token that will never be sampled
         mask = torch.cat([mask, alive.long()[:, None]], dim=1)
         out = model(
             input_ids=tok[:, None],
@@ -199,14 +200,16 @@ def sample_k(
     """K sampled responses per prompt, as ``Sample`` records ready for ranking (by people or the panel).
 
     prompts: ``Prompt`` records. Each prompt's K copies share a batch, so the KV cache of a batch
-    holds several prompts × K responses at once.
+    holds several prompts × K responses at once. ``ended`` records which responses reached EOS,
+    so the reward model later trains on a cut-off response as cut off (as PPO will score it).
     """
     from tether.data.formats import K_MAX, K_MIN, Sample
 
     if not K_MIN <= k <= K_MAX:
         raise ValueError(f"k must be {K_MIN}..{K_MAX} (responses ranked per prompt), got {k}")
     flat = [p for p in prompts for _ in range(k)]
-    texts = []
+    texts: list[str] = []
+    ended: list[bool] = []
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for start in range(0, len(flat), batch_size):
         gen = sample(
@@ -218,6 +221,7 @@ def sample_k(
             generator=generator,
         )
         texts.extend(decode_responses(tokenizer, gen))
+        ended.extend(gen.finished.tolist())
         if progress is not None:
             progress(len(texts), len(flat))
     # An empty response cannot be ranked or stored (the sample contract); mark it visibly instead.
@@ -230,6 +234,7 @@ def sample_k(
             policies=[policy_name] * k,
             user_id=p.user_id,
             category=p.category,
+            ended=ended[i * k : (i + 1) * k],
         )
         for i, p in enumerate(prompts)
     ]

@@ -5,11 +5,19 @@ causal LM with its unembedding replaced by a projection to one scalar (the ``sco
 reward model reads that scalar at the **last real token** of prompt ⊕ response; the value model
 (initialised from the reward model) reads it at every token.
 
-The RM's normalisation (a bias so that demonstrations score mean 0, SPEC stage 2) is stored in the
-checkpoint's ``config.json`` as ``tether_reward_bias``. Loading a tether RM with plain transformers::
+The RM's normalisation is an affine map of the head's raw output, ``score = gain · raw + bias``,
+stored in the checkpoint's ``config.json`` as ``tether_reward_gain`` and ``tether_reward_bias``: the
+bias makes the demonstrations score mean 0 (InstructGPT §3.5), the gain gives their scores std 1,
+so β, the missing-EOS penalty and the value clip mean the same thing whatever the run. Loading a
+tether RM with plain transformers::
 
     model = AutoModelForSequenceClassification.from_pretrained(path)
-    score = model(**tokenizer(text, return_tensors="pt")).logits[:, 0] + model.config.tether_reward_bias
+    raw = model(**tokenizer(text, return_tensors="pt")).logits[:, 0]
+    score = raw * model.config.tether_reward_gain + model.config.tether_reward_bias
+
+The value model starts as a copy of the RM and is read through the same map at every token, so its
+first predictions are in the units of the scores it must predict (tested: at initialisation the
+value at the last token of a finished response is that response's normalised score).
 
 (transformers finds the last non-pad token itself; tether's pad token differs from EOS, so this
 is correct under left and right padding.)
@@ -28,6 +36,7 @@ from tether.models.loading import DTYPES, load_tokenizer, prepare, resolve_devic
 from tether.ops import last_token_index
 
 REWARD_BIAS_KEY = "tether_reward_bias"
+REWARD_GAIN_KEY = "tether_reward_gain"
 
 
 def load_scalar_model(cfg: ModelConfig | str, *, trainable: bool = False):
@@ -42,8 +51,10 @@ def load_scalar_model(cfg: ModelConfig | str, *, trainable: bool = False):
     tokenizer = load_tokenizer(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[cfg.dtype])
     model.config.pad_token_id = tokenizer.pad_token_id
-    if not hasattr(model.config, REWARD_BIAS_KEY):
-        setattr(model.config, REWARD_BIAS_KEY, 0.0)
+    # A fresh head (or an RM from before the gain existed) starts with the identity map.
+    for key, identity in ((REWARD_BIAS_KEY, 0.0), (REWARD_GAIN_KEY, 1.0)):
+        if not hasattr(model.config, key):
+            setattr(model.config, key, identity)
     model.to(resolve_device(cfg.device))
     return prepare(model, cfg, trainable=trainable, task_type="SEQ_CLS"), tokenizer
 
@@ -67,8 +78,20 @@ def reward_bias(model) -> float:
     return float(getattr(_unwrap(model).config, REWARD_BIAS_KEY, 0.0))
 
 
-def set_reward_bias(model, bias: float) -> None:
-    setattr(_unwrap(model).config, REWARD_BIAS_KEY, float(bias))
+def reward_gain(model) -> float:
+    return float(getattr(_unwrap(model).config, REWARD_GAIN_KEY, 1.0))
+
+
+def set_reward_normalization(model, *, gain: float, bias: float) -> None:
+    """Store ``score = gain · raw + bias`` in the model's config (saved with it)."""
+    config = _unwrap(model).config
+    setattr(config, REWARD_GAIN_KEY, float(gain))
+    setattr(config, REWARD_BIAS_KEY, float(bias))
+
+
+def apply_normalization(model, raw: torch.Tensor) -> torch.Tensor:
+    """The model's affine normalisation applied to raw head outputs (any shape)."""
+    return raw * reward_gain(model) + reward_bias(model)
 
 
 def reward_scores(
@@ -78,12 +101,16 @@ def reward_scores(
     per_token = scalar_per_token(model, input_ids, attention_mask)
     idx = last_token_index(attention_mask)
     scores = per_token.gather(1, idx[:, None]).squeeze(1)
-    return scores + reward_bias(model) if normalized else scores
+    return apply_normalization(model, scores) if normalized else scores
 
 
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """V(s_t) for every position (the value model). [B,T]."""
-    return scalar_per_token(model, input_ids, attention_mask)
+    """V(s_t) for every position (the value model), through the same normalisation as the RM. [B,T].
+
+    Without it a value model initialised from a normalised RM would start offset from its
+    targets by the bias, and the offset would land on the advantages of the last tokens.
+    """
+    return apply_normalization(model, scalar_per_token(model, input_ids, attention_mask))
 
 
 def save_scalar_model(model, tokenizer, out: str | Path) -> Path:

@@ -152,10 +152,9 @@ def load_prompts(path: str | None) -> list[str]:
     from tether.data.formats import read_records
 
     if path is None:
-        from tether.data.preprocess import preprocess_prompts
-        from tether.data.task import build_default_task
+        from tether.data.task import default_splits
 
-        records = preprocess_prompts(build_default_task().prompts).splits["train"]
+        records = default_splits()["train"]
     else:
         records = read_records(path, "prompt")
     if not records:
@@ -304,7 +303,8 @@ def train_ppo(
     precision = autocast(cfg.policy, device)
     pad = tokenizer.pad_token_id
     prompts = load_prompts(cfg.prompts_file)
-    pretrain = load_pretrain_texts(cfg.pretrain_file) if cfg.ptx_per_minibatch > 0 else []
+    # Plain PPO (γ = 0) computes no pretraining loss at all: it would add nothing to the gradient.
+    pretrain = load_pretrain_texts(cfg.pretrain_file) if cfg.ptx_coef > 0 and cfg.ptx_per_minibatch > 0 else []
     sample_prompts = prompts[: cfg.n_sample_prompts]
     policy_opt = build_optimizer(policy.parameters(), cfg.optim)
     value_opt = build_optimizer(value_model.parameters(), cfg.value_optim)
@@ -317,7 +317,7 @@ def train_ppo(
         kl_ctl = FixedKLController(cfg.kl_coef)
     ema = EMA(policy, cfg.ema_decay) if cfg.ema_decay else None
     sampling_rng = torch.Generator(device=device).manual_seed(cfg.seed)
-    minibatch_rng = torch.Generator().manual_seed(cfg.seed + 1)
+    minibatch_rng = torch.Generator().manual_seed(cfg.seed + 1)  # CPU: drives randperm on the CPU
     models = {"policy": policy, "value_model": value_model}
     stateful: dict[str, Any] = {
         "policy_optimizer": policy_opt,
@@ -462,13 +462,19 @@ def train_ppo(
             # 4. Update: epochs × minibatches, one optimiser step each (PPO, then ptx, gradients).
             t0 = _now(device)
             steps: list[dict[str, float]] = []
+            # The pretraining examples of this batch's episodes (ptx_examples_per_episode each),
+            # one slice per minibatch; further PPO epochs reuse them as they reuse the episodes.
+            n_minibatches = cfg.batch_size // cfg.mini_batch_size
+            ptx_slices: list[list[SFTExample]] = [[] for _ in range(n_minibatches)]
+            if pretrain:
+                k = cfg.ptx_per_minibatch
+                ptx_idx, ptx_pos = take_cyclic(len(pretrain), k * n_minibatches, ptx_pos, cfg.seed + 1)
+                examples = [encode_pretrain(tokenizer, pretrain[i], cfg.ptx_max_length) for i in ptx_idx]
+                ptx_slices = [examples[m * k : (m + 1) * k] for m in range(n_minibatches)]
             for _ in range(cfg.ppo_epochs):
                 order = torch.randperm(cfg.batch_size, generator=minibatch_rng)
-                for s in range(0, cfg.batch_size, cfg.mini_batch_size):
-                    ptx: list[SFTExample] = []
-                    if pretrain:
-                        ptx_idx, ptx_pos = take_cyclic(len(pretrain), cfg.ptx_per_minibatch, ptx_pos, cfg.seed + 1)
-                        ptx = [encode_pretrain(tokenizer, pretrain[i], cfg.ptx_max_length) for i in ptx_idx]
+                for m, s in enumerate(range(0, cfg.batch_size, cfg.mini_batch_size)):
+                    ptx = ptx_slices[m]
                     minibatch = rollout.select(order[s : s + cfg.mini_batch_size])
                     stats = ppo_step(policy, value_model, minibatch, ptx, cfg, pad, precision)
                     stats["grad_norm"] = clip_grad(policy.parameters(), cfg.optim.max_grad_norm)

@@ -2,9 +2,12 @@
 
 A comparison (one labeler's ranking of K responses to one prompt) becomes K token sequences
 ``chat_prompt(prompt) ⊕ response ⊕ EOS``, tokenised exactly as the policy sees them (prompt and
-response tokenised separately, as in SFT and in sampling). A :class:`RankingBatch` concatenates
-the sequences of several prompts and remembers which prompt and rank each one has, so the K-wise
-loss (InstructGPT eq. 1) can form every pair of a prompt from K forwards.
+response tokenised separately, as in SFT and in sampling). A response the policy never ended
+(``ended[i]`` false: it ran out of tokens) gets no EOS, so the RM trains on the very sequence PPO
+scores, and learns what an unfinished answer is worth instead of reading it as finished. A
+:class:`RankingBatch` concatenates the sequences of several prompts and remembers which prompt
+and rank each one has, so the K-wise loss (InstructGPT eq. 1) can form every pair of a prompt
+from K forwards.
 
 Nothing is dropped silently: a comparison that cannot be used raises (bad K, a ranking that does
 not match its responses, an empty response, all responses tied), and an over-length one is cut
@@ -132,7 +135,11 @@ def encode_comparisons(
         if len(p_ids) >= max_length:
             report.skipped_prompt_too_long.append(i)
             continue
-        encoded = [encode_response(tokenizer, p_ids, r, max_length) for r in c.responses]
+        ended = c.ended if c.ended is not None else [True] * c.k
+        encoded = [
+            encode_response(tokenizer, p_ids, r, max_length, ended=e)
+            for r, e in zip(c.responses, ended, strict=True)
+        ]
         n_cut = sum(cut for _, cut in encoded)
         if n_cut and overlength == "skip":
             report.skipped_overlength.append(i)

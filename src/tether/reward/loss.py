@@ -35,7 +35,7 @@ def kwise_ranking_loss(
 
     Returns:
         ``(loss, stats)``: ``loss`` a scalar; ``stats`` with ``accuracy`` (fraction of pairs
-        with ``s_w > s_l``; an exact tie in score counts as wrong), ``margin`` (mean
+        with ``s_w > s_l``; an exact tie in score counts half, as in evaluation), ``margin`` (mean
         ``s_w - s_l``), ``n_pairs``, ``n_prompts`` (prompts that produced pairs) and
         ``n_prompts_without_pairs`` (all responses tied or K = 1; excluded from the mean).
         When no prompt produces a pair the loss is 0 with a zero gradient, not NaN.
@@ -72,7 +72,7 @@ def kwise_ranking_loss(
         n_pairs = pair.sum()
         denom = n_pairs.clamp_min(1).to(scores.dtype)
         stats = {
-            "accuracy": ((margin > 0) & pair).sum().to(scores.dtype) / denom,
+            "accuracy": (((margin > 0) & pair).sum() + 0.5 * ((margin == 0) & pair).sum()).to(scores.dtype) / denom,
             "margin": torch.where(pair, margin, torch.zeros_like(margin)).sum() / denom,
             "n_pairs": n_pairs,
             "n_prompts": n_prompts,
@@ -91,7 +91,7 @@ def pairwise_loss(chosen: Tensor, rejected: Tensor) -> tuple[Tensor, dict[str, T
         rejected: ``[B]`` score of the other response of the same pair.
 
     Returns:
-        ``(loss, stats)``: scalar loss; ``accuracy`` (fraction with chosen > rejected),
+        ``(loss, stats)``: scalar loss; ``accuracy`` (fraction with chosen > rejected, a tie half),
         ``margin`` (mean chosen - rejected), ``n_pairs``.
     """
     if chosen.shape != rejected.shape or chosen.dim() != 1:
@@ -103,7 +103,7 @@ def pairwise_loss(chosen: Tensor, rejected: Tensor) -> tuple[Tensor, dict[str, T
     loss = -F.logsigmoid(margin).mean()
     with torch.no_grad():
         stats = {
-            "accuracy": (margin > 0).to(margin.dtype).mean(),
+            "accuracy": ((margin > 0).to(margin.dtype) + 0.5 * (margin == 0).to(margin.dtype)).mean(),
             "margin": margin.mean(),
             "n_pairs": torch.tensor(margin.numel(), device=margin.device),
         }

@@ -1,9 +1,12 @@
-"""The RM's normalisation: a bias so that labeler demonstrations score mean 0 (InstructGPT §3.5).
+"""The RM's normalisation: demonstrations score mean 0 (InstructGPT §3.5) and, by default, std 1.
 
 "At the end of training, we normalize the reward model using a bias so that the labeler
-demonstrations achieve a mean score of 0 before doing RL." The bias is stored in the
-checkpoint's config (``tether_reward_bias``, see :mod:`tether.models.heads`), so it travels with
-the model and every scorer that uses :func:`tether.models.heads.reward_scores` applies it.
+demonstrations achieve a mean score of 0 before doing RL." tether also sets a gain so that their
+scores have std 1: the raw spread of an RM depends on the run (data, learning rate, steps), and
+β, the missing-EOS penalty and the value clip act on scores, so in raw units the same settings
+would mean something different every run. Both are stored in the checkpoint's config
+(``tether_reward_gain``, ``tether_reward_bias``, see :mod:`tether.models.heads`), so they travel
+with the model and every scorer (and the value model initialised from it) applies them.
 """
 
 from __future__ import annotations
@@ -14,17 +17,18 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from tether.data.formats import Demonstration
-from tether.models.heads import set_reward_bias
+from tether.models.heads import set_reward_normalization
 from tether.reward.score import encode_texts, score_sequences
 
 
 @dataclass
 class Normalization:
-    bias: float  # added to every raw score
-    raw_mean: float  # mean raw score of the demonstrations (= -bias)
+    bias: float  # added to every scaled raw score
+    raw_mean: float  # mean raw score of the demonstrations
     raw_std: float
     n: int  # demonstrations scored
     truncated: int  # of which cut to max_length
+    gain: float = 1.0  # multiplies every raw score: 1 / raw_std when scaling, else 1
 
 
 def normalize_reward_model(
@@ -34,10 +38,11 @@ def normalize_reward_model(
     *,
     max_length: int | None = None,
     batch_size: int = 32,
+    scale: bool = True,
 ) -> Normalization:
-    """Set the model's bias to minus the mean raw score of ``demonstrations``; returns the numbers.
+    """Set ``score = gain · raw + bias`` so ``demonstrations`` score mean 0 (and std 1 if ``scale``).
 
-    Raw scores (bias excluded) are used, so normalising twice gives the same bias.
+    Raw scores (normalisation excluded) are used, so normalising twice gives the same numbers.
     """
     if not demonstrations:
         raise ValueError("rm: no demonstrations to normalise the reward model with")
@@ -50,7 +55,15 @@ def normalize_reward_model(
     raw = score_sequences(
         model, sequences, tokenizer.pad_token_id, batch_size, normalized=False
     ).double()
-    bias = -float(raw.mean())
-    set_reward_bias(model, bias)
+    mean = float(raw.mean())
     std = float(raw.std()) if raw.numel() > 1 else 0.0
-    return Normalization(bias=bias, raw_mean=-bias, raw_std=std, n=len(sequences), truncated=n_cut)
+    if scale and not std > 0:
+        raise ValueError(
+            f"rm: the {len(sequences)} demonstrations all score {mean:.4g}: no spread to scale to std 1 "
+            "(more demonstrations, or normalise_scale false)"
+        )
+    gain = 1.0 / std if scale else 1.0
+    set_reward_normalization(model, gain=gain, bias=-mean * gain)
+    return Normalization(
+        bias=-mean * gain, raw_mean=mean, raw_std=std, gain=gain, n=len(sequences), truncated=n_cut
+    )

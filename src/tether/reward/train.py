@@ -10,6 +10,7 @@ prompts give the same gradient.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -25,6 +26,7 @@ from tether.config import RMConfig, save_config
 from tether.data.formats import Comparison
 from tether.metrics import MetricsLogger, progress_bar
 from tether.models.heads import load_scalar_model, reward_scores, save_scalar_model
+from tether.models.loading import autocast
 from tether.optim import build_optimizer, build_scheduler, optimizer_step
 from tether.reward.data import (
     RankedExample,
@@ -60,7 +62,12 @@ def ranking_loss(model, batch: RankingBatch, loss: str) -> tuple[torch.Tensor, d
 
 
 def accumulate_gradients(
-    model, batch: Sequence[RankedExample], micro_batch_size: int, pad_token_id: int, loss: str
+    model,
+    batch: Sequence[RankedExample],
+    micro_batch_size: int,
+    pad_token_id: int,
+    loss: str,
+    precision: contextlib.AbstractContextManager | None = None,
 ) -> dict[str, float]:
     """Backward the loss of one optimiser step's ``batch``, ``micro_batch_size`` prompts at a time.
 
@@ -76,7 +83,8 @@ def accumulate_gradients(
     groups = group_rankings(batch)
     for i in range(0, len(groups), micro_batch_size):
         micro = collate([ex for g in groups[i : i + micro_batch_size] for ex in g], pad_token_id).to(device)
-        value, stats = ranking_loss(model, micro, loss)
+        with precision or contextlib.nullcontext():
+            value, stats = ranking_loss(model, micro, loss)
         value = value * stats["n_prompts"] / len(batch)
         value.backward()
         n = int(stats["n_pairs"])
@@ -148,6 +156,7 @@ def train_reward_model(
 
     # 1. Model and data: split by prompt, keep held-out labelers out of training, encode.
     model, tokenizer = load_scalar_model(cfg.model, trainable=True)
+    precision = autocast(cfg.model, next(model.parameters()).device)  # the training forwards only
     pad = tokenizer.pad_token_id
     records = list(comparisons) if comparisons is not None else load_comparisons(cfg.train_file)
     if cfg.valid_file:
@@ -237,7 +246,7 @@ def train_reward_model(
                 t0 = time.perf_counter()
                 picked = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 batch = [ex for i in picked for ex in train_groups[i]]
-                stats = accumulate_gradients(model, batch, cfg.micro_batch_size, pad, cfg.loss)
+                stats = accumulate_gradients(model, batch, cfg.micro_batch_size, pad, cfg.loss, precision)
                 if not math.isfinite(stats["loss"]):
                     raise FloatingPointError(
                         f"rm: non-finite loss at step {global_step}; the last good state is in {out / 'state'}"
@@ -265,9 +274,20 @@ def train_reward_model(
 
     # 4. Normalise (demonstrations score mean 0, paper §3.5), evaluate, save the final RM.
     demos = load_demonstrations(cfg.demonstrations_file)
-    norm = normalize_reward_model(model, tokenizer, demos, max_length=cfg.max_length, batch_size=cfg.eval_batch_size)
+    norm = normalize_reward_model(
+        model,
+        tokenizer,
+        demos,
+        max_length=cfg.max_length,
+        batch_size=cfg.eval_batch_size,
+        scale=cfg.normalize_scale,
+    )
     cut = f", {norm.truncated} cut to max_length" if norm.truncated else ""
-    log(f"rm: bias {norm.bias:+.4f} makes the {norm.n} demonstrations score mean 0 (raw std {norm.raw_std:.3f}{cut})")
+    log(
+        f"rm: score = {norm.gain:.4f} · raw {norm.bias:+.4f}: the {norm.n} demonstrations score mean 0"
+        + (" and std 1" if cfg.normalize_scale else "")
+        + f" (raw mean {norm.raw_mean:.3f}, std {norm.raw_std:.3f}{cut})"
+    )
     eval_after = evaluate()
     logger.log(
         {
@@ -275,6 +295,7 @@ def train_reward_model(
             "epoch": cfg.epochs,
             **_eval_metrics(eval_after.to_json()),
             "bias": norm.bias,
+            "gain": norm.gain,
         }
     )
     logger.close()
