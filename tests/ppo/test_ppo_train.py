@@ -3,6 +3,7 @@ PPO-ptx with γ = 0, adaptive β, learning on a toy reward, failure handling and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -281,6 +282,7 @@ def test_ptx_coef_zero_equals_plain_ppo_and_skips_the_pretraining_pass(tmp_path,
     assert results[0].metrics[-1]["ptx_loss"] is None
     assert results[1].metrics[-1]["ptx_loss"] is None  # γ = 0: no pretraining forward or backward
     assert results[2].metrics[-1]["ptx_loss"] > 0
+    assert results[2].metrics[-1]["ptx_grad_ratio"] > 0 and results[1].metrics[-1]["ptx_grad_ratio"] is None
     assert_same_weights(results[0].policy_dir, results[1].policy_dir)
     assert_same_weights(results[0].value_dir, results[1].value_dir)
     a, c = weights(results[0].policy_dir), weights(results[2].policy_dir)
@@ -316,6 +318,13 @@ def test_ptx_step_with_zero_coefficient_adds_no_gradient(ppo_data, eos_policy):
         grads.append([p.grad.clone() for p in policy.parameters() if p.grad is not None])
     assert len(grads[0]) == len(grads[1]) > 0
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    # ptx_grad_ratio = ‖γ ∇L_ptx‖ / ‖∇L_PPO‖: linear in γ.
+    ratios = []
+    for coef in (1.0, 2.0):
+        policy.zero_grad(set_to_none=True)
+        stats = ppo_step(policy, value_model, rollout, ptx, dataclasses.replace(cfg, ptx_coef=coef), tok.pad_token_id)
+        ratios.append(stats["ptx_grad_ratio"])
+    assert ratios[0] > 0 and ratios[1] == pytest.approx(2 * ratios[0], rel=1e-4)
 
 
 def test_pretraining_examples_per_episode_do_not_multiply_with_ppo_epochs(tmp_path, ppo_data, eos_policy):

@@ -251,6 +251,9 @@ def ppo_step(
         add("value_error", vf_stats["value_error"], weight)
 
     if ptx:
+        # The PPO gradient so far, to measure the pretraining gradient's size against it
+        # (ptx_grad_ratio = ‖γ ∇L_ptx‖ / ‖∇L_PPO‖: what calibrating ptx_coef looks at).
+        ppo_grads = [p.grad.detach().clone() if p.grad is not None else None for p in policy.parameters()]
         batches = [
             collate(ptx[i : i + cfg.micro_batch_size], pad_token_id) for i in range(0, len(ptx), cfg.micro_batch_size)
         ]
@@ -265,6 +268,14 @@ def ppo_step(
             weight = count_target_tokens(b["labels"]) / max(n_targets, 1)
             (cfg.ptx_coef * weight * loss).backward()
             add("ptx_loss", loss.detach(), weight)
+        ppo_sq = ptx_sq = 0.0
+        for p, g in zip(policy.parameters(), ppo_grads, strict=True):
+            if p.grad is not None:
+                before = g if g is not None else torch.zeros_like(p.grad)
+                ppo_sq += float(before.float().pow(2).sum())
+                ptx_sq += float((p.grad - before).float().pow(2).sum())
+        if ppo_sq > 0:  # (a minibatch whose PPO gradient is exactly 0 has no ratio)
+            totals["ptx_grad_ratio"] = math.sqrt(ptx_sq / ppo_sq)
     return totals
 
 
@@ -571,8 +582,9 @@ def _iteration_record(rollout: Rollout, steps: list[dict[str, float]], cfg: PPOC
         # Sampling-time vs recomputed log-probs: ~1e-6 unless the two distributions differ.
         "logprob_gap": float(gap.max()),
     }
-    for key in steps[0]:
-        record[key] = sum(s[key] for s in steps) / len(steps)
-    if "ptx_loss" not in record:
-        record["ptx_loss"] = None
+    for key in dict.fromkeys(k for s in steps for k in s):
+        values = [s[key] for s in steps if key in s]
+        record[key] = sum(values) / len(values)
+    for key in ("ptx_loss", "ptx_grad_ratio"):
+        record.setdefault(key, None)
     return record
