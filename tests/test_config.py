@@ -93,3 +93,18 @@ def test_stage_presets_are_the_run_presets_stages(stage, cls, preset):
         fields = {k: getattr(alone, k) for k in ("select_by", "reward_model")}
         in_run = dataclasses.replace(in_run, pretrain_fraction=0.0, **fields)
     assert alone == in_run
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"ppo.cliprange": -1}, "cliprange must be > 0"),
+        ({"rm.loss": "listwise"}, "rm.loss must be"),
+        ({"eval.samples_per_prompt": 0}, "samples_per_prompt must be > 0"),
+        ({"eval.sft_best_of": 1}, "sft_best_of must be 0"),
+    ],
+)
+def test_run_validates_every_stage_before_the_first(override, message):
+    """A bad --ppo.* (or --rm.*, --eval.*) value fails at once, not after SFT and the RM have run."""
+    with pytest.raises(ValueError, match=message):
+        resolve(RunConfig, "run", "tiny", overrides=override)

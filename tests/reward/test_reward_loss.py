@@ -184,3 +184,11 @@ def test_rejects_mismatched_shapes():
         kwise_ranking_loss(torch.zeros(3), torch.zeros(2, dtype=torch.long), torch.ones(3))
     with pytest.raises(ValueError):
         pairwise_loss(torch.zeros(3), torch.zeros(2))
+
+
+def test_an_exact_score_tie_counts_half_in_training_accuracy_as_in_evaluation():
+    scores = torch.tensor([1.0, 1.0, 0.0])  # the first pair (rank 1 vs 2) tied in score
+    _, stats = kwise_ranking_loss(scores, torch.zeros(3, dtype=torch.long), torch.tensor([1, 2, 3]))
+    assert float(stats["accuracy"]) == pytest.approx((0.5 + 1 + 1) / 3)
+    _, stats = pairwise_loss(torch.tensor([2.0, 1.0]), torch.tensor([2.0, 0.0]))
+    assert float(stats["accuracy"]) == pytest.approx(0.75)

@@ -438,3 +438,16 @@ def test_panel_heldout_labelers_join_the_configured_ones(data_dir):
 def test_pad_right_shapes():
     ids, mask = pad_right([[5, 6, 7], [8]], pad_token_id=0)
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_the_trainer_runs_its_forwards_under_model_autocast(data_dir):
+    """model.autocast is honoured (the RM demo preset sets it): bf16 forwards change the loss by
+    round-off, which full-precision ones would reproduce exactly."""
+    losses = {}
+    for autocast in ("none", "bfloat16"):
+        cfg = tiny_cfg(data_dir, f"ac-{autocast}", **{"model.autocast": autocast})
+        assert train_reward_model(cfg, stop_after_steps=1, **QUIET) is None
+        metrics = [json.loads(x) for x in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+        losses[autocast] = next(m["loss"] for m in metrics if "loss" in m)
+    assert losses["none"] != losses["bfloat16"]
+    assert losses["none"] == pytest.approx(losses["bfloat16"], rel=0.05)
