@@ -300,6 +300,11 @@ class PPOConfig:
     than micro_batch_size)."""
     ppo_epochs: int = 1
     """Passes over each batch (paper: 1)."""
+    share_trunk: bool = True
+    """Compute the bottom blocks that the policy, reference, value model and RM hold bit for bit
+    (frozen, e.g. under trainable_layers) once per batch, and keep their output for the update:
+    the same numbers, less compute and one copy in memory. Found from the weights; false runs
+    every model whole."""
     total_episodes: int = 1024
     """Episodes in the whole run; iterations = total_episodes // batch_size (paper: 256k)."""
     ema_decay: float | None = None

@@ -20,8 +20,9 @@ import torch
 from torch import Tensor
 
 from tether.models.generation import Generation, position_ids_from_mask
-from tether.models.heads import reward_scores, token_values
-from tether.ops import entropy_from_logits, token_logprobs
+from tether.models.heads import apply_normalization, reward_scores, token_values
+from tether.models.trunk import SharedTrunk
+from tether.ops import entropy_from_logits, last_token_index, token_logprobs
 
 # A reward source other than a reward model (tests, toy tasks): (prompts, responses) -> [B].
 RewardFn = Callable[[list[str], list[str]], Tensor]
@@ -51,6 +52,9 @@ class Rollout:
     rewards: Tensor  # [B, R] non_score_rewards plus the score at the last response token
     advantages: Tensor  # [B, R] GAE advantages (whitened if configured)
     returns: Tensor  # [B, R] GAE returns: value targets
+    # [B, P + R, H] the shared frozen trunk's output on prompt ⊕ response (None without sharing):
+    # frozen, so the update's forwards start from it instead of recomputing the shared blocks.
+    trunk_hidden: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -75,9 +79,16 @@ class Rollout:
         q0 = int(q_real[0]) if len(q_real) else query_mask.shape[1]
         r1 = int(r_real[-1]) + 1 if len(r_real) else 0
         out = {}
+        width_q = self.query_ids.shape[1]
         for f in fields(self):
-            value = getattr(self, f.name)[index]
-            if f.name.startswith("query_"):
+            value = getattr(self, f.name)
+            if value is None:
+                out[f.name] = None
+                continue
+            value = value[index]
+            if f.name == "trunk_hidden":
+                value = value[:, q0 : width_q + r1]
+            elif f.name.startswith("query_"):
                 value = value[:, q0:]
             elif value.dim() == 2:
                 value = value[:, :r1]
@@ -91,6 +102,19 @@ class Rollout:
         width_r = max(p.response_ids.shape[1] for p in parts)
         out = {}
         for f in fields(Rollout):
+            if f.name == "trunk_hidden":  # [B, P + R, H]: prompt part left-padded, response part right
+                hidden = [
+                    _pad(
+                        _pad(p.trunk_hidden, width_q + p.response_ids.shape[1], 0.0, left=True),
+                        width_q + width_r,
+                        0.0,
+                        left=False,
+                    )
+                    for p in parts
+                    if p.trunk_hidden is not None
+                ]
+                out[f.name] = torch.cat(hidden) if len(hidden) == len(parts) else None
+                continue
             tensors = []
             for p in parts:
                 value = getattr(p, f.name)
@@ -105,11 +129,11 @@ class Rollout:
 
 
 def _pad(x: Tensor, width: int, fill: float, *, left: bool) -> Tensor:
-    """``[B, T]`` → ``[B, width]`` with ``fill`` on the left or the right."""
+    """``[B, T, ...]`` → ``[B, width, ...]`` with ``fill`` on the left or the right."""
     extra = width - x.shape[1]
     if extra == 0:
         return x
-    pad = torch.full((x.shape[0], extra), fill, dtype=x.dtype, device=x.device)
+    pad = torch.full((x.shape[0], extra, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)
     return torch.cat([pad, x] if left else [x, pad], dim=1)
 
 
@@ -131,6 +155,8 @@ def response_logprobs(
     temperature: float,
     *,
     with_entropy: bool = False,
+    trunk: SharedTrunk | None = None,
+    hidden: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """log π(a_t | s_t) of every response token under ``softmax(logits / temperature)``.
 
@@ -143,19 +169,25 @@ def response_logprobs(
         query_ids, query_mask: ``[B, P]``, left-padded (every row's last prompt token is real).
         response_ids, response_mask: ``[B, R]``, right-padded.
 
+        trunk, hidden: a :class:`SharedTrunk` and its output ``[B, P + R, H]`` on these ids: only
+            the model's own blocks run (the same computation as the full forward).
+
     Returns:
         ``(logprobs [B, R], entropy [B, R] or None)``, fp32, 0 on padding; differentiable
         unless called under ``no_grad``.
     """
     ids, mask = _joined(query_ids, query_mask, response_ids, response_mask)
     r = response_ids.shape[1]
-    logits = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=position_ids_from_mask(mask),
-        logits_to_keep=r + 1,
-        use_cache=False,
-    ).logits[:, :-1]
+    if trunk is not None and hidden is not None:  # the shared blocks' output is given: run the rest
+        logits = trunk.logits(model, hidden, mask, r + 1)[:, :-1]
+    else:
+        logits = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            logits_to_keep=r + 1,
+            use_cache=False,
+        ).logits[:, :-1]
     keep = response_mask.bool()
     logprobs = torch.where(keep, token_logprobs(logits, response_ids, temperature), 0.0)
     entropy = None
@@ -170,11 +202,21 @@ def response_values(
     query_mask: Tensor,
     response_ids: Tensor,
     response_mask: Tensor,
+    *,
+    trunk: SharedTrunk | None = None,
+    hidden: Tensor | None = None,
 ) -> Tensor:
-    """V(s_t) for every response token: the scalar head at the position before it. ``[B, R]``."""
+    """V(s_t) for every response token: the scalar head at the position before it. ``[B, R]``.
+
+    With ``trunk`` and its ``hidden`` output, only the value model's own blocks run.
+    """
     ids, mask = _joined(query_ids, query_mask, response_ids, response_mask)
     p = query_ids.shape[1]
-    values = token_values(value_model, ids, mask)[:, p - 1 : -1]
+    if trunk is not None and hidden is not None:
+        per_token = apply_normalization(value_model, trunk.scalars(value_model, hidden, mask))
+    else:
+        per_token = token_values(value_model, ids, mask)
+    values = per_token[:, p - 1 : -1]
     return torch.where(response_mask.bool(), values, 0.0)
 
 
@@ -194,6 +236,9 @@ def episode_scores(
     responses: Sequence[str],
     reward: torch.nn.Module | RewardFn,
     missing_eos_penalty: float | None,
+    *,
+    trunk: SharedTrunk | None = None,
+    hidden: Tensor | None = None,
 ) -> Tensor:
     """The score of each episode: ``[B]`` float32 on the generation's device.
 
@@ -204,7 +249,11 @@ def episode_scores(
     if isinstance(reward, torch.nn.Module):
         reward.eval()
         ids, mask = _joined(gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask)
-        scores = reward_scores(reward, ids, mask)
+        if trunk is not None and hidden is not None:
+            raw = trunk.scalars(reward, hidden, mask).gather(1, last_token_index(mask)[:, None]).squeeze(1)
+            scores = apply_normalization(reward, raw)
+        else:
+            scores = reward_scores(reward, ids, mask)
     else:
         scores = torch.as_tensor(reward(list(prompts), list(responses)), dtype=torch.float32)
     if scores.shape != (len(prompts),):
@@ -227,6 +276,7 @@ def score_episodes(
     reward: torch.nn.Module | RewardFn,
     temperature: float,
     missing_eos_penalty: float | None,
+    trunk: SharedTrunk | None = None,
 ) -> Rollout:
     """Step 1b of the rollout: score sampled episodes with every model, in eval mode.
 
@@ -239,6 +289,8 @@ def score_episodes(
         prompts, responses: the prompt texts and decoded responses, ``B`` each.
         ref_policy: the frozen SFT model, or None for a LoRA policy (adapters disabled).
         reward: a reward model (scalar head, normalised) or a ``RewardFn``.
+        trunk: the bottom blocks the models share (:class:`SharedTrunk`): computed once here and
+            kept in the rollout for the update; None runs every model whole.
 
     Returns:
         A :class:`Rollout` whose ``kl`` … ``returns`` are zeros (steps 2–3 fill them).
@@ -248,12 +300,16 @@ def score_episodes(
             model.eval()  # dropout off in every model: RL must score what it sampled
     q_ids, q_mask = gen.query_ids, gen.query_mask
     r_ids, r_mask = gen.response_ids, gen.response_mask
-    logprobs, entropy = response_logprobs(policy, q_ids, q_mask, r_ids, r_mask, temperature, with_entropy=True)
+    hidden = trunk.hidden(*_joined(q_ids, q_mask, r_ids, r_mask)) if trunk is not None else None
+    shared = {"trunk": trunk, "hidden": hidden}
+    logprobs, entropy = response_logprobs(
+        policy, q_ids, q_mask, r_ids, r_mask, temperature, with_entropy=True, **shared
+    )
     ref_model, ref_context = _reference(policy, ref_policy)
     with ref_context:
-        ref_logprobs, _ = response_logprobs(ref_model, q_ids, q_mask, r_ids, r_mask, temperature)
-    values = response_values(value_model, q_ids, q_mask, r_ids, r_mask)
-    scores = episode_scores(gen, prompts, responses, reward, missing_eos_penalty)
+        ref_logprobs, _ = response_logprobs(ref_model, q_ids, q_mask, r_ids, r_mask, temperature, **shared)
+    values = response_values(value_model, q_ids, q_mask, r_ids, r_mask, **shared)
+    scores = episode_scores(gen, prompts, responses, reward, missing_eos_penalty, **shared)
     zeros = torch.zeros_like(logprobs)
     assert entropy is not None
     return Rollout(
@@ -273,4 +329,5 @@ def score_episodes(
         rewards=zeros.clone(),
         advantages=zeros.clone(),
         returns=zeros.clone(),
+        trunk_hidden=hidden,
     )

@@ -39,6 +39,7 @@ from tether.metrics import MetricsLogger, progress_bar, read_metrics
 from tether.models.generation import decode_responses, sample
 from tether.models.heads import load_scalar_model, save_scalar_model
 from tether.models.loading import autocast, load_causal_lm, save_model
+from tether.models.trunk import SharedTrunk, backbone
 from tether.ops import masked_mean
 from tether.optim import build_optimizer, build_scheduler, clip_grad
 from tether.ppo.advantages import gae, leave_one_out, whiten_advantages
@@ -216,13 +217,16 @@ def ppo_step(
     cfg: PPOConfig,
     pad_token_id: int,
     precision: contextlib.AbstractContextManager | None = None,
+    trunk: SharedTrunk | None = None,
 ) -> dict[str, float]:
     """Gradients of one optimiser step (the caller clips and steps); returns its stats.
 
     The PPO losses are token means over the whole minibatch: each micro-batch's loss is weighted
     by its share of the minibatch's response tokens, so the gradient does not depend on
     micro_batch_size. Then, in consecutive passes into the same gradients (PPO-ptx, InstructGPT
-    §3.5), ``ptx_coef`` × the LM loss of the pretraining examples, a token mean likewise.
+    §3.5), ``ptx_coef`` × the LM loss of the pretraining examples, a token mean likewise. With a
+    ``trunk`` (and the rollout's ``trunk_hidden``) the policy and value forwards run only their own
+    blocks on the kept output of the shared frozen ones: the same computation.
     """
     device = next(policy.parameters()).device
     precision = precision or contextlib.nullcontext()
@@ -236,9 +240,10 @@ def ppo_step(
         micro = minibatch.select(range(start, min(start + cfg.micro_batch_size, n_episodes)))
         weight = micro.n_tokens / n_tokens
         inputs = (micro.query_ids, micro.query_mask, micro.response_ids, micro.response_mask)
+        shared = {"trunk": trunk, "hidden": micro.trunk_hidden}
         with precision:
-            logprobs, _ = response_logprobs(policy, *inputs, cfg.temperature)
-            values = response_values(value_model, *inputs)
+            logprobs, _ = response_logprobs(policy, *inputs, cfg.temperature, **shared)
+            values = response_values(value_model, *inputs, **shared)
         pg_loss, pg_stats = policy_loss(logprobs, micro.logprobs, micro.advantages, micro.response_mask, cfg.cliprange)
         vf_loss, vf_stats = value_loss(values, micro.values, micro.returns, micro.response_mask, cfg.cliprange_value)
         # Separate networks and optimisers: one backward fills both sets of gradients.
@@ -309,6 +314,17 @@ def train_ppo(
     # 0. The roles, the data, the optimisers, the KL controller and the EMA.
     policy, ref_policy, value_model, reward, tokenizer = _load_models(cfg, reward_fn, log)
     device = next(policy.parameters()).device
+    trunk = None
+    if cfg.share_trunk:
+        roles = [m for m in (policy, ref_policy, value_model, reward) if isinstance(m, torch.nn.Module)]
+        trunk = SharedTrunk.detect(roles)
+        n_blocks = len(backbone(policy).layers)
+        log(
+            f"ppo: the {len(roles)} models share {trunk.depth} of {n_blocks} blocks bit for bit (frozen): "
+            "computed once per batch"
+            if trunk
+            else "ppo: the models share no frozen block; each runs whole"
+        )
     # Sampling, scoring and the update all run under the same precision, so the rollout's
     # log-probs and the update's describe the same distribution.
     precision = autocast(cfg.policy, device)
@@ -439,6 +455,7 @@ def train_ppo(
                             reward=reward,
                             temperature=cfg.temperature,
                             missing_eos_penalty=cfg.missing_eos_penalty,
+                            trunk=trunk,
                         )
                     )
                 t_gen, t_score = t_gen + t1 - t0, t_score + _now(device) - t1
@@ -487,7 +504,7 @@ def train_ppo(
                 for m, s in enumerate(range(0, cfg.batch_size, cfg.mini_batch_size)):
                     ptx = ptx_slices[m]
                     minibatch = rollout.select(order[s : s + cfg.mini_batch_size])
-                    stats = ppo_step(policy, value_model, minibatch, ptx, cfg, pad, precision)
+                    stats = ppo_step(policy, value_model, minibatch, ptx, cfg, pad, precision, trunk)
                     stats["grad_norm"] = clip_grad(policy.parameters(), cfg.optim.max_grad_norm)
                     stats["value_grad_norm"] = clip_grad(value_model.parameters(), cfg.value_optim.max_grad_norm)
                     bad = [k for k, v in stats.items() if not math.isfinite(v)]

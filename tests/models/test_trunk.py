@@ -1,0 +1,133 @@
+"""The shared frozen trunk: found from the weights, and the same numbers as every model run whole."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tether.config import ModelConfig
+from tether.models.generation import sample
+from tether.models.heads import load_scalar_model, save_scalar_model, set_reward_normalization
+from tether.models.loading import load_causal_lm
+from tether.models.trunk import SharedTrunk, backbone, shared_depth
+from tether.ppo.rollout import Rollout, score_episodes
+
+
+def roles(tiny_dir, trainable_layers: int | None = 1):
+    """Policy, frozen reference, value model and RM as PPO builds them (top block trained)."""
+    cfg = ModelConfig(name_or_path=str(tiny_dir), trainable_layers=trainable_layers)
+    policy, tok = load_causal_lm(cfg, trainable=True)
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    torch.manual_seed(0)
+    reward, _ = load_scalar_model(str(tiny_dir))
+    set_reward_normalization(reward, gain=1.3, bias=-0.2)
+    value, _ = load_scalar_model(cfg, trainable=True)
+    value.score.weight.data.copy_(reward.score.weight.data)
+    set_reward_normalization(value, gain=1.3, bias=-0.2)
+    return policy, ref, value, reward, tok
+
+
+def test_shared_blocks_are_found_from_the_weights(tiny_dir):
+    policy, ref, value, reward, _ = roles(tiny_dir)
+    assert shared_depth([policy, ref, value, reward]) == 1  # 2 blocks, the top one trained
+    # Every block trained: nothing is frozen, nothing is shared.
+    assert shared_depth(list(roles(tiny_dir, trainable_layers=None)[:4])) == 0
+    # A single weight that differs ends the shared prefix there.
+    with torch.no_grad():
+        backbone(reward).layers[0].mlp.up_proj.weight[3, 5] += 1e-3
+    assert shared_depth([policy, ref, value, reward]) == 0
+    with torch.no_grad():
+        backbone(reward).embed_tokens.weight[7, 0] += 1e-3
+    assert shared_depth([policy, ref]) == 1 and shared_depth([policy, reward]) == 0
+
+
+def test_scoring_through_the_trunk_equals_every_model_run_whole(tiny_dir):
+    policy, ref, value, reward, tok = roles(tiny_dir)
+    prompts = ["hi", "a much longer prompt that forces left padding", "mid one"]
+    gen = sample(policy, tok, prompts, max_new_tokens=6, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(
+        policy=policy, ref_policy=ref, value_model=value, reward=reward, temperature=1.0, missing_eos_penalty=-1.0
+    )
+    with torch.no_grad():
+        whole = score_episodes(gen, prompts, ["x"] * 3, **kwargs)
+        trunk = SharedTrunk.detect([policy, ref, value, reward])
+        assert trunk is not None and trunk.depth == 1
+        shared = score_episodes(gen, prompts, ["x"] * 3, **kwargs, trunk=trunk)
+    for name in ("logprobs", "ref_logprobs", "values", "entropy", "scores"):
+        torch.testing.assert_close(getattr(shared, name), getattr(whole, name), atol=1e-6, rtol=0), name
+    assert whole.trunk_hidden is None and shared.trunk_hidden.shape[:2] == (3, gen.query_ids.shape[1] + 6)
+    # One copy of the shared block in memory: the models now hold the same modules.
+    assert backbone(value).layers[0] is backbone(policy).layers[0] is backbone(reward).layers[0]
+    assert backbone(ref).embed_tokens is backbone(policy).embed_tokens
+
+
+def test_rollout_select_and_cat_keep_the_trunk_output_aligned(tiny_dir):
+    policy, ref, value, reward, tok = roles(tiny_dir)
+    trunk = SharedTrunk.detect([policy, ref, value, reward])
+    parts = []
+    for seed, prompts in enumerate((["hi", "a much longer prompt here"], ["mid one", "x"])):
+        gen = sample(policy, tok, prompts, max_new_tokens=5, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            parts.append(
+                score_episodes(
+                    gen,
+                    prompts,
+                    ["x"] * 2,
+                    policy=policy,
+                    ref_policy=ref,
+                    value_model=value,
+                    reward=reward,
+                    temperature=1.0,
+                    missing_eos_penalty=None,
+                    trunk=trunk,
+                )
+            )
+    batch = Rollout.cat(parts, tok.pad_token_id)
+    for rows in ([0, 3], [2], [1, 2, 3]):
+        mb = batch.select(rows)
+        assert mb.trunk_hidden.shape[1] == mb.query_ids.shape[1] + mb.response_ids.shape[1]
+        # Recomputed on the re-padded minibatch, the real positions' trunk output is unchanged.
+        from tether.ppo.rollout import _joined
+
+        ids, mask = _joined(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask)
+        again = trunk.hidden(ids, mask)
+        real = mask.bool()
+        torch.testing.assert_close(mb.trunk_hidden[real], again[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("ptx_coef", [0.0, 1.0])
+def test_ppo_with_the_shared_trunk_trains_the_same_weights(tmp_path, tiny_dir, ptx_coef):
+    """The whole PPO update (rollout, 2 epochs × 2 minibatches, PPO-ptx) with and without sharing."""
+    from safetensors.torch import load_file
+
+    from tether.config import PPOConfig, resolve
+    from tether.ppo.train import train_ppo
+
+    torch.manual_seed(0)
+    rm, tok = load_scalar_model(str(tiny_dir))
+    set_reward_normalization(rm, gain=1.5, bias=0.3)
+    rm_dir = save_scalar_model(rm, tok, tmp_path / "rm")
+    logs, weights = [], []
+    for share in (False, True):
+        overrides = {
+            "reward_model": str(rm_dir),
+            "policy.trainable_layers": 1,
+            "share_trunk": share,
+            "ppo_epochs": 2,
+            "ptx_coef": ptx_coef,
+            "total_episodes": 8,
+            "sample_every": 0,
+            "out_dir": str(tmp_path / f"share-{share}"),
+        }
+        cfg = resolve(PPOConfig, "ppo", "tiny", overrides={"policy.name_or_path": str(tiny_dir), **overrides})
+        result = train_ppo(cfg, log=logs.append)
+        weights.append(load_file(str(result.policy_dir / "model.safetensors")))
+        weights.append(load_file(str(result.value_dir / "model.safetensors")))
+    assert any("share 1 of 2 blocks" in line for line in logs)
+    for off, on in ((weights[0], weights[2]), (weights[1], weights[3])):
+        assert off.keys() == on.keys()
+        for name in off:
+            # float32 round-off only: the same ops, on differently padded batches
+            torch.testing.assert_close(on[name], off[name], atol=1e-5, rtol=1e-4), name
