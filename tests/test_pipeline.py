@@ -63,7 +63,8 @@ def test_two_rounds_killed_and_resumed(tmp_path):
     report = (run / "report" / "report.html").read_text()
     assert "Win rate against sft" in report and "ppo_ptx" in report
     ev = json.loads((run / "eval" / "eval.json").read_text())
-    assert {p["name"] for p in ev["policies"]} == {"base", "sft", "sft_bo2", "ppo", "ppo_ptx"}
+    # run.curve_every 2 in the tiny preset: round 2's PPO-ptx kept after 2 of its 4 iterations too.
+    assert {p["name"] for p in ev["policies"]} == {"base", "sft", "sft_bo2", "ppo", "ppo_ptx@16", "ppo_ptx"}
     by_name = {p["name"]: p for p in ev["policies"]}
     # Best-of-2 by the final RM: the RM prefers its picks; the model itself is SFT (no tax of its own).
     assert by_name["sft_bo2"]["best_of"] == 2 and by_name["sft_bo2"]["rm_score"] > by_name["sft"]["rm_score"]
@@ -75,6 +76,11 @@ def test_two_rounds_killed_and_resumed(tmp_path):
     comparisons = read_records(after["round-1/label"]["outputs"]["comparisons"], "comparison")
     assert all(c.ended is not None for c in comparisons)
     assert by_name["ppo_ptx"]["expected_win_rate"] is not None and by_name["ppo_ptx"]["expected_win_ci"]
+    # The compute curve: SFT at 0 episodes, the checkpoint at 16, the final policy at 32.
+    assert after["round-2/ppo_ptx"]["outputs"]["episodes"] == 32
+    assert "Win rate against compute" in report and (run / "report" / "win_vs_episodes.png").stat().st_size > 1000
+    for n in ("16", "32"):
+        assert f"<tr><td>{n}</td>" in report
 
     # `tether eval --run` re-evaluates the run: its policies, its test split, flags on top of its settings.
     out = tmp_path / "re-eval"

@@ -487,6 +487,9 @@ class RunConfig:
     """Sequences per forward pass when sampling K responses per prompt."""
     heldout_labeler_prompts: int = 40
     """Samples also ranked by the held-out labelers (RM evaluation only) and by 2 training labelers (agreement)."""
+    curve_every: int = 0
+    """Keep the last round's PPO-ptx policy every N iterations and evaluate each checkpoint too:
+    the report plots the win rate against PPO episodes, a compute curve (0 = off)."""
     run_ppo_baseline: bool = True
     """Also train plain PPO (ptx_coef = 0) in the last round, to measure what PPO-ptx buys."""
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(pretrain_fraction=0.1, select_by="valid_loss"))
@@ -496,6 +499,8 @@ class RunConfig:
 
     def validate(self) -> None:
         _check_positive(self, "rounds", "k", "rm_prompts_per_round", "labelers_per_sample")
+        if self.curve_every < 0:
+            raise ValueError(f"run.curve_every must be >= 0 (0 = off), got {self.curve_every}")
         if not 2 <= self.k <= 9:
             raise ValueError(f"run.k must be 2..9, got {self.k}")
         if self.sft.select_by == "rm_score":
@@ -853,6 +858,7 @@ def _run_presets() -> dict[str, dict[str, Any]]:
             "task_prompts_per_user": 4,
             "rm_prompts_per_round": 16,
             "heldout_labeler_prompts": 8,
+            "curve_every": 2,
             "sft.epochs": 1,
         },
         # The stages' own `demo` presets (above) plus these pipeline settings.

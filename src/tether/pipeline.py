@@ -157,8 +157,8 @@ def run_pipeline(cfg: RunConfig, log=print) -> RunResult:
         for variant in variants:
             trained[variant] = manifest.run(
                 f"round-{r}/{variant}",
-                lambda rdir=rdir, variant=variant, rm=rm: _stage_ppo(
-                    cfg, variant, sft["policy"], rm["reward_model"], data, rdir, log
+                lambda rdir=rdir, variant=variant, rm=rm, r=r: _stage_ppo(
+                    cfg, variant, sft["policy"], rm["reward_model"], data, rdir, log, last=r == cfg.rounds
                 ),
                 {"init": sft["policy"], "reference": sft["policy"], "reward_model": rm["reward_model"]},
                 log,
@@ -341,9 +341,12 @@ def _stage_rm(cfg: RunConfig, sft_policy: str, rounds: list[dict], data: dict, r
     }
 
 
-def _stage_ppo(cfg: RunConfig, variant: str, sft_policy: str, reward_model: str, data: dict, rdir: Path, log):
+def _stage_ppo(
+    cfg: RunConfig, variant: str, sft_policy: str, reward_model: str, data: dict, rdir: Path, log, *, last: bool
+):
     from tether.ppo.train import train_ppo
 
+    curve = cfg.curve_every if variant == "ppo_ptx" and last else 0
     ppo_cfg = dataclasses.replace(
         cfg.ppo,
         reward_model=reward_model,
@@ -352,10 +355,18 @@ def _stage_ppo(cfg: RunConfig, variant: str, sft_policy: str, reward_model: str,
         out_dir=str(rdir / variant),
         seed=cfg.seed,
         ptx_coef=cfg.ppo.ptx_coef if variant == "ppo_ptx" else 0.0,
+        keep_policy_every=curve or cfg.ppo.keep_policy_every,
     )
     ppo_cfg.policy = dataclasses.replace(cfg.ppo.policy, name_or_path=sft_policy)
     res = train_ppo(ppo_cfg, log=log)
-    return {"policy": str(Path(res.policy_dir).resolve()), "ptx_coef": ppo_cfg.ptx_coef}
+    out = {"policy": str(Path(res.policy_dir).resolve()), "ptx_coef": ppo_cfg.ptx_coef}
+    if curve:  # checkpoints along the way, by episodes trained (the final one is the policy itself)
+        out["checkpoints"] = {
+            str(it * ppo_cfg.batch_size): str((rdir / variant / f"iter-{it}").resolve())
+            for it in range(curve, ppo_cfg.iterations, curve)
+        }
+        out["episodes"] = ppo_cfg.iterations * ppo_cfg.batch_size
+    return out
 
 
 def best_of_name(cfg: EvalConfig) -> str:
@@ -365,6 +376,8 @@ def best_of_name(cfg: EvalConfig) -> str:
 
 def run_eval_policies(cfg: RunConfig, stages: dict[str, Any]) -> tuple[dict[str, str], str, str]:
     """(policies to evaluate by name, the final reward model, the SFT policy) of a run's manifest."""
+    from tether.eval.evaluate import CURVE_PREFIX
+
     sft = stages["sft"]["outputs"]["policy"]
     last = f"round-{cfg.rounds}"
     policies = {}
@@ -375,7 +388,10 @@ def run_eval_policies(cfg: RunConfig, stages: dict[str, Any]) -> tuple[dict[str,
         policies[best_of_name(cfg.eval)] = policies[cfg.eval.baseline]
     if cfg.run_ppo_baseline:
         policies["ppo"] = stages[f"{last}/ppo"]["outputs"]["policy"]
-    policies["ppo_ptx"] = stages[f"{last}/ppo_ptx"]["outputs"]["policy"]
+    ptx = stages[f"{last}/ppo_ptx"]["outputs"]
+    for episodes, path in ptx.get("checkpoints", {}).items():  # run.curve_every: the compute curve
+        policies[f"{CURVE_PREFIX}{episodes}"] = path
+    policies["ppo_ptx"] = ptx["policy"]
     return policies, stages[f"{last}/rm"]["outputs"]["reward_model"], sft
 
 
@@ -426,7 +442,8 @@ def evaluate_run(
         log=log,
     )
     eval_path = save_eval(report, eval_dir / "eval.json")
-    path = write_report(report, report_dir, run_dir=run_dir)
+    final_episodes = stages[f"round-{cfg.rounds}/ppo_ptx"]["outputs"].get("episodes")
+    path = write_report(report, report_dir, run_dir=run_dir, final_episodes=final_episodes)
     return {
         "eval": str(eval_path),
         "report": str(path),

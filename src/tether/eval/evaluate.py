@@ -22,6 +22,9 @@ from tether.data.formats import Comparison, PretrainText, Prompt
 from tether.models.generation import decode_responses, sample
 from tether.models.loading import load_causal_lm
 
+# The evaluation's name of a PPO-ptx checkpoint after N episodes (``run.curve_every``): ppo_ptx@N.
+CURVE_PREFIX = "ppo_ptx@"
+
 
 @dataclass
 class PolicyEval:

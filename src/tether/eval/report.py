@@ -15,7 +15,7 @@ from pathlib import Path
 import matplotlib
 import matplotlib.pyplot as plt
 
-from tether.eval.evaluate import EvalReport
+from tether.eval.evaluate import CURVE_PREFIX, EvalReport
 from tether.metrics import read_metrics
 
 COLORS = {"base": "#9e9e9e", "sft": "#5b8def", "ppo": "#f0a340", "ppo_ptx": "#d9534f"}
@@ -38,13 +38,44 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def compute_curve(report: EvalReport, final_episodes: int | None) -> list[tuple[int, float, float, float]]:
+    """(PPO episodes, expected win rate, CI low, CI high) of the PPO-ptx checkpoints, SFT at 0."""
+    points = [(0, 0.5, 0.5, 0.5)]
+    for p in report.policies:
+        episodes = None
+        if p.name.startswith(CURVE_PREFIX) and p.name[len(CURVE_PREFIX) :].isdigit():
+            episodes = int(p.name[len(CURVE_PREFIX) :])
+        elif p.name == "ppo_ptx" and final_episodes:
+            episodes = final_episodes
+        if episodes is not None and p.expected_win_rate is not None and p.expected_win_ci:
+            points.append((episodes, p.expected_win_rate, *p.expected_win_ci))
+    return sorted(points) if len(points) > 2 else []
+
+
+def plot_curve(points: list[tuple[int, float, float, float]], baseline: str) -> bytes | None:
+    """Expected win rate against PPO episodes, with 95 % intervals: the compute curve."""
+    if not points:
+        return None
+    fig, ax = _figure(figsize=(6, 3.4))
+    xs = [p[0] for p in points]
+    ys = [p[1] for p in points]
+    err = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]]
+    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, color=_color("ppo_ptx"))
+    ax.axhline(0.5, color="black", lw=0.8, ls="--")
+    ax.set_xlabel("PPO-ptx episodes")
+    ax.set_ylabel(f"expected win rate vs {baseline}")
+    ax.set_title("Win rate against compute (held-out labelers, held-out prompts)", fontsize=10)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def plot_win_rates(report: EvalReport) -> bytes:
     """The paper's Figure 1 shape: win rate against the baseline, with 95 % intervals.
 
     Two bars per policy: the expected win rate (the held-out labelers' noise integrated out) and
     the win rate of their sampled verdicts; both estimate the same quantity.
     """
-    pols = report.policies
+    pols = [p for p in report.policies if not p.name.startswith(CURVE_PREFIX)]  # the curve has its own plot
     fig, ax = _figure(figsize=(7, 3.8))
     width = 0.38
     for offset, key, label, alpha in (
@@ -161,6 +192,17 @@ def _fmt(v, spec: str = ".3f") -> str:
     return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
 
 
+def _curve_html(curve: list[tuple[int, float, float, float]], png: bytes | None) -> str:
+    if not curve:
+        return ""
+    rows = "".join(f"<tr><td>{n}</td><td>{r:.3f} [{lo:.3f}, {hi:.3f}]</td></tr>" for n, r, lo, hi in curve)
+    return (
+        "<h2>Win rate against compute</h2>"
+        + _img(png, "win rate against PPO episodes")
+        + f"<table><tr><th>PPO-ptx episodes</th><th>expected win rate [95 % CI]</th></tr>{rows}</table>"
+    )
+
+
 def _rate(rate: float | None, ci: tuple[float, float] | None) -> str:
     return f"{rate:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if rate is not None and ci else "–"
 
@@ -182,12 +224,19 @@ def write_report(
     run_dir: str | Path | None = None,
     extra: dict | None = None,
     n_samples: int = 12,
+    final_episodes: int | None = None,
 ) -> Path:
-    """Write report.html (+ PNGs) into out_dir; returns the HTML path."""
+    """Write report.html (+ PNGs) into out_dir; returns the HTML path.
+
+    ``final_episodes``: the PPO episodes behind the policy named ``ppo_ptx``, the last point of the
+    compute curve when PPO-ptx checkpoints (``ppo_ptx@N``) were evaluated too.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    curve = compute_curve(report, final_episodes)
     pngs = {
         "win_rates.png": plot_win_rates(report),
+        "win_vs_episodes.png": plot_curve(curve, report.baseline),
         "alignment_tax.png": plot_alignment_tax(report),
         "training_curves.png": plot_curves(training_panels(Path(run_dir))) if run_dir else None,
     }
@@ -273,6 +322,7 @@ give); it estimates the same quantity with more noise.</p>
 <th>fails instruction</th><th>RM score</th><th>KL to SFT (nats)</th><th>length (tokens)</th><th>EOS rate</th>
 <th>pretrain ppl</th></tr>{rows}</table>
 {best_of_note}
+{_curve_html(curve, pngs["win_vs_episodes.png"])}
 <h2>Alignment tax</h2>
 {_img(pngs["alignment_tax.png"], "alignment tax")}
 <h2>Training curves</h2>
