@@ -80,7 +80,9 @@ def test_normalisation_gives_demonstrations_mean_0_std_1(tiny_dir):
     scores = score_texts(rm, tok, [d.prompt for d in demos], [d.response for d in demos]).double()
     assert abs(float(scores.mean())) < 1e-5 and abs(float(scores.std()) - 1.0) < 1e-4
     raw_only = normalize_reward_model(rm, tok, demos, scale=False)
-    assert raw_only.gain == 1.0 and abs(raw_only.bias + raw_only.raw_mean) < 1e-9
+    assert raw_only.gain == 1.0 and abs(raw_only.bias + raw_only.raw_mean) < 1e-9 and not raw_only.scaled
+    one = normalize_reward_model(rm, tok, demos[:1])  # no spread to scale by: the bias alone
+    assert one.gain == 1.0 and not one.scaled and abs(one.bias + one.raw_mean) < 1e-9
 
 
 def test_the_rm_trains_on_the_token_sequence_ppo_scores(tiny_dir):

@@ -289,12 +289,13 @@ def test_ptx_coef_zero_equals_plain_ppo_and_skips_the_pretraining_pass(tmp_path,
     assert any(not torch.equal(a[n], c[n]) for n in a)  # γ > 0 does change the policy
 
 
-def test_ptx_step_with_zero_coefficient_adds_no_gradient(ppo_data, eos_policy):
-    """The ptx pass scaled by γ = 0 leaves ppo_step's gradients exactly as without it."""
+def update_fixture(ppo_data, eos_policy):
+    """(policy, value model, tokenizer, a scored rollout with random advantages and returns, 3
+    encoded pretraining texts): the inputs of one ppo_step."""
     policy, tok = load_causal_lm(str(eos_policy), trainable=True)
     value_model, _ = load_scalar_model(str(eos_policy), trainable=True)
-    prompts = ["hi", "a much longer prompt", "mid", "x y"]
-    gen = sample(policy, tok, prompts, max_new_tokens=6, generator=torch.Generator().manual_seed(3))
+    prompts = ["hi", "a much longer prompt that forces left padding of the others", "mid", "x y"]
+    gen = sample(policy, tok, prompts, max_new_tokens=8, generator=torch.Generator().manual_seed(3))
     rollout = score_episodes(
         gen,
         prompts,
@@ -304,12 +305,17 @@ def test_ptx_step_with_zero_coefficient_adds_no_gradient(ppo_data, eos_policy):
         value_model=value_model,
         reward=length_reward,
         temperature=1.0,
-        missing_eos_penalty=None,
+        missing_eos_penalty=-1.0,
     )
-    rollout.advantages = torch.randn_like(rollout.logprobs) * rollout.response_mask
-    rollout.returns = torch.randn_like(rollout.logprobs) * rollout.response_mask
-    texts = [json.loads(line)["text"] for line in ppo_data["pretrain"].read_text().splitlines()][:3]
-    ptx = [encode_pretrain(tok, t, 32) for t in texts]
+    rollout.advantages = torch.randn(rollout.response_mask.shape) * rollout.response_mask
+    rollout.returns = torch.randn(rollout.response_mask.shape) * rollout.response_mask
+    texts = [json.loads(x)["text"] for x in ppo_data["pretrain"].read_text().splitlines()[:3]]
+    return policy, value_model, tok, rollout, [encode_pretrain(tok, t, 32) for t in texts]
+
+
+def test_ptx_step_with_zero_coefficient_adds_no_gradient(ppo_data, eos_policy):
+    """The ptx pass scaled by γ = 0 leaves ppo_step's gradients exactly as without it."""
+    policy, value_model, tok, rollout, ptx = update_fixture(ppo_data, eos_policy)
     cfg = resolve(PPOConfig, "ppo", "tiny", overrides={"ptx_coef": 0.0})
     grads = []
     for examples in ([], ptx):
@@ -344,25 +350,7 @@ def test_pretraining_examples_per_episode_do_not_multiply_with_ppo_epochs(tmp_pa
 
 def test_micro_batch_size_does_not_change_the_gradient(ppo_data, eos_policy):
     """Losses are token means over the minibatch, however it is split into micro-batches."""
-    policy, tok = load_causal_lm(str(eos_policy), trainable=True)
-    value_model, _ = load_scalar_model(str(eos_policy), trainable=True)
-    prompts = ["hi", "a much longer prompt that forces left padding of the others", "mid", "x y"]
-    gen = sample(policy, tok, prompts, max_new_tokens=8, generator=torch.Generator().manual_seed(3))
-    rollout = score_episodes(
-        gen,
-        prompts,
-        decode_responses(tok, gen),
-        policy=policy,
-        ref_policy=policy,
-        value_model=value_model,
-        reward=length_reward,
-        temperature=1.0,
-        missing_eos_penalty=-1.0,
-    )
-    rollout.advantages = torch.randn(rollout.response_mask.shape) * rollout.response_mask
-    rollout.returns = torch.randn(rollout.response_mask.shape) * rollout.response_mask
-    texts = [json.loads(x)["text"] for x in ppo_data["pretrain"].read_text().splitlines()[:3]]
-    ptx = [encode_pretrain(tok, t, 32) for t in texts]
+    policy, value_model, tok, rollout, ptx = update_fixture(ppo_data, eos_policy)
     grads = []
     for micro in (1, 4):
         cfg = resolve(PPOConfig, "ppo", "tiny", overrides={"micro_batch_size": micro})

@@ -563,6 +563,29 @@ class Panel:
                 )
         return out
 
+    def _pairs(
+        self,
+        what: str,
+        prompts: Sequence[str | Prompt],
+        responses: Sequence[str],
+        baseline_responses: Sequence[str],
+        labelers: list[Labeler] | None,
+        clusters: Sequence[int] | None,
+    ) -> tuple[list[str], list[Labeler], np.ndarray]:
+        """(prompt texts, judges, dense prompt id per pair) for the win rates, inputs checked."""
+        if not (len(prompts) == len(responses) == len(baseline_responses)):
+            raise ValueError("prompts, responses and baseline_responses must have equal length")
+        if not prompts:
+            raise ValueError(f"{what} needs at least one prompt")
+        if clusters is not None and len(clusters) != len(prompts):
+            raise ValueError(f"{what}: {len(clusters)} cluster ids for {len(prompts)} pairs")
+        judges = list(labelers) if labelers is not None else self.heldout_labelers
+        if not judges:
+            raise ValueError("no labelers to judge with (this panel has no held-out labelers)")
+        texts = [p.text if isinstance(p, Prompt) else p for p in prompts]
+        ids = np.unique(np.asarray(clusters if clusters is not None else range(len(texts))), return_inverse=True)[1]
+        return texts, judges, ids
+
     def win_rate(
         self,
         prompts: Sequence[str | Prompt],
@@ -583,20 +606,10 @@ class Panel:
         (``n_bootstrap`` resamples, seeded), which accounts for labelers judging the same
         prompt, and samples of the same prompt, not being independent.
         """
-        if not (len(prompts) == len(responses) == len(baseline_responses)):
-            raise ValueError("prompts, responses and baseline_responses must have equal length")
-        if not prompts:
-            raise ValueError("win_rate needs at least one prompt")
-        if clusters is not None and len(clusters) != len(prompts):
-            raise ValueError(f"win_rate: {len(clusters)} cluster ids for {len(prompts)} pairs")
-        judges = list(labelers) if labelers is not None else self.heldout_labelers
-        if not judges:
-            raise ValueError("no labelers to judge with (this panel has no held-out labelers)")
-        per_pair = np.empty(len(prompts))
-        for i, (p, a, b) in enumerate(zip(prompts, responses, baseline_responses, strict=True)):
-            text = p.text if isinstance(p, Prompt) else p
+        texts, judges, ids = self._pairs("win_rate", prompts, responses, baseline_responses, labelers, clusters)
+        per_pair = np.empty(len(texts))
+        for i, (text, a, b) in enumerate(zip(texts, responses, baseline_responses, strict=True)):
             per_pair[i] = np.mean([self.prefer(lab, text, a, b, self._rng(seed, i, lab)) for lab in judges])
-        ids = np.unique(np.asarray(clusters if clusters is not None else range(len(prompts))), return_inverse=True)[1]
         per_prompt = np.bincount(ids, weights=per_pair) / np.bincount(ids)
         low, high = _bootstrap_interval(per_prompt, seed, n_bootstrap)
         return WinRate(float(per_prompt.mean()), low, high, len(per_prompt), tuple(per_pair.tolist()))
@@ -621,17 +634,9 @@ class Panel:
         prompt's baseline responses and the judges. Only a simulated panel allows this: people's
         noise model is unknown, so for them only sampled verdicts exist.
         """
-        if not (len(prompts) == len(responses) == len(baseline_responses)):
-            raise ValueError("prompts, responses and baseline_responses must have equal length")
-        if not prompts:
-            raise ValueError("expected_win_rate needs at least one prompt")
-        if clusters is not None and len(clusters) != len(prompts):
-            raise ValueError(f"expected_win_rate: {len(clusters)} cluster ids for {len(prompts)} pairs")
-        judges = list(labelers) if labelers is not None else self.heldout_labelers
-        if not judges:
-            raise ValueError("no labelers to judge with (this panel has no held-out labelers)")
-        texts = [p.text if isinstance(p, Prompt) else p for p in prompts]
-        ids = np.unique(np.asarray(clusters if clusters is not None else range(len(texts))), return_inverse=True)[1]
+        texts, judges, ids = self._pairs(
+            "expected_win_rate", prompts, responses, baseline_responses, labelers, clusters
+        )
         # Noise-free utilities, one row per judge: [J, N] for the policy and for the baseline.
         feats = [read_response(t, r) for t, r in zip(texts, responses, strict=True)]
         feats0 = [read_response(t, r) for t, r in zip(texts, baseline_responses, strict=True)]

@@ -29,6 +29,7 @@ class Normalization:
     n: int  # demonstrations scored
     truncated: int  # of which cut to max_length
     gain: float = 1.0  # multiplies every raw score: 1 / raw_std when scaling, else 1
+    scaled: bool = False  # the gain sets the demonstrations' std to 1
 
 
 def normalize_reward_model(
@@ -52,18 +53,14 @@ def normalize_reward_model(
         [d.response for d in demonstrations],
         max_length,
     )
-    raw = score_sequences(
-        model, sequences, tokenizer.pad_token_id, batch_size, normalized=False
-    ).double()
+    raw = score_sequences(model, sequences, tokenizer.pad_token_id, batch_size, normalized=False).double()
     mean = float(raw.mean())
     std = float(raw.std()) if raw.numel() > 1 else 0.0
-    if scale and not std > 0:
-        raise ValueError(
-            f"rm: the {len(sequences)} demonstrations all score {mean:.4g}: no spread to scale to std 1 "
-            "(more demonstrations, or normalise_scale false)"
-        )
-    gain = 1.0 / std if scale else 1.0
+    # One demonstration (or identical scores) has no spread to scale by: the bias alone, and the
+    # caller says so (Normalization.scaled).
+    scaled = scale and std > 0
+    gain = 1.0 / std if scaled else 1.0
     set_reward_normalization(model, gain=gain, bias=-mean * gain)
     return Normalization(
-        bias=-mean * gain, raw_mean=mean, raw_std=std, gain=gain, n=len(sequences), truncated=n_cut
+        bias=-mean * gain, raw_mean=mean, raw_std=std, gain=gain, n=len(sequences), truncated=n_cut, scaled=scaled
     )

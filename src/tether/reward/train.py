@@ -285,7 +285,8 @@ def train_reward_model(
     cut = f", {norm.truncated} cut to max_length" if norm.truncated else ""
     log(
         f"rm: score = {norm.gain:.4f} · raw {norm.bias:+.4f}: the {norm.n} demonstrations score mean 0"
-        + (" and std 1" if cfg.normalize_scale else "")
+        + (" and std 1" if norm.scaled else "")
+        + (" (no spread among them to scale by: gain 1)" if cfg.normalize_scale and not norm.scaled else "")
         + f" (raw mean {norm.raw_mean:.3f}, std {norm.raw_std:.3f}{cut})"
     )
     eval_after = evaluate()
