@@ -301,7 +301,7 @@ def _stage_label(cfg: RunConfig, samples: dict, rdir: Path, r: int, log) -> dict
     dropped = len(train_items) * cfg.labelers_per_sample - len(train)
     log(
         f"label: {len(train)} training comparisons ({dropped} all-tie judgements left out), "
-        f"{len(overlap) + len(heldout)} validation; training-labeler agreement {agreement.rate:.3f}"
+        f"{len(overlap) + len(heldout)} validation; training-labeler {agreement}"
     )
     return {
         "comparisons": str(path),

@@ -13,6 +13,7 @@ import pytest
 from labeling_support import FAST_HASHER, PASSWORD, Clock, make_prompts, make_samples
 
 from tether.data.formats import FLAGS, Sample, read_records, write_records
+from tether.labelers.panel import agreement_of
 from tether.labeling.store import (
     AlreadyDone,
     Conflict,
@@ -22,7 +23,6 @@ from tether.labeling.store import (
     NotAssigned,
     NotFound,
     dense_ranking,
-    pairwise_agreement,
 )
 
 
@@ -106,9 +106,7 @@ def test_ranking_is_stored_in_the_original_response_order(store: LabelStore) -> 
     wanted = {"two": 1, "zero": 2, "one": 3, "three": 3}
     flags = [["hallucination"] if text == "one" else [] for text in shown]
     likert = [7 if text == "two" else 3 for text in shown]
-    store.submit_ranking(
-        a, task, LabelInput(ranking=[wanted[t] for t in shown], likert=likert, flags=flags)
-    )
+    store.submit_ranking(a, task, LabelInput(ranking=[wanted[t] for t in shown], likert=likert, flags=flags))
     (c,) = store.export(pid).records
     assert c.responses == ["zero", "one", "two", "three"]
     assert c.ranking == [2, 3, 1, 3]
@@ -204,9 +202,7 @@ def test_export_is_read_back_by_the_data_contract(store: LabelStore, tmp_path: P
         while (task := store.next_task(labeler, pid)) is not None:
             ranks = [rng.randint(1, 3) for _ in range(4)] + [5]
             flags = [[rng.choice(FLAGS)] for _ in range(5)]
-            store.submit_ranking(
-                labeler, task, LabelInput(ranking=ranks, likert=[5] * 5, flags=flags)
-            )
+            store.submit_ranking(labeler, task, LabelInput(ranking=ranks, likert=[5] * 5, flags=flags))
     result = store.export(pid)
     path = write_records(tmp_path / "comparisons.jsonl", result.records)
     back = read_records(path, "comparison")
@@ -356,6 +352,7 @@ def naive_agreement(rankings: dict) -> tuple[int, int]:
 
 
 def test_pairwise_agreement_by_hand_and_against_a_naive_count() -> None:
+    pairwise_agreement = agreement_of  # the panel's, shared by the store
     # (0,1) and (0,2) agree, (1,2) does not.
     assert pairwise_agreement({1: {"a": [1, 2, 3], "b": [1, 3, 2]}}).rate == pytest.approx(2 / 3)
     # a ties 0 and 1: that pair is no preference, the other two agree.
@@ -364,8 +361,7 @@ def test_pairwise_agreement_by_hand_and_against_a_naive_count() -> None:
     assert pairwise_agreement({1: {"a": [1, 2]}}).rate is None  # one labeler: nothing to compare
     rng = random.Random(1)
     rankings = {
-        t: {f"l{j}": [rng.randint(1, 4) for _ in range(4)] for j in range(rng.randint(1, 4))}
-        for t in range(30)
+        t: {f"l{j}": [rng.randint(1, 4) for _ in range(4)] for j in range(rng.randint(1, 4))} for t in range(30)
     }
     got = pairwise_agreement(rankings)
     agree, total = naive_agreement(rankings)

@@ -23,7 +23,7 @@ import secrets
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -64,6 +64,7 @@ from tether.data.formats import (
     Sample,
     read_records,
 )
+from tether.labelers.panel import AgreementReport, agreement_of
 
 Role = Literal["admin", "labeler"]
 ROLES: tuple[str, ...] = ("admin", "labeler")
@@ -245,9 +246,7 @@ class Label(Base):
 
     __tablename__ = "labels"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    assignment_id: Mapped[int] = mapped_column(
-        ForeignKey("assignments.id", ondelete="CASCADE"), unique=True
-    )
+    assignment_id: Mapped[int] = mapped_column(ForeignKey("assignments.id", ondelete="CASCADE"), unique=True)
     task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"), index=True)
     labeler_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     outcome: Mapped[str] = mapped_column(String(20))
@@ -300,23 +299,6 @@ class LabelInput:
 
 
 @dataclass
-class Agreement:
-    """Inter-labeler pairwise agreement (InstructGPT §3.4 reports ~73 %).
-
-    Over every task labeled by two or more labelers, every pair of those labelers and every pair
-    of responses that *both* ranked strictly (ties are no preference), the fraction on which the
-    two prefer the same response.
-    """
-
-    rate: float | None  # None when no pair could be compared
-    pairs: int
-    by_labeler: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"rate": self.rate, "pairs": self.pairs, "by_labeler": self.by_labeler}
-
-
-@dataclass
 class ProjectProgress:
     id: int
     name: str
@@ -355,41 +337,6 @@ def dense_ranking(ranks: Sequence[int]) -> list[int]:
     """Renumber ranks 1, 2, ... keeping order and ties: [1, 3, 3, 4] -> [1, 2, 2, 3]."""
     order = {r: i + 1 for i, r in enumerate(sorted(set(ranks)))}
     return [order[r] for r in ranks]
-
-
-def pairwise_agreement(rankings: Mapping[Any, Mapping[str, Sequence[int]]]) -> Agreement:
-    """Agreement from ``{task: {labeler: ranking}}``, rankings aligned by response index.
-
-    A (labeler pair, response pair) counts when both labelers ranked the two responses
-    strictly; it agrees when they prefer the same one.
-    """
-    agree_total = n_total = 0
-    per: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # labeler -> [agree, compared]
-    for by_labeler in rankings.values():
-        names = sorted(by_labeler)
-        for a_i, a in enumerate(names):
-            for b in names[a_i + 1 :]:
-                ra, rb = by_labeler[a], by_labeler[b]
-                k = min(len(ra), len(rb))
-                for i in range(k):
-                    for j in range(i + 1, k):
-                        da, db = ra[i] - ra[j], rb[i] - rb[j]
-                        if da == 0 or db == 0:
-                            continue
-                        same = int((da < 0) == (db < 0))
-                        agree_total += same
-                        n_total += 1
-                        for name in (a, b):
-                            per[name][0] += same
-                            per[name][1] += 1
-    return Agreement(
-        rate=agree_total / n_total if n_total else None,
-        pairs=n_total,
-        by_labeler={
-            name: {"rate": ag / n if n else None, "pairs": n}
-            for name, (ag, n) in sorted(per.items())
-        },
-    )
 
 
 def validate_label(k: int, label: LabelInput) -> None:
@@ -726,18 +673,14 @@ class LabelStore:
         except IntegrityError:
             raise Conflict(f"a project named {name!r} already exists") from None
 
-    def create_project_from_file(
-        self, name: str, kind: str, path: str | Path, *, overlap: int = 1
-    ) -> int:
+    def create_project_from_file(self, name: str, kind: str, path: str | Path, *, overlap: int = 1) -> int:
         """Read a sample file (ranking) or prompt file (demonstration) whole, then create."""
         if kind not in PROJECT_KINDS:
             raise InvalidInput("kind", f"must be one of {', '.join(PROJECT_KINDS)}")
         records = read_records(path, "sample" if kind == "ranking" else "prompt")
         return self.create_project(name, kind, records, overlap=overlap, source=Path(path).name)
 
-    def update_project(
-        self, project_id: int, *, overlap: int | None = None, active: bool | None = None
-    ) -> None:
+    def update_project(self, project_id: int, *, overlap: int | None = None, active: bool | None = None) -> None:
         """Change overlap or pause a project. Lowering overlap never deletes labels."""
         if overlap is not None and not 1 <= overlap <= 100:
             raise InvalidInput("overlap", "must be an integer 1..100")
@@ -794,9 +737,7 @@ class LabelStore:
                     .group_by(Label.task_id)
                     .subquery()
                 )
-                complete = s.scalar(
-                    select(func.count()).select_from(per_task).where(per_task.c.n >= p.overlap)
-                )
+                complete = s.scalar(select(func.count()).select_from(per_task).where(per_task.c.n >= p.overlap))
                 by_labeler = dict(
                     s.execute(
                         select(User.username, func.count())
@@ -856,11 +797,7 @@ class LabelStore:
 
     @staticmethod
     def _mine(labeler_id: int) -> Any:
-        return (
-            exists()
-            .where(Assignment.task_id == Task.id, Assignment.labeler_id == labeler_id)
-            .correlate(Task)
-        )
+        return exists().where(Assignment.task_id == Task.id, Assignment.labeler_id == labeler_id).correlate(Task)
 
     def next_task(self, labeler_id: int, project_id: int) -> int | None:
         """The task this labeler should do next in a project (claiming a slot), or None.
@@ -927,11 +864,7 @@ class LabelStore:
             return None
         task_id, responses = row
         used = set(
-            s.scalars(
-                select(Assignment.slot).where(
-                    Assignment.task_id == task_id, Assignment.slot.is_not(None)
-                )
-            )
+            s.scalars(select(Assignment.slot).where(Assignment.task_id == task_id, Assignment.slot.is_not(None)))
         )
         free = set(range(project.overlap)) - used
         if not free:
@@ -959,11 +892,7 @@ class LabelStore:
         task = s.get(Task, task_id)
         if task is None:
             raise NotFound(f"no task {task_id}")
-        a = s.scalar(
-            select(Assignment).where(
-                Assignment.task_id == task_id, Assignment.labeler_id == labeler_id
-            )
-        )
+        a = s.scalar(select(Assignment).where(Assignment.task_id == task_id, Assignment.labeler_id == labeler_id))
         if a is None:
             raise NotAssigned(f"task {task_id} is not assigned to you")
         return task, a
@@ -1011,17 +940,11 @@ class LabelStore:
             project = s.get(Project, task.project_id)
             assert project is not None
             used = set(
-                s.scalars(
-                    select(Assignment.slot).where(
-                        Assignment.task_id == task.id, Assignment.slot.is_not(None)
-                    )
-                )
+                s.scalars(select(Assignment.slot).where(Assignment.task_id == task.id, Assignment.slot.is_not(None)))
             )
             free = set(range(project.overlap)) - used
             if len(used) >= project.overlap or not free:
-                raise Conflict(
-                    f"your reservation of task {task.id} expired and other labelers filled it"
-                )
+                raise Conflict(f"your reservation of task {task.id} expired and other labelers filled it")
             n = s.execute(
                 update(Assignment)
                 .where(Assignment.id == a.id, Assignment.status == EXPIRED)
@@ -1065,9 +988,7 @@ class LabelStore:
                 _backoff(attempt)  # lost a race for a freed slot (PostgreSQL): look again
         raise Conflict("the queue is very busy; try again")
 
-    def submit_none_acceptable(
-        self, labeler_id: int, task_id: int, label: LabelInput | None = None
-    ) -> int:
+    def submit_none_acceptable(self, labeler_id: int, task_id: int, label: LabelInput | None = None) -> int:
         """Record that no response is acceptable (Likert and flags kept if given)."""
         label = label or LabelInput()
         with self._write() as s:
@@ -1134,13 +1055,13 @@ class LabelStore:
             ).all()
         ]
 
-    def agreement(self, project_id: int) -> Agreement:
+    def agreement(self, project_id: int) -> AgreementReport:
         with self._read() as s:
             rankings: dict[int, dict[str, list[int]]] = defaultdict(dict)
             for task, lab, name in self._label_rows(s, project_id):
                 if lab.outcome == RANKED and lab.ranking:
                     rankings[task.id][name] = lab.ranking
-            return pairwise_agreement(rankings)
+            return agreement_of(rankings)
 
     def export(self, project_id: int) -> ExportResult:
         """Records in the formats ``tether rm`` / ``tether sft`` read, plus a summary.
@@ -1175,11 +1096,7 @@ class LabelStore:
                             labeler_id=name,
                             prompt_id=task.prompt_id,
                             likert=list(lab.likert) if lab.likert else None,
-                            flags=(
-                                [{f: f in set(fl or ()) for f in FLAGS} for fl in lab.flags]
-                                if lab.flags
-                                else None
-                            ),
+                            flags=([{f: f in set(fl or ()) for f in FLAGS} for fl in lab.flags] if lab.flags else None),
                             policies=list(task.policies) if task.policies else None,
                             ended=list(task.ended) if task.ended is not None else None,
                         )

@@ -46,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
         ("held-out labelers", before["heldout_labelers"], after.heldout_labelers, ""),
     ]
     rows += [
-        (f"  {name}", before["by_labeler"].get(name, {}), acc, pct(agree["by_labeler"].get(name)))
+        (f"  {name}", before["by_labeler"].get(name, {}), acc, pct(agree["by_labeler"].get(name, {}).get("rate")))
         for name, acc in after.by_labeler.items()
     ]
     for name, was, now, labelers in rows:

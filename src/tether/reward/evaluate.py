@@ -88,12 +88,7 @@ def labeler_agreement(comparisons: Sequence[Comparison]) -> dict[str, Any]:
     """
     from tether.labelers.panel import pairwise_agreement
 
-    report = pairwise_agreement(comparisons)
-    return {
-        "rate": report.rate if report.n_pairs else None,
-        "pairs": report.n_pairs,
-        "by_labeler": dict(sorted(report.per_labeler.items())),
-    }
+    return pairwise_agreement(comparisons).to_json()
 
 
 def score_distribution(scores: torch.Tensor, bins: int = 10) -> tuple[dict[str, float], dict[str, list[float]]]:
