@@ -4,15 +4,19 @@ A state directory holds the trainable weights (all of them, or only the LoRA ada
 every optimiser and scheduler, the Python / NumPy / torch RNG states and a small JSON-able dict of
 loop counters (epoch, step, data position, KL controller, ...). It is built in a temporary sibling
 and swapped in with renames, so a ``kill -9`` at any instant leaves either the old or the new state,
-never half of one.
+never half of one. A state is only written if every tensor and number in it is finite: a NaN
+that reached the weights must stop the run, not become the state that every rerun resumes from.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +24,56 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from tether.metrics import parse_jsonl_lines
+
 WEIGHTS = "trainable.safetensors"
 STATE = "trainer_state.pt"
 COUNTERS = "counters.json"
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a NaN or an infinity: the run stops, and nothing non-finite is saved."""
+
+
+def last_good_state(directory: str | Path) -> str:
+    """Where a stopped run's last good state is, or that there is none yet (for error messages)."""
+    state = find_state(directory)
+    if state is None:
+        return f"no good state yet ({directory} was never written), so a rerun starts from the beginning"
+    return f"the last good state is in {state}"
+
+
+def non_finite(named: Iterable[tuple[str, Any]]) -> list[str]:
+    """Names of the tensors and floats that hold a NaN or an infinity; containers are walked."""
+    bad: list[str] = []
+    stack = list(named)
+    while stack:
+        name, value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad.append(name)
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                bad.append(name)
+        elif isinstance(value, dict):
+            stack.extend((f"{name}.{k}", v) for k, v in value.items())
+        elif isinstance(value, list | tuple):
+            stack.extend((f"{name}[{i}]", v) for i, v in enumerate(value))
+    return sorted(bad)
+
+
+def non_finite_weights(models: dict[str, torch.nn.Module]) -> list[str]:
+    """``model.parameter`` names of the trainable parameters that hold a NaN or an infinity."""
+    return non_finite(
+        (f"{m}.{n}", p.detach()) for m, model in models.items() for n, p in model.named_parameters() if p.requires_grad
+    )
+
+
+def require_finite_weights(models: dict[str, torch.nn.Module], what: str) -> None:
+    """Raise NonFiniteError naming ``what`` if a trainable parameter holds a NaN or an infinity."""
+    bad = non_finite_weights(models)
+    if bad:
+        raise NonFiniteError(f"{what}: {len(bad)} tensors are non-finite (e.g. {bad[0]})")
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -60,6 +111,12 @@ def save_state(
     ``state_dict()`` (optimisers, schedulers, controllers, EMA); counters: JSON-able loop position.
     """
     directory = Path(directory)
+    states = {k: v.state_dict() for k, v in stateful.items()}
+    bad = non_finite_weights(models) + non_finite(states.items())
+    if bad:
+        raise NonFiniteError(
+            f"not saving {directory}: {len(bad)} tensors are non-finite (e.g. {bad[0]}); {last_good_state(directory)}"
+        )
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp-", dir=directory.parent))
     try:
@@ -67,7 +124,7 @@ def save_state(
             save_file(trainable_state(model), str(tmp / f"{name}.{WEIGHTS}"))
         torch.save(
             {
-                "stateful": {k: v.state_dict() for k, v in stateful.items()},
+                "stateful": states,
                 "rng": rng_state(),
                 "generators": {k: g.get_state() for k, g in (generators or {}).items()},
             },
@@ -91,6 +148,11 @@ def save_state(
 def find_state(directory: str | Path) -> Path | None:
     """The state to resume from, also recovering from a crash between the two renames."""
     directory = Path(directory)
+    if directory.parent.is_dir():
+        # A kill during save_state leaves its temporary folder (tens of MB): no state is ever
+        # read from one, and one trainer owns a run directory, so any found here is stale.
+        for stale in directory.parent.glob(directory.name + ".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     if (directory / COUNTERS).exists():
         return directory
     old = directory.with_name(directory.name + ".old")
@@ -113,6 +175,13 @@ def load_state(
         if set(weights) != expected:
             missing = sorted(expected - set(weights))[:3]
             raise ValueError(f"{directory}: saved {name} weights do not match the model (missing e.g. {missing})")
+        bad = non_finite(weights.items())
+        if bad:
+            # Written by a tether that saved whatever the step produced; resuming would fail again.
+            raise NonFiniteError(
+                f"{directory} holds non-finite {name} weights ({len(bad)} tensors, e.g. {bad[0]}): "
+                "delete it to start the run over"
+            )
         params = dict(model.named_parameters())
         with torch.no_grad():
             for n, w in weights.items():
@@ -127,13 +196,18 @@ def load_state(
 
 
 def truncate_metrics(path: Path, keep_until_step: int) -> None:
-    """Drop metric lines logged after the resumed step, so a resumed log has no duplicates."""
+    """Drop metric lines logged after the resumed step, so a resumed log has no duplicates.
+
+    The log is rewritten atomically (temporary file + rename): a kill in the middle leaves the old
+    log or the new one. A torn last line (a kill during an append) is dropped.
+    """
     if not path.exists():
         return
-    kept = [
-        ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= keep_until_step
-    ]
-    path.write_text("".join(ln + "\n" for ln in kept))
+    lines = parse_jsonl_lines(path.read_text(encoding="utf-8", errors="replace"))
+    kept = "".join(line + "\n" for line, record in lines if record.get("step", 0) <= keep_until_step)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(kept, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def epoch_order(n_items: int, seed: int, epoch: int) -> torch.Tensor:

@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tether",
         description="InstructGPT-style RLHF: SFT, K-wise reward model, PPO-ptx, labeling, evaluation.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of any error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         module = _import_optional(name)
@@ -54,19 +55,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit codes: 0 done, 1 the run stopped (non-finite training, an OS error),
+    2 bad input (data, config, arguments), 130 interrupted. Tracebacks are for bugs (and --debug)."""
     from tether.data.formats import DataError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as e:
-        if getattr(args, "debug", False):
+    except Exception as e:
+        if args.debug:
             raise
+        if isinstance(e, DataError | ValueError | FileNotFoundError):
+            code = 2
+        elif isinstance(e, FloatingPointError | OSError):
+            code = 1
+        else:
+            raise  # a bug: the traceback is what a report needs
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

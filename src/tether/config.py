@@ -12,6 +12,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -133,6 +134,7 @@ class SFTConfig:
         return self.batch_size // self.micro_batch_size
 
     def validate(self) -> None:
+        check_numbers(self)
         if self.batch_size % self.micro_batch_size:
             raise ValueError(
                 f"sft.batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
@@ -202,6 +204,7 @@ class RMConfig:
         return self.batch_size // self.micro_batch_size
 
     def validate(self) -> None:
+        check_numbers(self)
         if self.batch_size % self.micro_batch_size:
             raise ValueError(
                 f"rm.batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
@@ -338,6 +341,7 @@ class PPOConfig:
         return round(self.ptx_examples_per_episode * self.mini_batch_size)
 
     def validate(self) -> None:
+        check_numbers(self)
         if self.batch_size % self.mini_batch_size or self.mini_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"ppo: batch_size ({self.batch_size}) must be a multiple of mini_batch_size "
@@ -397,6 +401,65 @@ def _check_positive(cfg: Any, *names: str) -> None:
             raise ValueError(f"{type(cfg).__name__}.{n} must be > 0, got {getattr(cfg, n)}")
 
 
+# Allowed ranges by field name, wherever the field appears (optim.lr, ppo.optim.lr, ...):
+# (low, low included, high, high included); None = unbounded.
+_POSITIVE = (0.0, False, None, False)
+_NON_NEGATIVE = (0.0, True, None, False)
+_FRACTION = (0.0, True, 1.0, True)
+_BELOW_ONE = (0.0, True, 1.0, False)
+FIELD_RANGES: dict[str, tuple[float, bool, float | None, bool]] = {
+    "lr": _POSITIVE,
+    "eps": _POSITIVE,
+    "betas": _BELOW_ONE,
+    "weight_decay": _NON_NEGATIVE,
+    "warmup_steps": _NON_NEGATIVE,
+    "warmup_start_fraction": _FRACTION,
+    "final_lr_fraction": _FRACTION,
+    "max_grad_norm": _NON_NEGATIVE,
+    "residual_dropout": _BELOW_ONE,
+    "dropout": _BELOW_ONE,
+    "r": _POSITIVE,
+    "alpha": _POSITIVE,
+    "trainable_layers": _POSITIVE,
+    "valid_fraction": _BELOW_ONE,
+    "save_every_steps": _POSITIVE,
+    "eval_every_steps": _NON_NEGATIVE,
+    "select_prompts": _POSITIVE,
+    "max_new_tokens": _POSITIVE,
+    "total_episodes": _POSITIVE,
+    "n_sample_prompts": _NON_NEGATIVE,
+    "task_users": _POSITIVE,
+    "task_prompts_per_user": _POSITIVE,
+    "max_prompts_per_user": _POSITIVE,
+    "sample_batch_size": _POSITIVE,
+    "heldout_labeler_prompts": _NON_NEGATIVE,
+}
+
+
+def check_numbers(cfg: Any, prefix: str = "") -> None:
+    """Every number in ``cfg`` (nested configs included) is finite and within FIELD_RANGES.
+
+    Run before anything loads, so ``--optim.lr inf`` is a config error, not a NaN an hour later.
+    """
+    for f in dataclasses.fields(cfg):
+        value, name = getattr(cfg, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            check_numbers(value, name + ".")
+            continue
+        items = value if isinstance(value, list | tuple) else [value]
+        for v in items:
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                continue
+            if not math.isfinite(v):
+                raise ValueError(f"config field '{name}' must be a finite number, got {v}")
+            if f.name in FIELD_RANGES:
+                lo, lo_in, hi, hi_in = FIELD_RANGES[f.name]
+                if (v < lo or (v == lo and not lo_in)) or (hi is not None and (v > hi or (v == hi and not hi_in))):
+                    low = f"{'[' if lo_in else '('}{lo:g}"
+                    high = f"{hi:g}{']' if hi_in else ')'}" if hi is not None else "inf)"
+                    raise ValueError(f"config field '{name}' must be in {low}, {high}, got {v}")
+
+
 # --------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -436,6 +499,7 @@ class EvalConfig:
     """Seed for sampling (every policy gets the same stream) and the labelers' noise."""
 
     def validate(self) -> None:
+        check_numbers(self)
         _check_positive(self, "samples_per_prompt", "batch_size", "n_bootstrap")
         if self.limit < 0 or self.pretrain_texts < 0:
             raise ValueError("eval.limit and eval.pretrain_texts must be >= 0 (0 = all)")
@@ -498,6 +562,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
+        check_numbers(self)
         _check_positive(self, "rounds", "k", "rm_prompts_per_round", "labelers_per_sample")
         if self.curve_every < 0:
             raise ValueError(f"run.curve_every must be >= 0 (0 = off), got {self.curve_every}")
@@ -703,9 +768,14 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         try:
             if tp is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return tp(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"config field '{name}': expected {tp.__name__}, got {value!r}") from None
+            if tp is not str and isinstance(value, bool):
+                raise ValueError  # YAML's `yes` is not a number
+            converted = tp(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"config field '{name}': expected {tp.__name__}, got {_short(value)}") from None
+        if tp is float and not math.isfinite(converted):
+            raise ValueError(f"config field '{name}': must be a finite number, got {_short(value)}")
+        return converted
     if origin in (list, tuple):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
@@ -719,6 +789,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             return tuple(items)
         return items
     return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:

@@ -40,11 +40,28 @@ class MetricsLogger:
             self._tb.close()
 
 
+def parse_jsonl_lines(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) for every line of a metrics log that is a whole JSON object.
+
+    A kill in the middle of an append leaves a torn last line; it is skipped, not fatal, so a
+    resumed run (and the report) can still read everything logged before it.
+    """
+    out = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a torn or empty line
+            continue
+        if isinstance(record, dict):
+            out.append((line, record))
+    return out
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return [record for _, record in parse_jsonl_lines(path.read_text(encoding="utf-8", errors="replace"))]
 
 
 def progress_bar(description: str) -> Progress:

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 import torch
 
+from tether.checkpoint import NonFiniteError, require_finite_weights
 from tether.config import OptimConfig
 
 
@@ -52,10 +53,16 @@ def clip_grad(params, max_norm: float) -> float:
 def optimizer_step(model: torch.nn.Module, optimizer, scheduler, max_grad_norm: float) -> float:
     """Clip the gradients, step the optimiser and the schedule, zero the gradients.
 
-    Returns the gradient norm before clipping.
+    Returns the gradient norm before clipping. A non-finite norm raises NonFiniteError before
+    the step (clipping an infinite norm scales every gradient to 0 or NaN, so a finite loss can
+    still poison the weights); weights made non-finite by the step raise it too.
     """
     grad_norm = clip_grad(model.parameters(), max_grad_norm)
+    if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteError(f"non-finite gradient norm ({grad_norm}); the update was not applied")
     optimizer.step()
+    require_finite_weights({"trainable": model}, "the optimiser step made weights non-finite")
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm

@@ -26,6 +26,7 @@ is validated whole before anything trains on it.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -131,6 +132,18 @@ RECORD_TYPES: dict[str, type] = {
 # Validation: one function per kind, each raising DataError with the field that is wrong.
 
 
+def _check_text(value: str, name: str, where: tuple) -> str:
+    # A JSON escape such as "\ud800" decodes to a lone surrogate: a Python str that no UTF-8 file,
+    # tokenizer or database can hold. Refuse it here rather than in a later stage.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(
+            *where, name, f"holds an unpaired surrogate (\\u{ord(value[e.start]):04x}); not valid Unicode"
+        ) from None
+    return value
+
+
 def _require_str(obj: dict, name: str, where: tuple, *, optional: bool = False, empty=False):
     if name not in obj or obj[name] is None:
         if optional:
@@ -138,10 +151,44 @@ def _require_str(obj: dict, name: str, where: tuple, *, optional: bool = False, 
         raise DataError(*where, name, "is missing")
     value = obj[name]
     if not isinstance(value, str):
-        raise DataError(*where, name, f"must be a string, got {type(value).__name__}")
+        raise DataError(*where, name, f"must be a string, got {_json_type(value)}")
     if not empty and not value.strip():
         raise DataError(*where, name, "is empty")
-    return value
+    return _check_text(value, name, where)
+
+
+def _as_id(value: Any, name: str, where: tuple) -> str:
+    """Ids are non-empty strings; integers are accepted and converted (booleans are not ids)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise DataError(*where, name, f"must be a string (or an integer), got {_json_type(value)}")
+    if not value.strip():
+        raise DataError(*where, name, "is empty")
+    return _check_text(value, name, where)
+
+
+def _require_id(obj: dict, name: str, where: tuple, *, optional: bool = False) -> str | None:
+    if obj.get(name) is None:
+        if optional:
+            return None
+        raise DataError(*where, name, "is missing")
+    return _as_id(obj[name], name, where)
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type, as the file's author wrote it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
 
 
 def _require_responses(obj: dict, where: tuple) -> list[str]:
@@ -154,9 +201,10 @@ def _require_responses(obj: dict, where: tuple) -> list[str]:
         raise DataError(*where, "responses", f"has K={len(responses)}; K must be {K_MIN}..{K_MAX}")
     for i, r in enumerate(responses):
         if not isinstance(r, str):
-            raise DataError(*where, f"responses[{i}]", "must be a string")
+            raise DataError(*where, f"responses[{i}]", f"must be a string, got {_json_type(r)}")
         if not r.strip():
             raise DataError(*where, f"responses[{i}]", "is empty")
+        _check_text(r, f"responses[{i}]", where)
     return list(responses)
 
 
@@ -178,41 +226,43 @@ def _optional_ended(obj: dict, k: int, where: tuple) -> list[bool] | None:
     return ended
 
 
+def _optional_policies(obj: dict, k: int, where: tuple) -> list[str] | None:
+    """Per-response policy names: ids (strings or integers), one per response."""
+    policies = _optional_per_response(obj, "policies", k, where)
+    if policies is None:
+        return None
+    return [_as_id(p, f"policies[{i}]", where) for i, p in enumerate(policies)]
+
+
 def parse_record(obj: Any, kind: str, path: str | Path = "<memory>", line: int | None = None):
     """Validate one decoded JSON object as ``kind`` and return its record."""
     where = (path, line)
     if not isinstance(obj, dict):
         raise DataError(*where, None, f"expected a JSON object, got {type(obj).__name__}")
     if kind == "prompt":
-        pid = obj.get("id")
-        if isinstance(pid, int):
-            pid = str(pid)
-        if not isinstance(pid, str) or not pid:
-            raise DataError(*where, "id", "is missing" if pid is None else "must be a string")
         return Prompt(
-            id=pid,
+            id=_require_id(obj, "id", where),
             text=_require_str(obj, "text", where),
-            user_id=str(_require_str(obj, "user_id", where)),
+            user_id=_require_id(obj, "user_id", where),
             category=_require_str(obj, "category", where, optional=True),
         )
     if kind == "demonstration":
         return Demonstration(
             prompt=_require_str(obj, "prompt", where),
             response=_require_str(obj, "response", where),
-            prompt_id=_require_str(obj, "prompt_id", where, optional=True),
-            labeler_id=_require_str(obj, "labeler_id", where, optional=True),
+            prompt_id=_require_id(obj, "prompt_id", where, optional=True),
+            labeler_id=_require_id(obj, "labeler_id", where, optional=True),
         )
     if kind == "pretrain":
         return PretrainText(text=_require_str(obj, "text", where))
     if kind == "sample":
         responses = _require_responses(obj, where)
-        policies = _optional_per_response(obj, "policies", len(responses), where)
         return Sample(
             prompt=_require_str(obj, "prompt", where),
             responses=responses,
-            prompt_id=_require_str(obj, "prompt_id", where, optional=True),
-            policies=[str(p) for p in policies] if policies else None,
-            user_id=_require_str(obj, "user_id", where, optional=True),
+            prompt_id=_require_id(obj, "prompt_id", where, optional=True),
+            policies=_optional_policies(obj, len(responses), where),
+            user_id=_require_id(obj, "user_id", where, optional=True),
             category=_require_str(obj, "category", where, optional=True),
             ended=_optional_ended(obj, len(responses), where),
         )
@@ -244,19 +294,15 @@ def parse_record(obj: Any, kind: str, path: str | Path = "<memory>", line: int |
                         raise DataError(*where, f"flags[{i}].{name}", f"unknown flag; known: {', '.join(FLAGS)}")
                     if not isinstance(v, bool):
                         raise DataError(*where, f"flags[{i}].{name}", "must be true or false")
-        policies = _optional_per_response(obj, "policies", k, where)
-        labeler = obj.get("labeler_id")
-        if labeler is None:
-            raise DataError(*where, "labeler_id", "is missing")
         return Comparison(
             prompt=prompt,
             responses=responses,
             ranking=list(ranking),
-            labeler_id=str(labeler),
-            prompt_id=_require_str(obj, "prompt_id", where, optional=True),
+            labeler_id=_require_id(obj, "labeler_id", where),
+            prompt_id=_require_id(obj, "prompt_id", where, optional=True),
             likert=likert,
             flags=flags,
-            policies=[str(p) for p in policies] if policies else None,
+            policies=_optional_policies(obj, k, where),
             ended=_optional_ended(obj, k, where),
         )
     raise ValueError(f"unknown record kind {kind!r}; known: {', '.join(KINDS)}")
@@ -281,33 +327,115 @@ def guess_kind(obj: dict) -> str:
 # Reading and writing
 
 
+# Byte signatures of files that are not UTF-8 JSONL, to say what the file is instead.
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xfe", "is UTF-16 (little-endian) text"),
+    (b"\xfe\xff", "is UTF-16 (big-endian) text"),
+    (b"\x1f\x8b", "is gzip-compressed"),
+    (b"PK\x03\x04", "is a zip archive"),
+    (b"PAR1", "is a Parquet file without the .parquet suffix"),
+)
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+class _LongInt:
+    """Stands in for an integer literal too long for ``int()``, so the field can be named."""
+
+    def __init__(self, digits: str):
+        self.digits = len(digits.lstrip("-"))
+
+
+def _long_int_field(text: str) -> tuple[str | None, int]:
+    """The dotted path (``ranking[2]``, ``meta.x``) and length of the first over-long integer."""
+    limit = sys.get_int_max_str_digits()
+    obj = json.loads(text, parse_int=lambda s: _LongInt(s) if len(s) > limit else int(s))
+    stack: list[tuple[Any, str]] = [(obj, "")]
+    while stack:  # iterative: the object may be nested deeply
+        value, where = stack.pop()
+        if isinstance(value, _LongInt):
+            return where or None, value.digits
+        if isinstance(value, dict):
+            stack.extend((v, f"{where}.{k}" if where else str(k)) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in reversed(list(enumerate(value))))
+    return None, limit
+
+
+def _decode_line(text: str, path: str | Path, line: int) -> Any:
+    """``json.loads`` of one line, every failure a DataError naming the file, line and field."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(path, line, None, f"is not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise DataError(path, line, None, "nests arrays or objects too deeply to be read") from None
+    except ValueError:  # an integer literal longer than Python converts (sys.get_int_max_str_digits)
+        try:
+            field_name, digits = _long_int_field(text)
+        except RecursionError:
+            raise DataError(path, line, None, "nests arrays or objects too deeply to be read") from None
+        limit = sys.get_int_max_str_digits()
+        raise DataError(
+            path, line, field_name, f"is a {digits}-digit integer; at most {limit} digits are read"
+        ) from None
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed below; binary so a bad byte is found per line
+    except OSError as e:
+        raise DataError(path, None, None, f"cannot be read ({e.strerror})") from None
+    with fh:
+        for i, raw in enumerate(fh, start=1):
+            if i == 1:
+                for magic, what in _SIGNATURES:
+                    if raw.startswith(magic):
+                        raise DataError(path, None, None, f"{what}; tether reads JSONL as UTF-8 text")
+                raw = raw.removeprefix(_UTF8_BOM)  # what some Windows editors write: harmless
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    path,
+                    i,
+                    None,
+                    f"is not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the "
+                    "line); tether reads JSONL as UTF-8: convert the file, e.g. `iconv -f latin1 -t utf-8`",
+                ) from None
+            if "\x00" in text:
+                raise DataError(path, i, None, "holds NUL bytes: is it UTF-16 or binary? tether reads JSONL as UTF-8")
+            if text.strip():
+                yield i, _decode_line(text, path, i)
+
+
 def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, decoded object) from JSONL, JSON list, Parquet or a datasets directory."""
+    """(line number, decoded object) from JSONL, Parquet or a datasets directory."""
     if path.is_dir():
         try:
             import datasets
         except ImportError as e:  # pragma: no cover - datasets is a dependency
             raise DataError(path, None, None, "reading a datasets directory needs `datasets`") from e
-        ds = datasets.load_from_disk(str(path))
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except FileNotFoundError:
+            raise DataError(path, None, None, "is a directory but not a `datasets` one (save_to_disk)") from None
         if isinstance(ds, datasets.DatasetDict):
             raise DataError(path, None, None, f"holds splits {list(ds)}; pass one split's folder")
         for i, row in enumerate(ds):
             yield i + 1, row
         return
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(path, None, None, f"is not a readable Parquet file ({e})") from None
+        for i, row in enumerate(rows):
             yield i + 1, {k: v for k, v in row.items() if v is not None}
         return
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, i, None, f"is not valid JSON ({e.msg} at column {e.colno})") from None
+    yield from _jsonl_rows(path)
 
 
 def read_records(path: str | Path, kind: str | None = None) -> list:

@@ -33,7 +33,15 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tether.checkpoint import epoch_order, find_state, load_state, save_state, truncate_metrics
+from tether.checkpoint import (
+    epoch_order,
+    find_state,
+    last_good_state,
+    load_state,
+    non_finite_weights,
+    save_state,
+    truncate_metrics,
+)
 from tether.config import PPOConfig, save_config
 from tether.metrics import MetricsLogger, progress_bar, read_metrics
 from tether.models.generation import decode_responses, sample
@@ -311,7 +319,11 @@ def train_ppo(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
-    # 0. The roles, the data, the optimisers, the KL controller and the EMA.
+    # 0. The data (validated before any model loads), the roles, the optimisers, the KL
+    #    controller and the EMA.
+    prompts = load_prompts(cfg.prompts_file)
+    # Plain PPO (γ = 0) computes no pretraining loss at all: it would add nothing to the gradient.
+    pretrain = load_pretrain_texts(cfg.pretrain_file) if cfg.ptx_coef > 0 and cfg.ptx_per_minibatch > 0 else []
     policy, ref_policy, value_model, reward, tokenizer = _load_models(cfg, reward_fn, log)
     device = next(policy.parameters()).device
     trunk = None
@@ -329,9 +341,6 @@ def train_ppo(
     # log-probs and the update's describe the same distribution.
     precision = autocast(cfg.policy, device)
     pad = tokenizer.pad_token_id
-    prompts = load_prompts(cfg.prompts_file)
-    # Plain PPO (γ = 0) computes no pretraining loss at all: it would add nothing to the gradient.
-    pretrain = load_pretrain_texts(cfg.pretrain_file) if cfg.ptx_coef > 0 and cfg.ptx_per_minibatch > 0 else []
     sample_prompts = prompts[: cfg.n_sample_prompts]
     policy_opt = build_optimizer(policy.parameters(), cfg.optim)
     value_opt = build_optimizer(value_model.parameters(), cfg.value_optim)
@@ -462,8 +471,8 @@ def train_ppo(
             rollout = Rollout.cat(parts, pad)
             if not bool(torch.isfinite(rollout.scores).all()):
                 raise FloatingPointError(
-                    f"ppo: the reward gave non-finite scores at iteration {iteration + 1}; the "
-                    f"last good state is in {out / 'state'}"
+                    f"ppo: the reward gave non-finite scores at iteration {iteration + 1}; "
+                    f"{last_good_state(out / 'state')}"
                 )
 
             # 2. Rewards: −β·KL(π || π_SFT) per token, the score (less the other responses' mean
@@ -511,10 +520,16 @@ def train_ppo(
                     if bad:
                         raise FloatingPointError(
                             f"ppo: non-finite {', '.join(bad)} at iteration {iteration + 1}; "
-                            f"nothing was applied; the last good state is in {out / 'state'}"
+                            f"nothing was applied; {last_good_state(out / 'state')}"
                         )
                     policy_opt.step()
                     value_opt.step()
+                    bad = non_finite_weights(models)
+                    if bad:
+                        raise FloatingPointError(
+                            f"ppo: the update at iteration {iteration + 1} made {len(bad)} weight tensors "
+                            f"non-finite (e.g. {bad[0]}); {last_good_state(out / 'state')}"
+                        )
                     policy_opt.zero_grad(set_to_none=True)
                     value_opt.zero_grad(set_to_none=True)
                     if ema is not None:

@@ -21,7 +21,15 @@ from pathlib import Path
 
 import torch
 
-from tether.checkpoint import epoch_order, find_state, load_state, save_state, truncate_metrics
+from tether.checkpoint import (
+    NonFiniteError,
+    epoch_order,
+    find_state,
+    last_good_state,
+    load_state,
+    save_state,
+    truncate_metrics,
+)
 from tether.config import RMConfig, save_config
 from tether.data.formats import Comparison
 from tether.metrics import MetricsLogger, progress_bar
@@ -154,15 +162,17 @@ def train_reward_model(
     torch.manual_seed(cfg.seed)  # the new scalar head's initialisation
     random.seed(cfg.seed)
 
-    # 1. Model and data: split by prompt, keep held-out labelers out of training, encode.
-    model, tokenizer = load_scalar_model(cfg.model, trainable=True)
-    precision = autocast(cfg.model, next(model.parameters()).device)  # the training forwards only
-    pad = tokenizer.pad_token_id
+    # 1. Data and model: every file validated before the model loads; split by prompt, keep
+    #    held-out labelers out of training, encode.
     records = list(comparisons) if comparisons is not None else load_comparisons(cfg.train_file)
     if cfg.valid_file:
         train_c, valid_c = records, load_comparisons(cfg.valid_file)
     else:
         train_c, valid_c = split_by_prompt(records, cfg.valid_fraction, cfg.seed)
+    demos = load_demonstrations(cfg.demonstrations_file)  # for the normalisation after training
+    model, tokenizer = load_scalar_model(cfg.model, trainable=True)
+    precision = autocast(cfg.model, next(model.parameters()).device)  # the training forwards only
+    pad = tokenizer.pad_token_id
     heldout = heldout_labeler_ids(cfg)
     n_excluded = sum(c.labeler_id in heldout for c in train_c)
     train_c = [c for c in train_c if c.labeler_id not in heldout]
@@ -221,6 +231,8 @@ def train_reward_model(
         epoch0, step0 = counters["epoch"], counters["step_in_epoch"]
         truncate_metrics(metrics_path, counters["global_step"])
         log(f"rm: resuming at epoch {epoch0 + 1}, step {step0}/{steps_per_epoch} from {state_dir}")
+    else:
+        metrics_path.unlink(missing_ok=True)  # lines of an attempt that never saved a state
     logger = MetricsLogger(metrics_path, out / "tensorboard" if cfg.tensorboard else None)
     if state_dir is None:
         eval_before = evaluate().to_json()
@@ -247,11 +259,14 @@ def train_reward_model(
                 picked = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 batch = [ex for i in picked for ex in train_groups[i]]
                 stats = accumulate_gradients(model, batch, cfg.micro_batch_size, pad, cfg.loss, precision)
-                if not math.isfinite(stats["loss"]):
-                    raise FloatingPointError(
-                        f"rm: non-finite loss at step {global_step}; the last good state is in {out / 'state'}"
-                    )
-                grad_norm = optimizer_step(model, optimizer, scheduler, cfg.optim.max_grad_norm)
+                try:
+                    if not math.isfinite(stats["loss"]):
+                        raise NonFiniteError(f"non-finite loss ({stats['loss']})")
+                    grad_norm = optimizer_step(model, optimizer, scheduler, cfg.optim.max_grad_norm)
+                except NonFiniteError as e:
+                    raise NonFiniteError(
+                        f"rm: {e} at step {global_step + 1}; {last_good_state(out / 'state')}"
+                    ) from None
                 global_step += 1
                 steps_this_process += 1
                 record = {
@@ -273,7 +288,6 @@ def train_reward_model(
             _save(out, model, optimizer, scheduler, epoch + 1, 0, global_step)
 
     # 4. Normalise (demonstrations score mean 0, paper §3.5), evaluate, save the final RM.
-    demos = load_demonstrations(cfg.demonstrations_file)
     norm = normalize_reward_model(
         model,
         tokenizer,

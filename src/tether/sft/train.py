@@ -21,7 +21,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tether.checkpoint import epoch_order, find_state, load_state, save_state, truncate_metrics
+from tether.checkpoint import (
+    NonFiniteError,
+    epoch_order,
+    find_state,
+    last_good_state,
+    load_state,
+    save_state,
+    truncate_metrics,
+)
 from tether.config import SFTConfig, save_config
 from tether.data.formats import Demonstration
 from tether.metrics import MetricsLogger, progress_bar, read_metrics
@@ -127,16 +135,17 @@ def train_sft(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
-    # 1. Models and data (validated whole before anything trains).
-    model, tokenizer = load_causal_lm(cfg.model, trainable=True)
-    pad = tokenizer.pad_token_id
-    device = next(model.parameters()).device
-    precision = autocast(cfg.model, device)
+    # 1. Data and model (every file validated whole before the model loads, let alone trains).
     demos = load_demonstrations(cfg.train_file)
     if cfg.valid_file:
         valid_demos = load_demonstrations(cfg.valid_file)
     else:
         demos, valid_demos = split_valid(demos, cfg.valid_fraction, cfg.seed)
+    pretrain_texts = load_pretrain(cfg.pretrain_file) if cfg.pretrain_fraction > 0 else []
+    model, tokenizer = load_causal_lm(cfg.model, trainable=True)
+    pad = tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    precision = autocast(cfg.model, device)
     train_ex, report = encode_demonstrations(tokenizer, demos, cfg.max_length)
     valid_ex, _ = encode_demonstrations(tokenizer, valid_demos, cfg.max_length)
     if report.skipped_prompt_too_long:
@@ -149,7 +158,7 @@ def train_sft(
     if not train_ex or not valid_ex:
         raise ValueError("sft: no training or validation examples left after encoding")
     if cfg.pretrain_fraction > 0:
-        corpus = [encode_pretrain(tokenizer, t.text, cfg.max_length) for t in load_pretrain(cfg.pretrain_file)]
+        corpus = [encode_pretrain(tokenizer, t.text, cfg.max_length) for t in pretrain_texts]
         train_ex = mix_pretraining(train_ex, corpus, cfg.pretrain_fraction, cfg.seed)
 
     steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
@@ -166,6 +175,8 @@ def train_sft(
         epoch0, step0, epochs_done = counters["epoch"], counters["step_in_epoch"], counters["epochs"]
         truncate_metrics(metrics_path, counters["global_step"])
         log(f"sft: resuming at epoch {epoch0 + 1}, step {step0}/{steps_per_epoch} from {state_dir}")
+    else:
+        metrics_path.unlink(missing_ok=True)  # lines of an attempt that never saved a state
     logger = MetricsLogger(metrics_path, out / "tensorboard" if cfg.tensorboard else None)
     valid_prompts = [d.prompt for d in valid_demos[:show_samples]]
 
@@ -175,7 +186,10 @@ def train_sft(
         samples_before = _samples(model, tokenizer, valid_prompts, cfg)
         (out / "samples_before.json").write_text(json.dumps(samples_before, indent=1))
     else:
-        valid_before = read_metrics(metrics_path)[0]["valid_loss"]
+        # The counters keep it (a torn or emptied metrics log must not block the resume); states
+        # written before they did have it only in the log's first line.
+        logged = [m["valid_loss"] for m in read_metrics(metrics_path)[:1] if m.get("step") == 0]
+        valid_before = counters.get("valid_loss_before", logged[0] if logged else math.nan)
         samples_before = (
             json.loads((out / "samples_before.json").read_text()) if (out / "samples_before.json").exists() else []
         )
@@ -206,11 +220,14 @@ def train_sft(
                     loss = nll_sum(logits, m["labels"].to(device)) / max(n_target, 1)
                     loss.backward()
                     loss_total += float(loss.detach())
-                if not math.isfinite(loss_total):
-                    raise FloatingPointError(
-                        f"sft: non-finite loss at step {global_step}; last good state is in {out / 'state'}"
-                    )
-                grad_norm = optimizer_step(model, optimizer, scheduler, cfg.optim.max_grad_norm)
+                try:
+                    if not math.isfinite(loss_total):
+                        raise NonFiniteError(f"non-finite loss ({loss_total})")
+                    grad_norm = optimizer_step(model, optimizer, scheduler, cfg.optim.max_grad_norm)
+                except NonFiniteError as e:
+                    raise NonFiniteError(
+                        f"sft: {e} at step {global_step + 1}; {last_good_state(out / 'state')}"
+                    ) from None
                 global_step += 1
                 steps_this_process += 1
                 n_tokens = sum(int(m["attention_mask"].sum()) for m in micro)
@@ -228,7 +245,7 @@ def train_sft(
                 bar.update(task, advance=1, stats=f"loss {loss_total:.3f} · {tok_s:,.0f} tok/s")
                 last_in_epoch = step + 1 == steps_per_epoch
                 if global_step % cfg.save_every_steps == 0 and not last_in_epoch:
-                    _save(out, model, optimizer, scheduler, epoch, step + 1, global_step, epochs_done)
+                    _save(out, model, optimizer, scheduler, epoch, step + 1, global_step, epochs_done, valid_before)
                 if stop_after_steps is not None and steps_this_process >= stop_after_steps:
                     return None  # type: ignore[return-value]  # simulated crash (tests)
 
@@ -238,7 +255,7 @@ def train_sft(
             epochs_done.append({"epoch": epoch + 1, "valid_loss": valid_loss, "dir": epoch_dir.name})
             logger.log({"step": global_step, "epoch": epoch + 1, "valid_loss": valid_loss})
             log(f"sft: epoch {epoch + 1}/{cfg.epochs} valid loss {valid_loss:.4f}")
-            _save(out, model, optimizer, scheduler, epoch + 1, 0, global_step, epochs_done)
+            _save(out, model, optimizer, scheduler, epoch + 1, 0, global_step, epochs_done, valid_before)
     logger.close()
 
     # 5. Select the checkpoint (paper: by RM score on validation prompts, not by validation loss).
@@ -265,13 +282,22 @@ def train_sft(
 
 
 def _save(
-    out: Path, model, optimizer, scheduler, epoch: int, step_in_epoch: int, global_step: int, epochs: list
+    out: Path,
+    model,
+    optimizer,
+    scheduler,
+    epoch: int,
+    step_in_epoch: int,
+    global_step: int,
+    epochs: list,
+    valid_loss_before: float,
 ) -> None:
+    counters = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "epochs": epochs}
     save_state(
         out / "state",
         {"policy": model},
         {"optimizer": optimizer, "scheduler": scheduler},
-        {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "epochs": epochs},
+        counters | {"valid_loss_before": valid_loss_before},
     )
 
 
