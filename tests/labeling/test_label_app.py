@@ -101,12 +101,7 @@ OPEN_ROUTES = [("GET", "/"), ("GET", "/login"), ("POST", "/login"), ("POST", "/l
 
 def test_the_route_lists_above_are_every_route() -> None:
     """So a new route cannot land without the role checks below covering it."""
-    declared = {
-        (method, route.path)
-        for route in router.routes
-        for method in route.methods
-        if method != "HEAD"
-    }
+    declared = {(method, route.path) for route in router.routes for method in route.methods if method != "HEAD"}
     assert declared == set(ADMIN_ROUTES + LABELER_ROUTES + OPEN_ROUTES)
 
 
@@ -158,12 +153,8 @@ async def test_posts_without_the_csrf_token_are_refused(env: Env, user, path) ->
 
 async def test_cross_site_origin_is_refused_even_with_a_token(env: Env) -> None:
     async with browser(env, "alice") as c:
-        r = await c.post(
-            f"/label/projects/{env.rank_pid}/next", headers={"Origin": "https://evil.example"}
-        )
-        same = await c.post(
-            f"/label/projects/{env.rank_pid}/next", headers={"Origin": "http://testserver"}
-        )
+        r = await c.post(f"/label/projects/{env.rank_pid}/next", headers={"Origin": "https://evil.example"})
+        same = await c.post(f"/label/projects/{env.rank_pid}/next", headers={"Origin": "http://testserver"})
     assert r.status_code == 403
     assert same.status_code == 303
 
@@ -187,9 +178,7 @@ async def test_login_failures_are_401_or_403_never_500(env: Env) -> None:
     async with browser(env) as c:
         page = await c.http.get("/login")
         token = csrf_of(page.text)
-        wrong = await c.http.post(
-            "/login", data={"username": "alice", "password": "nope", "csrf_token": token}
-        )
+        wrong = await c.http.post("/login", data={"username": "alice", "password": "nope", "csrf_token": token})
         assert wrong.status_code == 401 and "Wrong username or password" in wrong.text
         no_csrf = await c.http.post("/login", data={"username": "alice", "password": PASSWORD})
         assert no_csrf.status_code == 403
@@ -422,9 +411,7 @@ async def test_admin_creates_projects_from_files(env: Env) -> None:
         assert r.status_code == 422 and "not valid JSON" in error_text(r.text)
         r = await c.post("/admin/projects", form | {"name": "x"})
         assert r.status_code == 422 and error_text(r.text).startswith("file")
-        r = await c.post(
-            "/admin/projects", form | {"name": "x", "overlap": "0"}, files=upload("s", samples)
-        )
+        r = await c.post("/admin/projects", form | {"name": "x", "overlap": "0"}, files=upload("s", samples))
         assert r.status_code == 422 and error_text(r.text).startswith("overlap")
         prompts = [{"id": "1", "text": "Say hi", "user_id": "u"}]
         r = await c.post(
@@ -459,9 +446,7 @@ async def test_admin_manages_users(env: Env) -> None:
         assert dup.status_code == 409
         short = await c.post("/admin/users", {"username": "erin", "password": "short"})
         assert short.status_code == 422 and error_text(short.text).startswith("password")
-        role = await c.post(
-            "/admin/users", {"username": "erin", "password": "long-enough", "role": "root"}
-        )
+        role = await c.post("/admin/users", {"username": "erin", "password": "long-enough", "role": "root"})
         assert role.status_code == 422 and error_text(role.text).startswith("role")
         dave = next(u for u in env.store.list_users() if u.username == "dave")
         assert (await c.post(f"/admin/users/{dave.id}", {"active": "0"})).status_code == 303
@@ -504,3 +489,76 @@ async def test_export_downloads_read_back_with_no_conversion(env: Env, tmp_path:
     assert summary["agreement"]["rate"] == 1.0  # both gave the same ranking
     (demo,) = read_records(tmp_path / "d.jsonl", "demonstration")
     assert demo.response == "Done."
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile input (issue 14): each a 4xx with a message, never a 500
+
+
+async def test_non_ascii_csrf_tokens_are_refused_not_a_server_error(env: Env) -> None:
+    async with browser(env) as c:
+        r = await c.http.post(
+            "/login",
+            data={"csrf_token": "é", "username": "x", "password": "y"},
+            cookies={"tether_login_csrf": "abc"},
+        )
+        assert r.status_code == 403 and "login form expired" in r.text
+    async with browser(env, "alice") as c:
+        r = await c.http.post(f"/label/projects/{env.rank_pid}/next", data={"csrf_token": "é" * 43})
+        assert r.status_code == 403 and "CSRF" in error_text(r.text)
+
+
+@pytest.mark.parametrize("key", ["rank_²", "likert_³", "flags_①", "rank_1²", "rank_٣", "rank_01", "rank_" + "9" * 5000])
+async def test_form_keys_with_unicode_or_odd_digits_are_422(env: Env, key: str) -> None:
+    async with browser(env, "alice") as c:
+        task = await c.next_task(env.rank_pid)
+        r = await c.post(f"/label/tasks/{task}", ranking_form([1, 2, 3, 4]) | {key: "1"})
+        assert r.status_code == 422
+        assert error_text(r.text).startswith(key[:40]) and "no such response" in error_text(r.text)
+
+
+HOSTILE_UPLOADS = [
+    ("[" * 100_000 + "]" * 100_000, "line 1: nests arrays or objects too deeply"),
+    ('{"prompt": "p", "responses": ["a", "b"], "x": ' + "9" * 5000 + "}", "line 1: field 'x' is a 5000-digit"),
+    ('{"prompt": "p", "responses": ["a", "b"], "ranking": [1, ' + "9" * 5000 + "]}", "field 'ranking[1]'"),
+    ('{"prompt": "\\ud800", "responses": ["a", "b"]}', "field 'prompt' holds an unpaired surrogate"),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), HOSTILE_UPLOADS)
+async def test_hostile_sample_uploads_are_422_naming_the_problem(env: Env, content: str, message: str) -> None:
+    form = {"name": "hostile", "kind": "ranking", "overlap": "1"}
+    async with browser(env, "admin") as c:
+        r = await c.post("/admin/projects", form, files=upload("h.jsonl", content))
+    assert r.status_code == 422
+    assert error_text(r.text).startswith("file: h.jsonl") and message in error_text(r.text)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('{"prompt": "é", "responses": ["a", "b"]}'.encode("latin-1"), "line 1: is not UTF-8 text (byte 0xe9"),
+        ('{"prompt": "p", "responses": ["a", "b"]}'.encode("utf-16"), "file: is UTF-16"),
+    ],
+)
+async def test_uploads_in_other_encodings_are_422(env: Env, body: bytes, message: str) -> None:
+    form = {"name": "encoded", "kind": "ranking", "overlap": "1"}
+    async with browser(env, "admin") as c:
+        r = await c.post("/admin/projects", form, files={"file": ("e.jsonl", io.BytesIO(body))})
+    assert r.status_code == 422 and message in error_text(r.text)
+
+
+async def test_admin_user_forms_as_multipart(env: Env) -> None:
+    extra = {"note": ("note.txt", io.BytesIO(b"attached"), "text/plain")}
+    async with browser(env, "admin") as c:
+        r = await c.post("/admin/users", {"username": "mpart", "password": "long-enough"}, files=extra)
+        assert r.status_code == 303
+        as_file = {"username": ("u.txt", io.BytesIO(b"mallory"), "text/plain")}
+        r = await c.post("/admin/users", {"password": "long-enough"}, files=as_file)
+        assert r.status_code == 422 and error_text(r.text).startswith("username: must be text")
+        user = next(u for u in env.store.list_users() if u.username == "mpart")
+        r = await c.post(f"/admin/users/{user.id}", {"password": "nul\x00inside"})
+        assert r.status_code == 422 and error_text(r.text).startswith("password")
+        as_file = {"password": ("p.txt", io.BytesIO(b"long-enough"), "text/plain")}
+        r = await c.post(f"/admin/users/{user.id}", files=as_file)
+        assert r.status_code == 422 and error_text(r.text).startswith("password: must be text")

@@ -256,10 +256,20 @@ def _check_origin(request: Request) -> None:
         raise Forbidden("Cross-site form submission refused.")
 
 
+def same_token(sent: object, expected: str | None) -> bool:
+    """Constant-time comparison of a submitted token with the expected one.
+
+    On bytes: ``hmac.compare_digest`` refuses str with non-ASCII characters (a TypeError, so a 500),
+    and anyone can post ``csrf_token=é``. surrogatepass keeps the encoding lossless for any str.
+    """
+    if not isinstance(sent, str) or not expected:
+        return False
+    return hmac.compare_digest(sent.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
+
+
 def _check_csrf(request: Request, viewer: Viewer, form: FormData) -> None:
     _check_origin(request)
-    sent = form.get("csrf_token")
-    if not isinstance(sent, str) or not hmac.compare_digest(sent, viewer.session.csrf_token):
+    if not same_token(form.get("csrf_token"), viewer.session.csrf_token):
         raise Forbidden("Missing or wrong CSRF token: reload the page and try again.")
 
 
@@ -323,11 +333,12 @@ def _form_int(form: FormData, name: str, lo: int, hi: int, what: str = "") -> in
 
 def parse_label_form(form: FormData, k: int, *, need_ranking: bool) -> LabelInput:
     """The ranking form (fields ``rank_i``, ``likert_i``, ``flags_i`` per shown response i)."""
+    # Exactly "0".."k-1": str.isdigit() also accepts "²" and "①", which int() refuses.
+    indexes = {str(i) for i in range(k)}
     for key in form.keys():
         prefix, _, index = key.partition("_")
-        if prefix in ("rank", "likert", "flags"):
-            if not index.isdigit() or int(index) >= k:
-                raise InvalidInput(key, f"no such response: this task has {k} (0..{k - 1})")
+        if prefix in ("rank", "likert", "flags") and index not in indexes:
+            raise InvalidInput(key[:40], f"no such response: this task has {k} (0..{k - 1})")
     # Likert is required with a ranking; with "none acceptable" it is all or nothing.
     want_likert = need_ranking or any(form.get(f"likert_{i}") for i in range(k))
     ranking: list[int] | None = [] if need_ranking else None
@@ -407,9 +418,7 @@ def login(
     store: Store,
 ) -> Response:
     _check_origin(request)
-    sent = form.get("csrf_token")
-    cookie = request.cookies.get(LOGIN_CSRF_COOKIE)
-    if not isinstance(sent, str) or not cookie or not hmac.compare_digest(sent, cookie):
+    if not same_token(form.get("csrf_token"), request.cookies.get(LOGIN_CSRF_COOKIE)):
         return login_page(
             request, "The login form expired; please try again.", status=403, next_url="/"
         )
@@ -608,8 +617,6 @@ def create_project(
                 where = f"line {e.line}" if e.line is not None else "file"
                 what = f" field '{e.field}'" if e.field else ""
                 raise InvalidInput("file", f"{filename} {where}:{what} {e.message}") from None
-            except UnicodeDecodeError:
-                raise InvalidInput("file", f"{filename} is not UTF-8 text") from None
         project_id = store.create_project(name, kind, records, overlap=overlap, source=filename)
     except (InvalidInput, Conflict) as e:
         status = 409 if isinstance(e, Conflict) else 422
@@ -740,8 +747,8 @@ def update_user(
         if user_id == viewer.user_id and not active:
             raise InvalidInput("active", "you cannot deactivate yourself")
         store.set_active(user_id, active)
-    password = form.get("password")
-    if isinstance(password, str) and password:
+    password = _form_str(form, "password", required=False, max_len=1000)
+    if password:
         store.set_password(user_id, password)
     return RedirectResponse("/admin/users?notice=user-updated", status_code=303)
 
