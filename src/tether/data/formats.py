@@ -238,7 +238,7 @@ def parse_record(obj: Any, kind: str, path: str | Path = "<memory>", line: int |
     """Validate one decoded JSON object as ``kind`` and return its record."""
     where = (path, line)
     if not isinstance(obj, dict):
-        raise DataError(*where, None, f"expected a JSON object, got {type(obj).__name__}")
+        raise DataError(*where, None, f"expected a JSON object, got {_json_type(obj)}")
     if kind == "prompt":
         return Prompt(
             id=_require_id(obj, "id", where),
@@ -366,7 +366,9 @@ def _decode_line(text: str, path: str | Path, line: int) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(path, line, None, f"is not valid JSON ({e.msg} at column {e.colno})") from None
+        raise DataError(
+            path, line, None, f"is not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
+        ) from None
     except RecursionError:
         raise DataError(path, line, None, "nests arrays or objects too deeply to be read") from None
     except ValueError:  # an integer literal longer than Python converts (sys.get_int_max_str_digits)
@@ -405,7 +407,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
             if "\x00" in text:
                 raise DataError(path, i, None, "holds NUL bytes: is it UTF-16 or binary? tether reads JSONL as UTF-8")
             if text.strip():
-                yield i, _decode_line(text, path, i)
+                yield i, _decode_line(text.rstrip("\r\n"), path, i)
 
 
 def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
@@ -450,7 +452,7 @@ def read_records(path: str | Path, kind: str | None = None) -> list:
     for line, obj in _raw_rows(path):
         if kind is None:
             if not isinstance(obj, dict):
-                raise DataError(path, line, None, "expected a JSON object")
+                raise DataError(path, line, None, f"expected a JSON object, got {_json_type(obj)}")
             try:
                 kind = guess_kind(obj)
             except ValueError as e:
