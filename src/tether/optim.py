@@ -60,7 +60,7 @@ def optimizer_step(model: torch.nn.Module, optimizer, scheduler, max_grad_norm: 
     grad_norm = clip_grad(model.parameters(), max_grad_norm)
     if not math.isfinite(grad_norm):
         optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteError(f"non-finite gradient norm ({grad_norm}); the update was not applied")
+        raise NonFiniteError(f"non-finite gradient norm ({grad_norm}), so the update was not applied")
     optimizer.step()
     require_finite_weights({"trainable": model}, "the optimiser step made weights non-finite")
     scheduler.step()

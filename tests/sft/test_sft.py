@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 import subprocess
@@ -14,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tether.config import SFTConfig, resolve
+from tether.metrics import read_metrics
 from tether.models.loading import load_causal_lm
 from tether.sft.data import IGNORE, collate, count_target_tokens, encode_demonstration
 from tether.sft.train import nll_sum, train_sft
@@ -63,7 +66,6 @@ def test_loss_falls_when_overfitting(tmp_path, demos_file):
     cfg = tiny_cfg(tmp_path, demos_file, epochs=10, batch_size=4, micro_batch_size=4)
     result = train_sft(cfg, log=lambda _: None)
     assert result.valid_loss_after < 0.4 * result.valid_loss_before
-    from tether.metrics import read_metrics
 
     losses = [m["loss"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in m]
     assert sum(losses[-5:]) / 5 < 0.35 * sum(losses[:5]) / 5
@@ -144,3 +146,79 @@ def test_kill_9_mid_epoch_then_rerun_resumes(tmp_path, demos_file):
     a, b = final_weights(tmp_path / "full"), final_weights(run)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def poison_gradients_from(monkeypatch: pytest.MonkeyPatch, module, step: int) -> None:
+    """From optimiser step ``step`` on, every gradient is inf/NaN while the loss stays finite:
+    what a huge learning rate does a few steps in (the step goes through the real optimizer_step)."""
+    real = module.optimizer_step
+    calls = []
+
+    def poisoned(model, *args, **kwargs):
+        calls.append(1)
+        if len(calls) >= step:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(float("inf"))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(module, "optimizer_step", poisoned)
+
+
+def test_a_non_finite_gradient_never_reaches_a_checkpoint(tmp_path, demos_file, monkeypatch):
+    import tether.sft.train as sft_train
+    from tether.checkpoint import NonFiniteError
+
+    cfg = tiny_cfg(tmp_path, demos_file, epochs=1, batch_size=4, micro_batch_size=2, save_every_steps=2)
+    poison_gradients_from(monkeypatch, sft_train, step=4)  # step 4 is also a save step
+    with pytest.raises(NonFiniteError) as info:
+        train_sft(cfg, log=lambda _: None)
+    state = Path(cfg.out_dir) / "state"
+    assert str(info.value) == (
+        f"sft: step 4: non-finite gradient norm (nan), so the update was not applied; the last good state is in {state}"
+    )
+    assert json.loads((state / "counters.json").read_text())["global_step"] == 2
+    assert all(torch.isfinite(w).all() for w in load_file(str(state / "policy.trainable.safetensors")).values())
+    monkeypatch.undo()
+    train_sft(cfg, log=lambda _: None)  # the rerun resumes from step 2 and finishes
+    assert all(torch.isfinite(w).all() for w in final_weights(Path(cfg.out_dir)).values())
+
+
+def test_a_non_finite_first_step_says_there_is_no_good_state(tmp_path, demos_file, monkeypatch):
+    import tether.sft.train as sft_train
+    from tether.checkpoint import NonFiniteError
+
+    cfg = tiny_cfg(tmp_path, demos_file, epochs=1, batch_size=4, micro_batch_size=2, save_every_steps=2)
+    poison_gradients_from(monkeypatch, sft_train, step=1)
+    with pytest.raises(NonFiniteError, match=r"sft: step 1: .* no good state yet \(.*state was never written\)"):
+        train_sft(cfg, log=lambda _: None)
+    assert not (Path(cfg.out_dir) / "state").exists()
+
+
+def test_cli_huge_learning_rate_stops_with_one_line_and_exit_1(tmp_path, demos_file, capsys):
+    """The issue's run: `tether sft --preset tiny --optim.lr 1e7` used to save an all-NaN state at
+    step 5 (a finite loss, an infinite gradient norm), then stop with a traceback."""
+    from tether.cli import main
+
+    out = tmp_path / "run"
+    argv = ["sft", "--preset", "tiny", "--train-file", str(demos_file), "--epochs", "1", "--batch-size", "2"]
+    argv += ["--micro-batch-size", "2", "--optim.lr", "1e7", "--out-dir", str(out), "--show-samples", "0"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: sft: step ") and err.count("\n") == 1, err
+    assert "non-finite" in err
+    state = out / "state"
+    if state.exists():  # whatever was saved before the stop is finite
+        assert all(torch.isfinite(w).all() for w in load_file(str(state / "policy.trainable.safetensors")).values())
+    else:
+        assert "no good state yet" in err
+
+
+def test_resume_with_an_emptied_metrics_log(tmp_path, demos_file):
+    """A kill while the metrics log was rewritten used to make every rerun fail (IndexError)."""
+    cfg = tiny_cfg(tmp_path, demos_file, epochs=1, batch_size=4, micro_batch_size=2, save_every_steps=2)
+    assert train_sft(cfg, log=lambda _: None, stop_after_steps=3) is None
+    (Path(cfg.out_dir) / "metrics.jsonl").write_text('{"step": 0, "va')  # torn
+    result = train_sft(cfg, log=lambda _: None)
+    assert math.isfinite(result.valid_loss_before)
+    assert [m["step"] for m in read_metrics(Path(cfg.out_dir) / "metrics.jsonl") if "loss" in m][0] == 3

@@ -265,7 +265,7 @@ def train_reward_model(
                     grad_norm = optimizer_step(model, optimizer, scheduler, cfg.optim.max_grad_norm)
                 except NonFiniteError as e:
                     raise NonFiniteError(
-                        f"rm: {e} at step {global_step + 1}; {last_good_state(out / 'state')}"
+                        f"rm: step {global_step + 1}: {e}; {last_good_state(out / 'state')}"
                     ) from None
                 global_step += 1
                 steps_this_process += 1
