@@ -41,3 +41,26 @@ def tiny_dir() -> Path:
 @pytest.fixture
 def demos_file(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "demos.jsonl", make_demonstrations())
+
+
+@pytest.fixture
+def poison_gradients(monkeypatch: pytest.MonkeyPatch):
+    """``poison(trainer_module, step)``: from optimiser step ``step`` on, every gradient is inf while
+    the loss stays finite (what a huge learning rate does a few steps in). The trainer's own
+    ``optimizer_step`` still runs on them."""
+
+    def poison(module, step: int) -> None:
+        real = module.optimizer_step
+        calls = []
+
+        def poisoned(model, *args, **kwargs):
+            calls.append(1)
+            if len(calls) >= step:
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.fill_(float("inf"))
+            return real(model, *args, **kwargs)
+
+        monkeypatch.setattr(module, "optimizer_step", poisoned)
+
+    return poison

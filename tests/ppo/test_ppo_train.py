@@ -534,3 +534,37 @@ def test_kill_9_then_rerun_resumes(tmp_path, ppo_data, eos_policy, tiny_rm, unin
     assert "resuming" in done.stdout
     assert_same_weights(uninterrupted.policy_dir, run / "policy")
     assert_same_weights(uninterrupted.value_dir, run / "value")
+
+
+def test_non_finite_first_iteration_says_there_is_no_good_state(tmp_path, ppo_data, eos_policy):
+    def reward(prompts, responses):
+        return torch.full((len(responses),), float("inf"))
+
+    cfg = ppo_cfg(tmp_path / "run", ppo_data, eos_policy, sample_every=0, ptx_examples_per_episode=0)
+    with pytest.raises(FloatingPointError, match=r"iteration 1; no good state yet \(.*state was never written\)"):
+        train_ppo(cfg, reward, **QUIET)
+    assert not (tmp_path / "run" / "state").exists()
+
+
+def test_an_update_that_makes_weights_non_finite_is_never_saved(tmp_path, ppo_data, eos_policy, monkeypatch):
+    """Finite losses and gradient norms, but a step that leaves an inf in the weights (what an
+    overflow in low precision does): the run stops before the state at iteration 1 is written."""
+    import tether.ppo.train as ppo_train
+
+    real = ppo_train.build_optimizer
+
+    def build(params, cfg, *args, **kwargs):
+        opt = real(params, cfg, *args, **kwargs)
+
+        def overflow(optimizer, *_):
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].fill_(float("inf"))
+
+        opt.register_step_post_hook(overflow)
+        return opt
+
+    monkeypatch.setattr(ppo_train, "build_optimizer", build)
+    cfg = ppo_cfg(tmp_path / "run", ppo_data, eos_policy, sample_every=0, ptx_examples_per_episode=0, save_every=1)
+    with pytest.raises(FloatingPointError, match=r"iteration 1 made 2 weight tensors non-finite .* no good state"):
+        train_ppo(cfg, lambda p, r: torch.rand(len(r)), **QUIET)
+    assert not (tmp_path / "run" / "state").exists()

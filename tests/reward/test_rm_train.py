@@ -451,3 +451,29 @@ def test_the_trainer_runs_its_forwards_under_model_autocast(data_dir):
         losses[autocast] = next(m["loss"] for m in metrics if "loss" in m)
     assert losses["none"] != losses["bfloat16"]
     assert losses["none"] == pytest.approx(losses["bfloat16"], rel=0.05)
+
+
+def test_a_non_finite_gradient_never_reaches_a_checkpoint(data_dir, poison_gradients):
+    import tether.reward.train as rm_train
+    from tether.checkpoint import NonFiniteError
+
+    write_jsonl(data_dir / "comparisons.jsonl", toy_comparisons(40))  # 8 steps/epoch
+    cfg = tiny_cfg(data_dir, batch_size=4, micro_batch_size=2, save_every_steps=3)
+    poison_gradients(rm_train, step=6)  # step 6 is also a save step
+    state = Path(cfg.out_dir) / "state"
+    with pytest.raises(NonFiniteError, match=rf"^rm: step 6: non-finite gradient norm .* state is in {state}$"):
+        train_reward_model(cfg, **QUIET)
+    assert json.loads((state / "counters.json").read_text())["global_step"] == 3
+    weights = load_file(str(state / "reward_model.trainable.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_non_finite_first_step_says_there_is_no_good_state(data_dir, poison_gradients):
+    import tether.reward.train as rm_train
+    from tether.checkpoint import NonFiniteError
+
+    cfg = tiny_cfg(data_dir, batch_size=4, micro_batch_size=2)
+    poison_gradients(rm_train, step=1)
+    with pytest.raises(NonFiniteError, match=r"^rm: step 1: .* no good state yet"):
+        train_reward_model(cfg, **QUIET)
+    assert not (Path(cfg.out_dir) / "state").exists()

@@ -148,34 +148,17 @@ def test_kill_9_mid_epoch_then_rerun_resumes(tmp_path, demos_file):
         assert torch.equal(a[name], b[name]), name
 
 
-def poison_gradients_from(monkeypatch: pytest.MonkeyPatch, module, step: int) -> None:
-    """From optimiser step ``step`` on, every gradient is inf/NaN while the loss stays finite:
-    what a huge learning rate does a few steps in (the step goes through the real optimizer_step)."""
-    real = module.optimizer_step
-    calls = []
-
-    def poisoned(model, *args, **kwargs):
-        calls.append(1)
-        if len(calls) >= step:
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.fill_(float("inf"))
-        return real(model, *args, **kwargs)
-
-    monkeypatch.setattr(module, "optimizer_step", poisoned)
-
-
-def test_a_non_finite_gradient_never_reaches_a_checkpoint(tmp_path, demos_file, monkeypatch):
+def test_a_non_finite_gradient_never_reaches_a_checkpoint(tmp_path, demos_file, monkeypatch, poison_gradients):
     import tether.sft.train as sft_train
     from tether.checkpoint import NonFiniteError
 
     cfg = tiny_cfg(tmp_path, demos_file, epochs=1, batch_size=4, micro_batch_size=2, save_every_steps=2)
-    poison_gradients_from(monkeypatch, sft_train, step=4)  # step 4 is also a save step
+    poison_gradients(sft_train, step=4)  # step 4 is also a save step
     with pytest.raises(NonFiniteError) as info:
         train_sft(cfg, log=lambda _: None)
     state = Path(cfg.out_dir) / "state"
     assert str(info.value) == (
-        f"sft: step 4: non-finite gradient norm (nan), so the update was not applied; the last good state is in {state}"
+        f"sft: step 4: non-finite gradient norm (inf), so the update was not applied; the last good state is in {state}"
     )
     assert json.loads((state / "counters.json").read_text())["global_step"] == 2
     assert all(torch.isfinite(w).all() for w in load_file(str(state / "policy.trainable.safetensors")).values())
@@ -184,12 +167,12 @@ def test_a_non_finite_gradient_never_reaches_a_checkpoint(tmp_path, demos_file, 
     assert all(torch.isfinite(w).all() for w in final_weights(Path(cfg.out_dir)).values())
 
 
-def test_a_non_finite_first_step_says_there_is_no_good_state(tmp_path, demos_file, monkeypatch):
+def test_a_non_finite_first_step_says_there_is_no_good_state(tmp_path, demos_file, poison_gradients):
     import tether.sft.train as sft_train
     from tether.checkpoint import NonFiniteError
 
     cfg = tiny_cfg(tmp_path, demos_file, epochs=1, batch_size=4, micro_batch_size=2, save_every_steps=2)
-    poison_gradients_from(monkeypatch, sft_train, step=1)
+    poison_gradients(sft_train, step=1)
     with pytest.raises(NonFiniteError, match=r"sft: step 1: .* no good state yet \(.*state was never written\)"):
         train_sft(cfg, log=lambda _: None)
     assert not (Path(cfg.out_dir) / "state").exists()
