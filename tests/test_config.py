@@ -108,3 +108,56 @@ def test_run_validates_every_stage_before_the_first(override, message):
     """A bad --ppo.* (or --rm.*, --eval.*) value fails at once, not after SFT and the RM have run."""
     with pytest.raises(ValueError, match=message):
         resolve(RunConfig, "run", "tiny", overrides=override)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--optim.lr", "inf"], "config field 'optim.lr': must be a finite number, got 'inf'"),
+        (["--optim.lr", "nan"], "config field 'optim.lr': must be a finite number, got 'nan'"),
+        (["--optim.lr=-1e-5"], "config field 'optim.lr' must be in (0, inf), got -1e-05"),
+        (["--optim.lr", "0"], "config field 'optim.lr' must be in (0, inf), got 0.0"),
+        (["--optim.betas", "0.9,1.5"], "config field 'optim.betas' must be in [0, 1), got 1.5"),
+        (["--optim.eps", "-1"], "config field 'optim.eps' must be in (0, inf)"),
+        (["--optim.max-grad-norm=-inf"], "config field 'optim.max_grad_norm': must be a finite number"),
+        (["--optim.final-lr-fraction", "1.5"], "config field 'optim.final_lr_fraction' must be in [0, 1]"),
+        (["--model.residual-dropout", "1"], "config field 'model.residual_dropout' must be in [0, 1), got 1.0"),
+        (["--model.lora.r", "0"], "config field 'model.lora.r' must be in (0, inf), got 0"),
+        (["--save-every-steps", "0"], "config field 'save_every_steps' must be in (0, inf), got 0"),
+        (["--valid-fraction", "1e400"], "config field 'valid_fraction': must be a finite number"),
+        (["--epochs", "1e400"], "config field 'epochs': expected int, got '1e400'"),
+        (["--epochs", "9" * 5000], "config field 'epochs': expected int, got '" + "9" * 36 + "..."),
+    ],
+)
+def test_non_finite_and_out_of_range_numbers_are_refused_up_front(argv, message):
+    with pytest.raises(ValueError) as info:
+        parse(["--preset", "tiny", *argv])
+    assert str(info.value).startswith(message)
+
+
+def test_every_stage_checks_its_numbers_even_when_built_in_python():
+    """Configs built in code (not through resolve) are checked by the trainers' validate()."""
+    bad_optim = dataclasses.replace(SFTConfig().optim, lr=float("inf"))
+    for cfg, name in [
+        (SFTConfig(optim=bad_optim), "optim.lr"),
+        (RMConfig(optim=bad_optim), "optim.lr"),
+        (PPOConfig(value_optim=bad_optim), "value_optim.lr"),
+        (RunConfig(ppo=PPOConfig(optim=bad_optim)), "ppo.optim.lr"),
+    ]:
+        with pytest.raises(ValueError, match=f"config field '{name}' must be a finite number, got inf"):
+            cfg.validate()
+
+
+def test_yaml_numbers_and_syntax_errors(tmp_path, capsys):
+    from tether.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: .inf\n")
+    with pytest.raises(ValueError, match="'optim.lr': must be a finite number, got inf"):
+        parse(["--config", str(path)])
+    path.write_text("epochs: yes\n")
+    with pytest.raises(ValueError, match="'epochs': expected int, got True"):
+        parse(["--config", str(path)])
+    path.write_text("optim: [unclosed\n")
+    assert main(["sft", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == f"error: {path}:2: not valid YAML (expected ',' or ']', but got '<stream end>')\n"

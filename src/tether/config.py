@@ -862,7 +862,14 @@ def resolve(
         path = Path(yaml_path)
         if not path.exists():
             raise FileNotFoundError(f"config file {yaml_path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{yaml_path}:{mark.line + 1}" if mark else yaml_path
+            raise ValueError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{yaml_path}: not UTF-8 text") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{yaml_path}: the config must be a YAML mapping")
         data = _merge(data, loaded)

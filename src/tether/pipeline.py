@@ -191,6 +191,8 @@ def _stage_data(cfg: RunConfig, ddir: Path, log) -> dict[str, Any]:
     heldout = (
         read_records(cfg.pretrain_heldout_file, "pretrain") if cfg.pretrain_heldout_file else task.pretrain_heldout
     )
+    if cfg.comparisons_file:  # joins round 1's rankings: validated now, not after SFT and sampling
+        read_records(cfg.comparisons_file, "comparison")
     result = preprocess_prompts(prompts, PreprocessConfig(seed=cfg.seed, max_per_user=cfg.max_prompts_per_user))
     result.save(ddir / "prompts")
     splits = result.splits

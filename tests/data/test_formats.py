@@ -140,3 +140,24 @@ def test_cli_validate_exit_codes(tmp_path, capsys):
     broken = write(tmp_path, [GOOD["comparison"], bad("comparison", ranking=[1])], "broken.jsonl")
     assert main(["data", "validate", str(broken)]) == 2
     assert f"{broken}:2: field 'ranking'" in capsys.readouterr().err
+
+
+def test_integer_ids_are_converted_and_booleans_are_not_ids(tmp_path):
+    rows = [
+        {"prompt": "Hi", "responses": ["a", "b"], "ranking": [1, 2], "labeler_id": 5, "prompt_id": 12},
+        {"prompt": "Hi", "responses": ["a", "b"], "ranking": [2, 1], "labeler_id": "L", "policies": [1, "sft"]},
+    ]
+    first, second = read_records(write(tmp_path, rows), "comparison")
+    assert (first.labeler_id, first.prompt_id, second.policies) == ("5", "12", ["1", "sft"])
+    (prompt,) = read_records(write(tmp_path, [{"id": 7, "text": "t", "user_id": 3}]), "prompt")
+    assert (prompt.id, prompt.user_id) == ("7", "3")
+    for field_name, value in (("labeler_id", False), ("prompt_id", True)):
+        row = {**rows[0], field_name: value}
+        with pytest.raises(DataError, match=f":1: field '{field_name}' must be a string .*got a boolean"):
+            read_records(write(tmp_path, [row]), "comparison")
+
+
+def test_a_utf8_bom_and_windows_line_ends_are_read(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD["pretrain"]).encode() + b"\r\n" + b'{"text": "b"}\r\n')
+    assert [r.text for r in read_records(path, "pretrain")] == ["Some text.", "b"]

@@ -112,3 +112,16 @@ def test_the_installed_command_exits_2_without_a_traceback() -> None:
     )
     assert r.returncode == 2
     assert r.stderr == f"error: {bad}:2: nests arrays or objects too deeply to be read\n"
+
+
+def test_the_pipeline_checks_every_input_file_before_training(tmp_path: Path, capsys) -> None:
+    """``tether run --comparisons-file`` is used in round 1, after SFT and sampling: a bad file
+    must stop the run in its data stage, not hours later."""
+    bad = CORPUS / "comparison_ranking_huge_int.jsonl"
+    argv = ["run", "--preset", "tiny", "--comparisons-file", str(bad), "--out-dir", str(tmp_path / "run")]
+    assert main(argv) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: {bad}:2: field 'ranking[1]' is a 5000-digit integer; at most 4300 digits are read\n"
+    )
+    assert not (tmp_path / "run" / "sft").exists()

@@ -32,10 +32,27 @@ def _password(env_name: str, prompt: str) -> str:
     raise ValueError(f"set the password in ${env_name} (or run in a terminal to be asked)")
 
 
-def _store(args: argparse.Namespace):  # -> LabelStore, imported lazily
+def _store(args: argparse.Namespace, **options):  # -> LabelStore, imported lazily
+    """The store at ``--db``; a URL that names no database, or one that cannot be opened, is a
+    one-line error (exit 2), not a SQLAlchemy traceback."""
+    from sqlalchemy.exc import ArgumentError, DBAPIError
+
     from tether.labeling.store import LabelStore
 
-    return LabelStore(args.db)
+    try:
+        return LabelStore(args.db, **options)
+    except ArgumentError as e:  # an unknown dialect or a malformed URL
+        raise ValueError(f"--db {args.db}: not a database URL ({e})") from None
+    except DBAPIError as e:  # the driver could not open or create it
+        reason = " ".join(str(e.orig).split())
+        raise ValueError(f"--db {_shown(args.db)}: cannot open the database ({reason})") from None
+
+
+def _shown(url: str) -> str:
+    """The URL with any password masked, for messages."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -44,13 +61,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from tether.labeling.app import create_app
-    from tether.labeling.store import Conflict, LabelStore
+    from tether.labeling.store import Conflict
 
-    store = LabelStore(
-        args.db,
-        session_ttl=timedelta(hours=args.session_hours),
-        lease=timedelta(minutes=args.lease_minutes),
-    )
+    store = _store(args, session_ttl=timedelta(hours=args.session_hours), lease=timedelta(minutes=args.lease_minutes))
     if args.admin_user:
         try:
             store.add_user(
@@ -92,9 +105,7 @@ def cmd_create_project(args: argparse.Namespace) -> int:
     kind, path = ("ranking", args.samples) if args.samples else ("demonstration", args.prompts)
     store = _store(args)
     try:
-        pid = store.create_project_from_file(
-            args.name or Path(path).stem, kind, path, overlap=args.overlap
-        )
+        pid = store.create_project_from_file(args.name or Path(path).stem, kind, path, overlap=args.overlap)
     except LabelingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -157,9 +168,7 @@ def add_label_commands(label_sub: argparse._SubParsersAction) -> None:
         default="TETHER_ADMIN_PASSWORD",
         help="environment variable holding --admin-user's password",
     )
-    p.add_argument(
-        "--secure-cookies", action="store_true", help="mark cookies Secure (serving over HTTPS)"
-    )
+    p.add_argument("--secure-cookies", action="store_true", help="mark cookies Secure (serving over HTTPS)")
     p.add_argument("--session-hours", type=float, default=12.0, help="login lifetime")
     p.add_argument(
         "--lease-minutes",
@@ -181,9 +190,7 @@ def add_label_commands(label_sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_add_user)
 
-    p = label_sub.add_parser(
-        "create-project", help="create a labeling project from a sample or prompt file"
-    )
+    p = label_sub.add_parser("create-project", help="create a labeling project from a sample or prompt file")
     _db(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", help="sample JSONL (from `tether sample`): a ranking project")
@@ -192,9 +199,7 @@ def add_label_commands(label_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=int, default=1, help="labelers per task")
     p.set_defaults(func=cmd_create_project)
 
-    p = label_sub.add_parser(
-        "export", help="write a project's comparisons / demonstrations JSONL and a summary"
-    )
+    p = label_sub.add_parser("export", help="write a project's comparisons / demonstrations JSONL and a summary")
     _db(p)
     p.add_argument("--project", required=True, help="project name or id")
     p.add_argument("--out", required=True, help="output JSONL path")
