@@ -44,9 +44,7 @@ def next_from(response: httpx.Response) -> int | None:
     return int(m.group(1)) if m else None
 
 
-async def labeler(
-    base: str, name: str, index: int, pid: int, tally: Tally, start: asyncio.Barrier
-) -> None:
+async def labeler(base: str, name: str, index: int, pid: int, tally: Tally, start: asyncio.Barrier) -> None:
     rng = random.Random(index)
     async with httpx.AsyncClient(base_url=base, timeout=60) as http:
         client = WebClient(http)
@@ -93,9 +91,7 @@ def stored_labels(db_url: str) -> Counter:
     store = LabelStore(db_url, hasher=FAST_HASHER)
     try:
         with store.engine.connect() as conn:
-            rows = conn.execute(
-                select(Label.task_id, User.username).join(User, User.id == Label.labeler_id)
-            ).all()
+            rows = conn.execute(select(Label.task_id, User.username).join(User, User.id == Label.labeler_id)).all()
     finally:
         store.close()
     return Counter((task, name) for task, name in rows)
@@ -207,3 +203,48 @@ def test_restart_keeps_sessions_and_labels(live_server: LiveServer, db_url: str)
 
     asyncio.run(run())
     assert sum(stored_labels(db_url).values()) == 1
+
+
+def test_hostile_requests_get_4xx_and_the_server_stays_up(live_server: LiveServer, db_url: str) -> None:
+    """The requests that used to be 500s or dropped connections, against the real server."""
+    store = LabelStore(db_url, hasher=FAST_HASHER)
+    pid = store.create_project("p", "ranking", make_samples(2, K), overlap=1)
+    store.add_user("alice", PASSWORD)
+    store.add_user("admin", PASSWORD, "admin")
+    store.close()
+    base = live_server.start()
+    deep = ("[" * 200_000 + "]" * 200_000).encode()
+    huge = ('{"prompt": "p", "responses": ["a", "b"], "x": ' + "9" * 5000 + "}").encode()
+
+    async def run() -> list[int]:
+        statuses = []
+        async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+            r = await http.post(
+                "/login",
+                data={"csrf_token": "é", "username": "x", "password": "y"},
+                cookies={"tether_login_csrf": "abc"},
+            )
+            statuses.append(r.status_code)
+            labeler = WebClient(http)
+            await labeler.login("alice")
+            task = await labeler.next_task(pid)
+            for key in ("rank_²", "likert_³", "flags_①", "rank_1²"):
+                statuses.append(
+                    (await labeler.post(f"/label/tasks/{task}", {"action": "submit", key: "1"})).status_code
+                )
+            statuses.append((await http.post(f"/label/tasks/{task}", data={"csrf_token": "é"})).status_code)
+        async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+            admin = WebClient(http)
+            await admin.login("admin")
+            form = {"name": "x", "kind": "ranking", "overlap": "1"}
+            for body in (deep, huge):
+                r = await admin.post("/admin/projects", form, files={"file": ("s.jsonl", body)})
+                statuses.append(r.status_code)
+            files = {"username": ("u.txt", b"mallory")}
+            statuses.append((await admin.post("/admin/users", {"password": "long-enough"}, files=files)).status_code)
+            statuses.append((await http.get("/login")).status_code)
+        return statuses
+
+    statuses = asyncio.run(run())
+    assert statuses == [403, 422, 422, 422, 422, 403, 422, 422, 422, 303]  # the last: /login, logged in
+    assert live_server.proc is not None and live_server.proc.poll() is None
