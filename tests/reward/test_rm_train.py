@@ -457,13 +457,13 @@ def test_a_non_finite_gradient_never_reaches_a_checkpoint(data_dir, poison_gradi
     import tether.reward.train as rm_train
     from tether.checkpoint import NonFiniteError
 
-    write_jsonl(data_dir / "comparisons.jsonl", toy_comparisons(40))  # 8 steps/epoch
-    cfg = tiny_cfg(data_dir, batch_size=4, micro_batch_size=2, save_every_steps=3)
-    poison_gradients(rm_train, step=6)  # step 6 is also a save step
+    write_jsonl(data_dir / "comparisons.jsonl", toy_comparisons(24))  # 5 steps/epoch
+    cfg = tiny_cfg(data_dir, batch_size=4, micro_batch_size=2, save_every_steps=2)
+    poison_gradients(rm_train, step=4)  # step 4 is also a save step
     state = Path(cfg.out_dir) / "state"
-    with pytest.raises(NonFiniteError, match=rf"^rm: step 6: non-finite gradient norm .* state is in {state}$"):
+    with pytest.raises(NonFiniteError, match=rf"^rm: step 4: non-finite gradient norm .* state is in {state}$"):
         train_reward_model(cfg, **QUIET)
-    assert json.loads((state / "counters.json").read_text())["global_step"] == 3
+    assert json.loads((state / "counters.json").read_text())["global_step"] == 2
     weights = load_file(str(state / "reward_model.trainable.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
 
