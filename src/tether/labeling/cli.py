@@ -81,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not any(u.role == "admin" and u.active for u in store.list_users()):
         print("warning: no admin yet; create one with `tether label add-user --role admin`")
     app = create_app(store, secure_cookies=args.secure_cookies)
-    print(f"tether labeling on http://{args.host}:{args.port} (database {args.db})", flush=True)
+    print(f"tether labeling on http://{args.host}:{args.port} (database {_shown(args.db)})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     store.close()
     return 0
