@@ -441,6 +441,34 @@ def test_tokenizer_mismatch_is_a_clear_error(tmp_path, ppo_data, eos_policy, tin
         train_ppo(cfg, **QUIET)
 
 
+def test_gpt2_trains_with_trunk_sharing_on(tmp_path, ppo_data, tiny_dir):
+    """GPT-2 keeps its blocks in ``.h`` (no ``.layers``): it shares no trunk and runs whole
+    under the default share_trunk = true, policy and value model both trained."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    policy = save_model(GPT2LMHeadModel(config), tok, tmp_path / "gpt2")
+    lines: list[str] = []
+    cfg = ppo_cfg(tmp_path / "run", ppo_data, policy, total_episodes=8, sample_every=0)
+    assert cfg.share_trunk
+    result = train_ppo(cfg, length_reward, log=lines.append)
+    assert "ppo: the models share no frozen block; each runs whole" in lines
+    assert result.metrics[0]["ptx_loss"] > 0  # the pretraining pass runs on GPT-2 too
+    before, after = weights(policy), weights(result.policy_dir)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
 def test_non_finite_score_stops_and_keeps_the_last_good_state(tmp_path, ppo_data, eos_policy):
     calls = []
 

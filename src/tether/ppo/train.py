@@ -330,10 +330,10 @@ def train_ppo(
     if cfg.share_trunk:
         roles = [m for m in (policy, ref_policy, value_model, reward) if isinstance(m, torch.nn.Module)]
         trunk = SharedTrunk.detect(roles)
-        n_blocks = len(backbone(policy).layers)
+        # (Only a shared trunk implies a `.layers` list: GPT-2 keeps its blocks in `.h`.)
         log(
-            f"ppo: the {len(roles)} models share {trunk.depth} of {n_blocks} blocks bit for bit (frozen): "
-            "computed once per batch"
+            f"ppo: the {len(roles)} models share {trunk.depth} of {len(backbone(policy).layers)} blocks "
+            "bit for bit (frozen): computed once per batch"
             if trunk
             else "ppo: the models share no frozen block; each runs whole"
         )
