@@ -18,6 +18,8 @@ import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
+from tether.config import ROLLOUT_DTYPES
+
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     """The prompt as the model sees it: one user turn and the assistant header (chat template)."""
@@ -97,9 +99,9 @@ class _BufferLayer(CacheLayerMixin):
         self.shared = False  # prefill: a batch-1 forward whose keys every row shares
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        heads, dtype, device = key_states.shape[1], key_states.dtype, key_states.device
-        self.keys = torch.zeros(self.batch, heads, self.capacity, key_states.shape[-1], dtype=dtype, device=device)
-        self.values = torch.zeros(self.batch, heads, self.capacity, value_states.shape[-1], dtype=dtype, device=device)
+        # Keys and values each keep their own dtype: under autocast they can differ.
+        self.keys = key_states.new_zeros(self.batch, key_states.shape[1], self.capacity, key_states.shape[-1])
+        self.values = value_states.new_zeros(self.batch, value_states.shape[1], self.capacity, value_states.shape[-1])
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -324,9 +326,6 @@ def _generate(
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
     return tokens[:, :steps], logprobs[:, :steps], finished
-
-
-ROLLOUT_DTYPES = ("float32", "bfloat16", "auto")
 
 
 def bf16_is_native(device: torch.device) -> bool:
