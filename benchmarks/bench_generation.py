@@ -10,10 +10,11 @@ each. Tokens/s counts sampled tokens over the whole call (prompt prefill include
 of wall time and per second of this process's CPU time (with ``--threads 1`` the CPU time is
 the work done, much less sensitive than wall time to other jobs on a shared machine). Variants:
 
-- ``old loop fp32``: the sampling loop tether used before the engine (kept verbatim below):
-  a DynamicCache that grows by ``torch.cat``, the mask concatenated every step;
+- ``old loop fp32``: the sampling loop tether used before the engine (kept below): HF's
+  DynamicCache growing by ``torch.cat``, the mask concatenated every step, the whole batch
+  (padding and finished rows included) through every forward;
 - ``old loop bf16 autocast``: the same under ``torch.autocast(bfloat16)``, as the demo preset
-  ran it (``policy.autocast: bfloat16``);
+  ran it until ``policy.autocast: auto``;
 - ``engine fp32`` / ``engine bf16 copy``: :func:`tether.models.generation.sample` on the model
   itself / on a bfloat16 inference copy (:class:`~tether.models.generation.Sampler`);
 - ``HF generate``: ``model.generate(do_sample=True, top_k=0, top_p=1, min_new_tokens=N)``.
@@ -28,17 +29,17 @@ import argparse
 import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
 
-from tether.models.generation import Sampler, encode_prompts, position_ids_from_mask, sample
+from tether.models.generation import Generation, Sampler, encode_prompts, position_ids_from_mask, sample
 from tether.models.loading import load_causal_lm
 from tether.ppo.train import load_prompts
 
 
-class _NoEOS:
+class NoEOS:
     """The tokenizer with an EOS id that never occurs, so the old loop runs every step."""
 
     eos_token_id = -1
@@ -54,31 +55,53 @@ class _NoEOS:
 
 
 @torch.no_grad()
-def old_sample(model, tokenizer, prompts, *, max_new_tokens, temperature, generator):
-    """tether's sampling loop before the rollout engine (generation.py at 5838e4d), for comparison."""
-    model.eval()
+def old_sample(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    max_prompt_length: int | None = None,
+) -> Generation:
+    """tether's sampling loop before the rollout engine (generation.py at 47f71f1, verbatim)."""
+    was_training = model.training
+    model.eval()  # dropout off while sampling: the sampled distribution must be the scored one
     device = next(model.parameters()).device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    query_ids, query_mask = encode_prompts(tokenizer, prompts)
+    query_ids, query_mask = encode_prompts(tokenizer, prompts, max_prompt_length)
     query_ids, query_mask = query_ids.to(device), query_mask.to(device)
     batch = query_ids.shape[0]
+
     mask = query_mask
     positions = position_ids_from_mask(mask)
     out = model(input_ids=query_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     past, logits = out.past_key_values, out.logits[:, -1]
     next_pos = positions[:, -1] + 1
-    tokens = []
+
+    tokens, logps = [], []
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        logp = F.log_softmax(logits.float() / temperature, dim=-1)
-        u = torch.rand(logp.shape, generator=generator, device=logp.device).clamp_(min=1e-20)
-        tok = (logp - torch.log(-torch.log(u))).argmax(-1)
+    for step in range(max_new_tokens):
+        scaled = logits.float() / (temperature if temperature > 0 else 1.0)
+        # z - logsumexp(z), as tether.ops.token_logprobs computes it: F.log_softmax's float32 CPU
+        # kernel is off by ~1e-4 near p = 1 on some CPUs (AVX2), logsumexp is not.
+        logp = scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
+        if temperature > 0:
+            # Gumbel-max: an exact draw from softmax(logp), ~3x faster than torch.multinomial
+            # over a 49k vocabulary on a CPU.
+            u = torch.rand(logp.shape, generator=generator, device=logp.device).clamp_(min=1e-20)
+            tok = (logp - torch.log(-torch.log(u))).argmax(-1)
+        else:
+            tok = logp.argmax(-1)
+        tok_logp = logp.gather(-1, tok[:, None]).squeeze(-1)
         tok = torch.where(finished, torch.full_like(tok, pad), tok)
         tokens.append(tok)
+        logps.append(torch.where(finished, torch.zeros_like(tok_logp), tok_logp))
         alive = ~finished
         finished = finished | (tok == eos)
-        if bool(finished.all()):
-            break
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break  # no forward for a token that will never be sampled
         mask = torch.cat([mask, alive.long()[:, None]], dim=1)
         out = model(
             input_ids=tok[:, None],
@@ -89,20 +112,37 @@ def old_sample(model, tokenizer, prompts, *, max_new_tokens, temperature, genera
         )
         past, logits = out.past_key_values, out.logits[:, -1]
         next_pos = next_pos + 1
-    return torch.stack(tokens, dim=1)
+
+    response_ids = torch.stack(tokens, dim=1)
+    response_logprobs = torch.stack(logps, dim=1)
+    # A token is real if no EOS came strictly before it (the EOS itself is real).
+    is_eos = response_ids == eos
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    response_mask = (eos_before == 0).long()
+    response_ids = torch.where(response_mask.bool(), response_ids, torch.full_like(response_ids, pad))
+    if was_training:
+        model.train()
+    return Generation(
+        query_ids=query_ids,
+        query_mask=query_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        logprobs=response_logprobs * response_mask,
+        finished=finished,
+    )
 
 
 def variants(model, tokenizer, new_tokens: int) -> dict[str, Callable[[list[str], torch.Generator], int]]:
     """name → fn(prompts, generator) that samples and returns the number of tokens sampled."""
     bf16 = Sampler(model, "bfloat16")
-    no_eos = _NoEOS(tokenizer)
+    no_eos = NoEOS(tokenizer)
     device_type = next(model.parameters()).device.type
 
     def old(prompts, generator, autocast=False):
         context = torch.autocast(device_type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         with context:
-            ids = old_sample(model, no_eos, prompts, max_new_tokens=new_tokens, temperature=1.0, generator=generator)
-        return ids.numel()
+            gen = old_sample(model, no_eos, prompts, max_new_tokens=new_tokens, temperature=1.0, generator=generator)
+        return int(gen.response_mask.sum())
 
     def engine(prompts, generator, sampler=model):
         gen = sample(sampler, tokenizer, prompts, max_new_tokens=new_tokens, generator=generator, ignore_eos=True)

@@ -34,7 +34,8 @@ def naive_sample(model, tokenizer, prompts, *, max_new_tokens, temperature, gene
     tokens, logps = [], []
     for _ in range(max_new_tokens):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, -1]
-        logp = F.log_softmax(logits.float() / (temperature or 1.0), dim=-1)
+        scaled = logits.float() / (temperature or 1.0)
+        logp = scaled - torch.logsumexp(scaled, -1, keepdim=True)
         if temperature > 0:
             u = torch.rand(logp.shape, generator=generator).clamp_(min=1e-20)
             tok = (logp - torch.log(-torch.log(u))).argmax(-1)
@@ -169,7 +170,7 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(monkeypatch):
     from tether.models import generation
 
     for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(generation, "bf16_is_native", lambda device, native=native: native)
+        monkeypatch.setattr(generation, "fast_bf16", lambda device, native=native: native)
         assert generation.resolve_rollout_dtype("auto", torch.device("cpu")) is expected
     assert generation.resolve_rollout_dtype(None, torch.device("cpu")) is None
     with pytest.raises(ValueError, match="rollout_dtype"):

@@ -19,6 +19,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from tether.config import ROLLOUT_DTYPES
+from tether.models.loading import fast_bf16
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
@@ -328,23 +329,6 @@ def _generate(
     return tokens[:, :steps], logprobs[:, :steps], finished
 
 
-def bf16_is_native(device: torch.device) -> bool:
-    """Whether bf16 matmuls run in hardware: a CUDA GPU with bf16, or a CPU with AVX512-BF16 / AMX.
-
-    Elsewhere (AVX2 CPUs) bf16 is emulated and several times slower than float32.
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_rollout_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
     """``rollout_dtype`` → the dtype to sample in (None: the model as it is, under the caller's autocast)."""
     if name is None:
@@ -352,7 +336,7 @@ def resolve_rollout_dtype(name: str | None, device: torch.device) -> torch.dtype
     if name not in ROLLOUT_DTYPES:
         raise ValueError(f"rollout_dtype must be one of {', '.join(ROLLOUT_DTYPES)} or None, got {name!r}")
     if name == "auto":
-        return torch.bfloat16 if bf16_is_native(device) else torch.float32
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
     return getattr(torch, name)
 
 
