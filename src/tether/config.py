@@ -309,6 +309,9 @@ class PPOConfig:
     'float32' or 'bfloat16' sample (autocast off) from the policy or a copy of it in that dtype,
     synced after every optimiser step; 'auto' is bfloat16 on a GPU or a CPU with native bf16
     (AVX512-BF16 / AMX), else float32. PPO's old log-probs always come from the policy itself."""
+    rollout_compile: bool = False
+    """torch.compile the rollouts' decode step (falls back to eager if compilation fails). Off by
+    default: on a 2-core AVX2 CPU compiling took minutes and the step was no faster."""
     ppo_epochs: int = 1
     """Passes over each batch (paper: 1)."""
     share_trunk: bool = True

@@ -175,3 +175,25 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(monkeypatch):
     assert generation.resolve_rollout_dtype(None, torch.device("cpu")) is None
     with pytest.raises(ValueError, match="rollout_dtype"):
         generation.resolve_rollout_dtype("float8", torch.device("cpu"))
+
+
+def test_a_failing_compiler_falls_back_to_eager_decoding(tiny_dir, monkeypatch):
+    """torch.compile is never required: a step that fails half-way is rerun eagerly, same tokens."""
+    from tether.models.generation import Sampler
+
+    model, tok = eos_boosted(tiny_dir, 10.0)
+    eager = sample(model, tok, PROMPTS, max_new_tokens=12, generator=torch.Generator().manual_seed(3))
+
+    def broken_compile(module, **_):
+        def step(**inputs):
+            inputs["past_key_values"].layers[0].length += 1  # a step that died half-way
+            raise RuntimeError("no C++ compiler")
+
+        return step
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    sampler = Sampler(model, compile=True)
+    with pytest.warns(RuntimeWarning, match="decoding eagerly"):
+        fallback = sample(sampler, tok, PROMPTS, max_new_tokens=12, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(eager.response_ids, fallback.response_ids)
+    assert torch.equal(eager.logprobs, fallback.logprobs)

@@ -339,7 +339,7 @@ def train_ppo(
         )
     # Rollouts sample from `sampler`: the policy itself, or an inference copy of it in
     # cfg.rollout_dtype, synced after every optimiser step (old log-probs still come from the policy).
-    sampler = Sampler(policy, cfg.rollout_dtype)
+    sampler = Sampler(policy, cfg.rollout_dtype, compile=cfg.rollout_compile)
     # Sampling, scoring and the update all run under the same precision, so the rollout's
     # log-probs and the update's describe the same distribution.
     precision = autocast(cfg.policy, device)
