@@ -4,6 +4,11 @@ Sampling is a hand-written loop rather than ``model.generate`` so that the log-p
 sampled token is taken from exactly the distribution it was drawn from (logits / temperature, no
 top-k / top-p): the PPO ratio and the KL estimate are only right if they match (SPEC, "KL negative
 because sampling and log-prob distributions differ").
+
+Every sampler in tether goes through :func:`sample` (the rollout engine, :func:`_generate`): KV
+buffers allocated once and written in place, the prompt prefix all rows share computed once,
+the rest of the prefill grouped by prompt length, rows that ended packed out of the batch. A
+:class:`Sampler` adds a low-precision inference copy of a policy, synced after each update.
 """
 
 from __future__ import annotations
