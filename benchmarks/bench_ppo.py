@@ -4,12 +4,17 @@
     python benchmarks/bench_ppo.py --preset demo --iterations 2 --batch-size 16
     python benchmarks/bench_ppo.py --preset tiny --compare-no-cache
     python benchmarks/bench_ppo.py --preset demo --iterations 0 --compare-no-cache
+    python benchmarks/bench_ppo.py --preset demo --iterations 3 --engine both
 
 Runs the real trainer (``train_ppo``) for a few iterations in a temporary directory, with a toy
 length reward unless ``--reward-model`` is given, and prints episodes/s, generated tokens/s and
 how each iteration's time splits between generation (KV-cached sampling), scoring (policy,
 reference, value and reward forwards) and the update (PPO epochs × minibatches, PPO-ptx
 included). The first iteration is reported apart: it pays for allocator and kernel warm-up.
+
+``--engine off`` samples the rollouts with the loop tether used before the rollout engine
+(``bench_generation.old_sample``); ``--engine both`` runs the trainer with and without the engine,
+one after the other, and prints the ratio of episodes/s.
 
 ``--compare-no-cache`` also times :func:`tether.models.generation.sample` against the naive loop
 that re-runs the whole sequence through the model for every new token.
@@ -20,16 +25,21 @@ These machines are shared: compare settings within one invocation, not across da
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import resource
 import tempfile
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from bench_generation import NoEOS, old_sample  # this script's folder is on sys.path
 
 from tether.config import PPOConfig, add_config_args, config_from_args
-from tether.models.generation import encode_prompts, position_ids_from_mask, sample
+from tether.models.generation import Sampler, encode_prompts, position_ids_from_mask, sample
 from tether.models.loading import load_causal_lm
+from tether.ppo import train as ppo_train
 from tether.ppo.train import load_prompts, train_ppo
 
 
@@ -61,21 +71,6 @@ def sample_no_cache(model, tokenizer, prompts, *, max_new_tokens, temperature, g
     return ids
 
 
-class _NoEOS:
-    """The tokenizer with an EOS id that never occurs: every prompt gets max_new_tokens tokens."""
-
-    eos_token_id = -1
-
-    def __init__(self, tokenizer) -> None:
-        self._tokenizer = tokenizer
-
-    def __call__(self, *args, **kwargs):
-        return self._tokenizer(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        return getattr(self._tokenizer, name)
-
-
 def compare_no_cache(cfg: PPOConfig, n_prompts: int) -> None:
     model, tok = load_causal_lm(cfg.policy)
     prompts = load_prompts(cfg.prompts_file)[:n_prompts]
@@ -85,7 +80,7 @@ def compare_no_cache(cfg: PPOConfig, n_prompts: int) -> None:
         rng = torch.Generator(device=device).manual_seed(0)
         fn(model, tok, prompts[:2], max_new_tokens=4, temperature=cfg.temperature, generator=rng)
         t0 = time.perf_counter()
-        fn(model, _NoEOS(tok), prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=rng)
+        fn(model, NoEOS(tok), prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=rng)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times[name] = time.perf_counter() - t0
@@ -108,16 +103,35 @@ def main() -> None:
     parser.add_argument(
         "--compare-no-cache", action="store_true", help="also time KV-cached sampling against the naive no-cache loop"
     )
+    parser.add_argument(
+        "--engine",
+        choices=["on", "off", "both"],
+        default="on",
+        help="sample rollouts with the rollout engine (on), the loop it replaced (off), or both in turn",
+    )
     args = parser.parse_args()
     cfg = config_from_args(PPOConfig, "ppo", args)
     if args.iterations > 0:
-        run_trainer(cfg, args.iterations)
+        rates = {}
+        for engine in ("on", "off") if args.engine == "both" else (args.engine,):
+            print(f"\n== rollout engine {engine}")
+            rates[engine] = run_trainer(copy.deepcopy(cfg), args.iterations, engine=engine == "on")
+        if len(rates) == 2:
+            print(f"\nengine on / off: {rates['on'] / rates['off']:.2f}x the episodes/s")
     if args.compare_no_cache:
         compare_no_cache(cfg, n_prompts=cfg.generation_batch_size)
 
 
-def run_trainer(cfg: PPOConfig, iterations: int) -> None:
-    with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp:
+def _old_loop(model, *args, **kwargs):
+    """The trainer's ``sample`` with the engine off: the old loop on the policy itself."""
+    return old_sample(model.module if isinstance(model, Sampler) else model, *args, **kwargs)
+
+
+def run_trainer(cfg: PPOConfig, iterations: int, *, engine: bool = True) -> float:
+    """Run and report the trainer; returns the episodes/s of the timed iterations."""
+    with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp, contextlib.ExitStack() as stack:
+        if not engine:
+            stack.enter_context(mock.patch.object(ppo_train, "sample", _old_loop))
         cfg.out_dir = tmp
         cfg.total_episodes = iterations * cfg.batch_size
         cfg.sample_every = 0
@@ -152,6 +166,7 @@ def run_trainer(cfg: PPOConfig, iterations: int) -> None:
         seconds = mean(f"time_{phase}")
         print(f"  {phase:<14} {seconds:7.2f} s  {100 * seconds / total:5.1f} %")
     print(f"peak RSS         {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
+    return mean("episodes_per_s")
 
 
 if __name__ == "__main__":

@@ -223,6 +223,7 @@ class RMConfig:
 
 # Duplicated from tether.ppo.kl so that importing the config never imports torch.
 KL_ESTIMATOR_NAMES = ("k1", "k2", "k3", "abs")
+ROLLOUT_DTYPES = ("float32", "bfloat16", "auto")  # tether.models.generation.Sampler's dtype names
 
 
 @dataclass
@@ -303,6 +304,14 @@ class PPOConfig:
     generation_batch_size: int = 32
     """Prompts sampled and scored at once during the rollout (no gradients, so it can be larger
     than micro_batch_size)."""
+    rollout_dtype: str | None = None
+    """Precision rollouts are sampled in: None samples the policy itself under policy.autocast;
+    'float32' or 'bfloat16' sample (autocast off) from the policy or a copy of it in that dtype,
+    synced after every optimiser step; 'auto' is bfloat16 on a GPU or a CPU with native bf16
+    (AVX512-BF16 / AMX), else float32. PPO's old log-probs always come from the policy itself."""
+    rollout_compile: bool = False
+    """torch.compile the rollouts' decode step (falls back to eager if compilation fails). Off by
+    default: on a 2-core AVX2 CPU compiling took minutes and the step was no faster."""
     ppo_epochs: int = 1
     """Passes over each batch (paper: 1)."""
     share_trunk: bool = True
@@ -364,6 +373,10 @@ class PPOConfig:
         if self.kl_estimator not in KL_ESTIMATOR_NAMES:
             raise ValueError(
                 f"ppo.kl_estimator must be one of {', '.join(KL_ESTIMATOR_NAMES)}, got {self.kl_estimator!r}"
+            )
+        if self.rollout_dtype not in (None, *ROLLOUT_DTYPES):
+            raise ValueError(
+                f"ppo.rollout_dtype must be one of {', '.join(ROLLOUT_DTYPES)} or None, got {self.rollout_dtype!r}"
             )
         if self.temperature <= 0:
             raise ValueError(
@@ -688,6 +701,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "mini_batch_size": 8,
             "micro_batch_size": 4,
             "generation_batch_size": 16,
+            # bf16 sampling only where the hardware has it: on AVX2 CPUs it is emulated and
+            # several times slower than float32 (benchmarks/bench_generation.py).
+            "rollout_dtype": "auto",
             "ppo_epochs": 1,
             "total_episodes": 320,
             "sample_every": 5,

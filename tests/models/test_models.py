@@ -60,13 +60,16 @@ def test_sampling_logprobs_are_exact_near_probability_one(tiny_dir):
 
 
 def test_sampling_runs_no_forward_after_the_last_token(tiny_dir):
-    """max_new_tokens tokens cost one prefill and max_new_tokens - 1 decode forwards."""
+    """max_new_tokens tokens cost the prefill and max_new_tokens - 1 decode forwards."""
     model, tok = load_causal_lm(str(tiny_dir))
-    calls = []
-    model.register_forward_hook(lambda *_: calls.append(1))
+    positions = []  # the first position each forward feeds: decode forwards start past the prompt
+    model.register_forward_pre_hook(
+        lambda _m, _a, kw: positions.append(int(kw["position_ids"].min())), with_kwargs=True
+    )
     gen = sample(model, tok, ["x", "y"], max_new_tokens=5, generator=torch.Generator().manual_seed(0))
     assert gen.response_ids.shape[1] == 5 and not gen.finished.any()
-    assert len(calls) == 5
+    prompt_length = int(gen.query_mask.sum(1).min())
+    assert sum(p >= prompt_length for p in positions) == 4
 
 
 def test_greedy_batch_equals_one_by_one(tiny_dir):

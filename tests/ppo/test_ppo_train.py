@@ -596,3 +596,27 @@ def test_an_update_that_makes_weights_non_finite_is_never_saved(tmp_path, ppo_da
     with pytest.raises(FloatingPointError, match=r"iteration 1 made 2 weight tensors non-finite .* no good state"):
         train_ppo(cfg, lambda p, r: torch.rand(len(r)), **QUIET)
     assert not (tmp_path / "run" / "state").exists()
+
+
+def test_bf16_rollouts_sample_a_copy_synced_after_every_optimiser_step(tmp_path, ppo_data, eos_policy, monkeypatch):
+    """rollout_dtype: the copy is refreshed after each step; old log-probs stay the policy's own."""
+    from tether.models.generation import Sampler
+
+    syncs = []
+    real_sync = Sampler.sync
+    monkeypatch.setattr(Sampler, "sync", lambda self: syncs.append(self.is_copy) or real_sync(self))
+    common = dict(total_episodes=16, sample_every=0, ptx_examples_per_episode=0)  # 2 iterations × 2 steps
+    fp32 = train_ppo(
+        ppo_cfg(tmp_path / "fp32", ppo_data, eos_policy, rollout_dtype="float32", **common), length_reward, **QUIET
+    )
+    assert syncs == [False] * 4  # the fp32 policy is sampled directly: nothing to copy
+    plain = train_ppo(ppo_cfg(tmp_path / "plain", ppo_data, eos_policy, **common), length_reward, **QUIET)
+    assert_same_weights(fp32.policy_dir, plain.policy_dir)  # float32 = the old behaviour on an fp32 policy
+    syncs.clear()
+    bf16 = train_ppo(
+        ppo_cfg(tmp_path / "bf16", ppo_data, eos_policy, rollout_dtype="bfloat16", **common), length_reward, **QUIET
+    )
+    assert syncs == [True] * 4
+    # The sampled log-probs are bf16's, the PPO ones the fp32 policy's: a small, visible gap.
+    assert all(0 < m["logprob_gap"] < 0.5 for m in bf16.metrics)
+    assert all(m["logprob_gap"] < 1e-4 for m in fp32.metrics)

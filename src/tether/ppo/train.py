@@ -44,7 +44,7 @@ from tether.checkpoint import (
 )
 from tether.config import PPOConfig, save_config
 from tether.metrics import MetricsLogger, progress_bar, read_metrics
-from tether.models.generation import decode_responses, sample
+from tether.models.generation import Sampler, decode_responses, sample
 from tether.models.heads import load_scalar_model, save_scalar_model
 from tether.models.loading import autocast, load_causal_lm, save_model
 from tether.models.trunk import SharedTrunk, backbone
@@ -337,6 +337,9 @@ def train_ppo(
             if trunk
             else "ppo: the models share no frozen block; each runs whole"
         )
+    # Rollouts sample from `sampler`: the policy itself, or an inference copy of it in
+    # cfg.rollout_dtype, synced after every optimiser step (old log-probs still come from the policy).
+    sampler = Sampler(policy, cfg.rollout_dtype, compile=cfg.rollout_compile)
     # Sampling, scoring and the update all run under the same precision, so the rollout's
     # log-probs and the update's describe the same distribution.
     precision = autocast(cfg.policy, device)
@@ -372,7 +375,7 @@ def train_ppo(
         rng = torch.Generator(device=device).manual_seed(cfg.seed)
         with precision:
             gen = sample(
-                policy,
+                sampler,
                 tokenizer,
                 sample_prompts,
                 max_new_tokens=cfg.max_new_tokens,
@@ -402,6 +405,7 @@ def train_ppo(
     state_dir = find_state(out / "state")
     if state_dir is not None:
         counters = load_state(state_dir, models, stateful, generators)
+        sampler.sync()
         start, episodes = counters["iteration"], counters["episodes"]
         prompt_pos, ptx_pos = tuple(counters["prompt_position"]), tuple(counters["ptx_position"])
         truncate_metrics(metrics_path, start)
@@ -443,7 +447,7 @@ def train_ppo(
                 t0 = _now(device)
                 with precision:
                     gen = sample(
-                        policy,
+                        sampler,
                         tokenizer,
                         chunk,
                         max_new_tokens=cfg.max_new_tokens,
@@ -523,6 +527,7 @@ def train_ppo(
                             f"nothing was applied; {last_good_state(out / 'state')}"
                         )
                     policy_opt.step()
+                    sampler.sync()
                     value_opt.step()
                     bad = non_finite_weights(models)
                     if bad:
