@@ -59,14 +59,14 @@ def load_scalar_model(cfg: ModelConfig | str, *, trainable: bool = False):
     return prepare(model, cfg, trainable=trainable, task_type="SEQ_CLS"), tokenizer
 
 
-def _unwrap(model):
+def unwrap(model):
     """The transformers model under an optional peft wrapper."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def scalar_per_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The score head applied at every position: [B,T] (float32). Padding-robust positions."""
-    inner = _unwrap(model)
+    inner = unwrap(model)
     backbone = getattr(inner, inner.base_model_prefix)
     hidden = backbone(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
@@ -75,16 +75,16 @@ def scalar_per_token(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 
 def reward_bias(model) -> float:
-    return float(getattr(_unwrap(model).config, REWARD_BIAS_KEY, 0.0))
+    return float(getattr(unwrap(model).config, REWARD_BIAS_KEY, 0.0))
 
 
 def reward_gain(model) -> float:
-    return float(getattr(_unwrap(model).config, REWARD_GAIN_KEY, 1.0))
+    return float(getattr(unwrap(model).config, REWARD_GAIN_KEY, 1.0))
 
 
 def set_reward_normalization(model, *, gain: float, bias: float) -> None:
     """Store ``score = gain · raw + bias`` in the model's config (saved with it)."""
-    config = _unwrap(model).config
+    config = unwrap(model).config
     setattr(config, REWARD_GAIN_KEY, float(gain))
     setattr(config, REWARD_BIAS_KEY, float(bias))
 
@@ -98,9 +98,14 @@ def reward_scores(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, normalized: bool = True
 ) -> torch.Tensor:
     """r(x, y): the scalar at the last real token of each row (left or right padded). [B]."""
-    per_token = scalar_per_token(model, input_ids, attention_mask)
-    idx = last_token_index(attention_mask)
-    scores = per_token.gather(1, idx[:, None]).squeeze(1)
+    return score_at_last_token(model, scalar_per_token(model, input_ids, attention_mask), attention_mask, normalized)
+
+
+def score_at_last_token(
+    model, per_token: torch.Tensor, attention_mask: torch.Tensor, normalized: bool = True
+) -> torch.Tensor:
+    """The raw head output ``per_token`` [B,T] read at each row's last real token: [B]."""
+    scores = per_token.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
     return apply_normalization(model, scores) if normalized else scores
 
 

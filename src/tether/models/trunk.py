@@ -28,16 +28,12 @@ import torch
 from torch import Tensor, nn
 
 from tether.models.generation import position_ids_from_mask
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    """The transformers model under an optional peft wrapper."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+from tether.models.heads import unwrap
 
 
 def backbone(model: nn.Module) -> nn.Module:
     """The decoder stack (``LlamaModel`` & co.) of a causal-LM or sequence-classification model."""
-    inner = _inner(model)
+    inner = unwrap(model)
     return getattr(inner, inner.base_model_prefix)
 
 
@@ -152,8 +148,8 @@ class SharedTrunk:
     def logits(self, model: nn.Module, hidden: Tensor, attention_mask: Tensor, keep: int) -> Tensor:
         """The causal LM's logits at the last ``keep`` positions: ``[B, keep, V]``."""
         out = self.top(model, hidden, attention_mask)
-        return _inner(model).lm_head(out[:, -keep:])
+        return unwrap(model).lm_head(out[:, -keep:])
 
     def scalars(self, model: nn.Module, hidden: Tensor, attention_mask: Tensor) -> Tensor:
         """A scalar-head model's raw output at every position: ``[B, T]`` float32."""
-        return _inner(model).score(self.top(model, hidden, attention_mask)).squeeze(-1).float()
+        return unwrap(model).score(self.top(model, hidden, attention_mask)).squeeze(-1).float()

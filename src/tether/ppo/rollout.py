@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from tether.models.generation import Generation, position_ids_from_mask
-from tether.models.heads import apply_normalization, reward_scores, token_values
+from tether.models.heads import apply_normalization, reward_scores, score_at_last_token, token_values
 from tether.models.trunk import SharedTrunk
-from tether.ops import entropy_from_logits, last_token_index, token_logprobs
+from tether.ops import entropy_from_logits, token_logprobs
 
 # A reward source other than a reward model (tests, toy tasks): (prompts, responses) -> [B].
 RewardFn = Callable[[list[str], list[str]], Tensor]
@@ -250,8 +250,7 @@ def episode_scores(
         reward.eval()
         ids, mask = _joined(gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask)
         if trunk is not None and hidden is not None:
-            raw = trunk.scalars(reward, hidden, mask).gather(1, last_token_index(mask)[:, None]).squeeze(1)
-            scores = apply_normalization(reward, raw)
+            scores = score_at_last_token(reward, trunk.scalars(reward, hidden, mask), mask)
         else:
             scores = reward_scores(reward, ids, mask)
     else:
