@@ -55,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. Exit codes: 0 done, 1 the run stopped (non-finite training, an OS error),
+    """Run one command. Exit codes: 0 done, 1 the run stopped (non-finite training, an OS error, a
+    cluster worker died),
     2 bad input (data, config, arguments), 130 interrupted. Tracebacks are for bugs (and --debug)."""
+    from tether.cluster import StageFailed
     from tether.data.formats import DataError
 
     args = build_parser().parse_args(argv)
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if isinstance(e, DataError | ValueError | FileNotFoundError):
             code = 2
-        elif isinstance(e, FloatingPointError | OSError):
+        elif isinstance(e, FloatingPointError | OSError | StageFailed):
             code = 1
         else:
             raise  # a bug: the traceback is what a report needs

@@ -15,6 +15,7 @@ reference; only the data (comparisons from the previous round's best policy) and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 import time
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tether.cluster import Executor, Local
 from tether.config import EvalConfig, RunConfig, save_config, to_dict
 from tether.data.formats import Comparison, read_records, write_records
 
@@ -30,8 +32,8 @@ from tether.data.formats import Comparison, read_records, write_records
 class Manifest:
     """The run's provenance record: one entry per stage, written atomically after every change."""
 
-    def __init__(self, path: Path, config: dict[str, Any]):
-        self.path = path
+    def __init__(self, path: Path, config: dict[str, Any], executor: str = "local"):
+        self.path, self.executor = path, executor
         if path.exists():
             self.data = json.loads(path.read_text())
             if self.data.get("config") != config:
@@ -63,7 +65,9 @@ class Manifest:
             log(f"[dim]run: {name} already done, skipping[/]")
             return self.outputs(name)
         entry = self.data["stages"].setdefault(name, {})
-        entry.update(status="running", inputs=inputs, started=entry.get("started") or time.time())
+        entry.update(
+            status="running", inputs=inputs, started=entry.get("started") or time.time(), executor=self.executor
+        )
         entry["attempts"] = entry.get("attempts", 0) + 1
         self._write()
         log(f"[bold cyan]run: {name}[/]")
@@ -91,13 +95,20 @@ class RunResult:
     manifest: dict[str, Any]
 
 
-def run_pipeline(cfg: RunConfig, log=print) -> RunResult:
-    """Run (or resume) the whole pipeline; returns where the report is."""
+def run_pipeline(cfg: RunConfig, log=print, executor: Executor | None = None) -> RunResult:
+    """Run (or resume) the whole pipeline; returns where the report is.
+
+    ``executor`` says where the work runs: this process (default), or a
+    :class:`tether.cluster.RayCluster` (training stages as Ray Train runs, sampling, labeling and
+    evaluation as Ray tasks over prompt shards). It is not part of the run's config: a run started
+    in one place resumes in another, with the same results.
+    """
     cfg.validate()
+    executor = executor or Local()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    manifest = Manifest(out / "manifest.json", to_dict(cfg))
+    manifest = Manifest(out / "manifest.json", to_dict(cfg), executor.describe())
 
     # 1. Data: prompts preprocessed and split by user; demonstrations of train/valid users only.
     data = manifest.run(
@@ -118,7 +129,7 @@ def run_pipeline(cfg: RunConfig, log=print) -> RunResult:
     )
     sft = manifest.run(
         "sft",
-        lambda: _stage_sft(sft_cfg, log),
+        lambda: executor.train("sft", _train_sft, sft_cfg, log=log),
         {"demonstrations": data["demos_train"], "base": cfg.sft.model.name_or_path},
         log,
     )
@@ -131,7 +142,7 @@ def run_pipeline(cfg: RunConfig, log=print) -> RunResult:
         samples = manifest.run(
             f"round-{r}/sample",
             lambda rdir=rdir, policy=policy, policy_name=policy_name, r=r: _stage_sample(
-                cfg, data["prompts_train"], policy, policy_name, rdir, r, log
+                cfg, data["prompts_train"], policy, policy_name, rdir, r, log, executor
             ),
             {"policy": policy, "policy_name": policy_name},
             log,
@@ -139,7 +150,7 @@ def run_pipeline(cfg: RunConfig, log=print) -> RunResult:
         # 4. Comparisons: the simulated panel's training labelers (plus held-out ones for evaluation only).
         labels = manifest.run(
             f"round-{r}/label",
-            lambda rdir=rdir, samples=samples, r=r: _stage_label(cfg, samples, rdir, r, log),
+            lambda rdir=rdir, samples=samples, r=r: _stage_label(cfg, samples, rdir, r, log, executor),
             {"samples": samples["samples"]},
             log,
         )
@@ -147,7 +158,9 @@ def run_pipeline(cfg: RunConfig, log=print) -> RunResult:
         # 5. The reward model on all comparisons so far, initialised from SFT.
         rm = manifest.run(
             f"round-{r}/rm",
-            lambda rdir=rdir, labs=list(all_labels): _stage_rm(cfg, sft["policy"], labs, data, rdir, log),
+            lambda rdir=rdir, labs=list(all_labels), r=r: _stage_rm(
+                cfg, sft["policy"], labs, data, rdir, log, executor, name=f"round-{r}/rm"
+            ),
             {"comparisons": [lab["comparisons"] for lab in all_labels], "init": sft["policy"]},
             log,
         )
@@ -158,7 +171,16 @@ def run_pipeline(cfg: RunConfig, log=print) -> RunResult:
             trained[variant] = manifest.run(
                 f"round-{r}/{variant}",
                 lambda rdir=rdir, variant=variant, rm=rm, r=r: _stage_ppo(
-                    cfg, variant, sft["policy"], rm["reward_model"], data, rdir, log, last=r == cfg.rounds
+                    cfg,
+                    variant,
+                    sft["policy"],
+                    rm["reward_model"],
+                    data,
+                    rdir,
+                    log,
+                    executor,
+                    r=r,
+                    last=r == cfg.rounds,
                 ),
                 {"init": sft["policy"], "reference": sft["policy"], "reward_model": rm["reward_model"]},
                 log,
@@ -169,7 +191,7 @@ def run_pipeline(cfg: RunConfig, log=print) -> RunResult:
     policies, reward_model, _ = run_eval_policies(cfg, manifest.data["stages"])
     ev = manifest.run(
         "eval",
-        lambda: evaluate_run(cfg, manifest.data["stages"], out, out / "eval", out / "report", log),
+        lambda: evaluate_run(cfg, manifest.data["stages"], out, out / "eval", out / "report", log, executor=executor),
         {"policies": policies, "reward_model": reward_model, "prompts": cfg.eval.prompts or data["prompts_test"]},
         log,
     )
@@ -177,7 +199,10 @@ def run_pipeline(cfg: RunConfig, log=print) -> RunResult:
 
 
 # --------------------------------------------------------------------------------------------
-# Stages. Each returns a JSON-able dict of its outputs (paths as strings) for the manifest.
+# Stages. Each returns a JSON-able dict of its outputs (paths as strings) for the manifest. A
+# training stage prepares its inputs here and trains in ``_train_*``, which ``executor.train`` calls
+# on every rank (module-level functions: Ray pickles them by name); sampling and labeling cut their
+# list into ``executor.shards`` and run ``_*_shard`` on each.
 
 
 def _stage_data(cfg: RunConfig, ddir: Path, log) -> dict[str, Any]:
@@ -234,7 +259,7 @@ def _stage_data(cfg: RunConfig, ddir: Path, log) -> dict[str, Any]:
     return {k: str(v) for k, v in paths.items()} | {"preprocess_report": dataclasses.asdict(result.report)}
 
 
-def _stage_sft(cfg, log) -> dict[str, Any]:
+def _train_sft(cfg, log) -> dict[str, Any]:
     from tether.sft.train import train_sft
 
     res = train_sft(cfg, show_samples=0, log=log)
@@ -246,32 +271,44 @@ def _stage_sft(cfg, log) -> dict[str, Any]:
     }
 
 
-def _stage_sample(cfg: RunConfig, prompts_path: str, policy: str, policy_name: str, rdir: Path, r: int, log):
-    from tether.models.generation import sample_k
-    from tether.models.loading import autocast, load_causal_lm
-
+def _stage_sample(
+    cfg: RunConfig, prompts_path: str, policy: str, policy_name: str, rdir: Path, r: int, log, executor: Executor
+):
     prompts = read_records(prompts_path, "prompt")
     rng = random.Random(cfg.seed * 1000 + r)  # a fresh draw of prompts each round
     chosen = rng.sample(prompts, min(cfg.rm_prompts_per_round, len(prompts)))
-    model, tokenizer = load_causal_lm(policy)
-    with autocast(cfg.ppo.policy, next(model.parameters()).device):
-        samples = sample_k(
-            model,
-            tokenizer,
-            chosen,
-            cfg.k,
-            policy_name=policy_name,
-            max_new_tokens=cfg.ppo.max_new_tokens,
-            temperature=1.0,
-            seed=cfg.seed + r,
-            batch_size=cfg.sample_batch_size,
-        )
+    calls = [
+        functools.partial(_sample_shard, cfg, policy, policy_name, chosen[a:b], a, r)
+        for a, b in executor.shards(len(chosen))
+    ]
+    samples = [s for shard in executor.map(calls) for s in shard]
     path = write_records(rdir / "samples.jsonl", samples)
     log(f"sample: {len(samples)} prompts x {cfg.k} responses from {policy_name}")
     return {"samples": str(path), "policy": policy, "policy_name": policy_name}
 
 
-def _stage_label(cfg: RunConfig, samples: dict, rdir: Path, r: int, log) -> dict[str, Any]:
+def _sample_shard(cfg: RunConfig, policy: str, policy_name: str, prompts: list, first_index: int, r: int) -> list:
+    """K responses to each of ``prompts`` (items ``first_index …`` of the round's prompt list)."""
+    from tether.models.generation import sample_k
+    from tether.models.loading import autocast, load_causal_lm
+
+    model, tokenizer = load_causal_lm(policy)
+    with autocast(cfg.ppo.policy, next(model.parameters()).device):
+        return sample_k(
+            model,
+            tokenizer,
+            prompts,
+            cfg.k,
+            policy_name=policy_name,
+            max_new_tokens=cfg.ppo.max_new_tokens,
+            temperature=1.0,
+            seed=cfg.seed + r,
+            first_index=first_index,
+            batch_size=cfg.sample_batch_size,
+        )
+
+
+def _stage_label(cfg: RunConfig, samples: dict, rdir: Path, r: int, log, executor: Executor) -> dict[str, Any]:
     """Rank the samples with the simulated panel.
 
     A slice of prompts (``heldout_labeler_prompts``) is the RM's validation set: each of its
@@ -279,24 +316,27 @@ def _stage_label(cfg: RunConfig, samples: dict, rdir: Path, r: int, log) -> dict
     labeler (never trained on, SPEC "held-out labelers"). The rest is ranked by
     ``labelers_per_sample`` training labelers and is what the RM trains on.
     """
-    from tether.labelers.panel import Panel, pairwise_agreement
+    from tether.labelers.panel import pairwise_agreement
 
-    panel = Panel()
     items = read_records(samples["samples"], "sample")
     n_valid = min(cfg.heldout_labeler_prompts, len(items) // 2)
     valid_items, train_items = items[:n_valid], items[n_valid:]
-    train = panel.label(train_items, labelers_per_sample=cfg.labelers_per_sample, seed=cfg.seed + r)
+    jobs = {  # name: (samples, labelers per sample, held-out labelers, seed)
+        "train": (train_items, cfg.labelers_per_sample, False, cfg.seed + r),
+        "overlap": (valid_items, 2, False, cfg.seed + 100 + r),
+        "heldout": (valid_items, None, True, cfg.seed + 200 + r),
+    }
+    calls, names = [], []
+    for name, (its, per_sample, heldout, seed) in jobs.items():
+        for a, b in executor.shards(len(its)):
+            calls.append(functools.partial(_label_shard, its[a:b], a, per_sample, heldout, seed))
+            names.append(name)
+    done = executor.map(calls)
+    train, overlap, heldout = ([c for n, shard in zip(names, done, strict=True) if n == k for c in shard] for k in jobs)
     if cfg.comparisons_file and r == 1:  # people's rankings join the first round's training data
         human = read_records(cfg.comparisons_file, "comparison")
         train = train + human
         log(f"label: added {len(human)} comparisons from {cfg.comparisons_file}")
-    overlap = panel.label(valid_items, labelers_per_sample=2, seed=cfg.seed + 100 + r)
-    heldout = panel.label(
-        valid_items,
-        labelers_per_sample=len(panel.heldout_labelers),
-        labelers=panel.heldout_labelers,
-        seed=cfg.seed + 200 + r,
-    )
     agreement = pairwise_agreement(overlap)
     path = write_records(rdir / "comparisons_train.jsonl", train)
     vpath = write_records(rdir / "comparisons_valid.jsonl", overlap + heldout)
@@ -314,9 +354,21 @@ def _stage_label(cfg: RunConfig, samples: dict, rdir: Path, r: int, log) -> dict
     }
 
 
-def _stage_rm(cfg: RunConfig, sft_policy: str, rounds: list[dict], data: dict, rdir: Path, log):
-    from tether.reward.train import train_reward_model
+def _label_shard(samples: list, first_index: int, per_sample: int | None, heldout: bool, seed: int) -> list:
+    """The simulated panel's rankings of ``samples`` (items ``first_index …`` of the stage's list):
+    by ``per_sample`` training labelers each, or by every held-out labeler."""
+    from tether.labelers.panel import Panel
 
+    panel = Panel()
+    if heldout:
+        pool = panel.heldout_labelers
+        return panel.label(samples, len(pool), labelers=pool, seed=seed, first_index=first_index)
+    return panel.label(samples, per_sample, seed=seed, first_index=first_index)
+
+
+def _stage_rm(
+    cfg: RunConfig, sft_policy: str, rounds: list[dict], data: dict, rdir: Path, log, executor: Executor, *, name: str
+):
     train = [c for lab in rounds for c in read_records(lab["comparisons"], "comparison")]
     valid = [c for lab in rounds for c in read_records(lab["valid_comparisons"], "comparison")]
     rm_cfg = dataclasses.replace(
@@ -329,11 +381,17 @@ def _stage_rm(cfg: RunConfig, sft_policy: str, rounds: list[dict], data: dict, r
         heldout_panel_labelers=True,
     )
     rm_cfg.model = dataclasses.replace(cfg.rm.model, name_or_path=sft_policy)
+    return executor.train(name, _train_rm, rm_cfg, [lab["comparisons"] for lab in rounds], log=log)
+
+
+def _train_rm(rm_cfg, trained_on: list[str], log) -> dict[str, Any]:
+    from tether.reward.train import train_reward_model
+
     res = train_reward_model(rm_cfg, log=log)
     ev = res.eval_after
     return {
         "reward_model": str(Path(res.final_dir).resolve()),
-        "trained_on": [lab["comparisons"] for lab in rounds],
+        "trained_on": trained_on,
         "accuracy": ev.overall.accuracy,
         "train_labeler_accuracy": ev.train_labelers.accuracy,
         "heldout_labeler_accuracy": ev.heldout_labelers.accuracy,
@@ -344,10 +402,18 @@ def _stage_rm(cfg: RunConfig, sft_policy: str, rounds: list[dict], data: dict, r
 
 
 def _stage_ppo(
-    cfg: RunConfig, variant: str, sft_policy: str, reward_model: str, data: dict, rdir: Path, log, *, last: bool
+    cfg: RunConfig,
+    variant: str,
+    sft_policy: str,
+    reward_model: str,
+    data: dict,
+    rdir: Path,
+    log,
+    executor: Executor,
+    *,
+    r: int,
+    last: bool,
 ):
-    from tether.ppo.train import train_ppo
-
     curve = cfg.curve_every if variant == "ppo_ptx" and last else 0
     ppo_cfg = dataclasses.replace(
         cfg.ppo,
@@ -360,11 +426,17 @@ def _stage_ppo(
         keep_policy_every=curve or cfg.ppo.keep_policy_every,
     )
     ppo_cfg.policy = dataclasses.replace(cfg.ppo.policy, name_or_path=sft_policy)
+    return executor.train(f"round-{r}/{variant}", _train_ppo, ppo_cfg, curve, rdir / variant, log=log)
+
+
+def _train_ppo(ppo_cfg, curve: int, out_dir: Path, log) -> dict[str, Any]:
+    from tether.ppo.train import train_ppo
+
     res = train_ppo(ppo_cfg, log=log)
     out = {"policy": str(Path(res.policy_dir).resolve()), "ptx_coef": ppo_cfg.ptx_coef}
     if curve:  # checkpoints along the way, by episodes trained (the final one is the policy itself)
         out["checkpoints"] = {
-            str(it * ppo_cfg.batch_size): str((rdir / variant / f"iter-{it}").resolve())
+            str(it * ppo_cfg.batch_size): str((out_dir / f"iter-{it}").resolve())
             for it in range(curve, ppo_cfg.iterations, curve)
         }
         out["episodes"] = ppo_cfg.iterations * ppo_cfg.batch_size
@@ -416,6 +488,7 @@ def evaluate_run(
     *,
     eval_cfg: EvalConfig | None = None,
     human_comparisons: list[Comparison] | None = None,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Evaluate a finished run's policies on its own test split (users never seen in training)
     and held-out pretraining text; writes ``eval_dir/eval.json`` and ``report_dir/report.html``.
@@ -441,6 +514,7 @@ def evaluate_run(
         human_comparisons=human_comparisons or (),
         best_of={best_of_name(ecfg): ecfg.sft_best_of} if ecfg.sft_best_of else None,
         autocast_dtype=cfg.ppo.policy.autocast,
+        executor=executor,
         log=log,
     )
     eval_path = save_eval(report, eval_dir / "eval.json")

@@ -100,6 +100,32 @@ def test_the_fallback_cache_gives_the_same_tokens(tiny_dir, monkeypatch):
     assert torch.allclose(fast.logprobs, slow.logprobs, atol=1e-5, rtol=0)
 
 
+def test_one_generator_per_row_gives_each_row_its_own_tokens_in_any_batch(tiny_dir):
+    """Per-row streams: a row's tokens are the oracle's for that row alone with its own generator,
+    whichever rows share its batch; and sample_k over shards of a prompt list (on several workers)
+    gives exactly the samples of the whole list, whatever the batch size."""
+    from tether.data.formats import Prompt
+    from tether.models.generation import row_generator, sample_k
+
+    model, tok = eos_boosted(tiny_dir, 10.0)
+    gen = sample(model, tok, PROMPTS, max_new_tokens=16, generator=[row_generator("cpu", 3, i) for i in range(4)])
+    assert len(set(gen.lengths.tolist())) > 1  # rows ended at different steps: the batch shrank
+    for i, prompt in enumerate(PROMPTS):
+        alone = row_generator("cpu", 3, i)
+        ids, _ = naive_sample(model, tok, [prompt], max_new_tokens=16, temperature=1.0, generator=alone)
+        assert gen.response_ids[i, : ids.shape[1]].tolist() == ids[0].tolist()
+    with pytest.raises(ValueError, match="3 generators for 4 prompts"):
+        sample(model, tok, PROMPTS, max_new_tokens=4, generator=[row_generator("cpu", 0)] * 3)
+
+    prompts = [Prompt(id=f"p{i}", text=t, user_id="u") for i, t in enumerate(PROMPTS + ["one more", "and another"])]
+    kwargs = dict(policy_name="sft", max_new_tokens=8, seed=7)
+    whole = sample_k(model, tok, prompts, 3, batch_size=18, **kwargs)
+    shards = [sample_k(model, tok, prompts[a:b], 3, first_index=a, batch_size=4, **kwargs) for a, b in ((0, 4), (4, 6))]
+    assert [s.responses for s in whole] == [s.responses for shard in shards for s in shard]
+    assert [s.ended for s in whole] == [s.ended for shard in shards for s in shard]
+    assert len({r for s in whole for r in s.responses}) > len(prompts)  # K draws per prompt, not one copied
+
+
 def test_ignore_eos_samples_exactly_max_new_tokens(tiny_dir):
     model, tok = eos_boosted(tiny_dir, 10.0)  # EOS about 1 in 3: every row would end early
     gen = sample(model, tok, PROMPTS, max_new_tokens=12, generator=torch.Generator().manual_seed(0), ignore_eos=True)

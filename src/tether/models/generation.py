@@ -221,7 +221,7 @@ def _generate(
     *,
     max_new_tokens: int,
     temperature: float,
-    generator: torch.Generator | None,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
     eos_token_id: int | None,
     pad_token_id: int,
     decode: Callable[..., Any] | None = None,
@@ -234,6 +234,9 @@ def _generate(
 
     Every step draws one ``[B, V]`` uniform for the Gumbel noise whatever the batch has shrunk
     to, so the random stream, and so the tokens for a seed, do not depend on when rows finish.
+    ``generator`` may also be one generator per row: row i's noise then comes from its own
+    stream, so its tokens do not depend on which rows share its batch (shards of a prompt list
+    give the tokens the whole list gives).
     """
     device = query_ids.device
     batch, width = query_ids.shape
@@ -302,7 +305,12 @@ def _generate(
         if temperature > 0:
             # Gumbel-max: an exact draw from softmax(logp), ~3x faster than torch.multinomial
             # over a 49k vocabulary on a CPU.
-            u = torch.rand((batch, logp.shape[-1]), generator=generator, device=device)[alive].clamp_(min=1e-20)
+            if isinstance(generator, Sequence):
+                vocab = logp.shape[-1]
+                u = torch.stack([torch.rand(vocab, generator=generator[i], device=device) for i in alive.tolist()])
+            else:
+                u = torch.rand((batch, logp.shape[-1]), generator=generator, device=device)[alive]
+            u.clamp_(min=1e-20)
             tok = (logp - torch.log(-torch.log(u))).argmax(-1)
         else:
             tok = logp.argmax(-1)
@@ -434,7 +442,7 @@ def sample(
     *,
     max_new_tokens: int,
     temperature: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     max_prompt_length: int | None = None,
     ignore_eos: bool = False,
 ) -> Generation:
@@ -442,17 +450,21 @@ def sample(
 
     ``model`` is a policy or a :class:`Sampler` (e.g. a bf16 inference copy of one).
     ``ignore_eos`` samples exactly ``max_new_tokens`` tokens per prompt (benchmarks); EOS is
-    then an ordinary token and ``finished`` is all False. ``generator`` must live on the
-    model's device.
+    then an ordinary token and ``finished`` is all False. ``generator`` (one, or one per prompt:
+    see :func:`row_generators`) must live on the model's device.
     """
     sampler = model if isinstance(model, Sampler) else Sampler(model)
     model = sampler.module
     was_training = model.training
     model.eval()  # dropout off while sampling: the sampled distribution must be the scored one
     device = next(model.parameters()).device
-    if generator is not None and generator.device.type != device.type:
+    generators = generator if isinstance(generator, Sequence) else [generator] if generator is not None else []
+    if isinstance(generator, Sequence) and len(generator) != len(prompts):
+        raise ValueError(f"sample: {len(generator)} generators for {len(prompts)} prompts (one per prompt, or one)")
+    bad = next((g for g in generators if g.device.type != device.type), None)
+    if bad is not None:
         raise ValueError(
-            f"sample: the generator is on {generator.device}, the model on {device}; use one on the model's device"
+            f"sample: the generator is on {bad.device}, the model on {device}; use one on the model's device"
         )
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     query_ids, query_mask = encode_prompts(tokenizer, prompts, max_prompt_length)
@@ -523,6 +535,15 @@ def generate_texts(
     return out
 
 
+def row_generator(device: torch.device | str, *key: int) -> torch.Generator:
+    """A generator seeded by ``key`` alone (e.g. seed, prompt index, sample index): one per row
+    of :func:`sample`, so a row's tokens depend on its key, not on its batch, shard or worker."""
+    import numpy as np
+
+    state = int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0])
+    return torch.Generator(device=device).manual_seed(state)
+
+
 def sample_k(
     model: torch.nn.Module | Sampler,
     tokenizer: PreTrainedTokenizerBase,
@@ -534,6 +555,7 @@ def sample_k(
     temperature: float = 1.0,
     batch_size: int = 16,
     seed: int = 0,
+    first_index: int = 0,
     progress=None,
 ) -> list:
     """K sampled responses per prompt, as ``Sample`` records ready for ranking (by people or the panel).
@@ -541,15 +563,19 @@ def sample_k(
     prompts: ``Prompt`` records. Each prompt's K copies share a batch, so the KV cache of a batch
     holds several prompts × K responses at once. ``ended`` records which responses reached EOS,
     so the reward model later trains on a cut-off response as cut off (as PPO will score it).
+    Response j of prompt i is drawn from its own stream, seeded by (seed, first_index + i, j):
+    the same tokens whatever the batch size, and a shard of a prompt list (``prompts[a:b]`` with
+    ``first_index=a``) gives exactly the samples the whole list gives for those prompts.
     """
     from tether.data.formats import K_MAX, K_MIN, Sample
 
     if not K_MIN <= k <= K_MAX:
         raise ValueError(f"k must be {K_MIN}..{K_MAX} (responses ranked per prompt), got {k}")
     flat = [p for p in prompts for _ in range(k)]
+    device = _device(model)
+    generators = [row_generator(device, seed, first_index + i, j) for i in range(len(prompts)) for j in range(k)]
     texts: list[str] = []
     ended: list[bool] = []
-    generator = torch.Generator(device=_device(model)).manual_seed(seed)
     for start in range(0, len(flat), batch_size):
         gen = sample(
             model,
@@ -557,7 +583,7 @@ def sample_k(
             [p.text for p in flat[start : start + batch_size]],
             max_new_tokens=max_new_tokens,
             temperature=temperature,
-            generator=generator,
+            generator=generators[start : start + batch_size],
         )
         texts.extend(decode_responses(tokenizer, gen))
         ended.extend(gen.finished.tolist())
