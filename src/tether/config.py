@@ -26,6 +26,8 @@ import yaml
 # --------------------------------------------------------------------------------------------
 # Shared pieces
 
+PARALLEL_STRATEGIES = ("ddp", "fsdp")  # tether.distributed.ParallelModel's (no torch import here)
+
 
 @dataclass
 class LoraConfig:
@@ -58,8 +60,19 @@ class ModelConfig:
     trainable_layers: int | None = None
     """Train only the top N transformer blocks (+ final norm and head); None trains all. A CPU-budget option."""
     device: str = "auto"
-    """'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ..."""
+    """'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ... Under torchrun each rank
+    takes GPU LOCAL_RANK."""
+    parallel: str = "ddp"
+    """Data parallel over the ranks of a torchrun / Ray job (ignored in one process): 'ddp' (every
+    rank holds the whole model) or 'fsdp' (FSDP2 fully_shard per transformer block: each rank holds
+    1/N of the weights, gradients and optimiser state, for models that do not fit one device)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def validate(self, where: str) -> None:
+        if self.parallel not in PARALLEL_STRATEGIES:
+            raise ValueError(
+                f"{where}.parallel must be one of {', '.join(PARALLEL_STRATEGIES)}, got {self.parallel!r}"
+            )
 
 
 @dataclass
@@ -135,6 +148,7 @@ class SFTConfig:
 
     def validate(self) -> None:
         check_numbers(self)
+        self.model.validate("sft.model")
         if self.batch_size % self.micro_batch_size:
             raise ValueError(
                 f"sft.batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
@@ -205,6 +219,7 @@ class RMConfig:
 
     def validate(self) -> None:
         check_numbers(self)
+        self.model.validate("rm.model")
         if self.batch_size % self.micro_batch_size:
             raise ValueError(
                 f"rm.batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
@@ -351,6 +366,7 @@ class PPOConfig:
 
     def validate(self) -> None:
         check_numbers(self)
+        self.policy.validate("ppo.policy")
         if self.batch_size % self.mini_batch_size or self.mini_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"ppo: batch_size ({self.batch_size}) must be a multiple of mini_batch_size "
