@@ -110,11 +110,11 @@ def _call(fn: Callable[[], T]) -> T:
 
 def _train_loop(config: dict) -> dict:
     """Runs on every Ray Train worker, inside the process group Ray made."""
-    import torch.distributed as dist
     from rich.console import Console
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    log = Console().print if rank == 0 else (lambda *_a, **_k: None)
+    from tether.distributed import init_from_env
+
+    log = Console().print if init_from_env().is_main else (lambda *_a, **_k: None)
     return config["fn"](*config["args"], log=log)
 
 

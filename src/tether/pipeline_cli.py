@@ -27,8 +27,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--ray-address",
         metavar="local|auto|HOST:PORT",
         help="'local' starts a private Ray cluster on this machine for this command (a laptop); 'auto' joins the "
-        "one started here by `ray start --head`; HOST:PORT joins that cluster's head (`ray start --head` listens on 6379). "
-        "Without it everything runs in this process and Ray is never imported.",
+        "one started here by `ray start --head`; HOST:PORT joins that cluster's head (port 6379 unless "
+        "`ray start --head --port` said otherwise). Without it everything runs in this process and Ray is never "
+        "imported.",
     )
     ray.add_argument("--num-workers", type=int, help="Ray Train workers per training stage, and shards per list (1)")
     ray.add_argument("--use-gpu", action="store_true", help="one GPU per worker and per task (NCCL)")
