@@ -218,6 +218,9 @@ class RayCluster:
         except ImportError:  # Ray Train v1
             from ray.train.base_trainer import TrainingFailedError
 
+        # Workers keep the driver's working directory (Ray would move them to its trial dir), so
+        # relative paths mean the same on every rank as here.
+        os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
         resources = {"CPU": self.cpus_per_worker} | ({"GPU": 1} if self.use_gpu else {})
         trainer = TorchTrainer(
             _train_loop,

@@ -106,6 +106,8 @@ def run_pipeline(cfg: RunConfig, log=print, executor: Executor | None = None) ->
     cfg.validate()
     executor = executor or Local()
     out = Path(cfg.out_dir)
+    if not isinstance(executor, Local):  # workers on other nodes: every path they get is absolute
+        out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     manifest = Manifest(out / "manifest.json", to_dict(cfg), executor.describe())
