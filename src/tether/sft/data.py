@@ -93,6 +93,11 @@ def count_target_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE).sum())
 
 
+def target_tokens(examples: Sequence[SFTExample]) -> int:
+    """What :func:`count_target_tokens` gives for ``examples`` collated, without collating them."""
+    return sum(label != IGNORE for ex in examples for label in ex.labels[1:])
+
+
 def load_demonstrations(path: str | None) -> list[Demonstration]:
     """Demonstrations from a file (validated whole) or the default task's."""
     if path is None:
