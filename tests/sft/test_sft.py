@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tether.checkpoint import StopAfter
 from tether.config import SFTConfig, resolve
 from tether.metrics import read_metrics
 from tether.models.loading import load_causal_lm
@@ -100,7 +101,8 @@ def test_resume_equals_uninterrupted(tmp_path, demos_file):
     full = tiny_cfg(tmp_path / "full", demos_file, **common)
     train_sft(full, log=lambda _: None)
     broken = tiny_cfg(tmp_path / "broken", demos_file, **common)
-    assert train_sft(broken, log=lambda _: None, stop_after_steps=3) is None  # "crash" after step 3
+    with pytest.raises(StopAfter, match="after 3 steps"):  # "crash" after step 3
+        train_sft(broken, log=lambda _: None, stop_after_steps=3)
     train_sft(broken, log=lambda _: None)  # resumes from the state saved at step 2
     a, b = final_weights(tmp_path / "full" / "run"), final_weights(tmp_path / "broken" / "run")
     for name in a:
@@ -200,7 +202,8 @@ def test_cli_huge_learning_rate_stops_with_one_line_and_exit_1(tmp_path, demos_f
 def test_resume_with_an_emptied_metrics_log(tmp_path, demos_file):
     """A kill while the metrics log was rewritten used to make every rerun fail (IndexError)."""
     cfg = tiny_cfg(tmp_path, demos_file, epochs=1, batch_size=4, micro_batch_size=2, save_every_steps=2)
-    assert train_sft(cfg, log=lambda _: None, stop_after_steps=3) is None
+    with pytest.raises(StopAfter):
+        train_sft(cfg, log=lambda _: None, stop_after_steps=3)
     (Path(cfg.out_dir) / "metrics.jsonl").write_text('{"step": 0, "va')  # torn
     result = train_sft(cfg, log=lambda _: None)
     assert math.isfinite(result.valid_loss_before)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from tether.checkpoint import (
     NonFiniteError,
+    StopAfter,
     epoch_order,
     find_state,
     last_good_state,
@@ -126,7 +127,8 @@ def train_sft(
 ) -> SFTResult:
     """Run (or resume) SFT as configured; returns where the selected checkpoint is.
 
-    ``stop_after_steps`` ends the process-level loop early (tests use it to simulate a crash).
+    ``stop_after_steps`` raises :class:`~tether.checkpoint.StopAfter` once this process has
+    taken that many optimiser steps (tests use it to simulate a crash).
     """
     cfg.validate()
     out = Path(cfg.out_dir)
@@ -247,7 +249,7 @@ def train_sft(
                 if global_step % cfg.save_every_steps == 0 and not last_in_epoch:
                     _save(out, model, optimizer, scheduler, epoch, step + 1, global_step, epochs_done, valid_before)
                 if stop_after_steps is not None and steps_this_process >= stop_after_steps:
-                    return None  # type: ignore[return-value]  # simulated crash (tests)
+                    raise StopAfter(f"sft: stopped after {stop_after_steps} steps (stop_after_steps)")
 
             # 4. End of epoch: validation loss, a Hugging Face checkpoint, the resumable state.
             valid_loss = evaluate_loss(model, valid_ex, pad, precision=precision)
