@@ -19,8 +19,9 @@ from tether.checkpoint import StopAfter
 from tether.config import SFTConfig, resolve
 from tether.metrics import read_metrics
 from tether.models.loading import load_causal_lm
-from tether.sft.data import IGNORE, collate, count_target_tokens, encode_demonstration
-from tether.sft.train import nll_sum, train_sft
+from tether.ops import IGNORE_INDEX, lm_loss
+from tether.sft.data import collate, count_target_tokens, encode_demonstration
+from tether.sft.train import train_sft
 
 
 def tiny_cfg(tmp_path: Path, demos_file: Path, **overrides) -> SFTConfig:
@@ -37,7 +38,7 @@ def test_prompt_tokens_carry_no_loss(tiny_dir):
     model, tok = load_causal_lm(str(tiny_dir))
     ex = encode_demonstration(tok, "Describe a red car.", "A RED CAR.", max_length=128)
     n_response = len(tok("A RED CAR.", add_special_tokens=False).input_ids) + 1  # + EOS
-    assert sum(lab != IGNORE for lab in ex.labels) == n_response
+    assert sum(lab != IGNORE_INDEX for lab in ex.labels) == n_response
     assert ex.labels[-1] == tok.eos_token_id
     batch = collate([ex], tok.pad_token_id)
     logits = model(input_ids=batch["input_ids"]).logits
@@ -46,7 +47,7 @@ def test_prompt_tokens_carry_no_loss(tiny_dir):
     n_prompt = len(ex.labels) - n_response
     perturbed = logits.clone()
     perturbed[:, : n_prompt - 1] += torch.randn_like(perturbed[:, : n_prompt - 1]) * 5
-    assert torch.allclose(nll_sum(logits, batch["labels"]), nll_sum(perturbed, batch["labels"]))
+    assert torch.allclose(lm_loss(logits, batch["labels"], "sum"), lm_loss(perturbed, batch["labels"], "sum"))
     assert count_target_tokens(batch["labels"]) == n_response
 
 
@@ -57,9 +58,10 @@ def test_padding_changes_nothing(tiny_dir):
     alone = collate([short], tok.pad_token_id)
     padded = collate([short, long], tok.pad_token_id)
     with torch.no_grad():
-        a = nll_sum(model(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"]).logits, alone["labels"])
+        logits = model(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"]).logits
+        a = lm_loss(logits, alone["labels"], "sum")
         out = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
-        b = nll_sum(out[:1], padded["labels"][:1])
+        b = lm_loss(out[:1], padded["labels"][:1], "sum")
     assert torch.allclose(a, b, atol=1e-5)
 
 

@@ -48,11 +48,11 @@ from tether.models.generation import Sampler, decode_responses
 from tether.models.heads import load_scalar_model, save_scalar_model
 from tether.models.loading import autocast, load_causal_lm, save_model
 from tether.models.trunk import SharedTrunk, backbone
-from tether.ops import masked_mean
+from tether.ops import lm_loss, masked_mean
 from tether.optim import build_optimizer, build_scheduler, clip_grad
 from tether.ppo.advantages import gae, leave_one_out, whiten_advantages
 from tether.ppo.kl import AdaptiveKLController, FixedKLController, compute_rewards
-from tether.ppo.loss import lm_loss, policy_loss, value_loss
+from tether.ppo.loss import policy_loss, value_loss
 from tether.ppo.rollout import (
     RewardFn,
     Rollout,
@@ -64,7 +64,7 @@ from tether.ppo.rollout import (
     response_values,
     sample_responses,
 )
-from tether.sft.data import SFTExample, collate, count_target_tokens, encode_pretrain
+from tether.sft.data import SFTExample, collate, count_target_tokens, encode_pretrain, forward_logits
 
 __all__ = ["EMA", "PPOResult", "check_same_tokenizer", "take_cyclic", "train_ppo"]
 
@@ -275,12 +275,7 @@ def ppo_step(
         ]
         n_targets = sum(count_target_tokens(b["labels"]) for b in batches)
         for b in batches:
-            with precision:
-                logits = policy(
-                    input_ids=b["input_ids"].to(device),
-                    attention_mask=b["attention_mask"].to(device),
-                ).logits
-            loss = lm_loss(logits, b["labels"].to(device))
+            loss = lm_loss(forward_logits(policy, b, precision), b["labels"].to(device))
             weight = count_target_tokens(b["labels"]) / max(n_targets, 1)
             (cfg.ptx_coef * weight * loss).backward()
             add("ptx_loss", loss.detach(), weight)

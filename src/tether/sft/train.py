@@ -8,18 +8,16 @@ the same gradient.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from tether.checkpoint import (
     NonFiniteError,
@@ -36,52 +34,22 @@ from tether.data.formats import Demonstration
 from tether.metrics import MetricsLogger, progress_bar, read_metrics
 from tether.models.generation import generate_texts
 from tether.models.loading import autocast, load_causal_lm, save_model
+from tether.ops import lm_loss
 from tether.optim import build_optimizer, build_scheduler, optimizer_step
 from tether.sft.data import (
-    IGNORE,
     SFTExample,
     collate,
     count_target_tokens,
     encode_demonstrations,
     encode_pretrain,
+    evaluate_loss,
+    forward_logits,
     load_demonstrations,
     load_pretrain,
 )
 
 # A checkpoint scorer: HF model directory → score, higher is better (the paper: mean RM score).
 Scorer = Callable[[Path], float]
-
-
-def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL. logits [B,T,V] at t predict labels [B,T] at t+1; IGNORE carries no loss."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
-    )
-
-
-def forward_logits(model, batch: dict[str, torch.Tensor], precision) -> torch.Tensor:
-    """Logits [B,T,V] for a collated batch, on the model's device, under the configured precision."""
-    device = next(model.parameters()).device
-    with precision:
-        return model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-
-
-@torch.no_grad()
-def evaluate_loss(
-    model, examples: Sequence[SFTExample], pad_token_id: int, batch_size: int = 8, precision=None
-) -> float:
-    """Mean NLL per target token over ``examples`` (eval mode, no dropout)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_token_id)
-        logits = forward_logits(model, batch, precision or contextlib.nullcontext()).cpu()
-        total += float(nll_sum(logits, batch["labels"]))
-        count += count_target_tokens(batch["labels"])
-    if was_training:
-        model.train()
-    return total / max(count, 1)
 
 
 def split_valid(demos: list[Demonstration], fraction: float, seed: int) -> tuple[list, list]:
@@ -219,7 +187,7 @@ def train_sft(
                 loss_total = 0.0
                 for m in micro:
                     logits = forward_logits(model, m, precision)
-                    loss = nll_sum(logits, m["labels"].to(device)) / max(n_target, 1)
+                    loss = lm_loss(logits, m["labels"].to(device), "sum") / max(n_target, 1)
                     loss.backward()
                     loss_total += float(loss.detach())
                 try:
