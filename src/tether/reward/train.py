@@ -23,6 +23,7 @@ import torch
 
 from tether.checkpoint import (
     NonFiniteError,
+    StopAfter,
     epoch_order,
     find_state,
     last_good_state,
@@ -176,7 +177,8 @@ def train_reward_model(
     ``comparisons`` replaces ``cfg.train_file`` (the pipeline passes records it already holds).
     Data parallel when launched by torchrun or inside a process group (Ray Train): each step's
     prompts are split over the ranks, evaluation too; rank 0 writes.
-    ``stop_after_steps`` ends the loop early (tests use it to simulate a crash).
+    ``stop_after_steps`` raises :class:`~tether.checkpoint.StopAfter` once this process has
+    taken that many optimiser steps (tests use it to simulate a crash).
     """
     cfg.validate()
     d = init_from_env(cfg.model.device)
@@ -320,7 +322,7 @@ def train_reward_model(
                 if global_step % cfg.save_every_steps == 0 and step + 1 < steps_per_epoch:
                     _save(out, d, model, optimizer, scheduler, epoch, step + 1, global_step)
                 if stop_after_steps is not None and steps_this_process >= stop_after_steps:
-                    return None  # type: ignore[return-value]  # simulated crash (tests)
+                    raise StopAfter(f"rm: stopped after {stop_after_steps} steps (stop_after_steps)")
             _save(out, d, model, optimizer, scheduler, epoch + 1, 0, global_step)
 
     # 4. Normalise (demonstrations score mean 0, paper §3.5), evaluate, save the final RM.

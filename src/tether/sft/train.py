@@ -8,21 +8,20 @@ the same gradient, and so do N data-parallel ranks sharing the batch (:mod:`teth
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from tether.checkpoint import (
     NonFiniteError,
+    StopAfter,
     epoch_order,
     find_state,
     last_good_state,
@@ -36,7 +35,6 @@ from tether.data.formats import Demonstration
 from tether.distributed import (
     Dist,
     ParallelModel,
-    as_parallel,
     broadcast_object,
     gather_rng_states,
     init_from_env,
@@ -48,14 +46,15 @@ from tether.distributed import (
 from tether.metrics import MetricsLogger, progress_bar, read_metrics
 from tether.models.generation import generate_texts
 from tether.models.loading import autocast, load_causal_lm, save_model
+from tether.ops import lm_loss
 from tether.optim import build_optimizer, build_scheduler, optimizer_step
 from tether.sft.data import (
-    IGNORE,
     SFTExample,
     collate,
-    count_target_tokens,
     encode_demonstrations,
     encode_pretrain,
+    evaluate_loss,
+    forward_logits,
     load_demonstrations,
     load_pretrain,
     target_tokens,
@@ -63,48 +62,6 @@ from tether.sft.data import (
 
 # A checkpoint scorer: HF model directory → score, higher is better (the paper: mean RM score).
 Scorer = Callable[[Path], float]
-
-
-def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL. logits [B,T,V] at t predict labels [B,T] at t+1; IGNORE carries no loss."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
-    )
-
-
-def forward_logits(model, batch: dict[str, torch.Tensor], precision) -> torch.Tensor:
-    """Logits [B,T,V] for a collated batch, on the model's device, under the configured precision."""
-    device = next(model.parameters()).device
-    with precision:
-        return model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-
-
-@torch.no_grad()
-def evaluate_loss(
-    model: torch.nn.Module | ParallelModel,
-    examples: Sequence[SFTExample],
-    pad_token_id: int,
-    batch_size: int = 8,
-    precision=None,
-) -> float:
-    """Mean NLL per target token over ``examples`` (eval mode, no dropout).
-
-    Given a :class:`ParallelModel`, every rank scores its shard and the sums are all-reduced.
-    """
-    par = as_parallel(model)
-    was_training = par.module.training
-    par.module.eval()
-    total, count = 0.0, 0
-    for chunk, real in micro_batches(examples, batch_size, par.dist, equal=par.sharded):
-        batch = collate(chunk, pad_token_id)
-        logits = par.run(forward_logits, batch, precision or contextlib.nullcontext()).cpu()
-        if real:
-            total += float(nll_sum(logits, batch["labels"]))
-            count += count_target_tokens(batch["labels"])
-    total, count = sum_floats([total, count])
-    if was_training:
-        par.module.train()
-    return total / max(count, 1)
 
 
 def split_valid(demos: list[Demonstration], fraction: float, seed: int) -> tuple[list, list]:
@@ -152,7 +109,8 @@ def train_sft(
 
     Data parallel when launched by torchrun or inside a process group (Ray Train): the batch is
     split over the ranks, rank 0 writes, every rank returns the same result.
-    ``stop_after_steps`` ends the process-level loop early (tests use it to simulate a crash).
+    ``stop_after_steps`` raises :class:`~tether.checkpoint.StopAfter` once this process has
+    taken that many optimiser steps (tests use it to simulate a crash).
     """
     cfg.validate()
     d = init_from_env(cfg.model.device)
@@ -255,7 +213,7 @@ def train_sft(
                     m = collate(chunk, pad)
                     with par.sync(i == len(micro) - 1):  # accumulate; the step's last all-reduces
                         logits = par.run(forward_logits, m, precision)
-                        loss = nll_sum(logits, m["labels"].to(device)) / max(n_target, 1)
+                        loss = lm_loss(logits, m["labels"].to(device), "sum") / max(n_target, 1)
                         # DDP averages over the ranks: × world_size makes it the sum (0: filler).
                         (loss * (par.world_size if real else 0.0)).backward()
                     loss_total += float(loss.detach()) if real else 0.0
@@ -287,7 +245,7 @@ def train_sft(
                 if global_step % cfg.save_every_steps == 0 and not last_in_epoch:
                     _save(out, d, model, optimizer, scheduler, epoch, step + 1, global_step, epochs_done, valid_before)
                 if stop_after_steps is not None and steps_this_process >= stop_after_steps:
-                    return None  # type: ignore[return-value]  # simulated crash (tests)
+                    raise StopAfter(f"sft: stopped after {stop_after_steps} steps (stop_after_steps)")
 
             # 4. End of epoch: validation loss, a Hugging Face checkpoint, the resumable state.
             valid_loss = evaluate_loss(par, valid_ex, pad, precision=precision)
