@@ -3,10 +3,21 @@ process on SFT, RM and PPO with the same global batch, and a 2-rank PPO run kill
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+from pathlib import Path
+
 import pytest
 import torch
+from conftest import make_demonstrations, write_jsonl
+from safetensors.torch import load_file
 
+from tether.config import RMConfig, SFTConfig, resolve
 from tether.distributed import Dist, micro_batches, rank_seed, shard, shard_range
+from tether.metrics import read_metrics
+from tether.reward.train import train_reward_model
+from tether.sft.train import train_sft
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 8])
@@ -40,3 +51,140 @@ def test_rank_seeds_differ_by_rank_and_seed():
     assert len(seeds) == 12
     assert all(0 <= s < 2**63 for s in seeds)
     torch.manual_seed(rank_seed(0, 1))  # a valid torch seed
+
+
+# --------------------------------------------------------------------------------------------
+# Two gloo ranks (spawned processes) against one process with the same global batch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, jobs: list[tuple[str, object]]) -> None:
+    """One rank: the torchrun environment by hand, then the trainers, called as users call them."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world_size),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    from tether.ppo.train import train_ppo
+    from tether.reward.train import train_reward_model
+    from tether.sft.train import train_sft
+
+    trainers = {"sft": train_sft, "rm": train_reward_model, "ppo": train_ppo}
+    try:
+        for kind, cfg in jobs:
+            trainers[kind](cfg, log=lambda _: None)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_ranks(world_size: int, jobs: list[tuple[str, object]]) -> None:
+    torch.multiprocessing.start_processes(
+        _rank_main, args=(world_size, _free_port(), jobs), nprocs=world_size, start_method="spawn"
+    )
+
+
+def sft_cfg(out: Path, demos: Path) -> SFTConfig:
+    # 22 training examples in batches of 8: steps of 8, 8 and 6 examples, 2 ranks holding 4, 4
+    # and 3 each, in micro-batches of 2 (accumulation under no_sync, one uneven).
+    overrides = {"train_file": str(demos), "out_dir": str(out), "valid_fraction": 0.1, "select_by": "last"}
+    return resolve(SFTConfig, "sft", "tiny", overrides=overrides | {"epochs": 1, "micro_batch_size": 2})
+
+
+def comparisons(n: int) -> list[dict]:
+    """K = 2..4 responses per prompt, ranked by how many of their words are "good"."""
+    good, bad = ["sunny", "kind", "calm", "warm"], ["dark", "cold", "sad", "rude"]
+    rows = []
+    for i in range(n):
+        k = 2 + i % 3
+        words = [
+            [(good if (i * 7 + j * 3 + w) % 5 < 2 + j % 2 else bad)[(i + j + w) % 4] for w in range(3)]
+            for j in range(k)
+        ]
+        quality = [sum(w in good for w in ws) for ws in words]
+        levels = sorted(set(quality), reverse=True)
+        ranks = [levels.index(q) + 1 for q in quality] if len(levels) > 1 else [1] + [2] * (k - 1)
+        rows.append(
+            {
+                "prompt": f"Describe thing {i}.",
+                "responses": [" ".join(ws) + f" {j}" for j, ws in enumerate(words)],
+                "ranking": ranks,
+                "labeler_id": "ann",
+                "prompt_id": f"q{i}",
+            }
+        )
+    return rows
+
+
+def rm_cfg(out: Path, data: Path) -> RMConfig:
+    # 17 training prompts in batches of 8: the last step's one prompt leaves rank 1 a filler.
+    overrides = {
+        "train_file": str(data / "comparisons.jsonl"),
+        "valid_file": str(data / "valid.jsonl"),
+        "demonstrations_file": str(data / "demos.jsonl"),
+        "out_dir": str(out),
+        "micro_batch_size": 2,
+    }
+    return resolve(RMConfig, "rm", "tiny", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_dir) -> dict[str, Path]:
+    """Every stage trained once by 2 ranks (one spawn for all) and once in this process."""
+    root = tmp_path_factory.mktemp("dp")
+    demos = write_jsonl(root / "demos.jsonl", make_demonstrations())
+    rows = comparisons(21)
+    write_jsonl(root / "comparisons.jsonl", rows[:17])
+    write_jsonl(root / "valid.jsonl", rows[17:])
+    jobs = {"sft": lambda out: sft_cfg(out, demos), "rm": lambda out: rm_cfg(out, root)}
+    out = {f"{kind}{n}": root / f"{kind}-{n}-ranks" for kind in jobs for n in (1, 2)}
+    run_ranks(2, [(kind, make(out[f"{kind}2"])) for kind, make in jobs.items()])
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_sft(jobs["sft"](out["sft1"]), log=lambda _: None)
+        train_reward_model(jobs["rm"](out["rm1"]), log=lambda _: None)
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def max_difference(a: Path, b: Path) -> float:
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa)
+
+
+def test_sft_two_ranks_equal_one_process(runs):
+    diff = max_difference(runs["sft1"] / "final" / "model.safetensors", runs["sft2"] / "final" / "model.safetensors")
+    print("sft max |Δw|", diff)
+    assert diff < 1e-5
+    m1, m2 = (read_metrics(runs[k] / "metrics.jsonl") for k in ("sft1", "sft2"))
+    assert [m["step"] for m in m1] == [m["step"] for m in m2]
+    for a, b in zip(m1, m2, strict=True):
+        for key in ("loss", "valid_loss", "grad_norm"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    assert json.loads((runs["sft2"] / "state" / "counters.json").read_text())["world_size"] == 2
+
+
+def test_rm_two_ranks_equal_one_process(runs):
+    diff = max_difference(runs["rm1"] / "final" / "model.safetensors", runs["rm2"] / "final" / "model.safetensors")
+    print("rm max |Δw|", diff)
+    assert diff < 1e-5
+    m1, m2 = (read_metrics(runs[k] / "metrics.jsonl") for k in ("rm1", "rm2"))
+    assert len(m1) == len(m2) == 5  # before, 3 steps, after
+    for a, b in zip(m1, m2, strict=True):
+        for key in ("loss", "accuracy", "pairs", "grad_norm", "valid_accuracy", "valid_score_mean", "bias", "gain"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    e1, e2 = (json.loads((runs[k] / "eval.json").read_text()) for k in ("rm1", "rm2"))
+    assert e1["eval_after"]["overall"] == e2["eval_after"]["overall"]
+    assert json.loads((runs["rm2"] / "state" / "counters.json").read_text())["world_size"] == 2

@@ -151,6 +151,15 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return box[0]
 
 
+def main_only(log: Callable[[str], None], d: Dist | None = None) -> Callable[[str], None]:
+    """``log`` on rank 0, a no-op elsewhere: one job, one log."""
+    return log if (d or world()).is_main else _silent
+
+
+def _silent(_: str) -> None:
+    pass
+
+
 def barrier() -> None:
     if world().enabled:
         dist.barrier()
@@ -307,6 +316,11 @@ class ParallelModel:
                 yield
             finally:
                 self.engine.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+
+def as_parallel(model: nn.Module | ParallelModel) -> ParallelModel:
+    """``model`` if it is a :class:`ParallelModel`, else one process's (no wrapper, no group)."""
+    return model if isinstance(model, ParallelModel) else ParallelModel(model, d=Dist())
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:

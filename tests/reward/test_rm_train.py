@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from tether.checkpoint import StopAfter
 from tether.config import RMConfig, resolve
 from tether.data.formats import Comparison, DataError, Demonstration, parse_record
 from tether.models.heads import load_scalar_model, reward_scores
@@ -392,7 +393,8 @@ def test_resume_equals_uninterrupted(data_dir):
     full = tiny_cfg(data_dir, "full", **common)
     train_reward_model(full, **QUIET)
     broken = tiny_cfg(data_dir, "broken", **common)
-    assert train_reward_model(broken, stop_after_steps=4, **QUIET) is None  # "crash" after step 4
+    with pytest.raises(StopAfter, match="after 4 steps"):  # "crash" after step 4
+        train_reward_model(broken, stop_after_steps=4, **QUIET)
     logs: list[str] = []
     train_reward_model(broken, log=logs.append)  # resumes from the state saved at step 3
     assert any("resuming" in line for line in logs)
@@ -446,7 +448,8 @@ def test_the_trainer_runs_its_forwards_under_model_autocast(data_dir):
     losses = {}
     for autocast in ("none", "bfloat16"):
         cfg = tiny_cfg(data_dir, f"ac-{autocast}", **{"model.autocast": autocast})
-        assert train_reward_model(cfg, stop_after_steps=1, **QUIET) is None
+        with pytest.raises(StopAfter):
+            train_reward_model(cfg, stop_after_steps=1, **QUIET)
         metrics = [json.loads(x) for x in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
         losses[autocast] = next(m["loss"] for m in metrics if "loss" in m)
     assert losses["none"] != losses["bfloat16"]

@@ -352,7 +352,7 @@ def cap_per_user(
 # Split by user
 
 
-def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     if len(fractions) != len(SPLITS):
         raise ValueError(f"fractions needs 3 numbers (train, valid, test), got {len(fractions)}")
     if not all(math.isfinite(f) and f >= 0 for f in fractions) or fractions[0] <= 0:
@@ -377,7 +377,7 @@ def split_by_user(
     interval is moved in. Raises ValueError when there are fewer users than such splits.
     Prompts keep their input order within a split.
     """
-    fractions = _check_fractions(fractions)
+    fractions = check_fractions(fractions)
     users = sorted({p.user_id for p in prompts})
     needed = sum(f > 0 for f in fractions)
     if len(users) < needed:
@@ -451,7 +451,7 @@ class PreprocessConfig:
         if self.max_per_user < 1:
             raise ValueError(f"max_per_user must be at least 1, got {self.max_per_user}")
         # Lists (from JSON, YAML or argparse) become the declared tuple.
-        self.fractions = _check_fractions(tuple(self.fractions))
+        self.fractions = check_fractions(tuple(self.fractions))
 
 
 @dataclass
