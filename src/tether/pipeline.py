@@ -173,16 +173,7 @@ def run_pipeline(cfg: RunConfig, log=print, executor: Executor | None = None) ->
             trained[variant] = manifest.run(
                 f"round-{r}/{variant}",
                 lambda rdir=rdir, variant=variant, rm=rm, r=r: _stage_ppo(
-                    cfg,
-                    variant,
-                    sft["policy"],
-                    rm["reward_model"],
-                    data,
-                    rdir,
-                    log,
-                    executor,
-                    r=r,
-                    last=r == cfg.rounds,
+                    cfg, variant, sft["policy"], rm["reward_model"], data, rdir, log, executor, r=r
                 ),
                 {"init": sft["policy"], "reference": sft["policy"], "reward_model": rm["reward_model"]},
                 log,
@@ -405,19 +396,10 @@ def _train_rm(rm_cfg, trained_on: list[str], log) -> dict[str, Any]:
 
 
 def _stage_ppo(
-    cfg: RunConfig,
-    variant: str,
-    sft_policy: str,
-    reward_model: str,
-    data: dict,
-    rdir: Path,
-    log,
-    executor: Executor,
-    *,
-    r: int,
-    last: bool,
+    cfg: RunConfig, variant: str, sft_policy: str, reward_model: str, data: dict, rdir: Path, log, executor: Executor,
+    *, r: int
 ):
-    curve = cfg.curve_every if variant == "ppo_ptx" and last else 0
+    curve = cfg.curve_every if variant == "ppo_ptx" and r == cfg.rounds else 0
     ppo_cfg = dataclasses.replace(
         cfg.ppo,
         reward_model=reward_model,
