@@ -210,13 +210,10 @@ class RayCluster:
             raise StageFailed(f"a Ray task died ({type(e).__name__}: {_first_line(e)})") from None
 
     def train(self, name: str, fn: Callable[..., dict], *args: Any, log: Callable) -> dict:
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        # Ray Train v2 (the default since Ray 2.50): rank 0's return value comes back in the result.
+        os.environ["RAY_TRAIN_V2_ENABLED"] = "1"
+        from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
         from ray.train.torch import TorchTrainer
-
-        try:
-            from ray.train import TrainingFailedError
-        except ImportError:  # Ray Train v1
-            from ray.train.base_trainer import TrainingFailedError
 
         # Workers keep the driver's working directory (Ray would move them to its trial dir), so
         # relative paths mean the same on every rank as here.
