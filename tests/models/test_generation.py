@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tether.models.generation import encode_prompts, position_ids_from_mask, sample
+from tether.models.generation import encode_prompts, position_ids_from_mask, row_generators, sample
 
 PROMPTS = ["hi", "a much longer prompt that forces left padding of the others", "mid length one", "x y"]
 
@@ -82,6 +82,27 @@ def test_same_seed_same_tokens_as_the_uncached_oracle(tiny_dir, temperature):
         assert len(set(gen.lengths.tolist())) > 1  # ragged: the shrinking batch was exercised
     assert torch.equal(gen.response_ids, ids)
     assert torch.allclose(gen.logprobs, logps, atol=1e-5, rtol=0)
+
+
+def test_one_generator_per_row_makes_a_row_independent_of_its_batch(tiny_dir):
+    """Per-row streams (data-parallel rollouts): a row sampled in another batch, alone or in
+    another order, gets the same tokens; its stream is its number, not its position."""
+    model, tok = eos_boosted(tiny_dir, 10.0)
+    whole = sample(model, tok, PROMPTS, max_new_tokens=16, generator=row_generators(3, range(len(PROMPTS)), "cpu"))
+    assert len(set(whole.lengths.tolist())) > 1  # rows end at different steps
+    last = len(PROMPTS) - 1
+    for rows in ([last], [last, 0], list(range(1, len(PROMPTS)))):
+        part = sample(
+            model, tok, [PROMPTS[r] for r in rows], max_new_tokens=16, generator=row_generators(3, rows, "cpu")
+        )
+        for i, r in enumerate(rows):
+            n = int(whole.lengths[r])
+            assert part.response_ids[i, :n].tolist() == whole.response_ids[r, :n].tolist()
+            assert int(part.lengths[i]) == n
+    other_seed = sample(model, tok, PROMPTS, max_new_tokens=16, generator=row_generators(4, range(len(PROMPTS)), "cpu"))
+    assert not torch.equal(other_seed.response_ids, whole.response_ids)
+    with pytest.raises(ValueError, match="2 generators for 3 prompts"):
+        sample(model, tok, PROMPTS[:3], max_new_tokens=4, generator=row_generators(0, [0, 1], "cpu"))
 
 
 def test_the_fallback_cache_gives_the_same_tokens(tiny_dir, monkeypatch):

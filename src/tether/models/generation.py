@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
@@ -221,7 +222,7 @@ def _generate(
     *,
     max_new_tokens: int,
     temperature: float,
-    generator: torch.Generator | None,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
     eos_token_id: int | None,
     pad_token_id: int,
     decode: Callable[..., Any] | None = None,
@@ -234,6 +235,8 @@ def _generate(
 
     Every step draws one ``[B, V]`` uniform for the Gumbel noise whatever the batch has shrunk
     to, so the random stream, and so the tokens for a seed, do not depend on when rows finish.
+    ``generator`` may instead be one generator per row: each row then draws its own ``[V]`` per
+    step while it is in the batch, so its tokens do not depend on the other rows at all.
     """
     device = query_ids.device
     batch, width = query_ids.shape
@@ -302,7 +305,13 @@ def _generate(
         if temperature > 0:
             # Gumbel-max: an exact draw from softmax(logp), ~3x faster than torch.multinomial
             # over a 49k vocabulary on a CPU.
-            u = torch.rand((batch, logp.shape[-1]), generator=generator, device=device)[alive].clamp_(min=1e-20)
+            if isinstance(generator, Sequence):
+                u = torch.stack(
+                    [torch.rand(logp.shape[-1], generator=generator[i], device=device) for i in alive.tolist()]
+                )
+            else:
+                u = torch.rand((batch, logp.shape[-1]), generator=generator, device=device)[alive]
+            u.clamp_(min=1e-20)
             tok = (logp - torch.log(-torch.log(u))).argmax(-1)
         else:
             tok = logp.argmax(-1)
@@ -434,7 +443,7 @@ def sample(
     *,
     max_new_tokens: int,
     temperature: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     max_prompt_length: int | None = None,
     ignore_eos: bool = False,
 ) -> Generation:
@@ -443,17 +452,22 @@ def sample(
     ``model`` is a policy or a :class:`Sampler` (e.g. a bf16 inference copy of one).
     ``ignore_eos`` samples exactly ``max_new_tokens`` tokens per prompt (benchmarks); EOS is
     then an ordinary token and ``finished`` is all False. ``generator`` must live on the
-    model's device.
+    model's device; a list of one generator per prompt (:func:`row_generators`) makes each
+    response independent of the rest of the batch (data-parallel ranks sample shares of one batch).
     """
     sampler = model if isinstance(model, Sampler) else Sampler(model)
     model = sampler.module
     was_training = model.training
     model.eval()  # dropout off while sampling: the sampled distribution must be the scored one
     device = next(model.parameters()).device
-    if generator is not None and generator.device.type != device.type:
-        raise ValueError(
-            f"sample: the generator is on {generator.device}, the model on {device}; use one on the model's device"
-        )
+    generators = generator if isinstance(generator, Sequence) else [generator] if generator is not None else []
+    if isinstance(generator, Sequence) and len(generator) != len(prompts):
+        raise ValueError(f"sample: {len(generator)} generators for {len(prompts)} prompts (one per prompt)")
+    for g in generators:
+        if g.device.type != device.type:
+            raise ValueError(
+                f"sample: the generator is on {g.device}, the model on {device}; use one on the model's device"
+            )
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     query_ids, query_mask = encode_prompts(tokenizer, prompts, max_prompt_length)
     query_ids, query_mask = query_ids.to(device), query_mask.to(device)
@@ -484,6 +498,17 @@ def sample(
         logprobs=response_logprobs * response_mask,
         finished=finished,
     )
+
+
+def row_generators(seed: int, rows: Sequence[int], device: torch.device | str) -> list[torch.Generator]:
+    """One generator per row, seeded by (``seed``, row number): what :func:`sample` takes to make a
+    row's tokens depend on its number alone, not on which batch (or rank) samples it."""
+    return [
+        torch.Generator(device=device).manual_seed(
+            int(np.random.SeedSequence([seed, r]).generate_state(1, np.uint64)[0] >> 1)
+        )
+        for r in rows
+    ]
 
 
 def decode_responses(tokenizer: PreTrainedTokenizerBase, gen: Generation) -> list[str]:
