@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,9 +17,10 @@ import torch
 from conftest import make_demonstrations, write_jsonl
 from safetensors.torch import load_file
 
-from tether.config import RMConfig, SFTConfig, resolve
+from tether.config import PPOConfig, RMConfig, SFTConfig, resolve
 from tether.distributed import Dist, micro_batches, rank_seed, shard, shard_range
 from tether.metrics import read_metrics
+from tether.ppo.train import train_ppo
 from tether.reward.train import train_reward_model
 from tether.sft.train import train_sft
 
@@ -135,15 +140,45 @@ def rm_cfg(out: Path, data: Path) -> RMConfig:
     return resolve(RMConfig, "rm", "tiny", overrides=overrides)
 
 
+# PPO with everything a data-parallel step touches: PPO-ptx (pretraining examples shared out),
+# two PPO epochs of 2 minibatches (a rank may hold none of a minibatch's episodes), adaptive β
+# (the global KL), the EMA, samples (rank 0), a state every iteration (every rank's RNG).
+PPO_ARGS = {
+    "total_episodes": 24,
+    "save_every": 1,
+    "ema_decay": 0.9,
+    "adaptive_kl": True,
+    "kl_target": 0.05,
+    "kl_horizon": 20,
+    "ppo_epochs": 2,
+    "sample_every": 1,
+}
+
+
+def ppo_cfg(out: Path, data: dict[str, Path], policy: Path, rm: Path) -> PPOConfig:
+    paths = {
+        "policy.name_or_path": str(policy),
+        "reward_model": str(rm),
+        "prompts_file": str(data["prompts"]),
+        "pretrain_file": str(data["pretrain"]),
+        "out_dir": str(out),
+    }
+    return resolve(PPOConfig, "ppo", "tiny", overrides=paths | PPO_ARGS)
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_dir) -> dict[str, Path]:
+def runs(tmp_path_factory, tiny_dir, ppo_data, eos_policy, tiny_rm) -> dict[str, Path]:
     """Every stage trained once by 2 ranks (one spawn for all) and once in this process."""
     root = tmp_path_factory.mktemp("dp")
     demos = write_jsonl(root / "demos.jsonl", make_demonstrations())
     rows = comparisons(21)
     write_jsonl(root / "comparisons.jsonl", rows[:17])
     write_jsonl(root / "valid.jsonl", rows[17:])
-    jobs = {"sft": lambda out: sft_cfg(out, demos), "rm": lambda out: rm_cfg(out, root)}
+    jobs = {
+        "sft": lambda out: sft_cfg(out, demos),
+        "rm": lambda out: rm_cfg(out, root),
+        "ppo": lambda out: ppo_cfg(out, ppo_data, eos_policy, tiny_rm),
+    }
     out = {f"{kind}{n}": root / f"{kind}-{n}-ranks" for kind in jobs for n in (1, 2)}
     run_ranks(2, [(kind, make(out[f"{kind}2"])) for kind, make in jobs.items()])
     before = torch.get_num_threads()
@@ -151,6 +186,7 @@ def runs(tmp_path_factory, tiny_dir) -> dict[str, Path]:
     try:
         train_sft(jobs["sft"](out["sft1"]), log=lambda _: None)
         train_reward_model(jobs["rm"](out["rm1"]), log=lambda _: None)
+        train_ppo(jobs["ppo"](out["ppo1"]), log=lambda _: None)
     finally:
         torch.set_num_threads(before)
     return out
@@ -188,3 +224,74 @@ def test_rm_two_ranks_equal_one_process(runs):
     e1, e2 = (json.loads((runs[k] / "eval.json").read_text()) for k in ("rm1", "rm2"))
     assert e1["eval_after"]["overall"] == e2["eval_after"]["overall"]
     assert json.loads((runs["rm2"] / "state" / "counters.json").read_text())["world_size"] == 2
+
+
+def test_ppo_two_ranks_equal_one_process(runs):
+    """Each rank samples and scores half of every batch (episode seeds make the tokens the same),
+    whitens with the whole batch's statistics, trains on its episodes of each minibatch."""
+    for role in ("policy", "value"):
+        diff = max_difference(runs["ppo1"] / role / "model.safetensors", runs["ppo2"] / role / "model.safetensors")
+        print(f"ppo {role} max |Δw|", diff)
+        assert diff < 1e-5, role
+    m1, m2 = (read_metrics(runs[k] / "metrics.jsonl") for k in ("ppo1", "ppo2"))
+    assert [m["episodes"] for m in m2] == [8, 16, 24]
+    for a, b in zip(m1, m2, strict=True):
+        assert a["response_length"] == b["response_length"] and a["eos_rate"] == b["eos_rate"]  # same tokens
+        for key in ("score", "kl", "kl_coef", "entropy", "policy_loss", "value_loss", "ptx_loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    samples = [
+        [json.loads(x)["response"] for x in (runs[k] / "samples.jsonl").read_text().splitlines()]
+        for k in ("ppo1", "ppo2")
+    ]
+    assert samples[0] == samples[1]
+    assert json.loads((runs["ppo2"] / "state" / "counters.json").read_text())["world_size"] == 2
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_ppo_two_ranks_killed_and_rerun_equal_the_uninterrupted_two_ranks(
+    runs, tmp_path, ppo_data, eos_policy, tiny_rm
+):
+    """torchrun, 2 ranks: SIGKILL to the whole job once the first state is written, the same
+    command again: it resumes (every rank from the same state, each with its own RNG streams)
+    and ends with the weights of the uninterrupted 2-rank run, bit for bit."""
+    run = tmp_path / "killed"
+    flags = {
+        "policy.name-or-path": eos_policy,
+        "reward-model": tiny_rm,
+        "prompts-file": ppo_data["prompts"],
+        "pretrain-file": ppo_data["pretrain"],
+        "out-dir": run,
+    } | {k.replace("_", "-"): str(v).lower() if isinstance(v, bool) else v for k, v in PPO_ARGS.items()}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd = [*torchrun, "-m", "tether", "ppo", "--preset", "tiny"] + [
+        x for k, v in flags.items() for x in (f"--{k}", str(v))
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 200
+    while time.time() < deadline and not (run / "state" / "counters.json").exists():
+        time.sleep(0.02)
+    # The ranks and the launcher at once, as a lost machine (torchrun starts each rank in a
+    # session of its own, so killing the launcher alone would leave them running).
+    for pid in [*_children(proc.pid), proc.pid]:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "policy").exists(), "the run finished before it could be killed"
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    assert "resuming" in done.stdout
+    for role in ("policy", "value"):
+        assert max_difference(runs["ppo2"] / role / "model.safetensors", run / role / "model.safetensors") == 0.0
+    assert (run / "samples.jsonl").read_text() == (runs["ppo2"] / "samples.jsonl").read_text()

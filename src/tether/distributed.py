@@ -127,8 +127,9 @@ def sum_floats(values: Sequence[float]) -> list[float]:
 
 
 def sum_dict(values: dict[str, float]) -> dict[str, float]:
-    """A dict of floats summed over the ranks key by key (every rank must hold the same keys)."""
-    keys = sorted(values)
+    """A dict of floats summed over the ranks key by key (every rank must hold the same keys, in
+    the same order)."""
+    keys = list(values)
     return dict(zip(keys, sum_floats([values[k] for k in keys]), strict=True))
 
 

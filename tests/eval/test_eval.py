@@ -16,7 +16,7 @@ from tether.data.task import build_default_task
 from tether.eval.evaluate import evaluate_policies, load_eval, pretrain_perplexity, save_eval
 from tether.eval.report import write_report
 from tether.labelers.panel import Panel
-from tether.models.generation import decode_responses, row_generator, sample
+from tether.models.generation import decode_responses, row_generators, sample
 from tether.models.heads import load_scalar_model, save_scalar_model
 from tether.models.loading import load_causal_lm
 from tether.ppo.rollout import episode_scores
@@ -156,7 +156,7 @@ def test_best_of_n_keeps_the_reward_models_pick(tiny_dir, prompts, tmp_path):
     picks, candidate_scores = [], []
     for i in range(len(prompts)):
         texts = [prompts[i].text] * 4
-        generators = [row_generator("cpu", 0, i, c) for c in range(4)]
+        generators = row_generators(0, [(i, c) for c in range(4)], "cpu")
         gen = sample(model, tok, texts, max_new_tokens=10, temperature=1.0, generator=generators)
         responses = decode_responses(tok, gen)
         scores = episode_scores(gen, texts, responses, rm, None).view(-1, 4)

@@ -21,7 +21,7 @@ import torch
 from tether.cluster import Executor, Local
 from tether.config import EvalConfig, ModelConfig, to_dict
 from tether.data.formats import Comparison, PretrainText, Prompt
-from tether.models.generation import decode_responses, row_generator, sample
+from tether.models.generation import decode_responses, row_generators, sample
 from tether.models.loading import autocast, load_causal_lm, resolve_device
 
 # The evaluation's name of a PPO-ptx checkpoint after N episodes (``run.curve_every``): ppo_ptx@N.
@@ -168,7 +168,7 @@ def sample_policy_shard(
         chunk = texts[start : start + step]
         candidates = [t for t in chunk for _ in range(n_best)]
         rows = [first_index + start + i for i in range(len(chunk))]
-        generators = [row_generator(device, cfg.seed, i, c) for i in rows for c in range(n_best)]
+        generators = row_generators(cfg.seed, [(i, c) for i in rows for c in range(n_best)], device)
         with precision:
             gen = sample(
                 model,

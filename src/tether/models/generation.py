@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
@@ -234,9 +235,8 @@ def _generate(
 
     Every step draws one ``[B, V]`` uniform for the Gumbel noise whatever the batch has shrunk
     to, so the random stream, and so the tokens for a seed, do not depend on when rows finish.
-    ``generator`` may also be one generator per row: row i's noise then comes from its own
-    stream, so its tokens do not depend on which rows share its batch (shards of a prompt list
-    give the tokens the whole list gives).
+    ``generator`` may instead be one generator per row: each row then draws its own ``[V]`` per
+    step while it is in the batch, so its tokens do not depend on the other rows at all.
     """
     device = query_ids.device
     batch, width = query_ids.shape
@@ -306,8 +306,9 @@ def _generate(
             # Gumbel-max: an exact draw from softmax(logp), ~3x faster than torch.multinomial
             # over a 49k vocabulary on a CPU.
             if isinstance(generator, Sequence):
-                vocab = logp.shape[-1]
-                u = torch.stack([torch.rand(vocab, generator=generator[i], device=device) for i in alive.tolist()])
+                u = torch.stack(
+                    [torch.rand(logp.shape[-1], generator=generator[i], device=device) for i in alive.tolist()]
+                )
             else:
                 u = torch.rand((batch, logp.shape[-1]), generator=generator, device=device)[alive]
             u.clamp_(min=1e-20)
@@ -450,8 +451,9 @@ def sample(
 
     ``model`` is a policy or a :class:`Sampler` (e.g. a bf16 inference copy of one).
     ``ignore_eos`` samples exactly ``max_new_tokens`` tokens per prompt (benchmarks); EOS is
-    then an ordinary token and ``finished`` is all False. ``generator`` (one, or one per prompt:
-    see :func:`row_generators`) must live on the model's device.
+    then an ordinary token and ``finished`` is all False. ``generator`` must live on the
+    model's device; a list of one generator per prompt (:func:`row_generators`) makes each
+    response independent of the rest of the batch (data-parallel ranks sample shares of one batch).
     """
     sampler = model if isinstance(model, Sampler) else Sampler(model)
     model = sampler.module
@@ -460,12 +462,12 @@ def sample(
     device = next(model.parameters()).device
     generators = generator if isinstance(generator, Sequence) else [generator] if generator is not None else []
     if isinstance(generator, Sequence) and len(generator) != len(prompts):
-        raise ValueError(f"sample: {len(generator)} generators for {len(prompts)} prompts (one per prompt, or one)")
-    bad = next((g for g in generators if g.device.type != device.type), None)
-    if bad is not None:
-        raise ValueError(
-            f"sample: the generator is on {bad.device}, the model on {device}; use one on the model's device"
-        )
+        raise ValueError(f"sample: {len(generator)} generators for {len(prompts)} prompts (one per prompt)")
+    for g in generators:
+        if g.device.type != device.type:
+            raise ValueError(
+                f"sample: the generator is on {g.device}, the model on {device}; use one on the model's device"
+            )
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     query_ids, query_mask = encode_prompts(tokenizer, prompts, max_prompt_length)
     query_ids, query_mask = query_ids.to(device), query_mask.to(device)
@@ -496,6 +498,19 @@ def sample(
         logprobs=response_logprobs * response_mask,
         finished=finished,
     )
+
+
+def row_generators(
+    seed: int, rows: Sequence[int | tuple[int, ...]], device: torch.device | str
+) -> list[torch.Generator]:
+    """One generator per row, seeded by (``seed``, the row's key): what :func:`sample` takes to make
+    a row's tokens depend on its key alone, not on which batch, rank, shard or worker samples it.
+    A key is a row number, or a tuple such as (prompt index, sample index)."""
+    keys = [[seed, *((r,) if isinstance(r, int) else r)] for r in rows]
+    return [
+        torch.Generator(device=device).manual_seed(int(np.random.SeedSequence(k).generate_state(1, np.uint64)[0] >> 1))
+        for k in keys
+    ]
 
 
 def decode_responses(tokenizer: PreTrainedTokenizerBase, gen: Generation) -> list[str]:
@@ -535,15 +550,6 @@ def generate_texts(
     return out
 
 
-def row_generator(device: torch.device | str, *key: int) -> torch.Generator:
-    """A generator seeded by ``key`` alone (e.g. seed, prompt index, sample index): one per row
-    of :func:`sample`, so a row's tokens depend on its key, not on its batch, shard or worker."""
-    import numpy as np
-
-    state = int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0])
-    return torch.Generator(device=device).manual_seed(state)
-
-
 def sample_k(
     model: torch.nn.Module | Sampler,
     tokenizer: PreTrainedTokenizerBase,
@@ -573,7 +579,7 @@ def sample_k(
         raise ValueError(f"k must be {K_MIN}..{K_MAX} (responses ranked per prompt), got {k}")
     flat = [p for p in prompts for _ in range(k)]
     device = _device(model)
-    generators = [row_generator(device, seed, first_index + i, j) for i in range(len(prompts)) for j in range(k)]
+    generators = row_generators(seed, [(first_index + i, j) for i in range(len(prompts)) for j in range(k)], device)
     texts: list[str] = []
     ended: list[bool] = []
     for start in range(0, len(flat), batch_size):
