@@ -48,8 +48,9 @@ class Executor(Protocol):
     def shards(self, n: int) -> list[tuple[int, int]]:
         """How to cut a list of n items for :meth:`map`."""
 
-    def map(self, calls: Sequence[Callable[[], T]]) -> list[T]:
-        """Run independent calls (picklable: module-level functions and partials of them); results in order."""
+    def map(self, calls: Sequence[Callable[[], T]], what: str = "") -> list[T]:
+        """Run independent calls (picklable: module-level functions and partials of them); results in
+        order. ``what``: the stage, for error messages."""
 
     def train(self, name: str, fn: Callable[..., dict], *args: Any, log: Callable) -> dict:
         """Run a training stage: ``fn(*args, log=...)`` on every rank; rank 0's return value."""
@@ -66,7 +67,7 @@ class Local:
     def shards(self, n: int) -> list[tuple[int, int]]:
         return [(0, n)]
 
-    def map(self, calls: Sequence[Callable[[], T]]) -> list[T]:
+    def map(self, calls: Sequence[Callable[[], T]], what: str = "") -> list[T]:
         return [call() for call in calls]
 
     def train(self, name: str, fn: Callable[..., dict], *args: Any, log: Callable) -> dict:
@@ -189,7 +190,7 @@ class RayCluster:
     def shards(self, n: int) -> list[tuple[int, int]]:
         return split(n, self.workers)
 
-    def map(self, calls: Sequence[Callable[[], T]]) -> list[T]:
+    def map(self, calls: Sequence[Callable[[], T]], what: str = "") -> list[T]:
         import ray
 
         # No retries: a task whose worker died fails the stage like a training worker does, and
@@ -207,7 +208,9 @@ class RayCluster:
             raise
         except ray.exceptions.RayError as e:
             _cancel(refs)
-            raise StageFailed(f"a Ray task died ({type(e).__name__}: {_first_line(e)})") from None
+            raise StageFailed(
+                f"{what or 'a stage'}: a Ray task died ({type(e).__name__}: {_first_line(e)}); rerun the same command"
+            ) from None
 
     def train(self, name: str, fn: Callable[..., dict], *args: Any, log: Callable) -> dict:
         # Ray Train v2 (the default since Ray 2.50): rank 0's return value comes back in the result.
@@ -235,21 +238,33 @@ class RayCluster:
         try:
             result = trainer.fit()
         except TrainingFailedError as e:
-            for rank, err in sorted((getattr(e, "worker_failures", None) or {}).items()):
-                died = getattr(err, "health_check_failure", None)
-                if died is not None:  # the worker process is gone (killed, OOM, node lost)
-                    where = ", ".join(re.findall(r"\b((?:pid|ip): \S+)", str(died))[:2])
-                    raise StageFailed(
-                        f"{name}: Ray Train worker rank {rank} died ({type(died).__name__}"
-                        + (f"; {where}" if where else "")
-                        + "); rerun the same command to resume from the last checkpoint"
-                    ) from None
-                cause = getattr(err, "cause", None) or err
-                if isinstance(cause, ValueError | FileNotFoundError | FloatingPointError):
-                    raise cause from None  # the trainer's own message (bad input, a non-finite loss)
-                raise StageFailed(f"{name} failed on Ray Train worker rank {rank}: {_first_line(cause)}") from None
-            raise StageFailed(f"{name} failed on the Ray cluster: {_first_line(e)}") from None
+            raise _stage_error(name, e) from None
         return result.return_value
+
+
+RERUN = "rerun the same command to resume from the last checkpoint"
+
+
+def _stage_error(name: str, e: BaseException) -> BaseException:
+    """One line for a failed Ray Train run: the worker that died, else the first worker's own error
+    (bad input and non-finite training keep their type, so their exit codes stay 2 and 1)."""
+    failures = sorted((getattr(e, "worker_failures", None) or {}).items())
+    # A dead worker first: the others then fail in their collectives ("connection closed by peer").
+    for rank, err in failures:
+        died = getattr(err, "health_check_failure", None)
+        if died is not None:  # the worker process is gone (killed, OOM, node lost)
+            where = ", ".join(re.findall(r"\b((?:pid|ip): \S+)", str(died))[:2])
+            return StageFailed(
+                f"{name}: Ray Train worker rank {rank} died ({type(died).__name__}"
+                + (f"; {where}" if where else "")
+                + f"); {RERUN}"
+            )
+    for rank, err in failures:
+        cause = getattr(err, "cause", None) or err
+        if isinstance(cause, ValueError | FileNotFoundError | FloatingPointError):
+            return cause  # the trainer's own message
+        return StageFailed(f"{name} failed on Ray Train worker rank {rank}: {_first_line(cause)}; {RERUN}")
+    return StageFailed(f"{name} failed on the Ray cluster: {_first_line(e)}; {RERUN}")
 
 
 def _first_line(e: BaseException) -> str:

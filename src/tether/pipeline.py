@@ -275,7 +275,7 @@ def _stage_sample(
         functools.partial(_sample_shard, cfg, policy, policy_name, chosen[a:b], a, r)
         for a, b in executor.shards(len(chosen))
     ]
-    samples = [s for shard in executor.map(calls) for s in shard]
+    samples = [s for shard in executor.map(calls, f"round-{r}/sample") for s in shard]
     path = write_records(rdir / "samples.jsonl", samples)
     log(f"sample: {len(samples)} prompts x {cfg.k} responses from {policy_name}")
     return {"samples": str(path), "policy": policy, "policy_name": policy_name}
@@ -325,7 +325,7 @@ def _stage_label(cfg: RunConfig, samples: dict, rdir: Path, r: int, log, executo
         for a, b in executor.shards(len(its)):
             calls.append(functools.partial(_label_shard, its[a:b], a, per_sample, heldout, seed))
             names.append(name)
-    done = executor.map(calls)
+    done = executor.map(calls, f"round-{r}/label")
     train, overlap, heldout = ([c for n, shard in zip(names, done, strict=True) if n == k for c in shard] for k in jobs)
     if cfg.comparisons_file and r == 1:  # people's rankings join the first round's training data
         human = read_records(cfg.comparisons_file, "comparison")

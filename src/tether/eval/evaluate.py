@@ -289,7 +289,7 @@ def evaluate_policies(
     for name, path in policies.items():
         n_best = best_of.get(name, 1)
         log(f"eval: generating with {name} ({path})" + (f", best of {n_best} by the RM" if n_best > 1 else ""))
-    done = executor.map(calls)
+    done = executor.map(calls, "eval")
     ppl = dict(zip(taxed, done[len(policies) * len(shards) :], strict=True))
 
     results: list[PolicyEval] = []
