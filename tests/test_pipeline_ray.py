@@ -130,26 +130,29 @@ def test_tiny_run_on_a_local_ray_cluster_matches_one_process(tmp_path, ray_tmp):
     for key in same_text:
         stage, field = key.rsplit("/", 1)
         assert Path(a[stage]["outputs"][field]).read_text() == Path(b[stage]["outputs"][field]).read_text(), key
+    # Every trainer gives one process's update to float round-off on 2 ranks (the data-parallel
+    # tests: max |dw| ~1e-6), and PPO's rollouts are seeded per episode, not per rank, so the
+    # figures agree to float round-off too: measured on this machine, every response and verdict
+    # identical, RM scores within 3e-7, perplexities equal to 1e-12. The bounds leave room for
+    # round-off only; one token sampled differently would show as a different response.
     sft_a, sft_b = a["sft"]["outputs"], b["sft"]["outputs"]
-    assert sft_b["valid_loss_after"] == pytest.approx(sft_a["valid_loss_after"], rel=1e-4)
+    assert sft_b["valid_loss_after"] == pytest.approx(sft_a["valid_loss_after"], rel=1e-5)
     rm_a, rm_b = a["round-1/rm"]["outputs"], b["round-1/rm"]["outputs"]
-    assert rm_b["accuracy"] == pytest.approx(rm_a["accuracy"], abs=0.02)
+    assert rm_b["accuracy"] == rm_a["accuracy"] and rm_b["gain"] == pytest.approx(rm_a["gain"], rel=1e-4)
     ev_a = json.loads((one_dir / "eval" / "eval.json").read_text())
     ev_b = json.loads((ray_dir / "eval" / "eval.json").read_text())
     assert ev_a["prompts"] == ev_b["prompts"] and ev_a["config"] == ev_b["config"]
     pa, pb = ({p["name"]: p for p in ev["policies"]} for ev in (ev_a, ev_b))
     assert list(pa) == list(pb) == ["base", "sft", "sft_bo2", "ppo_ptx@16", "ppo_ptx"]
-    assert pa["base"]["responses"] == pb["base"]["responses"]  # no training in between: identical
-    # PPO samples its own rollouts on each rank (streams per rank), so the PPO policies differ from
-    # one process's by their sampling noise: their figures agree within these bounds.
+    tolerance = dict.fromkeys(["win_rate", "expected_win_rate", "likert", "flag_rates", "preferences"], 1e-9)
+    tolerance |= {"length": 1e-9, "eos_rate": 1e-9, "rm_score": 1e-4, "kl_to_ref": 1e-4}
     for name in pa:
-        assert set(pa[name]) == set(pb[name])
-        if pa[name]["pretrain_ppl"] is None:  # best-of-n: no model of its own
-            assert pb[name]["pretrain_ppl"] is None
-        else:
-            assert pb[name]["pretrain_ppl"] == pytest.approx(pa[name]["pretrain_ppl"], rel=0.05), name
-        assert abs(pb[name]["expected_win_rate"] - pa[name]["expected_win_rate"]) <= 0.15, name
-        assert abs(pb[name]["length"] - pa[name]["length"]) <= 4, name
+        x, y = pa[name], pb[name]
+        assert set(x) == set(y) and x["responses"] == y["responses"], name
+        for key, tol in tolerance.items():
+            assert (x[key] is None and y[key] is None) or x[key] == pytest.approx(y[key], abs=tol), (name, key)
+        ppl = y["pretrain_ppl"]
+        assert x["pretrain_ppl"] == (None if ppl is None else pytest.approx(ppl, rel=1e-4)), name
     report_a = (one_dir / "report" / "report.html").read_text()
     report_b = (ray_dir / "report" / "report.html").read_text()
     for marker in ("Win rate against sft", "Win rate against compute", "ppo_ptx", "is not a trained policy"):
