@@ -68,7 +68,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, jobs: list[tuple[str, object]]) -> None:
+def _rank_main(rank: int, world_size: int, port: int, jobs: list[tuple[str, object, dict]]) -> None:
     """One rank: the torchrun environment by hand, then the trainers, called as users call them."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -78,29 +78,34 @@ def _rank_main(rank: int, world_size: int, port: int, jobs: list[tuple[str, obje
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
+    from tether.checkpoint import StopAfter
     from tether.ppo.train import train_ppo
     from tether.reward.train import train_reward_model
     from tether.sft.train import train_sft
 
     trainers = {"sft": train_sft, "rm": train_reward_model, "ppo": train_ppo}
     try:
-        for kind, cfg in jobs:
-            trainers[kind](cfg, log=lambda _: None)
+        for kind, cfg, kwargs in jobs:
+            try:
+                trainers[kind](cfg, log=lambda _: None, **kwargs)
+            except StopAfter:  # a simulated crash: the next job resumes it
+                pass
     finally:
         torch.distributed.destroy_process_group()
 
 
-def run_ranks(world_size: int, jobs: list[tuple[str, object]]) -> None:
+def run_ranks(world_size: int, jobs: list[tuple[str, object, dict]]) -> None:
     torch.multiprocessing.start_processes(
         _rank_main, args=(world_size, _free_port(), jobs), nprocs=world_size, start_method="spawn"
     )
 
 
-def sft_cfg(out: Path, demos: Path) -> SFTConfig:
+def sft_cfg(out: Path, demos: Path, extra: dict | None = None) -> SFTConfig:
     # 22 training examples in batches of 8: steps of 8, 8 and 6 examples, 2 ranks holding 4, 4
     # and 3 each, in micro-batches of 2 (accumulation under no_sync, one uneven).
     overrides = {"train_file": str(demos), "out_dir": str(out), "valid_fraction": 0.1, "select_by": "last"}
-    return resolve(SFTConfig, "sft", "tiny", overrides=overrides | {"epochs": 1, "micro_batch_size": 2})
+    overrides |= {"epochs": 1, "micro_batch_size": 2, "save_every_steps": 1}
+    return resolve(SFTConfig, "sft", "tiny", overrides=overrides | (extra or {}))
 
 
 def comparisons(n: int) -> list[dict]:
@@ -128,7 +133,7 @@ def comparisons(n: int) -> list[dict]:
     return rows
 
 
-def rm_cfg(out: Path, data: Path) -> RMConfig:
+def rm_cfg(out: Path, data: Path, extra: dict | None = None) -> RMConfig:
     # 17 training prompts in batches of 8: the last step's one prompt leaves rank 1 a filler.
     overrides = {
         "train_file": str(data / "comparisons.jsonl"),
@@ -137,7 +142,7 @@ def rm_cfg(out: Path, data: Path) -> RMConfig:
         "out_dir": str(out),
         "micro_batch_size": 2,
     }
-    return resolve(RMConfig, "rm", "tiny", overrides=overrides)
+    return resolve(RMConfig, "rm", "tiny", overrides=overrides | (extra or {}))
 
 
 # PPO with everything a data-parallel step touches: PPO-ptx (pretraining examples shared out),
@@ -180,7 +185,16 @@ def runs(tmp_path_factory, tiny_dir, ppo_data, eos_policy, tiny_rm) -> dict[str,
         "ppo": lambda out: ppo_cfg(out, ppo_data, eos_policy, tiny_rm),
     }
     out = {f"{kind}{n}": root / f"{kind}-{n}-ranks" for kind in jobs for n in (1, 2)}
-    run_ranks(2, [(kind, make(out[f"{kind}2"])) for kind, make in jobs.items()])
+    out |= {"sft-fsdp": root / "sft-fsdp", "rm-fsdp": root / "rm-fsdp"}
+    fsdp = {"model.parallel": "fsdp"}
+    sft_fsdp = sft_cfg(out["sft-fsdp"], demos, fsdp)
+    run_ranks(
+        2,
+        [(kind, make(out[f"{kind}2"]), {}) for kind, make in jobs.items()]
+        # FSDP2: SFT stopped after 2 of 3 steps and resumed (sharded state gathered and re-sharded).
+        + [("sft", sft_fsdp, {"stop_after_steps": 2}), ("sft", sft_fsdp, {})]
+        + [("rm", rm_cfg(out["rm-fsdp"], root, fsdp), {})],
+    )
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -209,6 +223,17 @@ def test_sft_two_ranks_equal_one_process(runs):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5), key
     assert json.loads((runs["sft2"] / "state" / "counters.json").read_text())["world_size"] == 2
+
+
+def test_fsdp2_sft_resumed_and_rm_equal_one_process(runs):
+    """parallel: fsdp (FSDP2 fully_shard per block): each rank holds half of every weight; SFT
+    stopped after 2 of its 3 steps and rerun (the sharded state gathered, saved, re-sharded)."""
+    for stage, final in (("sft", "final/model.safetensors"), ("rm", "final/model.safetensors")):
+        diff = max_difference(runs[f"{stage}1"] / final, runs[f"{stage}-fsdp"] / final)
+        print(f"{stage} fsdp max |Δw|", diff)
+        assert diff < 1e-5, stage
+    steps = [m["step"] for m in read_metrics(runs["sft-fsdp"] / "metrics.jsonl")]
+    assert steps == [0, 1, 2, 3, 3]  # no step logged twice across the resume
 
 
 def test_rm_two_ranks_equal_one_process(runs):

@@ -284,6 +284,8 @@ class ParallelModel:
         elif self.strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
+            if hasattr(model, "peft_config"):
+                raise ValueError("parallel = 'fsdp' with LoRA is not supported: use 'ddp' (LoRA's weights are small)")
             for block in decoder_blocks(model):
                 fully_shard(block)
             self.engine = fully_shard(call)
@@ -303,6 +305,30 @@ class ParallelModel:
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return self.engine(fn, *args, **kwargs)
 
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """FSDP2: the whole model's state dict, gathered to CPU (a collective: every rank calls it;
+        what rank 0 saves). None when the model is whole on every rank (save ``module`` itself)."""
+        if not self.sharded:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # Tied weights (an LM head sharing the embeddings) come gathered as separate tensors;
+        # keep one name, as saving the whole model would.
+        canonical = dict(self.module.named_parameters())
+        tied = {n for n, _ in self.module.named_parameters(remove_duplicate=False)} - set(canonical)
+        return {k: v for k, v in state.items() if k not in tied}
+
+    def checkpoint_parts(
+        self, name: str, optimizer: torch.optim.Optimizer, *, gather: bool = True
+    ) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+        """What :func:`tether.checkpoint.save_state` / ``load_state`` take for this model and its
+        optimiser: ``({name: model}, {"optimizer": optimizer})``, or under FSDP2 one entry holding
+        both as full tensors, gathered now unless ``gather=False`` (loading): a collective."""
+        if not self.sharded:
+            return {name: self.module}, {"optimizer": optimizer}
+        return {}, {f"{name}+optimizer": _FullState(self.module, optimizer, gather)}
+
     @contextlib.contextmanager
     def sync(self, enabled: bool) -> Iterator[None]:
         """Around a micro-batch's forward and backward: ``False`` keeps its gradients on this rank."""
@@ -317,6 +343,39 @@ class ParallelModel:
                 yield
             finally:
                 self.engine.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+
+class _FullState:
+    """A sharded model's trainable weights and optimiser state as full CPU tensors: the
+    ``state_dict()`` / ``load_state_dict()`` pair a checkpoint keeps for it (torch's distributed
+    state-dict API gathers and re-shards, so the state resumes on any number of ranks)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, gather: bool) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        self.model, self.optimizer = model, optimizer
+        self.snapshot: dict[str, Any] | None = None
+        if gather:
+            weights, optim = get_state_dict(
+                model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            self.snapshot = {"model": {k: v for k, v in weights.items() if k in trainable}, "optimizer": optim}
+
+    def state_dict(self) -> dict[str, Any]:
+        assert self.snapshot is not None, "built with gather=False (for loading)"
+        return self.snapshot
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=StateDictOptions(full_state_dict=True, strict=False),
+        )
 
 
 def as_parallel(model: nn.Module | ParallelModel) -> ParallelModel:

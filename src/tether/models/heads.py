@@ -118,8 +118,8 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     return apply_normalization(model, scalar_per_token(model, input_ids, attention_mask))
 
 
-def save_scalar_model(model, tokenizer, out: str | Path) -> Path:
+def save_scalar_model(model, tokenizer, out: str | Path, *, state_dict: dict | None = None) -> Path:
     """Save as a plain HF sequence-classification directory (LoRA merged), bias in config.json."""
     from tether.models.loading import save_model
 
-    return save_model(model, tokenizer, Path(out))
+    return save_model(model, tokenizer, Path(out), state_dict=state_dict)

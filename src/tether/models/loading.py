@@ -324,8 +324,11 @@ def prepare(model: torch.nn.Module, cfg: ModelConfig, *, trainable: bool, task_t
     return model
 
 
-def save_model(model, tokenizer, out: Path, *, merge_lora: bool = True) -> Path:
-    """Save as a plain HF directory (LoRA merged into a copy so the live model keeps its adapters)."""
+def save_model(model, tokenizer, out: Path, *, merge_lora: bool = True, state_dict: dict | None = None) -> Path:
+    """Save as a plain HF directory (LoRA merged into a copy so the live model keeps its adapters).
+
+    ``state_dict``: the weights to write instead of the model's own (a sharded model's, gathered).
+    """
     out = Path(out)
 
     def build(tmp: Path) -> None:
@@ -334,7 +337,7 @@ def save_model(model, tokenizer, out: Path, *, merge_lora: bool = True) -> Path:
             import copy
 
             to_save = copy.deepcopy(model).merge_and_unload()
-        to_save.save_pretrained(tmp)
+        to_save.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
 
     if out.exists():

@@ -35,7 +35,6 @@ from tether.checkpoint import (
 from tether.config import RMConfig, save_config
 from tether.data.formats import Comparison
 from tether.distributed import (
-    Dist,
     ParallelModel,
     as_parallel,
     barrier,
@@ -258,9 +257,8 @@ def train_reward_model(
     # Rank 0 finds the state (and removes a killed save's leftovers); every rank loads that one.
     state_dir = broadcast_object(find_state(out / "state") if d.is_main else None)
     if state_dir is not None:
-        counters = load_state(
-            state_dir, {"reward_model": model}, {"optimizer": optimizer, "scheduler": scheduler}, rank=d.rank
-        )
+        models, stateful = par.checkpoint_parts("reward_model", optimizer, gather=False)
+        counters = load_state(state_dir, models, stateful | {"scheduler": scheduler}, rank=d.rank)
         epoch0, step0 = counters["epoch"], counters["step_in_epoch"]
         if d.is_main:
             truncate_metrics(metrics_path, counters["global_step"])
@@ -320,10 +318,10 @@ def train_reward_model(
                 logger.log(record)
                 bar.update(task, advance=1, stats=f"loss {stats['loss']:.3f} · acc {stats['accuracy']:.2f}")
                 if global_step % cfg.save_every_steps == 0 and step + 1 < steps_per_epoch:
-                    _save(out, d, model, optimizer, scheduler, epoch, step + 1, global_step)
+                    _save(out, par, optimizer, scheduler, epoch, step + 1, global_step)
                 if stop_after_steps is not None and steps_this_process >= stop_after_steps:
                     raise StopAfter(f"rm: stopped after {stop_after_steps} steps (stop_after_steps)")
-            _save(out, d, model, optimizer, scheduler, epoch + 1, 0, global_step)
+            _save(out, par, optimizer, scheduler, epoch + 1, 0, global_step)
 
     # 4. Normalise (demonstrations score mean 0, paper §3.5), evaluate, save the final RM.
     norm = normalize_reward_model(
@@ -353,8 +351,9 @@ def train_reward_model(
     )
     logger.close()
     final = out / "final"
+    weights = par.full_state_dict()  # (FSDP2: gathered, a collective; else None)
     if d.is_main:
-        save_scalar_model(model, tokenizer, final)
+        save_scalar_model(model, tokenizer, final, state_dict=weights)
         summary = {
             "eval_before": eval_before,
             "eval_after": eval_after.to_json(),
@@ -381,14 +380,17 @@ def _eval_metrics(ev: dict) -> dict[str, float | None]:
 
 
 def _save(
-    out: Path, d: Dist, model, optimizer, scheduler, epoch: int, step_in_epoch: int, global_step: int
+    out: Path, par: ParallelModel, optimizer, scheduler, epoch: int, step_in_epoch: int, global_step: int
 ) -> None:
-    rngs = gather_rng_states(rng_state())  # every rank's stream (a collective: all ranks call it)
-    if d.is_main:
+    # Collectives, so every rank calls them: every rank's RNG streams (and FSDP2's gathering).
+    rngs = gather_rng_states(rng_state())
+    models, stateful = par.checkpoint_parts("reward_model", optimizer)
+    if par.dist.is_main:
+        counters = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step}
         save_state(
             out / "state",
-            {"reward_model": model},
-            {"optimizer": optimizer, "scheduler": scheduler},
-            {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "world_size": d.world_size},
+            models,
+            stateful | {"scheduler": scheduler},
+            counters | {"world_size": par.dist.world_size},
             rng_states=rngs,
         )

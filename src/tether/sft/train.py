@@ -33,7 +33,6 @@ from tether.checkpoint import (
 from tether.config import SFTConfig, save_config
 from tether.data.formats import Demonstration
 from tether.distributed import (
-    Dist,
     ParallelModel,
     broadcast_object,
     gather_rng_states,
@@ -166,9 +165,8 @@ def train_sft(
     # 2. Resume from the last state, if any.
     epoch0, step0, epochs_done = 0, 0, []
     if state_dir is not None:
-        counters = load_state(
-            state_dir, {"policy": model}, {"optimizer": optimizer, "scheduler": scheduler}, rank=d.rank
-        )
+        models, stateful = par.checkpoint_parts("policy", optimizer, gather=False)
+        counters = load_state(state_dir, models, stateful | {"scheduler": scheduler}, rank=d.rank)
         epoch0, step0, epochs_done = counters["epoch"], counters["step_in_epoch"], counters["epochs"]
         if d.is_main:
             truncate_metrics(metrics_path, counters["global_step"])
@@ -243,19 +241,20 @@ def train_sft(
                 bar.update(task, advance=1, stats=f"loss {loss_total:.3f} · {tok_s:,.0f} tok/s")
                 last_in_epoch = step + 1 == steps_per_epoch
                 if global_step % cfg.save_every_steps == 0 and not last_in_epoch:
-                    _save(out, d, model, optimizer, scheduler, epoch, step + 1, global_step, epochs_done, valid_before)
+                    _save(out, par, optimizer, scheduler, epoch, step + 1, global_step, epochs_done, valid_before)
                 if stop_after_steps is not None and steps_this_process >= stop_after_steps:
                     raise StopAfter(f"sft: stopped after {stop_after_steps} steps (stop_after_steps)")
 
             # 4. End of epoch: validation loss, a Hugging Face checkpoint, the resumable state.
             valid_loss = evaluate_loss(par, valid_ex, pad, precision=precision)
             epoch_dir = out / f"epoch-{epoch + 1}"
+            weights = par.full_state_dict()  # (FSDP2: gathered, a collective; else None)
             if d.is_main:
-                save_model(model, tokenizer, epoch_dir)
+                save_model(model, tokenizer, epoch_dir, state_dict=weights)
             epochs_done.append({"epoch": epoch + 1, "valid_loss": valid_loss, "dir": epoch_dir.name})
             logger.log({"step": global_step, "epoch": epoch + 1, "valid_loss": valid_loss})
             log(f"sft: epoch {epoch + 1}/{cfg.epochs} valid loss {valid_loss:.4f}")
-            _save(out, d, model, optimizer, scheduler, epoch + 1, 0, global_step, epochs_done, valid_before)
+            _save(out, par, optimizer, scheduler, epoch + 1, 0, global_step, epochs_done, valid_before)
     logger.close()
     if not d.is_main:  # rank 0 selects, samples and returns; the others return what it did
         return broadcast_object(None)
@@ -286,8 +285,7 @@ def train_sft(
 
 def _save(
     out: Path,
-    d: Dist,
-    model,
+    par: ParallelModel,
     optimizer,
     scheduler,
     epoch: int,
@@ -297,13 +295,15 @@ def _save(
     valid_loss_before: float,
 ) -> None:
     counters = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "epochs": epochs}
-    rngs = gather_rng_states(rng_state())  # every rank's stream (a collective: all ranks call it)
-    if d.is_main:
+    # Collectives, so every rank calls them: every rank's RNG streams (and FSDP2's gathering).
+    rngs = gather_rng_states(rng_state())
+    models, stateful = par.checkpoint_parts("policy", optimizer)
+    if par.dist.is_main:
         save_state(
             out / "state",
-            {"policy": model},
-            {"optimizer": optimizer, "scheduler": scheduler},
-            counters | {"valid_loss_before": valid_loss_before, "world_size": d.world_size},
+            models,
+            stateful | {"scheduler": scheduler},
+            counters | {"valid_loss_before": valid_loss_before, "world_size": par.dist.world_size},
             rng_states=rngs,
         )
 
