@@ -51,6 +51,15 @@ def test_every_rank_gets_a_micro_batch_and_fillers_are_marked():
         micro_batches([], 2, Dist())
 
 
+@pytest.mark.parametrize(
+    ("cls", "stage", "flag"),
+    [(SFTConfig, "sft", "model.parallel"), (RMConfig, "rm", "model.parallel"), (PPOConfig, "ppo", "policy.parallel")],
+)
+def test_an_unknown_parallel_strategy_is_a_config_error(cls, stage, flag):
+    with pytest.raises(ValueError, match=rf"{stage}\.{flag.replace('.', '[.]')} must be one of ddp, fsdp, got 'zero3'"):
+        resolve(cls, stage, "tiny", overrides={flag: "zero3"}).validate()
+
+
 def test_rank_seeds_differ_by_rank_and_seed():
     seeds = {rank_seed(s, r) for s in range(3) for r in range(4)}
     assert len(seeds) == 12
@@ -147,8 +156,11 @@ def rm_cfg(out: Path, data: Path, extra: dict | None = None) -> RMConfig:
 
 # PPO with everything a data-parallel step touches: PPO-ptx (pretraining examples shared out),
 # two PPO epochs of 2 minibatches (a rank may hold none of a minibatch's episodes), adaptive β
-# (the global KL), the EMA, samples (rank 0), a state every iteration (every rank's RNG).
+# (the global KL), the EMA, samples (rank 0), a state every iteration (every rank's RNG), and the
+# top block trained: the four roles share the frozen bottom one (SharedTrunk), so the policy and
+# value forwards DDP must see run outside the models' own forward (through ModelCall).
 PPO_ARGS = {
+    "policy.trainable_layers": 1,
     "total_episodes": 24,
     "save_every": 1,
     "ema_decay": 0.9,
@@ -200,7 +212,9 @@ def runs(tmp_path_factory, tiny_dir, ppo_data, eos_policy, tiny_rm) -> dict[str,
     try:
         train_sft(jobs["sft"](out["sft1"]), log=lambda _: None)
         train_reward_model(jobs["rm"](out["rm1"]), log=lambda _: None)
-        train_ppo(jobs["ppo"](out["ppo1"]), log=lambda _: None)
+        logs: list[str] = []
+        train_ppo(jobs["ppo"](out["ppo1"]), log=logs.append)
+        assert any("share 1 of 2 blocks" in line for line in logs)
     finally:
         torch.set_num_threads(before)
     return out
@@ -316,7 +330,15 @@ def test_ppo_two_ranks_killed_and_rerun_equal_the_uninterrupted_two_ranks(
     proc.wait()
     assert not (run / "policy").exists(), "the run finished before it could be killed"
     done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-    assert "resuming" in done.stdout
+    assert "resuming" in done.stdout and "share 1 of 2 blocks" in done.stdout
     for role in ("policy", "value"):
         assert max_difference(runs["ppo2"] / role / "model.safetensors", run / role / "model.safetensors") == 0.0
     assert (run / "samples.jsonl").read_text() == (runs["ppo2"] / "samples.jsonl").read_text()
+
+
+def test_commands_that_are_not_data_parallel_refuse_torchrun(monkeypatch, capsys):
+    from tether.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["run", "--preset", "tiny", "--out-dir", "/nonexistent"]) == 2
+    assert "does not run under torchrun" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # `tether label ...` gathers the simulated panel (labelers/) and the human app (labeling/).
@@ -60,6 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     from tether.data.formats import DataError
 
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "sample", "eval", "label", "data") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Only the trainers are data parallel; the rest would run once per rank, writing the same files.
+        print(
+            f"error: `tether {args.command}` does not run under torchrun (WORLD_SIZE > 1): launch the "
+            "trainers (tether sft | rm | ppo) with torchrun one by one, or the whole pipeline with "
+            "`tether run --ray-address ...`",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return int(args.func(args) or 0)
     except Exception as e:
