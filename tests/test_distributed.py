@@ -197,15 +197,19 @@ def runs(tmp_path_factory, tiny_dir, ppo_data, eos_policy, tiny_rm) -> dict[str,
         "ppo": lambda out: ppo_cfg(out, ppo_data, eos_policy, tiny_rm),
     }
     out = {f"{kind}{n}": root / f"{kind}-{n}-ranks" for kind in jobs for n in (1, 2)}
-    out |= {"sft-fsdp": root / "sft-fsdp", "rm-fsdp": root / "rm-fsdp"}
-    fsdp = {"model.parallel": "fsdp"}
+    out |= {name: root / name for name in ("sft-fsdp", "rm-fsdp", "sft-dropout", "sft-dropout-resumed")}
+    fsdp, dropout = {"model.parallel": "fsdp"}, {"model.residual_dropout": 0.2}
     sft_fsdp = sft_cfg(out["sft-fsdp"], demos, fsdp)
     run_ranks(
         2,
         [(kind, make(out[f"{kind}2"]), {}) for kind, make in jobs.items()]
         # FSDP2: SFT stopped after 2 of 3 steps and resumed (sharded state gathered and re-sharded).
         + [("sft", sft_fsdp, {"stop_after_steps": 2}), ("sft", sft_fsdp, {})]
-        + [("rm", rm_cfg(out["rm-fsdp"], root, fsdp), {})],
+        + [("rm", rm_cfg(out["rm-fsdp"], root, fsdp), {})]
+        # Dropout: each rank its own stream, saved and restored per rank across a resume.
+        + [("sft", sft_cfg(out["sft-dropout"], demos, dropout), {})]
+        + [("sft", sft_cfg(out["sft-dropout-resumed"], demos, dropout), {"stop_after_steps": 2})]
+        + [("sft", sft_cfg(out["sft-dropout-resumed"], demos, dropout), {})],
     )
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -248,6 +252,17 @@ def test_fsdp2_sft_resumed_and_rm_equal_one_process(runs):
         assert diff < 1e-5, stage
     steps = [m["step"] for m in read_metrics(runs["sft-fsdp"] / "metrics.jsonl")]
     assert steps == [0, 1, 2, 3, 3]  # no step logged twice across the resume
+
+
+def test_each_rank_has_its_own_dropout_stream_and_gets_it_back_on_resume(runs):
+    """2 ranks with dropout, stopped after 2 of 3 steps and rerun, equal the uninterrupted run bit
+    for bit: every rank's RNG stream was saved and restored, not rank 0's everywhere."""
+    final = "final/model.safetensors"
+    assert max_difference(runs["sft-dropout"] / final, runs["sft-dropout-resumed"] / final) == 0.0
+    assert max_difference(runs["sft-dropout"] / final, runs["sft2"] / final) > 1e-4  # (dropout did act)
+    state = torch.load(runs["sft-dropout"] / "state" / "trainer_state.pt", weights_only=False)
+    streams = [r["torch"] for r in state["rng_per_rank"]]
+    assert len(streams) == 2 and not torch.equal(*streams)
 
 
 def test_rm_two_ranks_equal_one_process(runs):
