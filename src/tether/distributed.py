@@ -92,7 +92,7 @@ def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> Dist:
             "(torchrun --nproc-per-node N -m tether ...) or set them for every rank"
         )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = device != "cpu" and torch.cuda.is_available() and not device.startswith("cpu")
+    cuda = not device.startswith("cpu") and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
