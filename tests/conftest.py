@@ -38,6 +38,12 @@ def tiny_dir() -> Path:
     return tiny_model_dir()
 
 
+@pytest.fixture(scope="session")
+def demonstrations() -> list[dict]:
+    """The toy demonstrations (:func:`make_demonstrations`), for fixtures wider than a test."""
+    return make_demonstrations()
+
+
 @pytest.fixture
 def demos_file(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "demos.jsonl", make_demonstrations())

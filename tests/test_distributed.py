@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_demonstrations, write_jsonl
 from safetensors.torch import load_file
 
 from tether.config import PPOConfig, RMConfig, SFTConfig, resolve
@@ -69,6 +68,11 @@ def test_rank_seeds_differ_by_rank_and_seed():
 
 # --------------------------------------------------------------------------------------------
 # Two gloo ranks (spawned processes) against one process with the same global batch
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def _free_port() -> int:
@@ -184,10 +188,10 @@ def ppo_cfg(out: Path, data: dict[str, Path], policy: Path, rm: Path) -> PPOConf
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_dir, ppo_data, eos_policy, tiny_rm) -> dict[str, Path]:
+def runs(tmp_path_factory, tiny_dir, demonstrations, ppo_data, eos_policy, tiny_rm) -> dict[str, Path]:
     """Every stage trained once by 2 ranks (one spawn for all) and once in this process."""
     root = tmp_path_factory.mktemp("dp")
-    demos = write_jsonl(root / "demos.jsonl", make_demonstrations())
+    demos = write_jsonl(root / "demos.jsonl", demonstrations)
     rows = comparisons(21)
     write_jsonl(root / "comparisons.jsonl", rows[:17])
     write_jsonl(root / "valid.jsonl", rows[17:])
