@@ -235,6 +235,10 @@ def _load_models(cfg: PPOConfig, reward_fn: RewardFn | None, log):
     return policy, ref_policy, value_model, reward, tokenizer
 
 
+# The stats every ppo_step returns (summed over the ranks key by key, so every rank has them all).
+PPO_STEP_STATS = ("policy_loss", "value_loss", "policy_clipfrac", "approx_kl", "value_clipfrac", "value_error")
+
+
 def ppo_step(
     policy: torch.nn.Module | ParallelModel,
     value_model: torch.nn.Module | ParallelModel,
@@ -279,8 +283,9 @@ def ppo_step(
         weight = 0.0 if filler else micro.n_tokens / n_tokens
         inputs = (micro.query_ids, micro.query_mask, micro.response_ids, micro.response_mask)
         shared = {"trunk": trunk, "hidden": micro.trunk_hidden}
-        # The step's last PPO micro-batch all-reduces both models' gradients (the policy's again
-        # after the ptx passes, which add to the reduced PPO gradient: see the README).
+        # The step's last PPO micro-batch all-reduces both models' gradients. With ptx the
+        # policy's is all-reduced again after the ptx passes: the mean over the ranks of (the
+        # reduced PPO gradient, equal everywhere, + each rank's ptx part × world_size) is the sum.
         last = start + cfg.micro_batch_size >= n_episodes
         with policy.sync(last), value_model.sync(last):
             with precision:
@@ -329,10 +334,6 @@ def ppo_step(
             totals["ptx_grad_ratio"] = math.sqrt(ptx_sq / ppo_sq)
         return totals
     return sum_dict(totals)
-
-
-# The stats every ppo_step returns (summed over the ranks key by key, so every rank has them all).
-PPO_STEP_STATS = ("policy_loss", "value_loss", "policy_clipfrac", "approx_kl", "value_clipfrac", "value_error")
 
 
 def _share_trunk(cfg: PPOConfig, models: Sequence[Any], log: Callable[[str], None]) -> SharedTrunk | None:
