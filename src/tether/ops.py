@@ -149,6 +149,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _scaled(logits: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
+    """``logits / temperature`` in ``dtype``; at temperature 1 no pass over the tile (x / 1 == x)."""
+    logits = logits.to(dtype)
+    return logits if temperature == 1.0 else logits / temperature
+
+
 class _TokenLogprobs(torch.autograd.Function):
     """log_softmax(logits / T) gathered at ``tokens``, chunked in forward *and* backward.
 
@@ -167,7 +173,7 @@ class _TokenLogprobs(torch.autograd.Function):
         out = torch.empty(b, t, dtype=dtype, device=logits.device)
         lse = torch.empty(b, t, dtype=dtype, device=logits.device)
         for bs, ts in _chunks(b, t, v, chunk_elements):
-            z = logits[bs, ts].to(dtype) / temperature
+            z = _scaled(logits[bs, ts], dtype, temperature)
             lse[bs, ts] = torch.logsumexp(z, dim=-1)
             out[bs, ts] = z.gather(-1, tokens[bs, ts].unsqueeze(-1)).squeeze(-1) - lse[bs, ts]
         ctx.save_for_backward(logits, tokens, lse)
@@ -183,12 +189,12 @@ class _TokenLogprobs(torch.autograd.Function):
         b, t, v = logits.shape
         grad_logits = torch.empty(b, t, v, dtype=logits.dtype, device=logits.device)
         for bs, ts in _chunks(b, t, v, ctx.chunk_elements):
-            z = logits[bs, ts].to(lse.dtype) / temperature
+            z = _scaled(logits[bs, ts], lse.dtype, temperature)
             go = grad_out[bs, ts].to(lse.dtype).unsqueeze(-1)
             # d log p(tok) / d logits = (onehot(tok) - softmax(z)) / temperature
-            g = torch.exp(z - lse[bs, ts].unsqueeze(-1)).mul_(-go)
+            g = torch.sub(z, lse[bs, ts].unsqueeze(-1)).exp_().mul_(-go)
             g.scatter_add_(-1, tokens[bs, ts].unsqueeze(-1), go)
-            grad_logits[bs, ts] = g.div_(temperature)
+            grad_logits[bs, ts] = g if temperature == 1.0 else g.div_(temperature)
         return grad_logits, None, None, None
 
 

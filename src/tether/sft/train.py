@@ -13,7 +13,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,8 +59,9 @@ from tether.sft.data import (
     target_tokens,
 )
 
-# A checkpoint scorer: HF model directory → score, higher is better (the paper: mean RM score).
-Scorer = Callable[[Path], float]
+# A checkpoint scorer: (HF model directory, validation prompts) → score, higher is better (the
+# paper: the mean RM score of its samples; tether.reward.score.rm_scorer, built by the caller).
+Scorer = Callable[[Path, Sequence[str]], float]
 
 
 def split_valid(demos: list[Demonstration], fraction: float, seed: int) -> tuple[list, list]:
@@ -108,10 +109,19 @@ def train_sft(
 
     Data parallel when launched by torchrun or inside a process group (Ray Train): the batch is
     split over the ranks, rank 0 writes, every rank returns the same result.
+
+    ``scorer`` scores each epoch's checkpoint on up to ``select_prompts`` validation prompts when
+    ``select_by = 'rm_score'`` (``tether sft`` builds it from ``reward_model``).
+
     ``stop_after_steps`` raises :class:`~tether.checkpoint.StopAfter` once this process has
     taken that many optimiser steps (tests use it to simulate a crash).
     """
     cfg.validate()
+    if cfg.select_by == "rm_score" and scorer is None:
+        raise ValueError(
+            "sft: select_by = 'rm_score' needs a scorer: train_sft(cfg, scorer=rm_scorer(cfg.reward_model, "
+            "cfg.max_new_tokens, cfg.seed)) from tether.reward.score (tether sft builds it)"
+        )
     d = init_from_env(cfg.model.device)
     log = main_only(log, d)
     out = Path(cfg.out_dir)
@@ -324,12 +334,9 @@ def select_checkpoint(
     elif cfg.select_by == "valid_loss":
         chosen = min(epochs, key=lambda e: e["valid_loss"])
     else:
-        if scorer is None:
-            from tether.reward.score import rm_scorer
-
-            scorer = rm_scorer(cfg.reward_model, valid_prompts[: cfg.select_prompts], cfg.max_new_tokens, cfg.seed)
+        assert scorer is not None  # train_sft checked it before training
         for e in epochs:
-            e["score"] = float(scorer(out / e["dir"]))
+            e["score"] = float(scorer(out / e["dir"], valid_prompts[: cfg.select_prompts]))
         chosen = max(epochs, key=lambda e: e["score"])
     (out / "selection.json").write_text(
         json.dumps({"select_by": cfg.select_by, "selected": chosen, "epochs": epochs}, indent=1)
