@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import get_args
 
 import torch
 
 from tether.checkpoint import NonFiniteError, require_finite_weights
-from tether.config import OptimConfig
+from tether.config import OptimConfig, Schedule
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, lr: float | None = None):
@@ -32,7 +33,7 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     if cfg.schedule == "constant":
         return 1.0
     if cfg.schedule != "cosine":
-        raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
+        raise ValueError(f"optim.schedule must be one of {', '.join(get_args(Schedule))}; got {cfg.schedule!r}")
     span = max(1, total_steps - cfg.warmup_steps - 1)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.final_lr_fraction

@@ -327,8 +327,8 @@ def _stage_rm(cfg: RunConfig, sft_policy: str, rounds: list[dict], data: dict, r
         out_dir=str(rdir / "rm"),
         seed=cfg.seed,
         heldout_panel_labelers=True,
+        model=dataclasses.replace(cfg.rm.model, name_or_path=sft_policy),
     )
-    rm_cfg.model = dataclasses.replace(cfg.rm.model, name_or_path=sft_policy)
     res = train_reward_model(rm_cfg, log=log)
     ev = res.eval_after
     return {
@@ -358,8 +358,8 @@ def _stage_ppo(
         seed=cfg.seed,
         ptx_coef=cfg.ppo.ptx_coef if variant == "ppo_ptx" else 0.0,
         keep_policy_every=curve or cfg.ppo.keep_policy_every,
+        policy=dataclasses.replace(cfg.ppo.policy, name_or_path=sft_policy),
     )
-    ppo_cfg.policy = dataclasses.replace(cfg.ppo.policy, name_or_path=sft_policy)
     res = train_ppo(ppo_cfg, log=log)
     out = {"policy": str(Path(res.policy_dir).resolve()), "ptx_coef": ppo_cfg.ptx_coef}
     if curve:  # checkpoints along the way, by episodes trained (the final one is the policy itself)

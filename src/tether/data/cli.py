@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from typing import get_args
+
+from tether.config import PiiMode
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +28,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--out", required=True,
         help="directory for train/valid/test.jsonl, dropped.jsonl (ids and reasons), report.json",
     )
-    pp.add_argument("--pii", choices=["drop", "redact"], default=keep,
+    pp.add_argument("--pii", choices=get_args(PiiMode), default=keep,
                     help="drop prompts with personal information, or redact it (default: drop)")
     pp.add_argument("--max-chars", type=int, default=keep,
                     help="drop prompts longer than this many characters (default: no limit)")

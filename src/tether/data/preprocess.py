@@ -22,8 +22,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import get_args
 
+from tether.config import PiiMode
 from tether.data.formats import Prompt, write_records
 
 SPLITS: tuple[str, str, str] = ("train", "valid", "test")
@@ -210,9 +211,6 @@ def redact_pii(text: str, matches: Sequence[PiiMatch] | None = None) -> str:
     for m in sorted(matches, key=lambda t: t.start, reverse=True):
         text = text[: m.start] + PII_PLACEHOLDERS[m.kind] + text[m.end :]
     return text
-
-
-PiiMode = Literal["drop", "redact"]
 
 
 def _apply_pii(
@@ -415,7 +413,7 @@ def split_by_user(
 # The whole pipeline
 
 
-@dataclass
+@dataclass(frozen=True)
 class PreprocessConfig:
     """Settings for :func:`preprocess_prompts` (``tether data preprocess``)."""
 
@@ -440,8 +438,8 @@ class PreprocessConfig:
     """Seed for the per-user cap and the user split; the same seed gives the same output."""
 
     def __post_init__(self) -> None:
-        if self.pii not in ("drop", "redact"):
-            raise ValueError(f"pii must be 'drop' or 'redact', got {self.pii!r}")
+        if self.pii not in get_args(PiiMode):
+            raise ValueError(f"pii must be one of {', '.join(get_args(PiiMode))}; got {self.pii!r}")
         for name in ("max_chars", "max_words", "max_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -450,8 +448,9 @@ class PreprocessConfig:
             raise ValueError(f"prefix_chars must be at least 1, got {self.prefix_chars}")
         if self.max_per_user < 1:
             raise ValueError(f"max_per_user must be at least 1, got {self.max_per_user}")
-        # Lists (from JSON, YAML or argparse) become the declared tuple.
-        self.fractions = _check_fractions(tuple(self.fractions))
+        # Lists (from JSON, YAML or argparse) become the declared tuple (frozen: set it the one way
+        # __post_init__ can).
+        object.__setattr__(self, "fractions", _check_fractions(tuple(self.fractions)))
 
 
 @dataclass

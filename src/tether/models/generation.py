@@ -19,14 +19,16 @@ import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
-from tether.config import ROLLOUT_DTYPES
+from tether.config import RolloutDtype
 from tether.models.loading import fast_bf16
+
+ROLLOUT_DTYPES: tuple[str, ...] = get_args(RolloutDtype)
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
