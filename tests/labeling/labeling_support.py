@@ -197,7 +197,13 @@ class PostgresServer:
         if os.geteuid() == 0:
             import pwd
 
-            user = pwd.getpwnam("postgres")
+            try:
+                user = pwd.getpwnam("postgres")
+            except KeyError:
+                raise RuntimeError(
+                    "PostgreSQL refuses to run as root and there is no 'postgres' user to run it as "
+                    "(Debian's postgresql package creates one: bash scripts/setup.sh --test)"
+                ) from None
             os.chown(self.dir, user.pw_uid, user.pw_gid)
             self._as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
 
