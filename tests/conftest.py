@@ -21,7 +21,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         reason = reason.removeprefix("Skipped: ")
         report.outcome = "failed"
-        report.longrepr = f"CI=true: a test may not skip ({reason}); bash scripts/setup.sh --test installs what it needs"
+        report.longrepr = f"CI=true: a test may not skip ({reason}); bash scripts/setup.sh --test installs it"
     return report
 
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple"]
