@@ -179,7 +179,7 @@ def token_logprobs(
     The caller aligns the two: for a causal LM, ``logits[:, t]`` predicts ``input_ids[:, t+1]``,
     so pass ``logits[:, :-1]`` with ``input_ids[:, 1:]`` (or the response slice of both).
     ``temperature`` must be the one used for sampling: log-probs of a different distribution
-    than the one sampled make the KL estimate biased, even negative (SPEC, Known failure modes).
+    than the one sampled make the KL estimate biased, even negative.
 
     Memory: work is done in tiles of about ``chunk_elements`` logits upcast to fp32, in forward
     and in backward; nothing ``[B, T, V]``-sized is allocated except the gradient itself.

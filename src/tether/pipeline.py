@@ -276,7 +276,8 @@ def _stage_label(cfg: RunConfig, samples: dict, rdir: Path, r: int, log) -> dict
 
     A slice of prompts (``heldout_labeler_prompts``) is the RM's validation set: each of its
     samples is ranked by two training labelers (for inter-labeler agreement) and by every held-out
-    labeler (never trained on, SPEC "held-out labelers"). The rest is ranked by
+    labeler (never trained on: the paper's held-out labelers, who measure whether the RM
+    generalises to people it never saw). The rest is ranked by
     ``labelers_per_sample`` training labelers and is what the RM trains on.
     """
     from tether.labelers.panel import Panel, pairwise_agreement

@@ -2,8 +2,8 @@
 
 Sampling is a hand-written loop rather than ``model.generate`` so that the log-probability of every
 sampled token is taken from exactly the distribution it was drawn from (logits / temperature, no
-top-k / top-p): the PPO ratio and the KL estimate are only right if they match (SPEC, "KL negative
-because sampling and log-prob distributions differ").
+top-k / top-p): the PPO ratio and the KL estimate are only right if they match (log-probs of any
+other distribution bias the KL estimate, and can make it negative).
 
 Every sampler in tether goes through :func:`sample` (the rollout engine, :func:`_generate`): KV
 buffers allocated once and written in place, the prompt prefix all rows share computed once,

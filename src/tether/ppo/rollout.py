@@ -163,7 +163,7 @@ def response_logprobs(
     One forward over prompt ⊕ response; only the ``R + 1`` last positions go through the LM head
     (``logits_to_keep``), and ``logits[:, P - 1 + t]`` predicts response token ``t``. The
     temperature must be the sampling one, or the PPO ratio and the KL use a distribution that
-    was never sampled (SPEC, Known failure modes).
+    was never sampled (a biased, even negative, KL estimate).
 
     Args:
         query_ids, query_mask: ``[B, P]``, left-padded (every row's last prompt token is real).

@@ -12,8 +12,8 @@ the frozen reward model, a value model initialised from the RM) → resume → p
 5. log, sample the fixed prompts, checkpoint.
 
 The policy stays in eval mode throughout, training included: dropout in RL would make the
-log-probs of the update differ from those of the rollout for no reason (SPEC, Known failure
-modes); gradients flow the same.
+log-probs of the update differ from those of the rollout for no reason (the ratio would not
+start at 1, and the KL estimate would be biased); gradients flow the same.
 """
 
 from __future__ import annotations
@@ -138,8 +138,7 @@ def check_same_tokenizer(policy_tok: PreTrainedTokenizerBase, other_tok: PreTrai
     """Raise unless ``other_tok`` has the policy's vocabulary and special tokens.
 
     PPO feeds the sampled token ids straight to the reward and value models; a different
-    tokenizer would read them as other words (SPEC, Known failure modes: RM/policy tokenizer
-    mismatch).
+    tokenizer would read them as other words, and score text the policy never wrote.
     """
     problems = []
     if policy_tok.get_vocab() != other_tok.get_vocab():

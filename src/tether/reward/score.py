@@ -1,8 +1,8 @@
 """Scoring (prompt, response) texts with a reward model, in batches; the SFT selection hook.
 
 Texts are re-tokenised with the reward model's own tokenizer (never the policy's token ids), so a
-policy and an RM with different tokenizers still score correctly (SPEC failure mode: RM/policy
-tokenizer mismatch).
+policy and an RM with different tokenizers still score correctly: the policy's ids would be other
+words to the RM.
 """
 
 from __future__ import annotations

@@ -35,8 +35,9 @@ def encode_demonstration(
 ) -> SFTExample | None:
     """Chat-formatted prompt (masked) + response + EOS (trained). None if the prompt alone is too long.
 
-    SPEC stage 1: loss on the response tokens only, EOS appended. An over-length example keeps
-    its whole prompt and loses the end of its response (and so its EOS).
+    InstructGPT stage 1: loss on the response tokens only, EOS appended so the model learns to
+    stop. An over-length example keeps its whole prompt and loses the end of its response (and
+    so its EOS).
     """
     prompt_ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
     response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
