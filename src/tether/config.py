@@ -450,7 +450,8 @@ def check_fields(cfg: Any, prefix: str = "") -> None:
     Run before anything loads, so ``--optim.lr inf`` or ``--ppo.kl-estimator k4`` is a config
     error, not a NaN or a KeyError an hour later.
     """
-    hints = _hints(type(cfg))
+    cls: type = type(cfg)
+    hints = _hints(cls)
     for f in dataclasses.fields(cfg):
         value, name = getattr(cfg, f.name), prefix + f.name
         if dataclasses.is_dataclass(value):
@@ -802,10 +803,10 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     """Convert a YAML/CLI value to the annotated type, with a readable error."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
-        return _coerce(value, args[0], name)
+        return _coerce(value, members[0], name)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -948,6 +949,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, prefix: str = ""
         parser.add_argument("--config", help="YAML file with config fields (nested mappings)")
     docs = field_docs(cls)
     hints = _hints(cls)
+    defaults = cls()
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         name = prefix + f.name
@@ -955,7 +957,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, prefix: str = ""
             add_config_args(parser, tp, name + ".")
             continue
         flag = "--" + name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = getattr(defaults, f.name)
         parser.add_argument(
             flag,
             dest="cfg__" + name,

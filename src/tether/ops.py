@@ -134,7 +134,7 @@ class _TokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, logits: Tensor, tokens: Tensor, temperature: float, chunk_elements: int
     ) -> Tensor:
         b, t, v = logits.shape
@@ -152,7 +152,7 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None]:
         logits, tokens, lse = ctx.saved_tensors
         temperature = ctx.temperature
         b, t, v = logits.shape

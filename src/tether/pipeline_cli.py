@@ -18,7 +18,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def _run(args) -> int:
+def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from tether.config import RunConfig, config_from_args

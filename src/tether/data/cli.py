@@ -54,7 +54,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     dt.set_defaults(func=_default_task)
 
 
-def _validate(args) -> int:
+def _validate(args: argparse.Namespace) -> int:
     from tether.data.formats import validate_file
 
     for f in args.files:
@@ -64,7 +64,7 @@ def _validate(args) -> int:
     return 0
 
 
-def _preprocess(args) -> int:
+def _preprocess(args: argparse.Namespace) -> int:
     from tether.data.formats import read_records
     from tether.data.preprocess import PreprocessConfig, preprocess_prompts
 
@@ -86,7 +86,7 @@ def _preprocess(args) -> int:
     return 0
 
 
-def _default_task(args) -> int:
+def _default_task(args: argparse.Namespace) -> int:
     from tether.data.task import build_default_task
 
     task = build_default_task(seed=args.seed)

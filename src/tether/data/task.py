@@ -28,6 +28,7 @@ import hashlib
 import json
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -44,7 +45,7 @@ from tether.data.constraints import (
     parse_constraints,
     words,
 )
-from tether.data.formats import Demonstration, PretrainText, Prompt, write_records
+from tether.data.formats import Demonstration, PretrainText, Prompt, Record, write_records
 from tether.data.preprocess import PreprocessConfig, preprocess_prompts
 
 __all__ = [
@@ -297,7 +298,7 @@ def compose_response(
     suffix = f" {by_kind['ends_with']}" if "ends_with" in by_kind else ""
     chosen = pool[:n]
     if "max_words" in by_kind:
-        budget = int(by_kind["max_words"]) - count_words(prefix) - count_words(suffix)
+        budget = int(by_kind["max_words"] or 0) - count_words(prefix) - count_words(suffix)
         if fixed is None:
             # Truncate at a sentence boundary, never mid-sentence.
             kept: list[str] = []
@@ -339,7 +340,7 @@ def _as_written(word: str, position: int) -> str | None:
     return None
 
 
-def _draw_value(kind: str, category: str, pool: list[str], topic: Topic, rng: random.Random):
+def _draw_value(kind: str, category: str, pool: list[str], topic: Topic, rng: random.Random) -> int | str | None:
     """A value for a constraint of ``kind`` that has a chance of being satisfiable."""
     if kind == "max_words":
         return (
@@ -353,18 +354,16 @@ def _draw_value(kind: str, category: str, pool: list[str], topic: Topic, rng: ra
         return len(pool) if category == "rewrite" else rng.randint(2, min(4, len(pool)))
     if kind in ("include_word", "exclude_word"):
         name_words = set(topic.key)
-        candidates = sorted(
-            {
-                _as_written(w, i)
-                for s in pool
-                for i, w in enumerate(words(s))
-                if w.lower() not in STOPWORDS | _BLAND
-                and len(w) >= 4
-                and not w.isdigit()
-                and (kind == "exclude_word" or stem(w) not in name_words)
-            }
-            - {None}
-        )
+        written = {
+            _as_written(w, i)
+            for s in pool
+            for i, w in enumerate(words(s))
+            if w.lower() not in STOPWORDS | _BLAND
+            and len(w) >= 4
+            and not w.isdigit()
+            and (kind == "exclude_word" or stem(w) not in name_words)
+        }
+        candidates = sorted(w for w in written if w is not None)
         if kind == "exclude_word":
             # A forbidden word is only a test if it is tempting: prefer words used often.
             weights = [1 + sum(contains_word(s, w) for s in pool) for w in candidates]
@@ -537,7 +536,8 @@ def _prose_paragraphs(doc: str) -> list[str]:
 
 def _bounded(paragraph: str, max_words: int) -> list[str]:
     """Split a long paragraph at sentence boundaries into pieces of at most ``max_words``."""
-    pieces, current = [], []
+    pieces: list[str] = []
+    current: list[str] = []
     for sentence in re.split(r"(?<=\.)\s+(?=[A-Z\"(])", paragraph):
         if current and count_words(" ".join([*current, sentence])) > max_words:
             pieces.append(" ".join(current))
@@ -561,7 +561,8 @@ def pretrain_corpus(
     from pydoc_data.topics import topics
 
     seen: set[str] = set()
-    train, heldout = [], []
+    train: list[PretrainText] = []
+    heldout: list[PretrainText] = []
     for name in sorted(topics):
         for paragraph in _prose_paragraphs(topics[name]):
             for piece in _bounded(paragraph, max_words):
@@ -595,7 +596,7 @@ class DefaultTask:
     def write(self, out_dir: str | Path) -> dict[str, Path]:
         """Write the four JSONL files into ``out_dir``; returns {name: path}."""
         out = Path(out_dir)
-        files = {
+        files: dict[str, tuple[Path, Sequence[Record]]] = {
             "prompts": (out / "prompts.jsonl", self.prompts),
             "demonstrations": (out / "demonstrations.jsonl", self.demonstrations),
             "pretrain_train": (out / "pretrain_train.jsonl", self.pretrain_train),

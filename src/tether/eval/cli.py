@@ -53,7 +53,7 @@ def _pairs(specs: list[str], flag: str, what: str) -> dict[str, str]:
     return out
 
 
-def _run(args) -> int:
+def _run(args: argparse.Namespace) -> int:
     from tether.config import EvalConfig, RunConfig, config_from_args, from_dict, set_dotted, to_dict
     from tether.data.formats import read_records
     from tether.eval.evaluate import evaluate_policies, load_eval, save_eval

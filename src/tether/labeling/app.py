@@ -169,7 +169,7 @@ def error_page(request: Request, status: int, message: str) -> HTMLResponse:
     )
 
 
-def login_page(request: Request, message: str | None, *, status: int, next_url: str = "/"):
+def login_page(request: Request, message: str | None, *, status: int, next_url: str = "/") -> HTMLResponse:
     token = secrets.token_urlsafe(32)
     response = render(
         request,

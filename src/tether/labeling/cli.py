@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the web stack is imported inside the handlers, never by `tether --help`
+    from tether.labeling.store import LabelStore
 
 DEFAULT_DB = "sqlite:///labeling.db"
 
@@ -32,7 +36,7 @@ def _password(env_name: str, prompt: str) -> str:
     raise ValueError(f"set the password in ${env_name} (or run in a terminal to be asked)")
 
 
-def _store(args: argparse.Namespace, **options):  # -> LabelStore, imported lazily
+def _store(args: argparse.Namespace, **options: Any) -> LabelStore:
     """The store at ``--db``; a URL that names no database, or one that cannot be opened, is a
     one-line error (exit 2), not a SQLAlchemy traceback."""
     from sqlalchemy.exc import ArgumentError, DBAPIError

@@ -23,7 +23,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def _run(args) -> int:
+def _run(args: argparse.Namespace) -> int:
     from tether.data.formats import read_records, write_records
     from tether.metrics import progress_bar
     from tether.models.generation import sample_k

@@ -15,11 +15,12 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import get_args
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from tether.config import Dtype, LoraConfig, ModelConfig
@@ -70,7 +71,7 @@ def _embedded_gguf_dir() -> Path:
     return folder
 
 
-def _atomic_dir(final: Path, build) -> Path:
+def _atomic_dir(final: Path, build: Callable[[Path], None]) -> Path:
     """Build a directory in a temp sibling, then rename it into place (no half-written caches)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
@@ -239,7 +240,7 @@ def autocast_dtype(cfg: ModelConfig, device: torch.device | str) -> str | None:
     return cfg.autocast
 
 
-def autocast(cfg: ModelConfig, device: torch.device | str):
+def autocast(cfg: ModelConfig, device: torch.device | str) -> contextlib.AbstractContextManager:
     """The forward-pass precision context for a model config (a no-op when autocast is None)."""
     dtype = autocast_dtype(cfg, device)
     if not dtype:
@@ -247,7 +248,7 @@ def autocast(cfg: ModelConfig, device: torch.device | str):
     return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[dtype])
 
 
-def freeze_lower_layers(model: torch.nn.Module, n_trainable: int) -> None:
+def freeze_lower_layers(model: PreTrainedModel, n_trainable: int) -> None:
     """Keep only the top ``n_trainable`` decoder blocks, the final norm and the output head trainable.
 
     Backward then stops at the lowest trainable block, which is what makes CPU training of a
@@ -270,7 +271,7 @@ def freeze_lower_layers(model: torch.nn.Module, n_trainable: int) -> None:
         head.requires_grad_(True)
 
 
-def apply_lora(model: torch.nn.Module, lora: LoraConfig, task_type: str = "CAUSAL_LM"):
+def apply_lora(model: PreTrainedModel, lora: LoraConfig, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -289,7 +290,9 @@ def apply_lora(model: torch.nn.Module, lora: LoraConfig, task_type: str = "CAUSA
     return get_peft_model(model, peft_config)
 
 
-def load_causal_lm(cfg: ModelConfig | str, *, trainable: bool = False):
+def load_causal_lm(
+    cfg: ModelConfig | str, *, trainable: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) for a causal LM; LoRA and residual dropout applied when trainable."""
     if isinstance(cfg, str):
         cfg = ModelConfig(name_or_path=cfg)
@@ -308,7 +311,9 @@ def load_causal_lm(cfg: ModelConfig | str, *, trainable: bool = False):
     return prepare(model, cfg, trainable=trainable), tokenizer
 
 
-def prepare(model: torch.nn.Module, cfg: ModelConfig, *, trainable: bool, task_type: str = "CAUSAL_LM"):
+def prepare(
+    model: PreTrainedModel, cfg: ModelConfig, *, trainable: bool, task_type: str = "CAUSAL_LM"
+) -> PreTrainedModel:
     """Train mode with dropout / LoRA / layer freezing as configured, or frozen eval mode."""
     if not trainable:
         model.eval()
@@ -323,7 +328,9 @@ def prepare(model: torch.nn.Module, cfg: ModelConfig, *, trainable: bool, task_t
     return model
 
 
-def save_model(model, tokenizer, out: Path, *, merge_lora: bool = True) -> Path:
+def save_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, *, merge_lora: bool = True
+) -> Path:
     """Save as a plain HF directory (LoRA merged into a copy so the live model keeps its adapters)."""
     out = Path(out)
 

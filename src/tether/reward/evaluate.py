@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from tether.data.formats import Comparison
 from tether.reward.data import RankedExample, unique_sequences
@@ -116,7 +117,7 @@ def score_distribution(scores: torch.Tensor, bins: int = 10) -> tuple[dict[str, 
 
 
 def evaluate_rm(
-    model,
+    model: PreTrainedModel,
     examples: Sequence[RankedExample],
     pad_token_id: int,
     *,

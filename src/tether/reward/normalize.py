@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.data.formats import Demonstration
 from tether.models.heads import set_reward_normalization
@@ -33,7 +33,7 @@ class Normalization:
 
 
 def normalize_reward_model(
-    model,
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     demonstrations: Sequence[Demonstration],
     *,

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.models.heads import reward_scores
 from tether.reward.data import encode_response, pad_right, prompt_ids
@@ -53,7 +53,7 @@ def encode_texts(
 
 @torch.no_grad()
 def score_sequences(
-    model,
+    model: PreTrainedModel,
     sequences: Sequence[list[int]],
     pad_token_id: int,
     batch_size: int = 32,
@@ -82,7 +82,7 @@ def score_sequences(
 
 
 def score_texts(
-    model,
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     responses: Sequence[str],

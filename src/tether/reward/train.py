@@ -18,8 +18,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler
+from transformers import PreTrainedModel
 
 from tether.checkpoint import (
     NonFiniteError,
@@ -30,7 +33,7 @@ from tether.checkpoint import (
     save_state,
     truncate_metrics,
 )
-from tether.config import RMConfig, save_config
+from tether.config import RMConfig, RMLoss, save_config
 from tether.data.formats import Comparison
 from tether.metrics import MetricsLogger, progress_bar
 from tether.models.heads import load_scalar_model, reward_scores, save_scalar_model
@@ -52,7 +55,9 @@ from tether.reward.normalize import Normalization, normalize_reward_model
 from tether.sft.data import load_demonstrations
 
 
-def ranking_loss(model, batch: RankingBatch, loss: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def ranking_loss(
+    model: PreTrainedModel, batch: RankingBatch, loss: RMLoss
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward every sequence of the batch once and apply the K-wise (or pairwise) loss.
 
     ``loss='pairwise'`` expects every example to be one (winner, loser) pair, as made by
@@ -70,11 +75,11 @@ def ranking_loss(model, batch: RankingBatch, loss: str) -> tuple[torch.Tensor, d
 
 
 def accumulate_gradients(
-    model,
+    model: PreTrainedModel,
     batch: Sequence[RankedExample],
     micro_batch_size: int,
     pad_token_id: int,
-    loss: str,
+    loss: RMLoss,
     precision: contextlib.AbstractContextManager | None = None,
 ) -> dict[str, float]:
     """Backward the loss of one optimiser step's ``batch``, ``micro_batch_size`` prompts at a time.
@@ -269,7 +274,7 @@ def train_reward_model(
                     ) from None
                 global_step += 1
                 steps_this_process += 1
-                record = {
+                record: dict[str, Any] = {
                     "step": global_step,
                     "epoch": epoch + (step + 1) / steps_per_epoch,
                     **stats,
@@ -339,7 +344,15 @@ def _eval_metrics(ev: dict) -> dict[str, float | None]:
     }
 
 
-def _save(out: Path, model, optimizer, scheduler, epoch: int, step_in_epoch: int, global_step: int) -> None:
+def _save(
+    out: Path,
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
+    epoch: int,
+    step_in_epoch: int,
+    global_step: int,
+) -> None:
     save_state(
         out / "state",
         {"reward_model": model},
