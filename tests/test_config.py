@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import re
 import typing
+from pathlib import Path
 
 import pytest
 import yaml
@@ -241,3 +242,20 @@ def test_configs_are_frozen(cfg):
     with pytest.raises(dataclasses.FrozenInstanceError):
         setattr(cfg, name, getattr(cfg, name))
     assert dataclasses.replace(cfg) == cfg
+
+
+def test_run_split_fractions_reach_the_data_stage(tmp_path):
+    from tether.pipeline import _stage_data
+
+    sizes = {}
+    for fractions in ((0.8, 0.1, 0.1), (0.5, 0.1, 0.4)):
+        cfg = resolve(RunConfig, "run", "tiny", overrides={"split_fractions": list(fractions)})
+        out = _stage_data(cfg, tmp_path / str(fractions[2]), lambda *_: None)
+        sizes[fractions[2]] = {s: len(Path(out[f"prompts_{s}"]).read_text().splitlines()) for s in ("train", "test")}
+    assert sizes[0.4]["test"] > 2 * sizes[0.1]["test"]
+    assert sizes[0.4]["train"] < sizes[0.1]["train"]
+
+
+def test_run_split_fractions_must_sum_to_one():
+    with pytest.raises(ValueError, match="run.split_fractions"):
+        resolve(RunConfig, "run", "tiny", overrides={"split_fractions": "0.6,0.2,0.3"})

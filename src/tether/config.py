@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 import yaml
 
+from tether.data.preprocess import check_fractions
+
 # --------------------------------------------------------------------------------------------
 # String choices. Each is a Literal owned here (the modules that act on them derive their tables
 # from typing.get_args, so a name is listed once); check_fields refuses any other value, naming
@@ -38,7 +40,6 @@ RMLoss = Literal["kwise", "pairwise"]
 KLEstimator = Literal["k1", "k2", "k3", "abs"]
 ScoreBaseline = Literal["none", "leave_one_out"]
 RolloutDtype = Literal["float32", "bfloat16", "auto"]
-PiiMode = Literal["drop", "redact"]  # tether data preprocess
 
 # --------------------------------------------------------------------------------------------
 # Shared pieces
@@ -555,6 +556,9 @@ class RunConfig:
     """Default task: prompts per user."""
     max_prompts_per_user: int = 200
     """Preprocessing: cap per user (paper: 200)."""
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    """Fractions of users (not prompts) in train, valid and test. A larger test share buys the
+    evaluation prompts from users never seen in training without growing SFT."""
     k: int = 4
     """Responses sampled per prompt for ranking (paper: 4..9)."""
     rm_prompts_per_round: int = 200
@@ -579,6 +583,10 @@ class RunConfig:
     def validate(self) -> None:
         check_fields(self)
         _check_positive(self, "rounds", "k", "rm_prompts_per_round", "labelers_per_sample")
+        try:
+            check_fractions(self.split_fractions)
+        except ValueError as e:
+            raise ValueError(f"run.split_fractions: {e}") from None
         if self.curve_every < 0:
             raise ValueError(f"run.curve_every must be >= 0 (0 = off), got {self.curve_every}")
         if not 2 <= self.k <= 9:
@@ -659,7 +667,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "eval": {
         "tiny": {"limit": 12, "sft_best_of": 2, "pretrain_texts": 8, "batch_size": 16},
-        "demo": {"sft_best_of": 4},
+        # 192 test prompts (see the run preset) × 2 samples each: intervals of about ±0.04.
+        "demo": {"sft_best_of": 4, "samples_per_prompt": 2},
     },
     "ppo": {
         "tiny": {
@@ -998,6 +1007,11 @@ def _run_presets() -> dict[str, dict[str, Any]]:
         # The stages' own `demo` presets (above) plus these pipeline settings.
         "demo": {
             "out_dir": "runs/demo",
+            # 80 simulated users, a quarter of them held out for the test: 274 train / 116 valid /
+            # 192 test prompts (60 users at 80/10/10 gave 301 / 77 / 59), so the evaluation has
+            # the prompts to decide while SFT trains on as much as before.
+            "task_users": 80,
+            "split_fractions": (0.6, 0.15, 0.25),
             "rm_prompts_per_round": 200,
             # Every training labeler ranks every sample: the rankings share the RM's forwards, and
             # six noisy judgements per set teach it more than one (held-out accuracy 60 -> 65 %).

@@ -193,7 +193,8 @@ def _stage_data(cfg: RunConfig, ddir: Path, log) -> dict[str, Any]:
     )
     if cfg.comparisons_file:  # joins round 1's rankings: validated now, not after SFT and sampling
         read_records(cfg.comparisons_file, "comparison")
-    result = preprocess_prompts(prompts, PreprocessConfig(seed=cfg.seed, max_per_user=cfg.max_prompts_per_user))
+    pre = PreprocessConfig(seed=cfg.seed, max_per_user=cfg.max_prompts_per_user, fractions=cfg.split_fractions)
+    result = preprocess_prompts(prompts, pre)
     result.save(ddir / "prompts")
     splits = result.splits
     log(

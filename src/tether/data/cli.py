@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import get_args
 
-from tether.config import PiiMode
+from tether.data.preprocess import PiiMode
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -22,9 +22,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import get_args
+from typing import Literal, get_args
 
-from tether.config import PiiMode
 from tether.data.formats import Prompt, write_records
 
 SPLITS: tuple[str, str, str] = ("train", "valid", "test")
@@ -213,6 +212,9 @@ def redact_pii(text: str, matches: Sequence[PiiMatch] | None = None) -> str:
     return text
 
 
+PiiMode = Literal["drop", "redact"]
+
+
 def _apply_pii(
     prompts: Sequence[Prompt], matches: Sequence[list[PiiMatch]], mode: PiiMode
 ) -> tuple[list[Prompt], list[Dropped]]:
@@ -350,7 +352,7 @@ def cap_per_user(
 # Split by user
 
 
-def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     if len(fractions) != len(SPLITS):
         raise ValueError(f"fractions needs 3 numbers (train, valid, test), got {len(fractions)}")
     if not all(math.isfinite(f) and f >= 0 for f in fractions) or fractions[0] <= 0:
@@ -375,7 +377,7 @@ def split_by_user(
     interval is moved in. Raises ValueError when there are fewer users than such splits.
     Prompts keep their input order within a split.
     """
-    fractions = _check_fractions(fractions)
+    fractions = check_fractions(fractions)
     users = sorted({p.user_id for p in prompts})
     needed = sum(f > 0 for f in fractions)
     if len(users) < needed:
@@ -450,7 +452,7 @@ class PreprocessConfig:
             raise ValueError(f"max_per_user must be at least 1, got {self.max_per_user}")
         # Lists (from JSON, YAML or argparse) become the declared tuple (frozen: set it the one way
         # __post_init__ can).
-        object.__setattr__(self, "fractions", _check_fractions(tuple(self.fractions)))
+        object.__setattr__(self, "fractions", check_fractions(tuple(self.fractions)))
 
 
 @dataclass
