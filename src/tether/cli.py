@@ -1,8 +1,9 @@
 """The ``tether`` command: thin entry points, one function call per subcommand.
 
-Each stage package exposes ``add_commands(subparsers)`` in its own ``cli.py``; those modules import
-only argparse at import time, so ``tether --help`` stays fast and the web app is never imported by
-the training commands.
+Each stage package exposes ``add_commands(subparsers)`` in its own ``cli.py``. Those modules import
+only the config and the record formats at their top; what loads torch, numpy, rich or the labeling
+app's web stack is imported inside the command's handler (and says so), so ``tether --help`` stays
+fast and the training commands never import the web app.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from tether.data.formats import DataError
 
 # `tether label ...` gathers the simulated panel (labelers/) and the human app (labeling/).
 LABEL_MODULES = ("tether.labelers.cli", "tether.labeling.cli")
@@ -57,7 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit codes: 0 done, 1 the run stopped (non-finite training, an OS error),
     2 bad input (data, config, arguments), 130 interrupted. Tracebacks are for bugs (and --debug)."""
-    from tether.data.formats import DataError
 
     args = build_parser().parse_args(argv)
     try:

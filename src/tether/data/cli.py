@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import get_args
 
-from tether.data.preprocess import PiiMode
+from tether.data.formats import read_records, validate_file
+from tether.data.preprocess import PiiMode, PreprocessConfig, preprocess_prompts
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -55,8 +56,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from tether.data.formats import validate_file
-
     for f in args.files:
         report = validate_file(f, args.kind)
         extra = "".join(f", {k}={v}" for k, v in report.stats.items())
@@ -65,9 +64,6 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _preprocess(args: argparse.Namespace) -> int:
-    from tether.data.formats import read_records
-    from tether.data.preprocess import PreprocessConfig, preprocess_prompts
-
     names = ("pii", "max_chars", "max_words", "prefix_chars", "max_per_user", "fractions", "seed")
     config = PreprocessConfig(**{n: getattr(args, n) for n in names if hasattr(args, n)})
     result = preprocess_prompts(read_records(args.prompts, "prompt"), config)
@@ -87,6 +83,7 @@ def _preprocess(args: argparse.Namespace) -> int:
 
 
 def _default_task(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: the default task (its topic tables), which `tether --help` must not load.
     from tether.data.task import build_default_task
 
     task = build_default_task(seed=args.seed)

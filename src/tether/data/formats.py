@@ -426,7 +426,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
 def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, decoded object) from JSONL, Parquet or a datasets directory."""
     if path.is_dir():
-        try:
+        try:  # datasets (seconds to import) and pyarrow load only for the inputs that need them
             import datasets
         except ImportError as e:  # pragma: no cover - datasets is a dependency
             raise DataError(path, None, None, "reading a datasets directory needs `datasets`") from e

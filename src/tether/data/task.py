@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from pydoc_data.topics import topics
 
 from tether.data.constraints import (
     EMBEDDED_MAX_WORDS,
@@ -558,7 +559,6 @@ def pretrain_corpus(
     depends on the seed or on which other paragraphs exist: held-out perplexity stays
     comparable across runs. (The text itself follows the running Python's documentation.)
     """
-    from pydoc_data.topics import topics
 
     seen: set[str] = set()
     train: list[PretrainText] = []

@@ -1,13 +1,21 @@
 """``tether label serve | add-user | create-project | export | progress``: the human labeling app.
 
-Imports only argparse at import time; the web stack loads inside the handlers.
+The web stack (SQLAlchemy, the store, FastAPI, uvicorn: the ``labeling`` extra) is imported
+inside the handlers, so ``tether --help`` and the training commands never load it.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
+import json
+import os
 import sys
+from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from tether.data.formats import write_records
 
 if TYPE_CHECKING:  # the web stack is imported inside the handlers, never by `tether --help`
     from tether.labeling.store import LabelStore
@@ -25,8 +33,6 @@ def _db(p: argparse.ArgumentParser) -> None:
 
 def _password(env_name: str, prompt: str) -> str:
     """A password from the environment (never argv: it would show in `ps` and shell history)."""
-    import getpass
-    import os
 
     value = os.environ.get(env_name)
     if value:
@@ -60,8 +66,6 @@ def _shown(url: str) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from datetime import timedelta
-
     import uvicorn
 
     from tether.labeling.app import create_app
@@ -106,8 +110,6 @@ def cmd_add_user(args: argparse.Namespace) -> int:
 
 
 def cmd_create_project(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from tether.labeling.store import LabelingError
 
     kind, path = ("ranking", args.samples) if args.samples else ("demonstration", args.prompts)
@@ -125,10 +127,6 @@ def cmd_create_project(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    from tether.data.formats import write_records
     from tether.labeling.store import LabelingError
 
     store = _store(args)

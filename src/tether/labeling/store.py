@@ -30,6 +30,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -445,7 +447,6 @@ class LabelStore:
         lease: timedelta = timedelta(hours=2),
         hash_concurrency: int = 2,
     ):
-        from argon2 import PasswordHasher
 
         self.url = url
         self.engine = make_engine(url)
@@ -481,8 +482,6 @@ class LabelStore:
             return self.hasher.hash(password)
 
     def _verify(self, password_hash: str, password: str) -> bool:
-        from argon2.exceptions import InvalidHashError, VerificationError
-
         with self._hash_slots:
             try:
                 return bool(self.hasher.verify(password_hash, password))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from tether.data.formats import read_records, write_records
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -24,7 +26,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tether.data.formats import read_records, write_records
+    # Imported here, not at the top: sampling (torch, transformers, rich), which `tether --help` must not load.
     from tether.metrics import progress_bar
     from tether.models.generation import sample_k
     from tether.models.loading import load_causal_lm

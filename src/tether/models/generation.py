@@ -26,6 +26,7 @@ from transformers import DynamicCache, PretrainedConfig, PreTrainedModel, PreTra
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from tether.config import RolloutDtype
+from tether.data.formats import K_MAX, K_MIN, Sample
 from tether.models.loading import fast_bf16
 
 ROLLOUT_DTYPES: tuple[str, ...] = get_args(RolloutDtype)
@@ -546,7 +547,6 @@ def sample_k(
     holds several prompts × K responses at once. ``ended`` records which responses reached EOS,
     so the reward model later trains on a cut-off response as cut off (as PPO will score it).
     """
-    from tether.data.formats import K_MAX, K_MIN, Sample
 
     if not K_MIN <= k <= K_MAX:
         raise ValueError(f"k must be {K_MIN}..{K_MAX} (responses ranked per prompt), got {k}")

@@ -32,7 +32,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 
 from tether.config import ModelConfig
 from tether.models.generation import position_ids_from_mask
-from tether.models.loading import DTYPES, load_tokenizer, prepare, resolve_device, resolve_model_dir
+from tether.models.loading import DTYPES, load_tokenizer, prepare, resolve_device, resolve_model_dir, save_model
 from tether.ops import last_token_index
 
 REWARD_BIAS_KEY = "tether_reward_bias"
@@ -122,6 +122,4 @@ def token_values(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
 
 def save_scalar_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: str | Path) -> Path:
     """Save as a plain HF sequence-classification directory (LoRA merged), bias in config.json."""
-    from tether.models.loading import save_model
-
     return save_model(model, tokenizer, Path(out))

@@ -11,6 +11,7 @@ Nothing here downloads anything: a name that is not a local directory is an erro
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import os
 import shutil
@@ -272,6 +273,7 @@ def freeze_lower_layers(model: PreTrainedModel, n_trainable: int) -> None:
 
 
 def apply_lora(model: PreTrainedModel, lora: LoraConfig, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
+    # peft takes seconds to import (on top of transformers): only LoRA runs pay for it.
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -299,7 +301,7 @@ def load_causal_lm(
     path = resolve_model_dir(cfg.name_or_path)
     tokenizer = load_tokenizer(path)
     if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
-        from peft import AutoPeftModelForCausalLM
+        from peft import AutoPeftModelForCausalLM  # only for adapter-only directories (see apply_lora)
 
         model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype])
         model = model.merge_and_unload()
@@ -337,8 +339,6 @@ def save_model(
     def build(tmp: Path) -> None:
         to_save = model
         if merge_lora and hasattr(model, "merge_and_unload"):
-            import copy
-
             to_save = copy.deepcopy(model).merge_and_unload()
         to_save.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

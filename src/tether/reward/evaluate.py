@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from tether.data.formats import Comparison
+from tether.labelers.panel import pairwise_agreement
 from tether.reward.data import RankedExample, unique_sequences
 from tether.reward.score import score_sequences
 
@@ -87,7 +88,6 @@ def labeler_agreement(comparisons: Sequence[Comparison]) -> dict[str, Any]:
     ``{"rate": None, "pairs": 0, ...}`` when no task was ranked twice. The definition (tasks
     matched by prompt and response texts, ties excluded) is the panel's, shared with it.
     """
-    from tether.labelers.panel import pairwise_agreement
 
     return pairwise_agreement(comparisons).to_json()
 

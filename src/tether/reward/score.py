@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tether.models.heads import reward_scores
+from tether.models.generation import decode_responses, sample
+from tether.models.heads import load_scalar_model, reward_scores
+from tether.models.loading import load_causal_lm
 from tether.reward.data import encode_response, pad_right, prompt_ids
 
 
@@ -112,9 +114,6 @@ def rm_scorer(
     temperature-1 samples (seeded, so every checkpoint answers with the same random stream) to
     ``prompts``. The RM is loaded once; each policy is loaded, sampled and released.
     """
-    from tether.models.generation import decode_responses, sample
-    from tether.models.heads import load_scalar_model
-    from tether.models.loading import load_causal_lm
 
     if not prompts:
         raise ValueError("rm_scorer: no validation prompts to score")

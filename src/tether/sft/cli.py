@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from tether.config import SFTConfig, add_config_args, config_from_args
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from tether.config import SFTConfig, add_config_args
-
     p = sub.add_parser(
         "sft",
         help="stage 1: fine-tune a causal LM on demonstrations (response-only loss)",
@@ -19,10 +19,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: the trainer (torch, transformers) and rich, which `tether --help` must not load.
     from rich.console import Console
     from rich.table import Table
 
-    from tether.config import SFTConfig, config_from_args
     from tether.sft.train import train_sft
 
     cfg = config_from_args(SFTConfig, "sft", args)

@@ -9,6 +9,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tether.data.formats import Demonstration, PretrainText, read_records
+from tether.data.task import build_default_task
 from tether.models.generation import chat_prompt
 
 IGNORE = -100
@@ -97,15 +98,11 @@ def count_target_tokens(labels: torch.Tensor) -> int:
 def load_demonstrations(path: str | None) -> list[Demonstration]:
     """Demonstrations from a file (validated whole) or the default task's."""
     if path is None:
-        from tether.data.task import build_default_task
-
         return list(build_default_task().demonstrations)
     return read_records(path, "demonstration")
 
 
 def load_pretrain(path: str | None) -> list[PretrainText]:
     if path is None:
-        from tether.data.task import build_default_task
-
         return list(build_default_task().pretrain_train)
     return read_records(path, "pretrain")
