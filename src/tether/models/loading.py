@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -196,7 +196,7 @@ def add_residual_dropout(model: torch.nn.Module, p: float) -> int:
     if p <= 0:
         return 0
 
-    def hook(module, _inputs, output):
+    def hook(module: torch.nn.Module, _inputs: Any, output: Any) -> Any:
         if not module.training:
             return output
         if isinstance(output, tuple):
