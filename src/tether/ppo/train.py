@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.checkpoint import (
     StopAfter,
@@ -43,6 +43,8 @@ from tether.checkpoint import (
     truncate_metrics,
 )
 from tether.config import PPOConfig, save_config
+from tether.data.formats import read_records
+from tether.data.task import default_splits
 from tether.metrics import MetricsLogger, progress_bar, read_metrics
 from tether.models.generation import Sampler, decode_responses
 from tether.models.heads import load_scalar_model, save_scalar_model
@@ -64,7 +66,7 @@ from tether.ppo.rollout import (
     response_values,
     sample_responses,
 )
-from tether.sft.data import SFTExample, collate, count_target_tokens, encode_pretrain, forward_logits
+from tether.sft.data import SFTExample, collate, count_target_tokens, encode_pretrain, forward_logits, load_pretrain
 
 __all__ = ["EMA", "PPOResult", "check_same_tokenizer", "take_cyclic", "train_ppo"]
 
@@ -160,11 +162,8 @@ def check_same_tokenizer(policy_tok: PreTrainedTokenizerBase, other_tok: PreTrai
 
 def load_prompts(path: str | None) -> list[str]:
     """Prompt texts from a Prompt file, or the train split of the default task's prompts."""
-    from tether.data.formats import read_records
 
     if path is None:
-        from tether.data.task import default_splits
-
         records = default_splits()["train"]
     else:
         records = read_records(path, "prompt")
@@ -174,15 +173,17 @@ def load_prompts(path: str | None) -> list[str]:
 
 
 def load_pretrain_texts(path: str | None) -> list[str]:
-    from tether.sft.data import load_pretrain
-
     texts = [t.text for t in load_pretrain(path)]
     if not texts:
         raise ValueError(f"ppo: ptx is on but the pretraining corpus {path or ''} is empty")
     return texts
 
 
-def _load_models(cfg: PPOConfig, reward_fn: RewardFn | None, log):
+def _load_models(
+    cfg: PPOConfig, reward_fn: RewardFn | None, log: Callable[[str], None]
+) -> tuple[
+    PreTrainedModel, PreTrainedModel | None, PreTrainedModel, PreTrainedModel | RewardFn, PreTrainedTokenizerBase
+]:
     """(policy, ref_policy or None, value_model, reward, tokenizer), on cfg.policy.device."""
     policy, tokenizer = load_causal_lm(cfg.policy, trainable=True)
     if cfg.policy.residual_dropout > 0:
@@ -196,7 +197,7 @@ def _load_models(cfg: PPOConfig, reward_fn: RewardFn | None, log):
     if not cfg.policy.lora.enabled:
         ref_policy = copy.deepcopy(policy).requires_grad_(False)
     if reward_fn is not None:
-        reward: torch.nn.Module | RewardFn = reward_fn
+        reward: PreTrainedModel | RewardFn = reward_fn
     elif cfg.reward_model:
         reward, rm_tokenizer = load_scalar_model(cfg.reward_model)
         check_same_tokenizer(tokenizer, rm_tokenizer, "reward model")
@@ -220,8 +221,8 @@ def _load_models(cfg: PPOConfig, reward_fn: RewardFn | None, log):
 
 
 def ppo_step(
-    policy: torch.nn.Module,
-    value_model: torch.nn.Module,
+    policy: PreTrainedModel,
+    value_model: PreTrainedModel,
     minibatch: Rollout,
     ptx: Sequence[SFTExample],
     cfg: PPOConfig,
@@ -250,7 +251,7 @@ def ppo_step(
         micro = minibatch.select(range(start, min(start + cfg.micro_batch_size, n_episodes)))
         weight = micro.n_tokens / n_tokens
         inputs = (micro.query_ids, micro.query_mask, micro.response_ids, micro.response_mask)
-        shared = {"trunk": trunk, "hidden": micro.trunk_hidden}
+        shared: dict[str, Any] = {"trunk": trunk, "hidden": micro.trunk_hidden}
         with precision:
             logprobs, _ = response_logprobs(policy, *inputs, cfg.temperature, **shared)
             values = response_values(value_model, *inputs, **shared)
@@ -396,7 +397,7 @@ def train_ppo(
                 record = {"step": step, "prompt": p, "response": t, "score": s, "finished": f}
                 fh.write(json.dumps(record) + "\n")
 
-    def checkpoint(iteration: int, episodes: int, prompt_pos, ptx_pos) -> None:
+    def checkpoint(iteration: int, episodes: int, prompt_pos: tuple[int, int], ptx_pos: tuple[int, int]) -> None:
         counters = {
             "iteration": iteration,
             "episodes": episodes,
@@ -438,7 +439,8 @@ def train_ppo(
         counters = load_state(state_dir, models, stateful, generators)
         sampler.sync()
         start, episodes = counters["iteration"], counters["episodes"]
-        prompt_pos, ptx_pos = tuple(counters["prompt_position"]), tuple(counters["ptx_position"])
+        (p_epoch, p_index), (x_epoch, x_index) = counters["prompt_position"], counters["ptx_position"]
+        prompt_pos, ptx_pos = (p_epoch, p_index), (x_epoch, x_index)
         truncate_metrics(metrics_path, start)
         truncate_metrics(samples_path, start)
         if start < cfg.iterations:
@@ -465,7 +467,7 @@ def train_ppo(
         for iteration in range(start, cfg.iterations):
             t_start = device_time(device)
             kl_coef = kl_ctl.value
-            lr, value_lr = policy_sched.get_last_lr()[0], value_sched.get_last_lr()[0]
+            lr, value_lr = float(policy_sched.get_last_lr()[0]), float(value_sched.get_last_lr()[0])
 
             # 1. Rollout: sample a response per prompt (KV cache, temperature T), then score
             #    each episode with the policy, the reference, the value and the reward model.

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.checkpoint import (
     NonFiniteError,
@@ -244,9 +246,9 @@ def train_sft(
         final.unlink() if final.is_symlink() else shutil.rmtree(final)
     final.symlink_to(selected["dir"])
     if not cfg.keep_epoch_checkpoints:
-        for e in epochs_done:
-            if e["dir"] != selected["dir"]:
-                shutil.rmtree(out / e["dir"], ignore_errors=True)
+        for done in epochs_done:
+            if done["dir"] != selected["dir"]:
+                shutil.rmtree(out / done["dir"], ignore_errors=True)
     final_model, _ = load_causal_lm(str(final))
     samples_after = _samples(final_model, tokenizer, valid_prompts, cfg)
     return SFTResult(
@@ -255,16 +257,16 @@ def train_sft(
         valid_loss_before=valid_before,
         valid_loss_after=selected["valid_loss"],
         epochs=epochs_done,
-        samples_before=[tuple(s) for s in samples_before],
+        samples_before=[(prompt, text) for prompt, text in samples_before],
         samples_after=samples_after,
     )
 
 
 def _save(
     out: Path,
-    model,
-    optimizer,
-    scheduler,
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
     epoch: int,
     step_in_epoch: int,
     global_step: int,
@@ -280,7 +282,9 @@ def _save(
     )
 
 
-def _samples(model, tokenizer, prompts: list[str], cfg: SFTConfig) -> list[tuple[str, str]]:
+def _samples(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], cfg: SFTConfig
+) -> list[tuple[str, str]]:
     if not prompts:
         return []
     texts = generate_texts(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=0.0)
