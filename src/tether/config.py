@@ -17,14 +17,13 @@ import sys
 import textwrap
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-
-from tether.data.preprocess import check_fractions
 
 # --------------------------------------------------------------------------------------------
 # String choices. Each is a Literal owned here (the modules that act on them derive their tables
@@ -40,6 +39,20 @@ RMLoss = Literal["kwise", "pairwise"]
 KLEstimator = Literal["k1", "k2", "k3", "abs"]
 ScoreBaseline = Literal["none", "leave_one_out"]
 RolloutDtype = Literal["float32", "bfloat16", "auto"]
+
+SPLITS: tuple[str, str, str] = ("train", "valid", "test")  # prompts are split by user into these
+
+
+def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    if len(fractions) != len(SPLITS):
+        raise ValueError(f"fractions needs 3 numbers (train, valid, test), got {len(fractions)}")
+    if not all(math.isfinite(f) and f >= 0 for f in fractions) or fractions[0] <= 0:
+        raise ValueError(f"fractions must be >= 0 with train > 0, got {tuple(fractions)}")
+    if abs(sum(fractions) - 1.0) > 1e-6:
+        total = sum(fractions)
+        raise ValueError(f"fractions must sum to 1, got {tuple(fractions)} (sum {total:g})")
+    return (float(fractions[0]), float(fractions[1]), float(fractions[2]))
+
 
 # --------------------------------------------------------------------------------------------
 # Shared pieces

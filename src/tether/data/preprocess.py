@@ -15,7 +15,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import math
 import re
 import unicodedata
 from collections import Counter
@@ -24,9 +23,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal, get_args
 
+from tether.config import SPLITS, check_fractions
 from tether.data.formats import Prompt, write_records
 
-SPLITS: tuple[str, str, str] = ("train", "valid", "test")
 # The order preprocess_prompts runs its filters in; the keys of PreprocessReport.removed.
 STEPS: tuple[str, ...] = ("pii", "length", "dedup", "user_cap")
 
@@ -350,17 +349,6 @@ def cap_per_user(
 
 # --------------------------------------------------------------------------------------------
 # Split by user
-
-
-def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
-    if len(fractions) != len(SPLITS):
-        raise ValueError(f"fractions needs 3 numbers (train, valid, test), got {len(fractions)}")
-    if not all(math.isfinite(f) and f >= 0 for f in fractions) or fractions[0] <= 0:
-        raise ValueError(f"fractions must be >= 0 with train > 0, got {tuple(fractions)}")
-    if abs(sum(fractions) - 1.0) > 1e-6:
-        total = sum(fractions)
-        raise ValueError(f"fractions must sum to 1, got {tuple(fractions)} (sum {total:g})")
-    return (float(fractions[0]), float(fractions[1]), float(fractions[2]))
 
 
 def split_by_user(
