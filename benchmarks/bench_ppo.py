@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
+import dataclasses
 import resource
 import tempfile
 import time
@@ -115,7 +115,7 @@ def main() -> None:
         rates = {}
         for engine in ("on", "off") if args.engine == "both" else (args.engine,):
             print(f"\n== rollout engine {engine}")
-            rates[engine] = run_trainer(copy.deepcopy(cfg), args.iterations, engine=engine == "on")
+            rates[engine] = run_trainer(cfg, args.iterations, engine=engine == "on")
         if len(rates) == 2:
             print(f"\nengine on / off: {rates['on'] / rates['off']:.2f}x the episodes/s")
     if args.compare_no_cache:
@@ -136,10 +136,13 @@ def run_trainer(cfg: PPOConfig, iterations: int, *, engine: bool = True) -> floa
     with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp, contextlib.ExitStack() as stack:
         if not engine:
             stack.enter_context(mock.patch.object(ppo_rollout, "sample", _old_loop))
-        cfg.out_dir = tmp
-        cfg.total_episodes = iterations * cfg.batch_size
-        cfg.sample_every = 0
-        cfg.save_every = iterations  # one checkpoint, after the timed iterations
+        cfg = dataclasses.replace(
+            cfg,
+            out_dir=tmp,
+            total_episodes=iterations * cfg.batch_size,
+            sample_every=0,
+            save_every=iterations,  # one checkpoint, after the timed iterations
+        )
         result = train_ppo(cfg, None if cfg.reward_model else toy_reward, log=lambda _: None)
     records = result.metrics
     timed = records[1:] or records

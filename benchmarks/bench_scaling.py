@@ -71,6 +71,7 @@ def prepare(root: Path, model: str, steps: int) -> dict[str, str]:
     save_scalar_model(rm, tok, root / "rm")
     task = build_default_task()
     demos = list(task.demonstrations)
+
     # SFT: (steps + 1) batches of 16 and 2 validation examples; RM: (steps + 1) batches of 8
     # prompts with K = 4 (demonstration first, then three other prompts' responses).
     def write_demos(path: Path, part: list) -> None:

@@ -1,8 +1,9 @@
 """The ``tether`` command: thin entry points, one function call per subcommand.
 
-Each stage package exposes ``add_commands(subparsers)`` in its own ``cli.py``; those modules import
-only argparse at import time, so ``tether --help`` stays fast and the web app is never imported by
-the training commands.
+Each stage package exposes ``add_commands(subparsers)`` in its own ``cli.py``. Those modules import
+only the config and the record formats at their top; what loads torch, numpy, rich or the labeling
+app's web stack is imported inside the command's handler (and says so), so ``tether --help`` stays
+fast and the training commands never import the web app.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 
 from tether import pipeline_cli
 from tether.data import cli as data_cli
+from tether.data.formats import DataError
 from tether.eval import cli as eval_cli
 from tether.labelers import cli as labelers_cli
 from tether.labeling import cli as labeling_cli
@@ -46,7 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit codes: 0 done, 1 the run stopped (non-finite training, an OS error),
     2 bad input (data, config, arguments), 130 interrupted. Tracebacks are for bugs (and --debug)."""
-    from tether.data.formats import DataError
 
     args = build_parser().parse_args(argv)
     if args.command in ("run", "sample", "eval", "label", "data") and int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -33,14 +33,14 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from tether.config import PARALLEL_STRATEGIES
+from tether.config import Parallel, literal_choices
 
 T = TypeVar("T")
 
@@ -265,9 +265,9 @@ class ParallelModel:
     forward without a gradient under DDP; FSDP2 shards it, see :attr:`sharded`).
     """
 
-    def __init__(self, model: nn.Module, strategy: str = "ddp", d: Dist | None = None) -> None:
-        if strategy not in PARALLEL_STRATEGIES:
-            raise ValueError(f"parallel must be one of {', '.join(PARALLEL_STRATEGIES)}, got {strategy!r}")
+    def __init__(self, model: nn.Module, strategy: Parallel | str = "ddp", d: Dist | None = None) -> None:
+        if strategy not in literal_choices(Parallel):
+            raise ValueError(f"parallel must be one of {', '.join(literal_choices(Parallel))}, got {strategy!r}")
         self.module = model
         self.dist = d or world()
         self.strategy = strategy if self.dist.enabled else "none"
@@ -288,7 +288,7 @@ class ParallelModel:
                 raise ValueError("parallel = 'fsdp' with LoRA is not supported: use 'ddp' (LoRA's weights are small)")
             for block in decoder_blocks(model):
                 fully_shard(block)
-            self.engine = fully_shard(call)
+            self.engine = cast(nn.Module, fully_shard(call))
         else:
             self.engine = call
 
@@ -317,7 +317,7 @@ class ParallelModel:
         # keep one name, as saving the whole model would.
         canonical = dict(self.module.named_parameters())
         tied = {n for n, _ in self.module.named_parameters(remove_duplicate=False)} - set(canonical)
-        return {k: v for k, v in state.items() if k not in tied}
+        return {k: cast(torch.Tensor, v) for k, v in state.items() if k not in tied}
 
     def checkpoint_parts(
         self, name: str, optimizer: torch.optim.Optimizer, *, gather: bool = True
@@ -385,7 +385,8 @@ def as_parallel(model: nn.Module | ParallelModel) -> ParallelModel:
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of a Hugging Face model (``layers`` or GPT-2's ``h``), under peft too."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base = getattr(model, "get_base_model", None)  # peft
+    inner: Any = get_base() if get_base is not None else model
     stack = getattr(inner, inner.base_model_prefix)
     blocks = getattr(stack, "layers", None) or getattr(stack, "h", None)
     if blocks is None:

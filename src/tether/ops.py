@@ -165,9 +165,7 @@ class _TokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, logits: Tensor, tokens: Tensor, temperature: float, chunk_elements: int
-    ) -> Tensor:
+    def forward(ctx: Any, logits: Tensor, tokens: Tensor, temperature: float, chunk_elements: int) -> Tensor:
         b, t, v = logits.shape
         dtype = _compute_dtype(logits.dtype)
         out = torch.empty(b, t, dtype=dtype, device=logits.device)
@@ -183,7 +181,7 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None]:
         logits, tokens, lse = ctx.saved_tensors
         temperature = ctx.temperature
         b, t, v = logits.shape
@@ -210,7 +208,7 @@ def token_logprobs(
     The caller aligns the two: for a causal LM, ``logits[:, t]`` predicts ``input_ids[:, t+1]``,
     so pass ``logits[:, :-1]`` with ``input_ids[:, 1:]`` (or the response slice of both).
     ``temperature`` must be the one used for sampling: log-probs of a different distribution
-    than the one sampled make the KL estimate biased, even negative (SPEC, Known failure modes).
+    than the one sampled make the KL estimate biased, even negative.
 
     Memory: work is done in tiles of about ``chunk_elements`` logits upcast to fp32, in forward
     and in backward; nothing ``[B, T, V]``-sized is allocated except the gradient itself.
@@ -234,9 +232,7 @@ def token_logprobs(
     return _TokenLogprobs.apply(logits, tokens.long(), float(temperature), int(chunk_elements))
 
 
-def entropy_from_logits(
-    logits: Tensor, temperature: float = 1.0, *, chunk_elements: int = CHUNK_ELEMENTS
-) -> Tensor:
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0, *, chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
     """Entropy of ``softmax(logits / temperature)`` at every position, in nats.
 
     ``H = logsumexp(z) - Σ_v softmax(z)_v · z_v`` with ``z = logits / temperature``, computed
@@ -293,8 +289,7 @@ def lm_loss(
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(
-            f"lm_loss: expected logits [B, T, V] and labels [B, T]; got "
-            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
+            f"lm_loss: expected logits [B, T, V] and labels [B, T]; got {tuple(logits.shape)} and {tuple(labels.shape)}"
         )
     if reduction not in ("mean", "sum"):
         raise ValueError(f"lm_loss: reduction must be 'mean' or 'sum', got {reduction!r}")

@@ -20,11 +20,25 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from tether.config import EvalConfig, RunConfig, save_config, to_dict
+from tether.config import EvalConfig, RunConfig, SFTConfig, save_config, to_dict
 from tether.data.formats import Comparison, read_records, write_records
+from tether.data.preprocess import PreprocessConfig, preprocess_prompts
+from tether.data.task import build_default_task
+from tether.eval.evaluate import CURVE_PREFIX, evaluate_policies, save_eval
+from tether.eval.report import write_report
+from tether.labelers.panel import Panel, pairwise_agreement
+from tether.models.generation import sample_k
+from tether.models.loading import autocast, load_causal_lm
+from tether.ppo.train import train_ppo
+from tether.reward.train import train_reward_model
+from tether.sft.train import train_sft
+
+Log = Callable[[str], None]  # where a stage reports progress (print, a rich console)
 
 
 class Manifest:
@@ -57,7 +71,7 @@ class Manifest:
     def outputs(self, name: str) -> dict[str, Any]:
         return self.data["stages"][name]["outputs"]
 
-    def run(self, name: str, fn: Callable[[], dict[str, Any]], inputs: dict[str, Any], log) -> dict[str, Any]:
+    def run(self, name: str, fn: Callable[[], dict[str, Any]], inputs: dict[str, Any], log: Log) -> dict[str, Any]:
         """Run a stage unless the manifest says it finished; record inputs, outputs and timing."""
         if self.done(name):
             log(f"[dim]run: {name} already done, skipping[/]")
@@ -76,8 +90,6 @@ class Manifest:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("tether")
     except PackageNotFoundError:
@@ -91,7 +103,7 @@ class RunResult:
     manifest: dict[str, Any]
 
 
-def run_pipeline(cfg: RunConfig, log=print) -> RunResult:
+def run_pipeline(cfg: RunConfig, log: Log = print) -> RunResult:
     """Run (or resume) the whole pipeline; returns where the report is."""
     cfg.validate()
     out = Path(cfg.out_dir)
@@ -130,16 +142,14 @@ def run_pipeline(cfg: RunConfig, log=print) -> RunResult:
         # 3. K responses per prompt from the current best policy.
         samples = manifest.run(
             f"round-{r}/sample",
-            lambda rdir=rdir, policy=policy, policy_name=policy_name, r=r: _stage_sample(
-                cfg, data["prompts_train"], policy, policy_name, rdir, r, log
-            ),
+            partial(_stage_sample, cfg, data["prompts_train"], policy, policy_name, rdir, r, log),
             {"policy": policy, "policy_name": policy_name},
             log,
         )
         # 4. Comparisons: the simulated panel's training labelers (plus held-out ones for evaluation only).
         labels = manifest.run(
             f"round-{r}/label",
-            lambda rdir=rdir, samples=samples, r=r: _stage_label(cfg, samples, rdir, r, log),
+            partial(_stage_label, cfg, samples, rdir, r, log),
             {"samples": samples["samples"]},
             log,
         )
@@ -147,7 +157,7 @@ def run_pipeline(cfg: RunConfig, log=print) -> RunResult:
         # 5. The reward model on all comparisons so far, initialised from SFT.
         rm = manifest.run(
             f"round-{r}/rm",
-            lambda rdir=rdir, labs=list(all_labels): _stage_rm(cfg, sft["policy"], labs, data, rdir, log),
+            partial(_stage_rm, cfg, sft["policy"], list(all_labels), data, rdir, log),
             {"comparisons": [lab["comparisons"] for lab in all_labels], "init": sft["policy"]},
             log,
         )
@@ -157,8 +167,8 @@ def run_pipeline(cfg: RunConfig, log=print) -> RunResult:
         for variant in variants:
             trained[variant] = manifest.run(
                 f"round-{r}/{variant}",
-                lambda rdir=rdir, variant=variant, rm=rm, r=r: _stage_ppo(
-                    cfg, variant, sft["policy"], rm["reward_model"], data, rdir, log, last=r == cfg.rounds
+                partial(
+                    _stage_ppo, cfg, variant, sft["policy"], rm["reward_model"], data, rdir, log, last=r == cfg.rounds
                 ),
                 {"init": sft["policy"], "reference": sft["policy"], "reward_model": rm["reward_model"]},
                 log,
@@ -180,10 +190,7 @@ def run_pipeline(cfg: RunConfig, log=print) -> RunResult:
 # Stages. Each returns a JSON-able dict of its outputs (paths as strings) for the manifest.
 
 
-def _stage_data(cfg: RunConfig, ddir: Path, log) -> dict[str, Any]:
-    from tether.data.preprocess import PreprocessConfig, preprocess_prompts
-    from tether.data.task import build_default_task
-
+def _stage_data(cfg: RunConfig, ddir: Path, log: Log) -> dict[str, Any]:
     task = build_default_task(seed=cfg.seed, n_users=cfg.task_users, prompts_per_user=cfg.task_prompts_per_user)
     prompts = read_records(cfg.prompts_file, "prompt") if cfg.prompts_file else task.prompts
     demos = read_records(cfg.demonstrations_file, "demonstration") if cfg.demonstrations_file else task.demonstrations
@@ -235,9 +242,7 @@ def _stage_data(cfg: RunConfig, ddir: Path, log) -> dict[str, Any]:
     return {k: str(v) for k, v in paths.items()} | {"preprocess_report": dataclasses.asdict(result.report)}
 
 
-def _stage_sft(cfg, log) -> dict[str, Any]:
-    from tether.sft.train import train_sft
-
+def _stage_sft(cfg: SFTConfig, log: Log) -> dict[str, Any]:
     res = train_sft(cfg, show_samples=0, log=log)
     return {
         "policy": str(res.final_dir.resolve()),
@@ -247,10 +252,9 @@ def _stage_sft(cfg, log) -> dict[str, Any]:
     }
 
 
-def _stage_sample(cfg: RunConfig, prompts_path: str, policy: str, policy_name: str, rdir: Path, r: int, log):
-    from tether.models.generation import sample_k
-    from tether.models.loading import autocast, load_causal_lm
-
+def _stage_sample(
+    cfg: RunConfig, prompts_path: str, policy: str, policy_name: str, rdir: Path, r: int, log: Log
+) -> dict[str, Any]:
     prompts = read_records(prompts_path, "prompt")
     rng = random.Random(cfg.seed * 1000 + r)  # a fresh draw of prompts each round
     chosen = rng.sample(prompts, min(cfg.rm_prompts_per_round, len(prompts)))
@@ -272,15 +276,15 @@ def _stage_sample(cfg: RunConfig, prompts_path: str, policy: str, policy_name: s
     return {"samples": str(path), "policy": policy, "policy_name": policy_name}
 
 
-def _stage_label(cfg: RunConfig, samples: dict, rdir: Path, r: int, log) -> dict[str, Any]:
+def _stage_label(cfg: RunConfig, samples: dict, rdir: Path, r: int, log: Log) -> dict[str, Any]:
     """Rank the samples with the simulated panel.
 
     A slice of prompts (``heldout_labeler_prompts``) is the RM's validation set: each of its
     samples is ranked by two training labelers (for inter-labeler agreement) and by every held-out
-    labeler (never trained on, SPEC "held-out labelers"). The rest is ranked by
+    labeler (never trained on: the paper's held-out labelers, who measure whether the RM
+    generalises to people it never saw). The rest is ranked by
     ``labelers_per_sample`` training labelers and is what the RM trains on.
     """
-    from tether.labelers.panel import Panel, pairwise_agreement
 
     panel = Panel()
     items = read_records(samples["samples"], "sample")
@@ -315,10 +319,7 @@ def _stage_label(cfg: RunConfig, samples: dict, rdir: Path, r: int, log) -> dict
     }
 
 
-def _stage_rm(cfg: RunConfig, sft_policy: str, rounds: list[dict], data: dict, rdir: Path, log):
-    from tether.labelers.panel import Panel
-    from tether.reward.train import train_reward_model
-
+def _stage_rm(cfg: RunConfig, sft_policy: str, rounds: list[dict], data: dict, rdir: Path, log: Log) -> dict[str, Any]:
     train = [c for lab in rounds for c in read_records(lab["comparisons"], "comparison")]
     valid = [c for lab in rounds for c in read_records(lab["valid_comparisons"], "comparison")]
     rm_cfg = dataclasses.replace(
@@ -329,8 +330,8 @@ def _stage_rm(cfg: RunConfig, sft_policy: str, rounds: list[dict], data: dict, r
         out_dir=str(rdir / "rm"),
         seed=cfg.seed,
         heldout_panel_labelers=True,
+        model=dataclasses.replace(cfg.rm.model, name_or_path=sft_policy),
     )
-    rm_cfg.model = dataclasses.replace(cfg.rm.model, name_or_path=sft_policy)
     res = train_reward_model(rm_cfg, panel_heldout_labelers=[lab.id for lab in Panel().heldout_labelers], log=log)
     ev = res.eval_after
     return {
@@ -346,10 +347,8 @@ def _stage_rm(cfg: RunConfig, sft_policy: str, rounds: list[dict], data: dict, r
 
 
 def _stage_ppo(
-    cfg: RunConfig, variant: str, sft_policy: str, reward_model: str, data: dict, rdir: Path, log, *, last: bool
-):
-    from tether.ppo.train import train_ppo
-
+    cfg: RunConfig, variant: str, sft_policy: str, reward_model: str, data: dict, rdir: Path, log: Log, *, last: bool
+) -> dict[str, Any]:
     curve = cfg.curve_every if variant == "ppo_ptx" and last else 0
     ppo_cfg = dataclasses.replace(
         cfg.ppo,
@@ -360,8 +359,8 @@ def _stage_ppo(
         seed=cfg.seed,
         ptx_coef=cfg.ppo.ptx_coef if variant == "ppo_ptx" else 0.0,
         keep_policy_every=curve or cfg.ppo.keep_policy_every,
+        policy=dataclasses.replace(cfg.ppo.policy, name_or_path=sft_policy),
     )
-    ppo_cfg.policy = dataclasses.replace(cfg.ppo.policy, name_or_path=sft_policy)
     res = train_ppo(ppo_cfg, log=log)
     out = {"policy": str(Path(res.policy_dir).resolve()), "ptx_coef": ppo_cfg.ptx_coef}
     if curve:  # checkpoints along the way, by episodes trained (the final one is the policy itself)
@@ -380,7 +379,6 @@ def best_of_name(cfg: EvalConfig) -> str:
 
 def run_eval_policies(cfg: RunConfig, stages: dict[str, Any]) -> tuple[dict[str, str], str, str]:
     """(policies to evaluate by name, the final reward model, the SFT policy) of a run's manifest."""
-    from tether.eval.evaluate import CURVE_PREFIX
 
     sft = stages["sft"]["outputs"]["policy"]
     last = f"round-{cfg.rounds}"
@@ -414,7 +412,7 @@ def evaluate_run(
     run_dir: Path,
     eval_dir: Path,
     report_dir: Path,
-    log,
+    log: Log,
     *,
     eval_cfg: EvalConfig | None = None,
     human_comparisons: list[Comparison] | None = None,
@@ -425,8 +423,6 @@ def evaluate_run(
     Used by ``tether run`` (its last stage) and ``tether eval --run DIR`` (re-evaluating a run,
     e.g. with more samples per prompt).
     """
-    from tether.eval.evaluate import evaluate_policies, save_eval
-    from tether.eval.report import write_report
 
     ecfg = run_eval_config(cfg, eval_cfg)
     data = stages["data"]["outputs"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from tether.config import RunConfig, add_config_args, config_from_args
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from tether.config import RunConfig, add_config_args
-
     p = sub.add_parser(
         "run",
         help="the whole InstructGPT loop: data → SFT → sample → rank → RM → PPO-ptx (+PPO) → eval → report",
@@ -18,10 +18,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def _run(args) -> int:
+def _run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: the pipeline (torch, transformers) and rich, which `tether --help` must not load.
     from rich.console import Console
 
-    from tether.config import RunConfig, config_from_args
     from tether.pipeline import run_pipeline
 
     cfg = config_from_args(RunConfig, "run", args)

@@ -9,18 +9,25 @@ perplexity on held-out pretraining text.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tether.config import EvalConfig, to_dict
+from tether.config import Autocast, EvalConfig, ModelConfig, to_dict
 from tether.data.formats import Comparison, PretrainText, Prompt
-from tether.models.generation import decode_responses, sample
-from tether.models.loading import load_causal_lm
+from tether.labelers.panel import Panel
+from tether.models.generation import Generation, decode_responses, sample
+from tether.models.heads import load_scalar_model
+from tether.models.loading import autocast, load_causal_lm, resolve_device
+from tether.ppo.rollout import episode_scores, response_logprobs
+from tether.sft.data import encode_pretrain, evaluate_loss
 
 # The evaluation's name of a PPO-ptx checkpoint after N episodes (``run.curve_every``): ppo_ptx@N.
 CURVE_PREFIX = "ppo_ptx@"
@@ -69,15 +76,15 @@ class EvalReport:
         return asdict(self)
 
 
-def response_logprob_sums(model, gen) -> torch.Tensor:
+def response_logprob_sums(model: PreTrainedModel, gen: Generation) -> torch.Tensor:
     """Σ_t log p(response token) under ``model`` (temperature 1) for a Generation's responses. [B]."""
-    from tether.ppo.rollout import response_logprobs
 
     device = next(model.parameters()).device
     with torch.no_grad():
-        lp, _ = response_logprobs(
-            model, *(t.to(device) for t in (gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask)), 1.0
+        q_ids, q_mask, r_ids, r_mask = (
+            t.to(device) for t in (gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask)
         )
+        lp, _ = response_logprobs(model, q_ids, q_mask, r_ids, r_mask, 1.0)
     return lp.sum(-1).cpu()
 
 
@@ -90,9 +97,10 @@ def best_of_n_kl_bound(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def pretrain_perplexity(model, tokenizer, texts: Sequence[PretrainText], max_length: int = 256) -> float:
+def pretrain_perplexity(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[PretrainText], max_length: int = 256
+) -> float:
     """exp(mean NLL per token) on plain text: the alignment-tax measure."""
-    from tether.sft.data import encode_pretrain, evaluate_loss
 
     examples = [encode_pretrain(tokenizer, t.text, max_length) for t in texts]
     return math.exp(evaluate_loss(model, examples, tokenizer.pad_token_id))
@@ -117,14 +125,14 @@ def evaluate_policies(
     prompts: Sequence[Prompt],
     cfg: EvalConfig | None = None,
     *,
-    panel=None,
+    panel: Panel | None = None,
     reward_model: str | None = None,
     ref_policy: str | None = None,
     pretrain_heldout: Sequence[PretrainText] = (),
     human_comparisons: Sequence[Comparison] = (),
     best_of: dict[str, int] | None = None,
-    autocast_dtype: str | None = None,
-    log=print,
+    autocast_dtype: Autocast | None = None,
+    log: Callable[[str], None] = print,
 ) -> EvalReport:
     """Evaluate named policies (name → model dir / 'default' / 'tiny') on held-out prompts.
 
@@ -138,8 +146,6 @@ def evaluate_policies(
     log n − (n − 1)/n nats when that policy is the reference. ``autocast_dtype`` ('bfloat16',
     'auto') runs every forward pass under mixed precision; every policy is measured the same way.
     """
-    from tether.config import ModelConfig
-    from tether.models.loading import autocast, resolve_device
 
     cfg = cfg or EvalConfig()
     cfg.validate()
@@ -150,8 +156,6 @@ def evaluate_policies(
     if baseline not in policies:
         raise ValueError(f"baseline {baseline!r} is not among the policies {list(policies)}")
     if panel is None:
-        from tether.labelers.panel import Panel
-
         panel = Panel()
     best_of = best_of or {}
     for name, n in best_of.items():
@@ -168,9 +172,6 @@ def evaluate_policies(
     ref = load_causal_lm(ref_policy)[0] if ref_policy else None
     rm = None
     if reward_model:
-        from tether.models.heads import load_scalar_model
-        from tether.ppo.rollout import episode_scores
-
         rm, _ = load_scalar_model(reward_model)
 
     results: list[PolicyEval] = []
@@ -240,7 +241,7 @@ def evaluate_policies(
     base = next(r for r in results if r.name == baseline)
     for r in results:
         if r.name != baseline:
-            common = dict(labelers=judges, seed=seed, clusters=clusters, n_bootstrap=cfg.n_bootstrap)
+            common: dict[str, Any] = dict(labelers=judges, seed=seed, clusters=clusters, n_bootstrap=cfg.n_bootstrap)
             wr = panel.win_rate(texts, r.responses, base.responses, **common)
             r.win_rate, r.win_ci, r.preferences = wr.rate, (wr.ci_low, wr.ci_high), list(wr.preferences)
             ex = panel.expected_win_rate(texts, r.responses, base.responses, **common)
@@ -264,8 +265,6 @@ def evaluate_policies(
 
 
 def save_eval(report: EvalReport, path: str | Path) -> Path:
-    import json
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -275,8 +274,6 @@ def save_eval(report: EvalReport, path: str | Path) -> Path:
 
 
 def load_eval(path: str | Path) -> EvalReport:
-    import json
-
     data = json.loads(Path(path).read_text())
     data["policies"] = [
         PolicyEval(

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from tether.config import RMConfig, add_config_args, config_from_args
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from tether.config import RMConfig, add_config_args
-
     p = sub.add_parser(
         "rm",
         help="stage 2: train a reward model on ranked comparisons (K-wise loss, paper eq. 1)",
@@ -22,10 +22,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: the trainer (torch, transformers) and rich, which `tether --help` must not load.
     from rich.console import Console
     from rich.table import Table
 
-    from tether.config import RMConfig, config_from_args
     from tether.labelers.panel import Panel
     from tether.reward.train import train_reward_model
 

@@ -18,8 +18,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler
+from transformers import PreTrainedModel
 
 from tether.checkpoint import (
     NonFiniteError,
@@ -32,7 +35,7 @@ from tether.checkpoint import (
     save_state,
     truncate_metrics,
 )
-from tether.config import RMConfig, save_config
+from tether.config import RMConfig, RMLoss, save_config
 from tether.data.formats import Comparison
 from tether.distributed import (
     ParallelModel,
@@ -66,7 +69,9 @@ from tether.reward.normalize import Normalization, normalize_reward_model
 from tether.sft.data import load_demonstrations
 
 
-def ranking_loss(model, batch: RankingBatch, loss: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def ranking_loss(
+    model: PreTrainedModel, batch: RankingBatch, loss: RMLoss
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward every sequence of the batch once and apply the K-wise (or pairwise) loss.
 
     ``loss='pairwise'`` expects every example to be one (winner, loser) pair, as made by
@@ -84,11 +89,11 @@ def ranking_loss(model, batch: RankingBatch, loss: str) -> tuple[torch.Tensor, d
 
 
 def accumulate_gradients(
-    model: torch.nn.Module | ParallelModel,
+    model: PreTrainedModel | ParallelModel,
     batch: Sequence[RankedExample],
     micro_batch_size: int,
     pad_token_id: int,
-    loss: str,
+    loss: RMLoss,
     precision: contextlib.AbstractContextManager | None = None,
 ) -> dict[str, float]:
     """Backward the loss of one optimiser step's ``batch``, ``micro_batch_size`` prompts at a time.
@@ -280,9 +285,8 @@ def train_reward_model(
             (out / "eval_before.json").write_text(json.dumps(eval_before, indent=1))
         logger.log({"step": 0, "epoch": 0, **_eval_metrics(eval_before)})
     else:
-        eval_before = broadcast_object(
-            json.loads((out / "eval_before.json").read_text()) if d.is_main else None
-        )
+        saved: dict[str, Any] | None = json.loads((out / "eval_before.json").read_text()) if d.is_main else None
+        eval_before = cast(dict[str, Any], broadcast_object(saved))
     log(
         f"rm: {data.train_comparisons} training comparisons ({data.train_pairs} pairs) as "
         f"{len(train_ex)} {'rankings' if cfg.loss == 'kwise' else 'pairs'} of {len(train_groups)} response sets, "
@@ -308,12 +312,10 @@ def train_reward_model(
                         raise NonFiniteError(f"non-finite loss ({stats['loss']})")
                     grad_norm = optimizer_step(model, optimizer, scheduler, cfg.optim.max_grad_norm)
                 except NonFiniteError as e:
-                    raise NonFiniteError(
-                        f"rm: step {global_step + 1}: {e}; {last_good_state(out / 'state')}"
-                    ) from None
+                    raise NonFiniteError(f"rm: step {global_step + 1}: {e}; {last_good_state(out / 'state')}") from None
                 global_step += 1
                 steps_this_process += 1
-                record = {
+                record: dict[str, Any] = {
                     "step": global_step,
                     "epoch": epoch + (step + 1) / steps_per_epoch,
                     **stats,
@@ -388,7 +390,13 @@ def _eval_metrics(ev: dict) -> dict[str, float | None]:
 
 
 def _save(
-    out: Path, par: ParallelModel, optimizer, scheduler, epoch: int, step_in_epoch: int, global_step: int
+    out: Path,
+    par: ParallelModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
+    epoch: int,
+    step_in_epoch: int,
+    global_step: int,
 ) -> None:
     # Collectives, so every rank calls them: every rank's RNG streams (and FSDP2's gathering).
     rngs = gather_rng_states(rng_state())

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from tether.config import SFTConfig, add_config_args, config_from_args
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from tether.config import SFTConfig, add_config_args
-
     p = sub.add_parser(
         "sft",
         help="stage 1: fine-tune a causal LM on demonstrations (response-only loss)",
@@ -18,11 +18,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def _run(args) -> int:
+def _run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: the trainer (torch, transformers) and rich, which `tether --help` must not load.
     from rich.console import Console
     from rich.table import Table
 
-    from tether.config import SFTConfig, config_from_args
     from tether.reward.score import rm_scorer
     from tether.sft.train import train_sft
 

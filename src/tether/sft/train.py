@@ -16,8 +16,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.checkpoint import (
     NonFiniteError,
@@ -267,7 +270,7 @@ def train_sft(
             _save(out, par, optimizer, scheduler, epoch + 1, 0, global_step, epochs_done, valid_before)
     logger.close()
     if not d.is_main:  # rank 0 selects, samples and returns; the others return what it did
-        return broadcast_object(None)
+        return cast(SFTResult, broadcast_object(None))
 
     # 5. Select the checkpoint (paper: by RM score on validation prompts, not by validation loss).
     selected = select_checkpoint(out, epochs_done, cfg, scorer, [demo.prompt for demo in valid_demos])
@@ -276,9 +279,9 @@ def train_sft(
         final.unlink() if final.is_symlink() else shutil.rmtree(final)
     final.symlink_to(selected["dir"])
     if not cfg.keep_epoch_checkpoints:
-        for e in epochs_done:
-            if e["dir"] != selected["dir"]:
-                shutil.rmtree(out / e["dir"], ignore_errors=True)
+        for done in epochs_done:
+            if done["dir"] != selected["dir"]:
+                shutil.rmtree(out / done["dir"], ignore_errors=True)
     final_model, _ = load_causal_lm(str(final))
     samples_after = _samples(final_model, tokenizer, valid_prompts, cfg)
     result = SFTResult(
@@ -287,7 +290,7 @@ def train_sft(
         valid_loss_before=valid_before,
         valid_loss_after=selected["valid_loss"],
         epochs=epochs_done,
-        samples_before=[tuple(s) for s in samples_before],
+        samples_before=[(prompt, text) for prompt, text in samples_before],
         samples_after=samples_after,
     )
     return broadcast_object(result)
@@ -296,8 +299,8 @@ def train_sft(
 def _save(
     out: Path,
     par: ParallelModel,
-    optimizer,
-    scheduler,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
     epoch: int,
     step_in_epoch: int,
     global_step: int,
@@ -318,7 +321,9 @@ def _save(
         )
 
 
-def _samples(model, tokenizer, prompts: list[str], cfg: SFTConfig) -> list[tuple[str, str]]:
+def _samples(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], cfg: SFTConfig
+) -> list[tuple[str, str]]:
     if not prompts:
         return []
     texts = generate_texts(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=0.0)
