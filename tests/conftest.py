@@ -24,6 +24,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         report.longrepr = f"CI=true: a test may not skip ({reason}); bash scripts/setup.sh --test installs it"
     return report
 
+
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple"]
 THINGS = ["apple", "car", "house", "bird", "boat", "cup", "door", "lamp"]
 

@@ -244,6 +244,7 @@ class RMConfig:
 # --------------------------------------------------------------------------------------------
 # Stage 3: PPO / PPO-ptx
 
+
 @dataclass(frozen=True)
 class PPOConfig:
     policy: ModelConfig = field(default_factory=ModelConfig)

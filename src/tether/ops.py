@@ -143,9 +143,7 @@ class _TokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx: Any, logits: Tensor, tokens: Tensor, temperature: float, chunk_elements: int
-    ) -> Tensor:
+    def forward(ctx: Any, logits: Tensor, tokens: Tensor, temperature: float, chunk_elements: int) -> Tensor:
         b, t, v = logits.shape
         dtype = _compute_dtype(logits.dtype)
         out = torch.empty(b, t, dtype=dtype, device=logits.device)
@@ -212,9 +210,7 @@ def token_logprobs(
     return _TokenLogprobs.apply(logits, tokens.long(), float(temperature), int(chunk_elements))
 
 
-def entropy_from_logits(
-    logits: Tensor, temperature: float = 1.0, *, chunk_elements: int = CHUNK_ELEMENTS
-) -> Tensor:
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0, *, chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
     """Entropy of ``softmax(logits / temperature)`` at every position, in nats.
 
     ``H = logsumexp(z) - Σ_v softmax(z)_v · z_v`` with ``z = logits / temperature``, computed
@@ -271,8 +267,7 @@ def lm_loss(
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(
-            f"lm_loss: expected logits [B, T, V] and labels [B, T]; got "
-            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
+            f"lm_loss: expected logits [B, T, V] and labels [B, T]; got {tuple(logits.shape)} and {tuple(labels.shape)}"
         )
     if reduction not in ("mean", "sum"):
         raise ValueError(f"lm_loss: reduction must be 'mean' or 'sum', got {reduction!r}")

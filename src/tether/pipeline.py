@@ -319,9 +319,7 @@ def _stage_label(cfg: RunConfig, samples: dict, rdir: Path, r: int, log: Log) ->
     }
 
 
-def _stage_rm(
-    cfg: RunConfig, sft_policy: str, rounds: list[dict], data: dict, rdir: Path, log: Log
-) -> dict[str, Any]:
+def _stage_rm(cfg: RunConfig, sft_policy: str, rounds: list[dict], data: dict, rdir: Path, log: Log) -> dict[str, Any]:
     train = [c for lab in rounds for c in read_records(lab["comparisons"], "comparison")]
     valid = [c for lab in rounds for c in read_records(lab["valid_comparisons"], "comparison")]
     rm_cfg = dataclasses.replace(

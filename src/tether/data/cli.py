@@ -26,24 +26,40 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     pp.add_argument("prompts", help="prompt records: JSONL / Parquet file or datasets directory")
     pp.add_argument(
-        "--out", required=True,
+        "--out",
+        required=True,
         help="directory for train/valid/test.jsonl, dropped.jsonl (ids and reasons), report.json",
     )
-    pp.add_argument("--pii", choices=get_args(PiiMode), default=keep,
-                    help="drop prompts with personal information, or redact it (default: drop)")
-    pp.add_argument("--max-chars", type=int, default=keep,
-                    help="drop prompts longer than this many characters (default: no limit)")
-    pp.add_argument("--max-words", type=int, default=keep,
-                    help="drop prompts longer than this many words (default: 1000)")
-    pp.add_argument("--prefix-chars", type=int, default=keep,
-                    help="duplicates share this many leading characters, case and spacing "
-                    "ignored (default: 64)")
-    pp.add_argument("--max-per-user", type=int, default=keep,
-                    help="at most this many prompts per user id (default: 200)")
-    pp.add_argument("--fractions", type=float, nargs=3, metavar=("TRAIN", "VALID", "TEST"),
-                    default=keep, help="fractions of users per split (default: 0.8 0.1 0.1)")
-    pp.add_argument("--seed", type=int, default=keep,
-                    help="seed for the cap and the split (default: 0)")
+    pp.add_argument(
+        "--pii",
+        choices=get_args(PiiMode),
+        default=keep,
+        help="drop prompts with personal information, or redact it (default: drop)",
+    )
+    pp.add_argument(
+        "--max-chars", type=int, default=keep, help="drop prompts longer than this many characters (default: no limit)"
+    )
+    pp.add_argument(
+        "--max-words", type=int, default=keep, help="drop prompts longer than this many words (default: 1000)"
+    )
+    pp.add_argument(
+        "--prefix-chars",
+        type=int,
+        default=keep,
+        help="duplicates share this many leading characters, case and spacing ignored (default: 64)",
+    )
+    pp.add_argument(
+        "--max-per-user", type=int, default=keep, help="at most this many prompts per user id (default: 200)"
+    )
+    pp.add_argument(
+        "--fractions",
+        type=float,
+        nargs=3,
+        metavar=("TRAIN", "VALID", "TEST"),
+        default=keep,
+        help="fractions of users per split (default: 0.8 0.1 0.1)",
+    )
+    pp.add_argument("--seed", type=int, default=keep, help="seed for the cap and the split (default: 0)")
     pp.set_defaults(func=_preprocess)
 
     dt = dsub.add_parser(

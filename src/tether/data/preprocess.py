@@ -117,18 +117,12 @@ _DETECTORS: tuple[_Detector, ...] = (
     _Detector(
         "ssn",
         # Area 000/666/9xx, group 00 and serial 0000 are never issued.
-        re.compile(
-            _NOT_AFTER_NUMBER
-            + r"(?!000|666|9\d\d)\d{3}([- ])(?!00)\d{2}\1(?!0000)\d{4}"
-            + _NOT_BEFORE_NUMBER
-        ),
+        re.compile(_NOT_AFTER_NUMBER + r"(?!000|666|9\d\d)\d{3}([- ])(?!00)\d{2}\1(?!0000)\d{4}" + _NOT_BEFORE_NUMBER),
     ),
     _Detector(
         "ssn",
         # Nine bare digits are only an SSN when the text says so.
-        re.compile(
-            r"(?i:\b(?:ssn|social security(?: number| no\.?)?))\s*(?:#|:|is)?\s*(\d{9})\b"
-        ),
+        re.compile(r"(?i:\b(?:ssn|social security(?: number| no\.?)?))\s*(?:#|:|is)?\s*(\d{9})\b"),
         group=1,
     ),
     _Detector(
@@ -157,9 +151,7 @@ _DETECTORS: tuple[_Detector, ...] = (
         "phone",
         # US formatted: (555) 123-4567, 555-123-4567, 555.123.4567, 1-800-555-0199.
         re.compile(
-            _NOT_AFTER_NUMBER
-            + r"(?:\+?1[ .-]?)?(?:\(\d{3}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}"
-            + _NOT_BEFORE_NUMBER
+            _NOT_AFTER_NUMBER + r"(?:\+?1[ .-]?)?(?:\(\d{3}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}" + _NOT_BEFORE_NUMBER
         ),
     ),
     _Detector(
@@ -232,9 +224,7 @@ def _apply_pii(
     return kept, dropped
 
 
-def filter_pii(
-    prompts: Sequence[Prompt], mode: PiiMode = "drop"
-) -> tuple[list[Prompt], list[Dropped]]:
+def filter_pii(prompts: Sequence[Prompt], mode: PiiMode = "drop") -> tuple[list[Prompt], list[Dropped]]:
     """Drop every prompt holding personal information, or redact it with placeholders.
 
     ``mode="drop"`` removes the prompt; ``mode="redact"`` keeps it with each item replaced by a
@@ -292,9 +282,7 @@ def normalize_prefix(text: str, prefix_chars: int = 64) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())[:prefix_chars]
 
 
-def dedup_by_prefix(
-    prompts: Sequence[Prompt], prefix_chars: int = 64
-) -> tuple[list[Prompt], list[Dropped]]:
+def dedup_by_prefix(prompts: Sequence[Prompt], prefix_chars: int = 64) -> tuple[list[Prompt], list[Dropped]]:
     """Keep the first prompt of each group sharing a long common prefix (InstructGPT §3.2).
 
     Two prompts are duplicates when their first ``prefix_chars`` normalised characters
@@ -370,10 +358,7 @@ def split_by_user(
     needed = sum(f > 0 for f in fractions)
     if len(users) < needed:
         names = "/".join(s for s, f in zip(SPLITS, fractions, strict=True) if f > 0)
-        raise ValueError(
-            f"splitting by user needs at least {needed} distinct users to fill {names}, "
-            f"got {len(users)}"
-        )
+        raise ValueError(f"splitting by user needs at least {needed} distinct users to fill {names}, got {len(users)}")
     # Split s owns the interval [edges[s], edges[s + 1]) of the unit line.
     edges = [0.0, fractions[0], fractions[0] + fractions[1], 1.0]
     point = {u: _unit_hash(seed, "split", u) for u in users}

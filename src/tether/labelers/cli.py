@@ -44,9 +44,7 @@ def _simulate(args: argparse.Namespace) -> int:
     samples = read_records(args.samples, "sample")
     panel = Panel()
     labelers = panel.labelers if args.include_heldout else panel.train_labelers
-    comparisons = panel.label(
-        samples, labelers_per_sample=args.labelers_per_sample, labelers=labelers, seed=args.seed
-    )
+    comparisons = panel.label(samples, labelers_per_sample=args.labelers_per_sample, labelers=labelers, seed=args.seed)
     write_records(args.out, comparisons)
 
     expected = len(samples) * args.labelers_per_sample

@@ -115,9 +115,7 @@ def cmd_create_project(args: argparse.Namespace) -> int:
     kind, path = ("ranking", args.samples) if args.samples else ("demonstration", args.prompts)
     store = _store(args)
     try:
-        pid = store.create_project_from_file(
-            args.name or Path(path).stem, kind, path, overlap=args.overlap
-        )
+        pid = store.create_project_from_file(args.name or Path(path).stem, kind, path, overlap=args.overlap)
     except LabelingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -176,9 +174,7 @@ def add_label_commands(label_sub: argparse._SubParsersAction) -> None:
         default="TETHER_ADMIN_PASSWORD",
         help="environment variable holding --admin-user's password",
     )
-    p.add_argument(
-        "--secure-cookies", action="store_true", help="mark cookies Secure (serving over HTTPS)"
-    )
+    p.add_argument("--secure-cookies", action="store_true", help="mark cookies Secure (serving over HTTPS)")
     p.add_argument("--session-hours", type=float, default=12.0, help="login lifetime")
     p.add_argument(
         "--lease-minutes",
@@ -200,9 +196,7 @@ def add_label_commands(label_sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_add_user)
 
-    p = label_sub.add_parser(
-        "create-project", help="create a labeling project from a sample or prompt file"
-    )
+    p = label_sub.add_parser("create-project", help="create a labeling project from a sample or prompt file")
     _db(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", help="sample JSONL (from `tether sample`): a ranking project")
@@ -211,9 +205,7 @@ def add_label_commands(label_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=int, default=1, help="labelers per task")
     p.set_defaults(func=cmd_create_project)
 
-    p = label_sub.add_parser(
-        "export", help="write a project's comparisons / demonstrations JSONL and a summary"
-    )
+    p = label_sub.add_parser("export", help="write a project's comparisons / demonstrations JSONL and a summary")
     _db(p)
     p.add_argument("--project", required=True, help="project name or id")
     p.add_argument("--out", required=True, help="output JSONL path")

@@ -79,9 +79,7 @@ def compute_rewards(
     Raises:
         ValueError: a row of ``response_mask`` is empty (no token to put the score on).
     """
-    if not logprobs.shape == ref_logprobs.shape == response_mask.shape or scores.shape != (
-        logprobs.shape[0],
-    ):
+    if not logprobs.shape == ref_logprobs.shape == response_mask.shape or scores.shape != (logprobs.shape[0],):
         raise ValueError(
             f"compute_rewards: expected scores [B] and [B, T] log-probs / mask; got "
             f"{tuple(scores.shape)}, {tuple(logprobs.shape)}, {tuple(ref_logprobs.shape)}, "

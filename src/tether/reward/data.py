@@ -139,8 +139,7 @@ def encode_comparisons(
             continue
         ended = c.ended if c.ended is not None else [True] * c.k
         encoded = [
-            encode_response(tokenizer, p_ids, r, max_length, ended=e)
-            for r, e in zip(c.responses, ended, strict=True)
+            encode_response(tokenizer, p_ids, r, max_length, ended=e) for r, e in zip(c.responses, ended, strict=True)
         ]
         n_cut = sum(cut for _, cut in encoded)
         if n_cut and overlength == "skip":

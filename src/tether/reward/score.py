@@ -42,12 +42,8 @@ def encode_texts(
             cache[p] = prompt_ids(tokenizer, p)
         limit = max_length if max_length is not None else sys.maxsize
         if len(cache[p]) >= limit:
-            raise ValueError(
-                f"score: prompt {i} alone is {len(cache[p])} tokens >= max_length={limit}"
-            )
-        ids, cut = encode_response(
-            tokenizer, cache[p], r, limit, ended=True if ended is None else ended[i]
-        )
+            raise ValueError(f"score: prompt {i} alone is {len(cache[p])} tokens >= max_length={limit}")
+        ids, cut = encode_response(tokenizer, cache[p], r, limit, ended=True if ended is None else ended[i])
         out.append(ids)
         n_cut += cut
     return out, n_cut
@@ -75,9 +71,7 @@ def score_sequences(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         ids, mask = pad_right([sequences[i] for i in idx], pad_token_id)
-        scores[idx] = reward_scores(
-            model, ids.to(device), mask.to(device), normalized=normalized
-        ).cpu()
+        scores[idx] = reward_scores(model, ids.to(device), mask.to(device), normalized=normalized).cpu()
     if was_training:
         model.train()
     return scores
@@ -100,9 +94,7 @@ def score_texts(
     :func:`encode_texts`.
     """
     sequences, _ = encode_texts(tokenizer, prompts, responses, max_length, ended)
-    return score_sequences(
-        model, sequences, tokenizer.pad_token_id, batch_size, normalized=normalized
-    )
+    return score_sequences(model, sequences, tokenizer.pad_token_id, batch_size, normalized=normalized)
 
 
 def rm_scorer(reward_model_dir: str | Path, max_new_tokens: int, seed: int) -> Callable[[Path, Sequence[str]], float]:

@@ -279,9 +279,7 @@ def train_reward_model(
                         raise NonFiniteError(f"non-finite loss ({stats['loss']})")
                     grad_norm = optimizer_step(model, optimizer, scheduler, cfg.optim.max_grad_norm)
                 except NonFiniteError as e:
-                    raise NonFiniteError(
-                        f"rm: step {global_step + 1}: {e}; {last_good_state(out / 'state')}"
-                    ) from None
+                    raise NonFiniteError(f"rm: step {global_step + 1}: {e}; {last_good_state(out / 'state')}") from None
                 global_step += 1
                 steps_this_process += 1
                 record: dict[str, Any] = {
