@@ -56,7 +56,9 @@ main() {
 
   step model 90 '
     test -f "$REPO/.gpu-model/config.json" || { echo "no .gpu-model/: run bash scripts/fetch_gpu_wheels.sh, carry .gpu-model"; exit 2; }
-    "$PY" "$REPO/benchmarks/random_model.py" "$REPO/.gpu-model" "$MODEL" $SHRINK'
+    "$PY" "$REPO/benchmarks/random_model.py" "$REPO/.gpu-model" "$MODEL" $SHRINK || exit
+    # The tiny model too, once, before the tests build it from 8 processes at the same time.
+    "$PY" -c "from tether.models.loading import tiny_model_dir; print(\"tiny model:\", tiny_model_dir())"'
 
   step bench_generation 150 '"$PY" "$REPO/benchmarks/bench_generation.py" --model "$MODEL" $GEN_ARGS'
 
@@ -73,9 +75,11 @@ main() {
     "$PY" -c "$MANIFEST_PY" "$WORK/tiny-run/manifest.json"'
 
   # 8 processes where pytest-xdist is installed (the image has it): tiny models leave the GPU idle.
-  step tests 200 'cd "$REPO" && xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
-    "$PY" -m pytest -q -p no:cacheprovider -m "not slow and not browser" --timeout 120 -rfE \
-      --junitxml "$WORK/logs/tests.xml" $xdist $TESTS'
+  step tests 200 'cd "$REPO" || exit
+    plugins=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+    plugins+=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo " --timeout 120")
+    "$PY" -m pytest -q -p no:cacheprovider -m "not slow and not browser" -rfE \
+      --junitxml "$WORK/logs/tests.xml" $plugins $TESTS'
 
   step compile 150 '"$PY" "$REPO/benchmarks/bench_generation.py" --model "$MODEL" --compile \
     --only "engine bf16 copy" "engine bf16 compiled" $COMPILE_ARGS'
@@ -156,7 +160,7 @@ summary() {
   if [ -s "$logs/compile.log" ]; then
     echo
     echo "-- the decode step under torch.compile (its warm-up includes the compilation)"
-    grep -E "warm-up|^batch |^  variant|^  engine" "$logs/compile.log"
+    grep -E "warm-up|decode step failed|^batch |^  variant|^  engine" "$logs/compile.log"
   fi
 }
 
@@ -228,6 +232,7 @@ else
   TESTS='tests/models tests/ppo tests/test_rl_units.py tests/test_ops.py tests/reward/test_reward_loss.py'
   COMPILE_ARGS='--batch-sizes 16 64 --new-tokens 64 --repeats 3'
 fi
-export PYTHONUNBUFFERED=1 REPO WORK MODEL PY SHRINK GEN_ARGS PPO_ARGS TESTS COMPILE_ARGS ENV_PY VERSIONS_PY MANIFEST_PY
+# Nothing is downloaded: a hub call would hang on the device, which has no network.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 REPO WORK MODEL PY SHRINK GEN_ARGS PPO_ARGS TESTS COMPILE_ARGS ENV_PY VERSIONS_PY MANIFEST_PY
 mkdir -p "$OUT"
 main 2>&1 | tee "$OUT/gpu_check.log"
