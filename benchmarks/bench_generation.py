@@ -400,6 +400,10 @@ def main() -> None:
                 cells += [f"{w_gbps:,.1f}", f"{w_share:.1%}", f"{all_gbps:,.1f}", f"{all_share:.1%}"]
             print(f"  {name:<24}" + "".join(f" {cell:>10}" for cell in cells))
         print(f"  (ratios: against {reference})")
+        if peak:  # one forward yields a token per row, so the weights alone allow batch × peak / bytes
+            sizes = sorted({weight_bytes(v.module) for v in fns.values()})
+            bounds = [f"{batch * peak * 1e9 / size:,.0f} tokens/s ({size / 1e6:.1f} MB a forward)" for size in sizes]
+            print(f"  weights-only roofline at this batch: {', '.join(bounds)}")
     print(f"\nload average after: {loadavg()}")
 
 

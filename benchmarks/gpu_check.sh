@@ -133,7 +133,7 @@ summary() {
   if [ -s "$logs/bench_generation.log" ]; then
     echo
     echo "-- bench_generation: tokens/s over the whole call; GB/s and share of the peak for the weights (w) and with the KV cache (w+KV)"
-    grep -E "^(model|GPU) |^batch |^  variant|^  (old|engine|HF)" "$logs/bench_generation.log"
+    grep -E "^(model|GPU) |^batch |^  variant|^  (old|engine|HF|weights-only)" "$logs/bench_generation.log"
   fi
   for name in bench_ppo_shared bench_ppo_plain; do
     [ -s "$logs/$name.log" ] || continue
