@@ -39,7 +39,7 @@ from bench_generation import NoEOS, old_sample  # this script's folder is on sys
 from tether.config import PPOConfig, add_config_args, config_from_args
 from tether.models.generation import Sampler, encode_prompts, position_ids_from_mask, resolve_rollout_dtype, sample
 from tether.models.loading import autocast_dtype, load_causal_lm, resolve_device
-from tether.ppo import train as ppo_train
+from tether.ppo import rollout as ppo_rollout
 from tether.ppo.train import load_prompts, train_ppo
 
 
@@ -131,7 +131,7 @@ def run_trainer(cfg: PPOConfig, iterations: int, *, engine: bool = True) -> floa
     """Run and report the trainer; returns the episodes/s of the timed iterations."""
     with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp, contextlib.ExitStack() as stack:
         if not engine:
-            stack.enter_context(mock.patch.object(ppo_train, "sample", _old_loop))
+            stack.enter_context(mock.patch.object(ppo_rollout, "sample", _old_loop))
         cfg.out_dir = tmp
         cfg.total_episodes = iterations * cfg.batch_size
         cfg.sample_every = 0

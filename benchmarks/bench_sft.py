@@ -19,9 +19,9 @@ import torch
 
 from tether.config import SFTConfig, add_config_args, config_from_args
 from tether.models.loading import autocast, load_causal_lm
+from tether.ops import lm_loss
 from tether.optim import build_optimizer
-from tether.sft.data import collate, count_target_tokens, encode_demonstrations, load_demonstrations
-from tether.sft.train import forward_logits, nll_sum
+from tether.sft.data import collate, count_target_tokens, encode_demonstrations, forward_logits, load_demonstrations
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
         ]
         n_target = sum(count_target_tokens(m["labels"]) for m in micro)
         for m in micro:
-            loss = nll_sum(forward_logits(model, m, precision), m["labels"].to(device)) / n_target
+            loss = lm_loss(forward_logits(model, m, precision), m["labels"].to(device), "sum") / n_target
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

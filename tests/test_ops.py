@@ -1,14 +1,18 @@
-"""tether.ops: masked reductions, token log-probs, entropy, last-token index."""
+"""tether.ops: masked reductions, token log-probs, entropy, the LM loss, last-token index."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from tether.ops import (
+    IGNORE_INDEX,
     entropy_from_logits,
     last_token_index,
+    lm_loss,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -169,6 +173,114 @@ def test_entropy_from_logits_matches_definition_and_has_gradient(chunk_elements)
 def test_entropy_of_uniform_is_log_v():
     h = entropy_from_logits(torch.zeros(2, 3, 8))
     torch.testing.assert_close(h, torch.full((2, 3), torch.log(torch.tensor(8.0)).item()))
+
+
+# lm_loss -----------------------------------------------------------------------------------------
+def test_lm_loss_shifts_labels_and_matches_cross_entropy():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 7, 13, generator=g)
+    input_ids = torch.randint(0, 13, (3, 7), generator=g)
+    labels = input_ids.clone()
+    labels[:, :3] = -100  # prompt tokens
+    labels[2, 5:] = -100  # padding
+    expected = F.cross_entropy(
+        logits[:, :-1].reshape(-1, 13), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    torch.testing.assert_close(lm_loss(logits, labels), expected)
+
+
+def test_lm_loss_logit_t_predicts_label_t_plus_1():
+    # A model that puts all mass on token (t+1) at position t has near-zero loss.
+    labels = torch.tensor([[3, 1, 4, 1, 5]])
+    logits = torch.full((1, 5, 6), -1e4)
+    for t in range(4):
+        logits[0, t, labels[0, t + 1]] = 0.0
+    assert lm_loss(logits, labels).item() < 1e-6
+
+
+def test_lm_loss_gradient_and_all_ignored():
+    logits = torch.randn(2, 4, 5, requires_grad=True)
+    labels = torch.full((2, 4), -100)
+    loss = lm_loss(logits, labels)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros(2, 4, 5))
+    logits.grad = None
+    labels[0, 2] = 1
+    lm_loss(logits, labels).backward()
+    assert logits.grad[0, 1].abs().sum() > 0  # position 1 predicts label 2
+    assert logits.grad[0, 2].abs().sum() == 0 and logits.grad[1].abs().sum() == 0
+
+
+def _old_lm_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two formulas lm_loss replaced: SFT's nll_sum (an fp32 copy of the logits through
+    F.cross_entropy, summed) and PPO-ptx's token mean."""
+    flat = logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten()
+    return (
+        F.cross_entropy(*flat, ignore_index=IGNORE_INDEX, reduction="mean"),
+        F.cross_entropy(*flat, ignore_index=IGNORE_INDEX, reduction="sum"),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_elements", [7, 2**25])
+def test_lm_loss_equals_the_old_mean_and_sum_formulas_with_their_gradients(dtype, chunk_elements):
+    g = _gen(3)
+    labels = torch.randint(0, 50, (4, 9), generator=g)
+    labels[:, :4] = IGNORE_INDEX  # prompt tokens
+    labels[1, 6:] = IGNORE_INDEX  # padding
+    labels[3] = IGNORE_INDEX  # a row with no target at all
+    base = torch.randn(4, 9, 50, generator=g).to(dtype)
+    old_in, new_in = base.clone().requires_grad_(), base.clone().requires_grad_()
+    old_mean, old_sum = _old_lm_losses(old_in, labels)
+    new_mean = lm_loss(new_in, labels, chunk_elements=chunk_elements)
+    new_sum = lm_loss(new_in, labels, "sum", chunk_elements=chunk_elements)
+    assert new_mean.dtype == new_sum.dtype == torch.float32
+    torch.testing.assert_close(new_mean, old_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(new_sum, old_sum, rtol=1e-5, atol=1e-5)
+    n_targets = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    torch.testing.assert_close(new_sum / n_targets, new_mean)
+    (old_mean + 0.3 * old_sum).backward()
+    (new_mean + 0.3 * new_sum).backward()
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}  # bf16 gradients: bf16 rounding
+    torch.testing.assert_close(new_in.grad, old_in.grad, **tol)
+    assert new_in.grad.dtype == dtype and not new_in.grad[3].any()
+
+
+def test_lm_loss_rejects_an_unknown_reduction():
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum', got 'none'"):
+        lm_loss(torch.zeros(1, 3, 4), torch.zeros(1, 3, dtype=torch.long), "none")  # type: ignore[arg-type]
+
+
+class _LargestFloat32(TorchDispatchMode):
+    """Records the element count of the largest fp32 tensor any op returns (forward and backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_lm_loss_never_holds_an_fp32_copy_of_bf16_logits():
+    """bf16 logits [B, T, V]: forward and backward allocate fp32 only tile by tile, where the old
+    SFT formula made a whole [B·T, V] fp32 copy (the control below: the detector sees it)."""
+    b, t, v = 3, 17, 256
+    labels = torch.randint(0, v, (b, t), generator=_gen(4))
+    labels[:, :5] = IGNORE_INDEX
+    logits = torch.randn(b, t, v, generator=_gen(5)).to(torch.bfloat16).requires_grad_()
+    full_copy = b * (t - 1) * v
+    with _LargestFloat32() as new:
+        lm_loss(logits, labels, "sum", chunk_elements=4 * v).backward()
+    assert logits.grad is not None and logits.grad.dtype == torch.bfloat16
+    assert 0 < new.largest <= 4 * v < full_copy // 10
+    with _LargestFloat32() as old:
+        _old_lm_losses(logits, labels)[1].backward()
+    assert old.largest >= full_copy
 
 
 # last_token_index ------------------------------------------------------------------------------

@@ -35,6 +35,13 @@ class NonFiniteError(FloatingPointError):
     """Training produced a NaN or an infinity: the run stops, and nothing non-finite is saved."""
 
 
+class StopAfter(Exception):
+    """A trainer's ``stop_after_*`` limit was reached: the process stops there, as if killed.
+
+    Tests use it to simulate a crash between two checkpoints; a rerun resumes from the last state.
+    """
+
+
 def last_good_state(directory: str | Path) -> str:
     """Where a stopped run's last good state is, or that there is none yet (for error messages)."""
     state = find_state(directory)

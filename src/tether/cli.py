@@ -8,30 +8,22 @@ the training commands.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from tether import pipeline_cli
+from tether.data import cli as data_cli
+from tether.eval import cli as eval_cli
+from tether.labelers import cli as labelers_cli
+from tether.labeling import cli as labeling_cli
+from tether.models import cli as models_cli
+from tether.ppo import cli as ppo_cli
+from tether.reward import cli as reward_cli
+from tether.sft import cli as sft_cli
+
+# In the order of `tether --help`.
+COMMANDS = (data_cli, sft_cli, models_cli, reward_cli, ppo_cli, eval_cli, pipeline_cli)
 # `tether label ...` gathers the simulated panel (labelers/) and the human app (labeling/).
-LABEL_MODULES = ("tether.labelers.cli", "tether.labeling.cli")
-
-COMMAND_MODULES = (
-    "tether.data.cli",
-    "tether.sft.cli",
-    "tether.models.cli",
-    "tether.reward.cli",
-    "tether.ppo.cli",
-    "tether.eval.cli",
-    "tether.pipeline_cli",
-)
-
-
-def _import_optional(name: str):
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name == name:  # a stage not built yet
-            return None
-        raise
+LABEL_COMMANDS = (labelers_cli, labeling_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,16 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of any error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        module = _import_optional(name)
-        if module is not None:
-            module.add_commands(sub)
+    for module in COMMANDS:
+        module.add_commands(sub)
     label = sub.add_parser("label", help="labels: the simulated panel and the human labeling app")
     label_sub = label.add_subparsers(dest="label_command", metavar="ACTION", required=True)
-    for name in LABEL_MODULES:
-        module = _import_optional(name)
-        if module is not None:
-            module.add_label_commands(label_sub)
+    for module in LABEL_COMMANDS:
+        module.add_label_commands(label_sub)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Masked reductions and token-level log-prob math shared by the SFT, RM and PPO stages.
+"""Masked reductions, token-level log-prob math and the LM loss shared by the SFT, RM and PPO stages.
 
 Conventions used throughout tether:
 
@@ -12,7 +12,7 @@ Conventions used throughout tether:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -20,6 +20,9 @@ from torch import Tensor
 # Elements of [*, V] float32 work memory handled at once by the vocabulary-sized ops below:
 # 2**25 floats = 128 MiB, small next to a model yet large enough to keep a GPU busy.
 CHUNK_ELEMENTS = 2**25
+
+# The label of a position that carries no loss (prompt tokens, padding): PyTorch's and HF's value.
+IGNORE_INDEX = -100
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -124,6 +127,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _scaled(logits: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
+    """``logits / temperature`` in ``dtype``; at temperature 1 no pass over the tile (x / 1 == x)."""
+    logits = logits.to(dtype)
+    return logits if temperature == 1.0 else logits / temperature
+
+
 class _TokenLogprobs(torch.autograd.Function):
     """log_softmax(logits / T) gathered at ``tokens``, chunked in forward *and* backward.
 
@@ -142,7 +151,7 @@ class _TokenLogprobs(torch.autograd.Function):
         out = torch.empty(b, t, dtype=dtype, device=logits.device)
         lse = torch.empty(b, t, dtype=dtype, device=logits.device)
         for bs, ts in _chunks(b, t, v, chunk_elements):
-            z = logits[bs, ts].to(dtype) / temperature
+            z = _scaled(logits[bs, ts], dtype, temperature)
             lse[bs, ts] = torch.logsumexp(z, dim=-1)
             out[bs, ts] = z.gather(-1, tokens[bs, ts].unsqueeze(-1)).squeeze(-1) - lse[bs, ts]
         ctx.save_for_backward(logits, tokens, lse)
@@ -158,12 +167,12 @@ class _TokenLogprobs(torch.autograd.Function):
         b, t, v = logits.shape
         grad_logits = torch.empty(b, t, v, dtype=logits.dtype, device=logits.device)
         for bs, ts in _chunks(b, t, v, ctx.chunk_elements):
-            z = logits[bs, ts].to(lse.dtype) / temperature
+            z = _scaled(logits[bs, ts], lse.dtype, temperature)
             go = grad_out[bs, ts].to(lse.dtype).unsqueeze(-1)
             # d log p(tok) / d logits = (onehot(tok) - softmax(z)) / temperature
-            g = torch.exp(z - lse[bs, ts].unsqueeze(-1)).mul_(-go)
+            g = torch.sub(z, lse[bs, ts].unsqueeze(-1)).exp_().mul_(-go)
             g.scatter_add_(-1, tokens[bs, ts].unsqueeze(-1), go)
-            grad_logits[bs, ts] = g.div_(temperature)
+            grad_logits[bs, ts] = g if temperature == 1.0 else g.div_(temperature)
         return grad_logits, None, None, None
 
 
@@ -229,6 +238,51 @@ def entropy_from_logits(
         # Writing tiles into `out` is tracked by autograd (CopySlices), so gradients still flow.
         out[bs, ts] = torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
     return out
+
+
+def lm_loss(
+    logits: Tensor,
+    labels: Tensor,
+    reduction: Literal["mean", "sum"] = "mean",
+    *,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> Tensor:
+    """Next-token cross-entropy over the labels that are not :data:`IGNORE_INDEX`.
+
+    Shift convention (the Hugging Face one): pass **un-shifted** ``labels`` aligned with the
+    model input, i.e. ``labels = input_ids`` with positions that should not be learned (prompt
+    tokens for SFT, padding) set to ``IGNORE_INDEX``. The shift happens here: ``logits[:, t]`` is
+    scored against ``labels[:, t + 1]``; the last logit and the first label are unused.
+
+    The one LM loss of tether: SFT (``L_SFT = −Σ log P(y | x)`` on response tokens), the PPO-ptx
+    pretraining term (InstructGPT eq. (2), ``γ · E[log π(x)]`` as a loss to minimise) and the
+    perplexities of the evaluation. It is :func:`token_logprobs`, so no ``[B, T, V]`` fp32 copy
+    of the logits is ever made, in forward or backward.
+
+    Args:
+        logits: ``[B, T, V]`` in any float dtype.
+        labels: ``[B, T]`` long, ``IGNORE_INDEX`` = no loss.
+        reduction: ``"mean"`` per target token, or ``"sum"`` (to divide by the target tokens of a
+            whole optimiser batch, so that splitting it into micro-batches changes no gradient).
+
+    Returns:
+        A scalar fp32 loss (fp64 for fp64 logits); 0, with a zero gradient, when every label is
+        ignored.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"lm_loss: expected logits [B, T, V] and labels [B, T]; got "
+            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"lm_loss: reduction must be 'mean' or 'sum', got {reduction!r}")
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    # Ignored labels are swapped for token 0 so the gather is valid, then selected away.
+    logprobs = token_logprobs(logits[:, :-1], torch.where(keep, targets, 0), chunk_elements=chunk_elements)
+    if reduction == "mean":
+        return -masked_mean(logprobs, keep)
+    return -torch.where(keep, logprobs, 0.0).sum()
 
 
 def last_token_index(mask: Tensor) -> Tensor:

@@ -316,6 +316,7 @@ def _stage_label(cfg: RunConfig, samples: dict, rdir: Path, r: int, log) -> dict
 
 
 def _stage_rm(cfg: RunConfig, sft_policy: str, rounds: list[dict], data: dict, rdir: Path, log):
+    from tether.labelers.panel import Panel
     from tether.reward.train import train_reward_model
 
     train = [c for lab in rounds for c in read_records(lab["comparisons"], "comparison")]
@@ -330,7 +331,7 @@ def _stage_rm(cfg: RunConfig, sft_policy: str, rounds: list[dict], data: dict, r
         heldout_panel_labelers=True,
     )
     rm_cfg.model = dataclasses.replace(cfg.rm.model, name_or_path=sft_policy)
-    res = train_reward_model(rm_cfg, log=log)
+    res = train_reward_model(rm_cfg, panel_heldout_labelers=[lab.id for lab in Panel().heldout_labelers], log=log)
     ev = res.eval_after
     return {
         "reward_model": str(Path(res.final_dir).resolve()),

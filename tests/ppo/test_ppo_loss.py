@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from tether.ppo.loss import lm_loss, policy_loss, value_loss
+from tether.ppo.loss import policy_loss, value_loss
 
 
 def _batch(seed: int, b: int = 4, t: int = 6):
@@ -99,37 +98,3 @@ def test_value_loss_masks_padding_in_loss_and_gradient():
     loss.backward()
     torch.testing.assert_close(values.grad, torch.tensor([[1.0, 0.0]]))
 
-
-def test_lm_loss_shifts_labels_and_matches_cross_entropy():
-    g = torch.Generator().manual_seed(1)
-    logits = torch.randn(3, 7, 13, generator=g)
-    input_ids = torch.randint(0, 13, (3, 7), generator=g)
-    labels = input_ids.clone()
-    labels[:, :3] = -100  # prompt tokens
-    labels[2, 5:] = -100  # padding
-    expected = F.cross_entropy(
-        logits[:, :-1].reshape(-1, 13), labels[:, 1:].reshape(-1), ignore_index=-100
-    )
-    torch.testing.assert_close(lm_loss(logits, labels), expected)
-
-
-def test_lm_loss_logit_t_predicts_label_t_plus_1():
-    # A model that puts all mass on token (t+1) at position t has near-zero loss.
-    labels = torch.tensor([[3, 1, 4, 1, 5]])
-    logits = torch.full((1, 5, 6), -1e4)
-    for t in range(4):
-        logits[0, t, labels[0, t + 1]] = 0.0
-    assert lm_loss(logits, labels).item() < 1e-6
-
-
-def test_lm_loss_gradient_and_all_ignored():
-    logits = torch.randn(2, 4, 5, requires_grad=True)
-    labels = torch.full((2, 4), -100)
-    loss = lm_loss(logits, labels)
-    loss.backward()
-    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros(2, 4, 5))
-    logits.grad = None
-    labels[0, 2] = 1
-    lm_loss(logits, labels).backward()
-    assert logits.grad[0, 1].abs().sum() > 0  # position 1 predicts label 2
-    assert logits.grad[0, 2].abs().sum() == 0 and logits.grad[1].abs().sum() == 0

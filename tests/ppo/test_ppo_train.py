@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tether.checkpoint import StopAfter
 from tether.config import PPOConfig, resolve
 from tether.models.generation import decode_responses, position_ids_from_mask, sample
 from tether.models.heads import load_scalar_model, reward_scores, save_scalar_model, set_reward_normalization
@@ -523,7 +524,8 @@ def uninterrupted(tmp_path_factory, ppo_data, eos_policy, tiny_rm):
 def test_resume_equals_uninterrupted_and_adaptive_beta(tmp_path, ppo_data, eos_policy, tiny_rm, uninterrupted):
     """Stop after iteration 2 of 3, rerun: same weights, EMA, β, metrics and samples."""
     broken = resume_cfg(tmp_path / "run", ppo_data, eos_policy, tiny_rm)
-    assert train_ppo(broken, stop_after_iterations=2, **QUIET) is None
+    with pytest.raises(StopAfter, match="after 2 iterations"):
+        train_ppo(broken, stop_after_iterations=2, **QUIET)
     resumed = train_ppo(broken, **QUIET)
     assert_same_weights(uninterrupted.policy_dir, resumed.policy_dir)
     assert_same_weights(uninterrupted.value_dir, resumed.value_dir)

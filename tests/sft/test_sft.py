@@ -15,11 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tether.checkpoint import StopAfter
 from tether.config import SFTConfig, resolve
 from tether.metrics import read_metrics
 from tether.models.loading import load_causal_lm
-from tether.sft.data import IGNORE, collate, count_target_tokens, encode_demonstration
-from tether.sft.train import nll_sum, train_sft
+from tether.ops import IGNORE_INDEX, lm_loss
+from tether.sft.data import collate, count_target_tokens, encode_demonstration
+from tether.sft.train import train_sft
 
 
 def tiny_cfg(tmp_path: Path, demos_file: Path, **overrides) -> SFTConfig:
@@ -36,7 +38,7 @@ def test_prompt_tokens_carry_no_loss(tiny_dir):
     model, tok = load_causal_lm(str(tiny_dir))
     ex = encode_demonstration(tok, "Describe a red car.", "A RED CAR.", max_length=128)
     n_response = len(tok("A RED CAR.", add_special_tokens=False).input_ids) + 1  # + EOS
-    assert sum(lab != IGNORE for lab in ex.labels) == n_response
+    assert sum(lab != IGNORE_INDEX for lab in ex.labels) == n_response
     assert ex.labels[-1] == tok.eos_token_id
     batch = collate([ex], tok.pad_token_id)
     logits = model(input_ids=batch["input_ids"]).logits
@@ -45,7 +47,7 @@ def test_prompt_tokens_carry_no_loss(tiny_dir):
     n_prompt = len(ex.labels) - n_response
     perturbed = logits.clone()
     perturbed[:, : n_prompt - 1] += torch.randn_like(perturbed[:, : n_prompt - 1]) * 5
-    assert torch.allclose(nll_sum(logits, batch["labels"]), nll_sum(perturbed, batch["labels"]))
+    assert torch.allclose(lm_loss(logits, batch["labels"], "sum"), lm_loss(perturbed, batch["labels"], "sum"))
     assert count_target_tokens(batch["labels"]) == n_response
 
 
@@ -56,9 +58,10 @@ def test_padding_changes_nothing(tiny_dir):
     alone = collate([short], tok.pad_token_id)
     padded = collate([short, long], tok.pad_token_id)
     with torch.no_grad():
-        a = nll_sum(model(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"]).logits, alone["labels"])
+        logits = model(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"]).logits
+        a = lm_loss(logits, alone["labels"], "sum")
         out = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
-        b = nll_sum(out[:1], padded["labels"][:1])
+        b = lm_loss(out[:1], padded["labels"][:1], "sum")
     assert torch.allclose(a, b, atol=1e-5)
 
 
@@ -100,7 +103,8 @@ def test_resume_equals_uninterrupted(tmp_path, demos_file):
     full = tiny_cfg(tmp_path / "full", demos_file, **common)
     train_sft(full, log=lambda _: None)
     broken = tiny_cfg(tmp_path / "broken", demos_file, **common)
-    assert train_sft(broken, log=lambda _: None, stop_after_steps=3) is None  # "crash" after step 3
+    with pytest.raises(StopAfter, match="after 3 steps"):  # "crash" after step 3
+        train_sft(broken, log=lambda _: None, stop_after_steps=3)
     train_sft(broken, log=lambda _: None)  # resumes from the state saved at step 2
     a, b = final_weights(tmp_path / "full" / "run"), final_weights(tmp_path / "broken" / "run")
     for name in a:
@@ -197,10 +201,20 @@ def test_cli_huge_learning_rate_stops_with_one_line_and_exit_1(tmp_path, demos_f
         assert "no good state yet" in err
 
 
+def test_selection_by_rm_score_without_a_scorer_fails_before_training(tmp_path, demos_file):
+    """The trainer does not build the RM scorer (`tether sft` does): asking for the paper's
+    selection without one is an error at the start, not after every epoch has trained."""
+    cfg = tiny_cfg(tmp_path, demos_file, select_by="rm_score", reward_model=str(tmp_path / "rm"))
+    with pytest.raises(ValueError, match="select_by = 'rm_score' needs a scorer"):
+        train_sft(cfg, log=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_with_an_emptied_metrics_log(tmp_path, demos_file):
     """A kill while the metrics log was rewritten used to make every rerun fail (IndexError)."""
     cfg = tiny_cfg(tmp_path, demos_file, epochs=1, batch_size=4, micro_batch_size=2, save_every_steps=2)
-    assert train_sft(cfg, log=lambda _: None, stop_after_steps=3) is None
+    with pytest.raises(StopAfter):
+        train_sft(cfg, log=lambda _: None, stop_after_steps=3)
     (Path(cfg.out_dir) / "metrics.jsonl").write_text('{"step": 0, "va')  # torn
     result = train_sft(cfg, log=lambda _: None)
     assert math.isfinite(result.valid_loss_before)

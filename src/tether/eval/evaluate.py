@@ -92,8 +92,7 @@ def best_of_n_kl_bound(n: int) -> float:
 
 def pretrain_perplexity(model, tokenizer, texts: Sequence[PretrainText], max_length: int = 256) -> float:
     """exp(mean NLL per token) on plain text: the alignment-tax measure."""
-    from tether.sft.data import encode_pretrain
-    from tether.sft.train import evaluate_loss
+    from tether.sft.data import encode_pretrain, evaluate_loss
 
     examples = [encode_pretrain(tokenizer, t.text, max_length) for t in texts]
     return math.exp(evaluate_loss(model, examples, tokenizer.pad_token_id))

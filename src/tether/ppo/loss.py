@@ -1,4 +1,4 @@
-"""PPO policy / value losses and the language-modelling loss (SFT and PPO-ptx).
+"""PPO's clipped policy and value losses (the LM loss of PPO-ptx is :func:`tether.ops.lm_loss`).
 
 Losses are token-level means over the masked tokens of the whole (mini)batch. Stats are
 detached 0-dim tensors; ``float(v)`` them to log.
@@ -9,9 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tether.ops import masked_mean, token_logprobs
-
-IGNORE_INDEX = -100
+from tether.ops import masked_mean
 
 
 def policy_loss(
@@ -105,33 +103,3 @@ def value_loss(
         }
     return loss, {k: v.detach() for k, v in stats.items()}
 
-
-def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Next-token cross-entropy, mean over the tokens whose label is not ``-100``.
-
-    Shift convention (the Hugging Face one): pass **un-shifted** ``labels`` aligned with the
-    model input, i.e. ``labels = input_ids`` with positions that should not be learned (prompt
-    tokens for SFT, padding) set to ``-100``. The shift happens here: ``logits[:, t]`` is
-    scored against ``labels[:, t + 1]``; the last logit and the first label are unused.
-
-    Used for SFT (``L_SFT = −Σ log P(y | x)`` on response tokens) and for the PPO-ptx
-    pretraining term (InstructGPT eq. (2), ``γ · E[log π(x)]``, as a loss to minimise).
-
-    Args:
-        logits: ``[B, T, V]``.
-        labels: ``[B, T]`` long, ``-100`` = ignore.
-
-    Returns:
-        A scalar fp32 loss; 0 (with a zero gradient) when every label is ignored.
-    """
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(
-            f"lm_loss: expected logits [B, T, V] and labels [B, T]; got "
-            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
-        )
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    # Ignored labels are swapped for token 0 so the gather is valid, then masked out; the
-    # chunked token_logprobs avoids an fp32 copy of the full [B, T, V] logits.
-    logprobs = token_logprobs(logits[:, :-1], torch.where(keep, targets, 0))
-    return -masked_mean(logprobs, keep)

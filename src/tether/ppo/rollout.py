@@ -4,6 +4,7 @@ An episode is a bandit one (InstructGPT §3.5): a prompt, one sampled response, 
 :class:`Rollout` record carries a batch of them from the rollout to the PPO update; every
 per-token field is aligned with ``response_ids`` (position ``t`` is response token ``t``).
 
+:func:`collect_rollout` is step 1 of the trainer: sample a batch in chunks, score each chunk.
 Two forward-pass helpers are shared by the rollout (no gradient) and the update (gradient):
 :func:`response_logprobs` and :func:`response_values`. Both run prompt ⊕ response through the
 model with position ids counted over real tokens, so left-padded prompts of different lengths get
@@ -13,13 +14,16 @@ the positions they had while sampling.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
+from transformers import PreTrainedTokenizerBase
 
-from tether.models.generation import Generation, position_ids_from_mask
+from tether.config import PPOConfig
+from tether.models.generation import Generation, Sampler, decode_responses, position_ids_from_mask, sample
 from tether.models.heads import apply_normalization, reward_scores, score_at_last_token, token_values
 from tether.models.trunk import SharedTrunk
 from tether.ops import entropy_from_logits, token_logprobs
@@ -330,3 +334,88 @@ def score_episodes(
         returns=zeros.clone(),
         trunk_hidden=hidden,
     )
+
+
+@dataclass
+class RolloutTime:
+    """Where a rollout's wall-clock time went, in seconds."""
+
+    generation: float = 0.0  # sampling (the KV-cached loop)
+    scoring: float = 0.0  # the policy, reference, value and reward forwards
+
+
+def device_time(device: torch.device) -> float:
+    """A timestamp after the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def sample_responses(
+    sampler: Sampler,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    cfg: PPOConfig,
+    generator: torch.Generator,
+) -> Generation:
+    """One response per prompt, sampled as the rollout samples (temperature, prompt and response lengths)."""
+    return sample(
+        sampler,
+        tokenizer,
+        prompts,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        generator=generator,
+        max_prompt_length=cfg.max_prompt_length,
+    )
+
+
+def collect_rollout(
+    prompts: Sequence[str],
+    *,
+    sampler: Sampler,
+    tokenizer: PreTrainedTokenizerBase,
+    policy: torch.nn.Module,
+    ref_policy: torch.nn.Module | None,
+    value_model: torch.nn.Module,
+    reward: torch.nn.Module | RewardFn,
+    cfg: PPOConfig,
+    generator: torch.Generator,
+    precision: contextlib.AbstractContextManager,
+    trunk: SharedTrunk | None = None,
+) -> tuple[Rollout, RolloutTime]:
+    """Step 1 of an iteration: one sampled response per prompt, scored by every model.
+
+    The prompts go in chunks of ``cfg.generation_batch_size``: each chunk is sampled from
+    ``sampler`` (KV cache, temperature ``cfg.temperature``, drawing from ``generator``), then
+    scored (:func:`score_episodes`) before the next one is sampled, so no more than a chunk's
+    activations are alive at once. Returns the ``B = len(prompts)`` episodes as one
+    :class:`Rollout` (``kl`` … ``returns`` zeros) and the time spent sampling and scoring.
+    """
+    device = next(policy.parameters()).device
+    parts: list[Rollout] = []
+    timing = RolloutTime()
+    for s in range(0, len(prompts), cfg.generation_batch_size):
+        chunk = list(prompts[s : s + cfg.generation_batch_size])
+        t0 = device_time(device)
+        with precision:
+            gen = sample_responses(sampler, tokenizer, chunk, cfg, generator)
+        t1 = device_time(device)
+        with precision:
+            parts.append(
+                score_episodes(
+                    gen,
+                    chunk,
+                    decode_responses(tokenizer, gen),
+                    policy=policy,
+                    ref_policy=ref_policy,
+                    value_model=value_model,
+                    reward=reward,
+                    temperature=cfg.temperature,
+                    missing_eos_penalty=cfg.missing_eos_penalty,
+                    trunk=trunk,
+                )
+            )
+        timing.generation += t1 - t0
+        timing.scoring += device_time(device) - t1
+    return Rollout.cat(parts, tokenizer.pad_token_id), timing

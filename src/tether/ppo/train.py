@@ -24,7 +24,6 @@ import dataclasses
 import json
 import math
 import random
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tether.checkpoint import (
+    StopAfter,
     epoch_order,
     find_state,
     last_good_state,
@@ -44,24 +44,27 @@ from tether.checkpoint import (
 )
 from tether.config import PPOConfig, save_config
 from tether.metrics import MetricsLogger, progress_bar, read_metrics
-from tether.models.generation import Sampler, decode_responses, sample
+from tether.models.generation import Sampler, decode_responses
 from tether.models.heads import load_scalar_model, save_scalar_model
 from tether.models.loading import autocast, load_causal_lm, save_model
 from tether.models.trunk import SharedTrunk, backbone
-from tether.ops import masked_mean
+from tether.ops import lm_loss, masked_mean
 from tether.optim import build_optimizer, build_scheduler, clip_grad
 from tether.ppo.advantages import gae, leave_one_out, whiten_advantages
 from tether.ppo.kl import AdaptiveKLController, FixedKLController, compute_rewards
-from tether.ppo.loss import lm_loss, policy_loss, value_loss
+from tether.ppo.loss import policy_loss, value_loss
 from tether.ppo.rollout import (
     RewardFn,
     Rollout,
+    RolloutTime,
+    collect_rollout,
+    device_time,
     episode_scores,
     response_logprobs,
     response_values,
-    score_episodes,
+    sample_responses,
 )
-from tether.sft.data import SFTExample, collate, count_target_tokens, encode_pretrain
+from tether.sft.data import SFTExample, collate, count_target_tokens, encode_pretrain, forward_logits
 
 __all__ = ["EMA", "PPOResult", "check_same_tokenizer", "take_cyclic", "train_ppo"]
 
@@ -272,12 +275,7 @@ def ppo_step(
         ]
         n_targets = sum(count_target_tokens(b["labels"]) for b in batches)
         for b in batches:
-            with precision:
-                logits = policy(
-                    input_ids=b["input_ids"].to(device),
-                    attention_mask=b["attention_mask"].to(device),
-                ).logits
-            loss = lm_loss(logits, b["labels"].to(device))
+            loss = lm_loss(forward_logits(policy, b, precision), b["labels"].to(device))
             weight = count_target_tokens(b["labels"]) / max(n_targets, 1)
             (cfg.ptx_coef * weight * loss).backward()
             add("ptx_loss", loss.detach(), weight)
@@ -292,11 +290,37 @@ def ppo_step(
     return totals
 
 
-def _now(device: torch.device) -> float:
-    """A timestamp after the device's queued work is done (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+def _share_trunk(cfg: PPOConfig, models: Sequence[Any], log: Callable[[str], None]) -> SharedTrunk | None:
+    """The frozen bottom blocks the roles share bit for bit (``cfg.share_trunk``), or None."""
+    if not cfg.share_trunk:
+        return None
+    roles = [m for m in models if isinstance(m, torch.nn.Module)]
+    trunk = SharedTrunk.detect(roles)
+    # (Only a shared trunk implies a `.layers` list: GPT-2 keeps its blocks in `.h`.)
+    log(
+        f"ppo: the {len(roles)} models share {trunk.depth} of {len(backbone(roles[0]).layers)} blocks "
+        "bit for bit (frozen): computed once per batch"
+        if trunk
+        else "ppo: the models share no frozen block; each runs whole"
+    )
+    return trunk
+
+
+def _ptx_slices(
+    pretrain: Sequence[str], tokenizer: PreTrainedTokenizerBase, position: tuple[int, int], cfg: PPOConfig
+) -> tuple[list[list[SFTExample]], tuple[int, int]]:
+    """The pretraining examples of one iteration, one slice of ``ptx_per_minibatch`` per minibatch.
+
+    Further PPO epochs reuse them as they reuse the episodes. Returns the slices (empty without
+    ptx) and the corpus position after them.
+    """
+    n_minibatches = cfg.batch_size // cfg.mini_batch_size
+    if not pretrain:
+        return [[] for _ in range(n_minibatches)], position
+    k = cfg.ptx_per_minibatch
+    idx, position = take_cyclic(len(pretrain), k * n_minibatches, position, cfg.seed + 1)
+    examples = [encode_pretrain(tokenizer, pretrain[i], cfg.ptx_max_length) for i in idx]
+    return [examples[m * k : (m + 1) * k] for m in range(n_minibatches)], position
 
 
 def train_ppo(
@@ -310,7 +334,8 @@ def train_ppo(
 
     ``reward_fn(prompts, responses) -> [B]`` replaces the reward model (toy rewards, tests); the
     value model then starts from the policy with a fresh head unless ``value_model`` is set.
-    ``stop_after_iterations`` ends this process early (tests use it to simulate a crash).
+    ``stop_after_iterations`` raises :class:`~tether.checkpoint.StopAfter` once this process has
+    run that many iterations (tests use it to simulate a crash).
     """
     cfg.validate()
     out = Path(cfg.out_dir)
@@ -326,17 +351,7 @@ def train_ppo(
     pretrain = load_pretrain_texts(cfg.pretrain_file) if cfg.ptx_coef > 0 and cfg.ptx_per_minibatch > 0 else []
     policy, ref_policy, value_model, reward, tokenizer = _load_models(cfg, reward_fn, log)
     device = next(policy.parameters()).device
-    trunk = None
-    if cfg.share_trunk:
-        roles = [m for m in (policy, ref_policy, value_model, reward) if isinstance(m, torch.nn.Module)]
-        trunk = SharedTrunk.detect(roles)
-        # (Only a shared trunk implies a `.layers` list: GPT-2 keeps its blocks in `.h`.)
-        log(
-            f"ppo: the {len(roles)} models share {trunk.depth} of {len(backbone(policy).layers)} blocks "
-            "bit for bit (frozen): computed once per batch"
-            if trunk
-            else "ppo: the models share no frozen block; each runs whole"
-        )
+    trunk = _share_trunk(cfg, (policy, ref_policy, value_model, reward), log)
     # Rollouts sample from `sampler`: the policy itself, or an inference copy of it in
     # cfg.rollout_dtype, synced after every optimiser step (old log-probs still come from the policy).
     sampler = Sampler(policy, cfg.rollout_dtype, compile=cfg.rollout_compile)
@@ -374,15 +389,7 @@ def train_ppo(
         # Fixed prompts, a fixed seed: successive entries differ only by the policy.
         rng = torch.Generator(device=device).manual_seed(cfg.seed)
         with precision:
-            gen = sample(
-                sampler,
-                tokenizer,
-                sample_prompts,
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                generator=rng,
-                max_prompt_length=cfg.max_prompt_length,
-            )
+            gen = sample_responses(sampler, tokenizer, sample_prompts, cfg, rng)
             texts = decode_responses(tokenizer, gen)
             scores = episode_scores(gen, sample_prompts, texts, reward, cfg.missing_eos_penalty)
         with open(samples_path, "a", encoding="utf-8") as fh:
@@ -399,6 +406,31 @@ def train_ppo(
             "kl_coef": kl_ctl.value,
         }
         save_state(out / "state", models, stateful, counters, generators)
+
+    def apply_step(stats: dict[str, float], iteration: int) -> dict[str, float]:
+        """Clip the gradients ``ppo_step`` left, step both optimisers (and the EMA); checked finite."""
+        stats["grad_norm"] = clip_grad(policy.parameters(), cfg.optim.max_grad_norm)
+        stats["value_grad_norm"] = clip_grad(value_model.parameters(), cfg.value_optim.max_grad_norm)
+        bad = [k for k, v in stats.items() if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(
+                f"ppo: non-finite {', '.join(bad)} at iteration {iteration + 1}; "
+                f"nothing was applied; {last_good_state(out / 'state')}"
+            )
+        policy_opt.step()
+        sampler.sync()
+        value_opt.step()
+        bad = non_finite_weights(models)
+        if bad:
+            raise FloatingPointError(
+                f"ppo: the update at iteration {iteration + 1} made {len(bad)} weight tensors "
+                f"non-finite (e.g. {bad[0]}); {last_good_state(out / 'state')}"
+            )
+        policy_opt.zero_grad(set_to_none=True)
+        value_opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(policy)
+        return stats
 
     # Resume from the last state, if any.
     start, episodes, prompt_pos, ptx_pos = 0, 0, (0, 0), (0, 0)
@@ -432,7 +464,7 @@ def train_ppo(
     with progress_bar("ppo") as bar:
         task = bar.add_task("ppo", total=cfg.iterations, completed=start, stats="")
         for iteration in range(start, cfg.iterations):
-            t_start = _now(device)
+            t_start = device_time(device)
             kl_coef = kl_ctl.value
             lr, value_lr = policy_sched.get_last_lr()[0], value_sched.get_last_lr()[0]
 
@@ -440,39 +472,19 @@ def train_ppo(
             #    each episode with the policy, the reference, the value and the reward model.
             n_per = cfg.samples_per_prompt  # each prompt's responses are consecutive episodes
             batch_idx, prompt_pos = take_cyclic(len(prompts), cfg.batch_size // n_per, prompt_pos, cfg.seed)
-            batch_prompts = [prompts[i] for i in batch_idx for _ in range(n_per)]
-            parts, t_gen, t_score = [], 0.0, 0.0
-            for s in range(0, cfg.batch_size, cfg.generation_batch_size):
-                chunk = batch_prompts[s : s + cfg.generation_batch_size]
-                t0 = _now(device)
-                with precision:
-                    gen = sample(
-                        sampler,
-                        tokenizer,
-                        chunk,
-                        max_new_tokens=cfg.max_new_tokens,
-                        temperature=cfg.temperature,
-                        generator=sampling_rng,
-                        max_prompt_length=cfg.max_prompt_length,
-                    )
-                t1 = _now(device)
-                with precision:
-                    parts.append(
-                        score_episodes(
-                            gen,
-                            chunk,
-                            decode_responses(tokenizer, gen),
-                            policy=policy,
-                            ref_policy=ref_policy,
-                            value_model=value_model,
-                            reward=reward,
-                            temperature=cfg.temperature,
-                            missing_eos_penalty=cfg.missing_eos_penalty,
-                            trunk=trunk,
-                        )
-                    )
-                t_gen, t_score = t_gen + t1 - t0, t_score + _now(device) - t1
-            rollout = Rollout.cat(parts, pad)
+            rollout, rollout_time = collect_rollout(
+                [prompts[i] for i in batch_idx for _ in range(n_per)],
+                sampler=sampler,
+                tokenizer=tokenizer,
+                policy=policy,
+                ref_policy=ref_policy,
+                value_model=value_model,
+                reward=reward,
+                cfg=cfg,
+                generator=sampling_rng,
+                precision=precision,
+                trunk=trunk,
+            )
             if not bool(torch.isfinite(rollout.scores).all()):
                 raise FloatingPointError(
                     f"ppo: the reward gave non-finite scores at iteration {iteration + 1}; "
@@ -485,12 +497,7 @@ def train_ppo(
             if cfg.score_baseline == "leave_one_out":
                 scores = leave_one_out(scores, n_per)
             rollout.rewards, rollout.non_score_rewards, rollout.kl = compute_rewards(
-                scores,
-                rollout.logprobs,
-                rollout.ref_logprobs,
-                rollout.response_mask,
-                kl_coef,
-                cfg.kl_estimator,
+                scores, rollout.logprobs, rollout.ref_logprobs, rollout.response_mask, kl_coef, cfg.kl_estimator
             )
 
             # 3. Advantages: GAE(γ, λ) over the response tokens, whitened over the batch.
@@ -501,81 +508,26 @@ def train_ppo(
                 rollout.advantages = whiten_advantages(rollout.advantages, rollout.response_mask)
 
             # 4. Update: epochs × minibatches, one optimiser step each (PPO, then ptx, gradients).
-            t0 = _now(device)
+            t0 = device_time(device)
+            ptx_slices, ptx_pos = _ptx_slices(pretrain, tokenizer, ptx_pos, cfg)
             steps: list[dict[str, float]] = []
-            # The pretraining examples of this batch's episodes (ptx_examples_per_episode each),
-            # one slice per minibatch; further PPO epochs reuse them as they reuse the episodes.
-            n_minibatches = cfg.batch_size // cfg.mini_batch_size
-            ptx_slices: list[list[SFTExample]] = [[] for _ in range(n_minibatches)]
-            if pretrain:
-                k = cfg.ptx_per_minibatch
-                ptx_idx, ptx_pos = take_cyclic(len(pretrain), k * n_minibatches, ptx_pos, cfg.seed + 1)
-                examples = [encode_pretrain(tokenizer, pretrain[i], cfg.ptx_max_length) for i in ptx_idx]
-                ptx_slices = [examples[m * k : (m + 1) * k] for m in range(n_minibatches)]
             for _ in range(cfg.ppo_epochs):
                 order = torch.randperm(cfg.batch_size, generator=minibatch_rng)
                 for m, s in enumerate(range(0, cfg.batch_size, cfg.mini_batch_size)):
-                    ptx = ptx_slices[m]
                     minibatch = rollout.select(order[s : s + cfg.mini_batch_size])
-                    stats = ppo_step(policy, value_model, minibatch, ptx, cfg, pad, precision, trunk)
-                    stats["grad_norm"] = clip_grad(policy.parameters(), cfg.optim.max_grad_norm)
-                    stats["value_grad_norm"] = clip_grad(value_model.parameters(), cfg.value_optim.max_grad_norm)
-                    bad = [k for k, v in stats.items() if not math.isfinite(v)]
-                    if bad:
-                        raise FloatingPointError(
-                            f"ppo: non-finite {', '.join(bad)} at iteration {iteration + 1}; "
-                            f"nothing was applied; {last_good_state(out / 'state')}"
-                        )
-                    policy_opt.step()
-                    sampler.sync()
-                    value_opt.step()
-                    bad = non_finite_weights(models)
-                    if bad:
-                        raise FloatingPointError(
-                            f"ppo: the update at iteration {iteration + 1} made {len(bad)} weight tensors "
-                            f"non-finite (e.g. {bad[0]}); {last_good_state(out / 'state')}"
-                        )
-                    policy_opt.zero_grad(set_to_none=True)
-                    value_opt.zero_grad(set_to_none=True)
-                    if ema is not None:
-                        ema.update(policy)
-                    steps.append(stats)
+                    stats = ppo_step(policy, value_model, minibatch, ptx_slices[m], cfg, pad, precision, trunk)
+                    steps.append(apply_step(stats, iteration))
             policy_sched.step()
             value_sched.step()
-            t_update = _now(device) - t0
+            t_update = device_time(device) - t0
 
             # 5. Log, adapt β, sample the fixed prompts, checkpoint.
             episodes += cfg.batch_size
-            record = _iteration_record(rollout, steps, cfg)
+            times = (rollout_time, t_update, device_time(device) - t_start)
+            record = _iteration_record(rollout, steps, cfg, iteration + 1, episodes, kl_coef, (lr, value_lr), times)
             kl_ctl.update(record["kl"], cfg.batch_size)
-            t_total = _now(device) - t_start
-            n_generated = rollout.n_tokens
-            record.update(
-                {
-                    "step": iteration + 1,
-                    "episodes": episodes,
-                    "kl_coef": kl_coef,
-                    "kl_estimator": cfg.kl_estimator,
-                    "lr": lr,
-                    "value_lr": value_lr,
-                    "time_generation": t_gen,
-                    "time_scoring": t_score,
-                    "time_update": t_update,
-                    "time_total": t_total,
-                    "tokens_per_s": n_generated / t_total,
-                    "generation_tokens_per_s": n_generated / max(t_gen, 1e-9),
-                    "episodes_per_s": cfg.batch_size / t_total,
-                }
-            )
             logger.log(record)
-            bar.update(
-                task,
-                advance=1,
-                stats=(
-                    f"score {record['score']:.3f} · kl {record['kl']:.3f} · "
-                    f"len {record['response_length']:.1f} · {record['tokens_per_s']:,.0f} tok/s"
-                ),
-            )
+            bar.update(task, advance=1, stats=_progress(record))
             done = iteration + 1
             last = done == cfg.iterations
             if sample_prompts and cfg.sample_every and (done % cfg.sample_every == 0 or last):
@@ -588,7 +540,7 @@ def train_ppo(
             iterations_this_process += 1
             if iterations_this_process == stop_after_iterations:
                 logger.close()
-                return None  # type: ignore[return-value]  # simulated crash (tests)
+                raise StopAfter(f"ppo: stopped after {stop_after_iterations} iterations (stop_after_iterations)")
     logger.close()
 
     # 6. Export: the policy (EMA weights when enabled) and the value model, as HF directories.
@@ -599,8 +551,23 @@ def train_ppo(
     return PPOResult(policy_dir, value_dir, cfg.iterations, read_metrics(metrics_path))
 
 
-def _iteration_record(rollout: Rollout, steps: list[dict[str, float]], cfg: PPOConfig) -> dict:
-    """Per-iteration metrics: rollout statistics (per episode) and update statistics (means)."""
+def _iteration_record(
+    rollout: Rollout,
+    steps: list[dict[str, float]],
+    cfg: PPOConfig,
+    step: int,
+    episodes: int,
+    kl_coef: float,
+    lrs: tuple[float, float],
+    times: tuple[RolloutTime, float, float],
+) -> dict[str, Any]:
+    """One iteration's line of metrics.jsonl: rollout statistics (per episode), update statistics
+    (means over the optimiser steps), the counters, and where the time went.
+
+    ``lrs`` are the policy's and the value model's learning rates; ``times`` the rollout's,
+    the update's and the whole iteration's, in seconds.
+    """
+    rollout_time, update_time, total_time = times
     mask = rollout.response_mask.bool()
     gap = torch.where(mask, (rollout.sample_logprobs - rollout.logprobs).abs(), 0.0)
     record: dict[str, Any] = {
@@ -624,4 +591,28 @@ def _iteration_record(rollout: Rollout, steps: list[dict[str, float]], cfg: PPOC
         record[key] = sum(values) / len(values)
     for key in ("ptx_loss", "ptx_grad_ratio"):
         record.setdefault(key, None)
+    n_generated = rollout.n_tokens
+    record |= {
+        "step": step,
+        "episodes": episodes,
+        "kl_coef": kl_coef,
+        "kl_estimator": cfg.kl_estimator,
+        "lr": lrs[0],
+        "value_lr": lrs[1],
+        "time_generation": rollout_time.generation,
+        "time_scoring": rollout_time.scoring,
+        "time_update": update_time,
+        "time_total": total_time,
+        "tokens_per_s": n_generated / total_time,
+        "generation_tokens_per_s": n_generated / max(rollout_time.generation, 1e-9),
+        "episodes_per_s": cfg.batch_size / total_time,
+    }
     return record
+
+
+def _progress(record: dict[str, Any]) -> str:
+    """The progress bar's summary of an iteration."""
+    return (
+        f"score {record['score']:.3f} · kl {record['kl']:.3f} · "
+        f"len {record['response_length']:.1f} · {record['tokens_per_s']:,.0f} tok/s"
+    )

@@ -26,11 +26,13 @@ def _run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from tether.config import RMConfig, config_from_args
+    from tether.labelers.panel import Panel
     from tether.reward.train import train_reward_model
 
     cfg = config_from_args(RMConfig, "rm", args)
     console = Console()
-    result = train_reward_model(cfg, log=console.print)
+    panel_heldout = [lab.id for lab in Panel().heldout_labelers] if cfg.heldout_panel_labelers else None
+    result = train_reward_model(cfg, panel_heldout_labelers=panel_heldout, log=console.print)
     before, after = result.eval_before, result.eval_after
 
     def pct(acc: float | None) -> str:

@@ -103,25 +103,29 @@ def score_texts(
     )
 
 
-def rm_scorer(
-    reward_model_dir: str | Path, prompts: Sequence[str], max_new_tokens: int, seed: int
-) -> Callable[[Path], float]:
+def rm_scorer(reward_model_dir: str | Path, max_new_tokens: int, seed: int) -> Callable[[Path, Sequence[str]], float]:
     """A checkpoint scorer for SFT selection (paper §3.5: pick the SFT epoch by RM score).
 
-    Returns ``scorer(policy_dir) -> float``: the mean normalised RM score of the policy's
+    Returns ``scorer(policy_dir, prompts) -> float``: the mean normalised RM score of the policy's
     temperature-1 samples (seeded, so every checkpoint answers with the same random stream) to
-    ``prompts``. The RM is loaded once; each policy is loaded, sampled and released.
+    ``prompts``. The RM is loaded at the first call and kept; each policy is loaded, sampled and
+    released.
     """
     from tether.models.generation import decode_responses, sample
     from tether.models.heads import load_scalar_model
     from tether.models.loading import load_causal_lm
 
-    if not prompts:
-        raise ValueError("rm_scorer: no validation prompts to score")
-    reward_model, rm_tokenizer = load_scalar_model(str(reward_model_dir))
-    prompts = list(prompts)
+    if not Path(reward_model_dir).is_dir():
+        raise FileNotFoundError(f"rm_scorer: the reward model {reward_model_dir} is not a directory")
+    loaded: list = []  # [reward_model, tokenizer] once loaded: not while SFT is still training
 
-    def scorer(policy_dir: Path) -> float:
+    def scorer(policy_dir: Path, prompts: Sequence[str]) -> float:
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("rm_scorer: no validation prompts to score")
+        if not loaded:
+            loaded.extend(load_scalar_model(str(reward_model_dir)))
+        reward_model, rm_tokenizer = loaded
         policy, tokenizer = load_causal_lm(str(policy_dir))
         generator = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
         texts: list[str] = []

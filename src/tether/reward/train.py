@@ -23,6 +23,7 @@ import torch
 
 from tether.checkpoint import (
     NonFiniteError,
+    StopAfter,
     epoch_order,
     find_state,
     last_good_state,
@@ -109,13 +110,18 @@ def accumulate_gradients(
     }
 
 
-def heldout_labeler_ids(cfg: RMConfig) -> list[str]:
-    """Labelers never trained on: the configured ones and, if asked, the panel's held-out ones."""
+def heldout_labeler_ids(cfg: RMConfig, panel_heldout_labelers: Sequence[str] | None = None) -> list[str]:
+    """Labelers never trained on: the configured ones and, with ``cfg.heldout_panel_labelers``,
+    the simulated panel's held-out ones, which the caller passes (it knows the panel)."""
     names = list(cfg.heldout_labelers)
     if cfg.heldout_panel_labelers:
-        from tether.labelers.panel import Panel
-
-        names += [lab.id for lab in Panel().heldout_labelers if lab.id not in names]
+        if panel_heldout_labelers is None:
+            raise ValueError(
+                "rm.heldout_panel_labelers is set but the panel's held-out labeler ids were not given: "
+                "train_reward_model(cfg, panel_heldout_labelers=[lab.id for lab in Panel().heldout_labelers]) "
+                "(tether rm and tether run pass them)"
+            )
+        names += [name for name in panel_heldout_labelers if name not in names]
     return names
 
 
@@ -147,15 +153,20 @@ def train_reward_model(
     cfg: RMConfig,
     *,
     comparisons: Sequence[Comparison] | None = None,
+    panel_heldout_labelers: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
     stop_after_steps: int | None = None,
 ) -> RMResult:
     """Train (or resume) a reward model as configured; returns the normalised checkpoint's path.
 
     ``comparisons`` replaces ``cfg.train_file`` (the pipeline passes records it already holds).
-    ``stop_after_steps`` ends the loop early (tests use it to simulate a crash).
+    ``panel_heldout_labelers``: the simulated panel's held-out labeler ids, which
+    ``cfg.heldout_panel_labelers`` adds to the held-out ones (see :func:`heldout_labeler_ids`).
+    ``stop_after_steps`` raises :class:`~tether.checkpoint.StopAfter` once this process has
+    taken that many optimiser steps (tests use it to simulate a crash).
     """
     cfg.validate()
+    heldout = heldout_labeler_ids(cfg, panel_heldout_labelers)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -173,7 +184,6 @@ def train_reward_model(
     model, tokenizer = load_scalar_model(cfg.model, trainable=True)
     precision = autocast(cfg.model, next(model.parameters()).device)  # the training forwards only
     pad = tokenizer.pad_token_id
-    heldout = heldout_labeler_ids(cfg)
     n_excluded = sum(c.labeler_id in heldout for c in train_c)
     train_c = [c for c in train_c if c.labeler_id not in heldout]
     train_ex, report = encode_comparisons(tokenizer, train_c, cfg.max_length, cfg.overlength)
@@ -284,7 +294,7 @@ def train_reward_model(
                 if global_step % cfg.save_every_steps == 0 and step + 1 < steps_per_epoch:
                     _save(out, model, optimizer, scheduler, epoch, step + 1, global_step)
                 if stop_after_steps is not None and steps_this_process >= stop_after_steps:
-                    return None  # type: ignore[return-value]  # simulated crash (tests)
+                    raise StopAfter(f"rm: stopped after {stop_after_steps} steps (stop_after_steps)")
             _save(out, model, optimizer, scheduler, epoch + 1, 0, global_step)
 
     # 4. Normalise (demonstrations score mean 0, paper §3.5), evaluate, save the final RM.

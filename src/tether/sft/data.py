@@ -1,7 +1,12 @@
-"""Stage 1 data: demonstrations (and pretraining text) tokenised for response-only loss."""
+"""Stage 1 data: demonstrations (and pretraining text) tokenised for response-only loss.
+
+The examples, their batches and their loss (:func:`forward_logits`, :func:`evaluate_loss`) also
+serve PPO-ptx's pretraining term and the evaluation's perplexity.
+"""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -10,14 +15,13 @@ from transformers import PreTrainedTokenizerBase
 
 from tether.data.formats import Demonstration, PretrainText, read_records
 from tether.models.generation import chat_prompt
-
-IGNORE = -100
+from tether.ops import IGNORE_INDEX, lm_loss
 
 
 @dataclass
 class SFTExample:
     input_ids: list[int]
-    labels: list[int]  # IGNORE on prompt tokens (and nothing else for pretraining text)
+    labels: list[int]  # IGNORE_INDEX on prompt tokens (and nothing else for pretraining text)
     truncated: bool = False
 
 
@@ -47,7 +51,7 @@ def encode_demonstration(
     response_ids = response_ids[:room]
     return SFTExample(
         input_ids=prompt_ids + response_ids,
-        labels=[IGNORE] * len(prompt_ids) + response_ids,
+        labels=[IGNORE_INDEX] * len(prompt_ids) + response_ids,
         truncated=truncated,
     )
 
@@ -78,7 +82,7 @@ def collate(examples: Sequence[SFTExample], pad_token_id: int) -> dict[str, torc
     """Right-pad to the longest example: input_ids, attention_mask, labels [B,T]."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e.input_ids)
@@ -89,8 +93,40 @@ def collate(examples: Sequence[SFTExample], pad_token_id: int) -> dict[str, torc
 
 
 def count_target_tokens(labels: torch.Tensor) -> int:
-    """Tokens that carry loss under the next-token shift (labels[:, 1:] != IGNORE)."""
-    return int((labels[:, 1:] != IGNORE).sum())
+    """Tokens that carry loss under the next-token shift (labels[:, 1:] != IGNORE_INDEX)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def forward_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], precision: contextlib.AbstractContextManager
+) -> torch.Tensor:
+    """Logits [B,T,V] for a collated batch, on the model's device, under the configured precision."""
+    device = next(model.parameters()).device
+    with precision:
+        return model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module,
+    examples: Sequence[SFTExample],
+    pad_token_id: int,
+    batch_size: int = 8,
+    precision: contextlib.AbstractContextManager | None = None,
+) -> float:
+    """Mean NLL per target token over ``examples`` (eval mode, no dropout); exp of it is the perplexity."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], pad_token_id)
+        logits = forward_logits(model, batch, precision or contextlib.nullcontext())
+        total += float(lm_loss(logits, batch["labels"].to(device), "sum"))
+        count += count_target_tokens(batch["labels"])
+    if was_training:
+        model.train()
+    return total / max(count, 1)
 
 
 def load_demonstrations(path: str | None) -> list[Demonstration]:

@@ -8,7 +8,6 @@ the same gradient.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -19,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from tether.checkpoint import (
     NonFiniteError,
+    StopAfter,
     epoch_order,
     find_state,
     last_good_state,
@@ -35,52 +34,23 @@ from tether.data.formats import Demonstration
 from tether.metrics import MetricsLogger, progress_bar, read_metrics
 from tether.models.generation import generate_texts
 from tether.models.loading import autocast, load_causal_lm, save_model
+from tether.ops import lm_loss
 from tether.optim import build_optimizer, build_scheduler, optimizer_step
 from tether.sft.data import (
-    IGNORE,
     SFTExample,
     collate,
     count_target_tokens,
     encode_demonstrations,
     encode_pretrain,
+    evaluate_loss,
+    forward_logits,
     load_demonstrations,
     load_pretrain,
 )
 
-# A checkpoint scorer: HF model directory → score, higher is better (the paper: mean RM score).
-Scorer = Callable[[Path], float]
-
-
-def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL. logits [B,T,V] at t predict labels [B,T] at t+1; IGNORE carries no loss."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
-    )
-
-
-def forward_logits(model, batch: dict[str, torch.Tensor], precision) -> torch.Tensor:
-    """Logits [B,T,V] for a collated batch, on the model's device, under the configured precision."""
-    device = next(model.parameters()).device
-    with precision:
-        return model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-
-
-@torch.no_grad()
-def evaluate_loss(
-    model, examples: Sequence[SFTExample], pad_token_id: int, batch_size: int = 8, precision=None
-) -> float:
-    """Mean NLL per target token over ``examples`` (eval mode, no dropout)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_token_id)
-        logits = forward_logits(model, batch, precision or contextlib.nullcontext()).cpu()
-        total += float(nll_sum(logits, batch["labels"]))
-        count += count_target_tokens(batch["labels"])
-    if was_training:
-        model.train()
-    return total / max(count, 1)
+# A checkpoint scorer: (HF model directory, validation prompts) → score, higher is better (the
+# paper: the mean RM score of its samples; tether.reward.score.rm_scorer, built by the caller).
+Scorer = Callable[[Path, Sequence[str]], float]
 
 
 def split_valid(demos: list[Demonstration], fraction: float, seed: int) -> tuple[list, list]:
@@ -126,9 +96,18 @@ def train_sft(
 ) -> SFTResult:
     """Run (or resume) SFT as configured; returns where the selected checkpoint is.
 
-    ``stop_after_steps`` ends the process-level loop early (tests use it to simulate a crash).
+    ``scorer`` scores each epoch's checkpoint on up to ``select_prompts`` validation prompts when
+    ``select_by = 'rm_score'`` (``tether sft`` builds it from ``reward_model``).
+
+    ``stop_after_steps`` raises :class:`~tether.checkpoint.StopAfter` once this process has
+    taken that many optimiser steps (tests use it to simulate a crash).
     """
     cfg.validate()
+    if cfg.select_by == "rm_score" and scorer is None:
+        raise ValueError(
+            "sft: select_by = 'rm_score' needs a scorer: train_sft(cfg, scorer=rm_scorer(cfg.reward_model, "
+            "cfg.max_new_tokens, cfg.seed)) from tether.reward.score (tether sft builds it)"
+        )
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -217,7 +196,7 @@ def train_sft(
                 loss_total = 0.0
                 for m in micro:
                     logits = forward_logits(model, m, precision)
-                    loss = nll_sum(logits, m["labels"].to(device)) / max(n_target, 1)
+                    loss = lm_loss(logits, m["labels"].to(device), "sum") / max(n_target, 1)
                     loss.backward()
                     loss_total += float(loss.detach())
                 try:
@@ -247,7 +226,7 @@ def train_sft(
                 if global_step % cfg.save_every_steps == 0 and not last_in_epoch:
                     _save(out, model, optimizer, scheduler, epoch, step + 1, global_step, epochs_done, valid_before)
                 if stop_after_steps is not None and steps_this_process >= stop_after_steps:
-                    return None  # type: ignore[return-value]  # simulated crash (tests)
+                    raise StopAfter(f"sft: stopped after {stop_after_steps} steps (stop_after_steps)")
 
             # 4. End of epoch: validation loss, a Hugging Face checkpoint, the resumable state.
             valid_loss = evaluate_loss(model, valid_ex, pad, precision=precision)
@@ -317,12 +296,9 @@ def select_checkpoint(
     elif cfg.select_by == "valid_loss":
         chosen = min(epochs, key=lambda e: e["valid_loss"])
     else:
-        if scorer is None:
-            from tether.reward.score import rm_scorer
-
-            scorer = rm_scorer(cfg.reward_model, valid_prompts[: cfg.select_prompts], cfg.max_new_tokens, cfg.seed)
+        assert scorer is not None  # train_sft checked it before training
         for e in epochs:
-            e["score"] = float(scorer(out / e["dir"]))
+            e["score"] = float(scorer(out / e["dir"], valid_prompts[: cfg.select_prompts]))
         chosen = max(epochs, key=lambda e: e["score"])
     (out / "selection.json").write_text(
         json.dumps({"select_by": cfg.select_by, "selected": chosen, "epochs": epochs}, indent=1)
