@@ -332,7 +332,7 @@ class PPOConfig:
     rollout_dtype: RolloutDtype | None = None
     """Precision rollouts are sampled in: None samples the policy itself under policy.autocast;
     'float32' or 'bfloat16' sample (autocast off) from the policy or a copy of it in that dtype,
-    synced after every optimiser step; 'auto' is bfloat16 on a GPU or a CPU with native bf16
+    synced after every optimiser step; 'auto' is bfloat16 on an Ampere or later GPU or a CPU with native bf16
     (AVX512-BF16 / AMX), else float32. PPO's old log-probs always come from the policy itself."""
     rollout_compile: bool = False
     """torch.compile the rollouts' decode step (falls back to eager if compilation fails). Off by

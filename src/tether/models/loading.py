@@ -222,12 +222,17 @@ def resolve_device(name: str) -> torch.device:
 def fast_bf16(device: torch.device | str) -> bool:
     """Whether bf16 matmuls run natively here (faster than fp32), not emulated (slower).
 
-    CUDA GPUs from Ampere on, and CPUs with AVX512-BF16 or AMX. On an AVX2-only CPU bf16
-    autocast made a forward of the default model 4.8x slower than fp32 (measured 2026-11-30).
+    CUDA GPUs from Ampere on (compute capability 8), and CPUs with AVX512-BF16 or AMX. On an
+    AVX2-only CPU bf16 autocast made a forward of the default model 4.8x slower than fp32
+    (measured 2026-11-30). ``torch.cuda.is_bf16_supported()`` is no test of this: by default it
+    also says yes where bf16 is emulated (a T4, a V100), and it asks about the current device.
     """
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():
+            return False
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_capability(index)[0] >= 8
     if device.type == "cpu":
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return False
