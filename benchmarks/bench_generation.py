@@ -2,6 +2,8 @@
 
     python benchmarks/bench_generation.py                        # batch 16 and 64, 64 new tokens
     python benchmarks/bench_generation.py --batch-sizes 16 --threads 1 --repeats 3
+    python benchmarks/bench_generation.py --batch-sizes 16 64 256 --repeats 3   # on a GPU: + roofline
+    python benchmarks/bench_generation.py --compile --only "engine bf16 copy" "engine bf16 compiled"
 
 Every variant samples exactly ``--new-tokens`` tokens for each of the default task's first
 prompts (EOS ignored), at temperature 1 with no top-k / top-p, on the default embedded model
@@ -21,6 +23,19 @@ the work done, much less sensitive than wall time to other jobs on a shared mach
 
 These machines are shared: compare the ratios within one run, and read the load averages
 printed before and after.
+
+On a GPU (or on any device with ``--peak-gbps``) each row also says how close the call came to
+the memory-bandwidth roofline of decoding. A batch's forwards must read, at the least, every weight
+once per sampled token position (``--new-tokens`` forwards: the prefill and the decode steps; the
+tied input embedding is the LM head and counted once, an untied one is only indexed and not
+counted) at the dtype it is stored in (4 bytes a parameter in fp32, under autocast too, which also
+writes and reads a bf16 copy of each weight every step, uncounted; 2 in the bf16 copy), and each
+decode step the K and V of every real position of its row so far (their dtype read off a probe
+forward in the variant's own precision). Bytes over wall time give GB/s, over the peak its share:
+``w`` counts the weights alone (the issue's figure), ``w+KV`` adds the cache. Both are lower bounds
+on the traffic, so the shares are upper bounds on what the call wasted. ``--peak-gbps`` defaults
+to the datasheet bandwidth of an H200 (4800) or H100 SXM (3350) by the device's name; a
+device-to-device copy is timed too, as the bandwidth actually reachable.
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ import contextlib
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -132,15 +148,28 @@ def old_sample(
     )
 
 
-def variants(model, tokenizer, new_tokens: int) -> dict[str, Callable[[list[str], torch.Generator], int]]:
-    """name → fn(prompts, generator) that samples and returns the number of tokens sampled."""
+@dataclass
+class Variant:
+    """One way of sampling, and what its forwards read."""
+
+    run: Callable[[list[str], torch.Generator], int]  # (prompts, generator) -> tokens sampled
+    module: torch.nn.Module  # the network whose weights the forwards read
+    precision: Callable[[], contextlib.AbstractContextManager]  # the context they run under
+
+
+def variants(model, tokenizer, new_tokens: int, *, compile: bool = False) -> dict[str, Variant]:
+    """name → the variant: the old loop, the engine (fp32 and its bf16 copy), HF generate; with
+    ``compile`` also the bf16 copy with ``torch.compile``d decode steps."""
     bf16 = Sampler(model, "bfloat16")
     no_eos = NoEOS(tokenizer)
     device_type = next(model.parameters()).device.type
+    plain = contextlib.nullcontext
+
+    def bf16_autocast():
+        return torch.autocast(device_type, dtype=torch.bfloat16)
 
     def old(prompts, generator, autocast=False):
-        context = torch.autocast(device_type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-        with context:
+        with bf16_autocast() if autocast else plain():
             gen = old_sample(model, no_eos, prompts, max_new_tokens=new_tokens, temperature=1.0, generator=generator)
         return int(gen.response_mask.sum())
 
@@ -163,13 +192,96 @@ def variants(model, tokenizer, new_tokens: int) -> dict[str, Callable[[list[str]
         )
         return (out.shape[1] - ids.shape[1]) * ids.shape[0]
 
-    return {
-        "old loop fp32": old,
-        "old loop bf16 autocast": lambda p, g: old(p, g, autocast=True),
-        "engine fp32": engine,
-        "engine bf16 copy": lambda p, g: engine(p, g, sampler=bf16),
-        "HF generate": hf,
+    found = {
+        "old loop fp32": Variant(old, model, plain),
+        "old loop bf16 autocast": Variant(lambda p, g: old(p, g, autocast=True), model, bf16_autocast),
+        "engine fp32": Variant(engine, model, plain),
+        "engine bf16 copy": Variant(lambda p, g: engine(p, g, sampler=bf16), bf16.module, plain),
+        "HF generate": Variant(hf, model, plain),
     }
+    if compile:
+        compiled = Sampler(model, "bfloat16", compile=True)
+        found["engine bf16 compiled"] = Variant(lambda p, g: engine(p, g, sampler=compiled), compiled.module, plain)
+    return found
+
+
+# ---- the memory-bandwidth roofline of decoding ----------------------------------------------
+
+# Datasheet HBM bandwidths, GB/s. nvidia-smi names an H200 "NVIDIA H200" (or "... NVL", the same
+# 4.8 TB/s) and an H100 SXM "NVIDIA H100 80GB HBM3"; a PCIe or NVL H100 differs and needs the flag.
+PEAK_GBPS = {"H200": 4800.0, "H100 SXM": 3350.0}
+
+
+def peak_gbps_for(device_name: str) -> float | None:
+    """The datasheet memory bandwidth (GB/s) of a device known by its name, else None."""
+    name = device_name.upper()
+    if "H200" in name:
+        return PEAK_GBPS["H200"]
+    if "H100" in name and ("SXM" in name or "HBM3" in name):
+        return PEAK_GBPS["H100 SXM"]
+    return None
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights one forward of a causal LM reads: every parameter once at its stored
+    dtype (tied ones once), except an input embedding that is not the LM head (only B rows of it
+    are read)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or embed.weight is not head.weight:
+        total -= embed.weight.numel() * embed.weight.element_size()
+    return total
+
+
+@torch.no_grad()
+def kv_bytes_per_token(model: torch.nn.Module, precision: Callable[[], contextlib.AbstractContextManager]) -> int:
+    """Bytes of K and V one position holds in the cache over all layers, read off a one-token
+    forward under ``precision`` (under autocast the keys and values need not be bf16)."""
+    device = next(model.parameters()).device
+    with precision():
+        cache = model(input_ids=torch.ones((1, 1), dtype=torch.long, device=device), use_cache=True).past_key_values
+    return sum(
+        layer.keys[0, :, 0].numel() * layer.keys.element_size()
+        + layer.values[0, :, 0].numel() * layer.values.element_size()
+        for layer in cache.layers
+    )
+
+
+def decode_bytes(
+    weight_bytes: int, kv_bytes_per_token: int, prompt_lengths: Sequence[int], new_tokens: int
+) -> tuple[int, int]:
+    """(weight bytes, KV-cache bytes) that sampling ``new_tokens`` tokens for each prompt must read
+    at the least: ``new_tokens`` forwards (the prefill, then a decode step for each token but the
+    last) each read every weight once; decode step s = 1..new_tokens-1 of a row with a prompt of L
+    tokens reads the K and V of its L + s positions, its own included."""
+    steps = new_tokens - 1
+    positions = sum(steps * length + steps * (steps + 1) // 2 for length in prompt_lengths)
+    return weight_bytes * new_tokens, kv_bytes_per_token * positions
+
+
+def roofline_share(bytes_read: int, seconds: float, peak_gbps: float) -> tuple[float, float]:
+    """(achieved GB/s, its share of the peak) for ``bytes_read`` bytes in ``seconds``."""
+    gbps = bytes_read / seconds / 1e9
+    return gbps, gbps / peak_gbps
+
+
+def copy_gbps(device: torch.device, nbytes: int = 2**31, repeats: int = 10) -> float:
+    """Device-to-device copy bandwidth, bytes read plus written per second (GB/s), timed with
+    CUDA events after warm-up on random data: the bandwidth a kernel can actually reach."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize(device)
+    seconds = start.elapsed_time(end) / 1e3 / repeats
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / seconds / 1e9
 
 
 def loadavg() -> str:
@@ -188,47 +300,110 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--only", nargs="+", default=None, help="variant names to run (default: all)")
     parser.add_argument("--model", default="default")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="add 'engine bf16 compiled' (torch.compile of the decode step; compiled in the warm-up)",
+    )
+    parser.add_argument(
+        "--peak-gbps",
+        type=float,
+        default=None,
+        help="the device's peak memory bandwidth in GB/s, for the roofline columns (default on a GPU: "
+        "4800 for an H200, 3350 for an H100 SXM, else required; on a CPU the columns need it)",
+    )
     args = parser.parse_args()
+    if args.new_tokens < 2:
+        parser.error(f"--new-tokens must be at least 2 (one decode step), got {args.new_tokens}")
+    if args.peak_gbps is not None and not args.peak_gbps > 0:
+        parser.error(f"--peak-gbps must be a positive number of GB/s, got {args.peak_gbps}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_causal_lm(args.model)
     device = next(model.parameters()).device
-    fns = variants(model, tokenizer, args.new_tokens)
+    peak = args.peak_gbps
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = peak or peak_gbps_for(name)
+        if peak is None:
+            parser.error(f"--peak-gbps is required on {name!r}: no datasheet bandwidth is known for it")
+    fns = variants(model, tokenizer, args.new_tokens, compile=args.compile)
     if args.only:
+        unknown = set(args.only) - set(fns)
+        if unknown:
+            parser.error(f"--only: no variant named {', '.join(sorted(unknown))} (there are: {', '.join(fns)})")
         fns = {k: v for k, v in fns.items() if k in args.only}
     prompts = load_prompts(None)
+    n_params = sum(p.numel() for p in model.parameters())
     print(
-        f"model {args.model} on {device}; {torch.get_num_threads()} threads; "
-        f"CPU capability {torch.backends.cpu.get_cpu_capability()}; load average before: {loadavg()}"
+        f"model {args.model} ({n_params / 1e6:.1f}M parameters, {model.dtype}) on {device}; "
+        f"{torch.get_num_threads()} threads; CPU capability {torch.backends.cpu.get_cpu_capability()}; "
+        f"torch {torch.__version__}; load average before: {loadavg()}"
     )
-    for fn in fns.values():  # warm-up: allocator, kernels, the bf16 copy's first use
-        fn(prompts[:2], torch.Generator(device=device).manual_seed(0))
+    if device.type == "cuda":
+        copy = copy_gbps(device)
+        print(
+            f"GPU {torch.cuda.get_device_name(device)}: peak {peak:,.0f} GB/s; a device-to-device copy "
+            f"here: {copy:,.0f} GB/s ({copy / peak:.0%} of the peak); TF32 matmuls "
+            f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}"
+        )
+    kv_per_token = {name: kv_bytes_per_token(v.module, v.precision) for name, v in fns.items()}
+    if peak:
+        for name, v in fns.items():
+            print(
+                f"  {name:<24} weights read per forward {weight_bytes(v.module) / 1e6:7.1f} MB, "
+                f"K+V per position {kv_per_token[name] / 1e3:5.1f} kB"
+            )
+    for name, v in fns.items():  # warm-up: allocator, kernels, the bf16 copy's first use, compilation
+        t0 = time.perf_counter()
+        v.run(prompts[:2], torch.Generator(device=device).manual_seed(0))
+        print(f"  warm-up {name:<24} {time.perf_counter() - t0:7.2f} s")
     for batch in args.batch_sizes:
         chunk = [prompts[i % len(prompts)] for i in range(batch)]
+        lengths = encode_prompts(tokenizer, chunk)[1].sum(1).tolist()
         wall: dict[str, list[float]] = {name: [] for name in fns}
         cpu: dict[str, list[float]] = {name: [] for name in fns}
         counts: dict[str, int] = {}
         for _ in range(args.repeats):
-            for name, fn in fns.items():
+            for name, v in fns.items():
                 generator = torch.Generator(device=device).manual_seed(0)
                 t0, c0 = time.perf_counter(), time.process_time()
-                counts[name] = fn(chunk, generator)
+                counts[name] = v.run(chunk, generator)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 wall[name].append(time.perf_counter() - t0)
                 cpu[name].append(time.process_time() - c0)
-        print(f"\nbatch {batch}, {args.new_tokens} new tokens (load average now: {loadavg()})")
-        header = ("variant", "wall s", "tokens/s", "ratio", "CPU s", "tok/CPU-s", "ratio")
-        print("  {:<24} {:>8} {:>9} {:>6}   {:>8} {:>9} {:>6}".format(*header))
-        base: tuple[float, float] | None = None
-        for name in fns:
+        print(
+            f"\nbatch {batch}, {args.new_tokens} new tokens, prompts of {min(lengths)}-{max(lengths)} tokens "
+            f"(load average now: {loadavg()})"
+        )
+        header = ["variant", "wall s", "tokens/s", "ratio"]
+        if device.type == "cpu":  # on a GPU the host's CPU time is mostly waiting
+            header += ["CPU s", "tok/CPU-s", "ratio"]
+        if peak:
+            header += ["w GB/s", "w %peak", "w+KV GB/s", "w+KV %"]
+        print(f"  {header[0]:<24}" + "".join(f" {h:>10}" for h in header[1:]))
+        # Ratios against the old fp32 loop, or the first variant when --only leaves it out.
+        reference = "old loop fp32" if "old loop fp32" in fns else next(iter(fns))
+        t_ref, c_ref = statistics.median(wall[reference]), statistics.median(cpu[reference])
+        base = (counts[reference] / t_ref, counts[reference] / c_ref)
+        for name, v in fns.items():
             t, c = statistics.median(wall[name]), statistics.median(cpu[name])
             rate, cpu_rate = counts[name] / t, counts[name] / c
-            if name == "old loop fp32":
-                base = (rate, cpu_rate)
-            r1, r2 = (f"{rate / base[0]:5.2f}x", f"{cpu_rate / base[1]:5.2f}x") if base else ("    -", "    -")
-            print(f"  {name:<24} {t:8.2f} {rate:9,.1f} {r1:>6}   {c:8.2f} {cpu_rate:9,.1f} {r2:>6}")
-        print("  (ratios: against the old fp32 loop)")
+            cells = [f"{t:.3f}", f"{rate:,.1f}", f"{rate / base[0]:.2f}x"]
+            if device.type == "cpu":
+                cells += [f"{c:.2f}", f"{cpu_rate:,.1f}", f"{cpu_rate / base[1]:.2f}x"]
+            if peak:
+                w, kv = decode_bytes(weight_bytes(v.module), kv_per_token[name], lengths, args.new_tokens)
+                w_gbps, w_share = roofline_share(w, t, peak)
+                all_gbps, all_share = roofline_share(w + kv, t, peak)
+                cells += [f"{w_gbps:,.1f}", f"{w_share:.1%}", f"{all_gbps:,.1f}", f"{all_share:.1%}"]
+            print(f"  {name:<24}" + "".join(f" {cell:>10}" for cell in cells))
+        print(f"  (ratios: against {reference})")
+        if peak:  # one forward yields a token per row, so the weights alone allow batch × peak / bytes
+            sizes = sorted({weight_bytes(v.module) for v in fns.values()})
+            bounds = [f"{batch * peak * 1e9 / size:,.0f} tokens/s ({size / 1e6:.1f} MB a forward)" for size in sizes]
+            print(f"  weights-only roofline at this batch: {', '.join(bounds)}")
     print(f"\nload average after: {loadavg()}")
 
 

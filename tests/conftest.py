@@ -3,9 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+
+# CI installs everything the suite needs (bash scripts/setup.sh --test: Chromium, PostgreSQL), so
+# under CI=true a test that skips (a missing browser or database, a missing extra) fails the run:
+# otherwise the browser and PostgreSQL paths could go untested without anyone noticing.
+CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if CI and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        report.outcome = "failed"
+        report.longrepr = f"CI=true: a test may not skip ({reason}); bash scripts/setup.sh --test installs it"
+    return report
+
 
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple"]
 THINGS = ["apple", "car", "house", "bird", "boat", "cup", "door", "lamp"]
@@ -36,6 +54,12 @@ def tiny_dir() -> Path:
     from tether.models.loading import tiny_model_dir
 
     return tiny_model_dir()
+
+
+@pytest.fixture(scope="session")
+def demonstrations() -> list[dict]:
+    """The toy demonstrations (:func:`make_demonstrations`), for fixtures wider than a test."""
+    return make_demonstrations()
 
 
 @pytest.fixture

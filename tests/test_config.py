@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tether.config import (
+    EvalConfig,
+    LoraConfig,
+    ModelConfig,
+    OptimConfig,
     PPOConfig,
     RMConfig,
     RunConfig,
@@ -17,9 +23,11 @@ from tether.config import (
     add_config_args,
     config_from_args,
     field_docs,
+    literal_choices,
     resolve,
     save_config,
 )
+from tether.data.preprocess import PreprocessConfig
 
 
 def parse(argv: list[str]) -> SFTConfig:
@@ -100,7 +108,7 @@ def test_stage_presets_are_the_run_presets_stages(stage, cls, preset):
     "override,message",
     [
         ({"ppo.cliprange": -1}, "cliprange must be > 0"),
-        ({"rm.loss": "listwise"}, "rm.loss must be"),
+        ({"rm.loss": "listwise"}, "config field 'rm.loss' must be one of kwise, pairwise; got 'listwise'"),
         ({"eval.samples_per_prompt": 0}, "samples_per_prompt must be > 0"),
         ({"eval.sft_best_of": 1}, "sft_best_of must be 0"),
     ],
@@ -162,6 +170,78 @@ def test_yaml_numbers_and_syntax_errors(tmp_path, capsys):
     path.write_text("optim: [unclosed\n")
     assert main(["sft", "--config", str(path)]) == 2
     assert capsys.readouterr().err == f"error: {path}:2: not valid YAML (expected ',' or ']', but got '<stream end>')\n"
+
+
+def _literal_fields(cls: type, prefix: str = "") -> list[tuple[str, tuple[str, ...]]]:
+    """Every string-choice field of ``cls`` (nested configs included), as (dotted name, choices)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _literal_fields(tp, prefix + f.name + ".")
+        elif literal_choices(tp):
+            out.append((prefix + f.name, literal_choices(tp)))
+    return out
+
+
+RUN_CHOICES = _literal_fields(RunConfig)
+
+
+def test_the_choice_fields_are_all_found():
+    names = {name.rsplit(".", 1)[-1] for name, _ in RUN_CHOICES}
+    assert names == {
+        "dtype", "autocast", "schedule", "select_by", "overlength", "loss", "kl_estimator", "score_baseline",
+        "rollout_dtype",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "choices"), RUN_CHOICES, ids=[n for n, _ in RUN_CHOICES])
+def test_every_string_choice_refuses_other_values_naming_the_field(name, choices):
+    """Through the CLI/YAML path and for a config built in Python: one check, one message."""
+    message = f"config field '{name}' must be one of {', '.join(choices)}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resolve(RunConfig, "run", "tiny", overrides={name: "bogus"})
+    cfg = resolve(RunConfig, "run", "tiny")
+    for value in choices:  # every listed choice passes the choice check (another rule may still refuse it)
+        try:
+            resolve(RunConfig, "run", "tiny", overrides={name: value})
+        except ValueError as e:
+            assert "must be one of" not in str(e)
+    # Built in Python: replace the nested field, validate() refuses it.
+    *parents, leaf = name.split(".")
+    nodes = [cfg]
+    for p in parents:
+        nodes.append(getattr(nodes[-1], p))
+    bad = dataclasses.replace(nodes[-1], **{leaf: "bogus"})
+    for node, p in zip(reversed(nodes[:-1]), reversed(parents), strict=True):
+        bad = dataclasses.replace(node, **{p: bad})
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        bad.validate()
+    assert str(info.value).endswith("; got 'bogus'")
+
+
+def test_help_lists_the_choices():
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, PPOConfig)
+    text = " ".join(parser.format_help().split())
+    assert "--kl-estimator {k1,k2,k3,abs}" in text
+    assert "--rollout-dtype {float32,bfloat16,auto}" in text
+    assert "--policy.autocast {auto,bfloat16,float16}" in text
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [LoraConfig(), ModelConfig(), OptimConfig(), SFTConfig(), RMConfig(), PPOConfig(), EvalConfig(), RunConfig(),
+     PreprocessConfig()],
+    ids=lambda c: type(c).__name__,
+)  # fmt: skip
+def test_configs_are_frozen(cfg):
+    """A config is changed with dataclasses.replace, never in place (a run's config.yaml stays true)."""
+    name = dataclasses.fields(cfg)[0].name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(cfg, name, getattr(cfg, name))
+    assert dataclasses.replace(cfg) == cfg
 
 
 def test_run_split_fractions_reach_the_data_stage(tmp_path):

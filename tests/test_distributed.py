@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_demonstrations, write_jsonl
 from safetensors.torch import load_file
 
 from tether.config import PPOConfig, RMConfig, SFTConfig, resolve
@@ -51,6 +50,15 @@ def test_every_rank_gets_a_micro_batch_and_fillers_are_marked():
         micro_batches([], 2, Dist())
 
 
+@pytest.mark.parametrize(
+    ("cls", "stage", "flag"),
+    [(SFTConfig, "sft", "model.parallel"), (RMConfig, "rm", "model.parallel"), (PPOConfig, "ppo", "policy.parallel")],
+)
+def test_an_unknown_parallel_strategy_is_a_config_error(cls, stage, flag):
+    with pytest.raises(ValueError, match=rf"{stage}\.{flag.replace('.', '[.]')} must be one of ddp, fsdp, got 'zero3'"):
+        resolve(cls, stage, "tiny", overrides={flag: "zero3"}).validate()
+
+
 def test_rank_seeds_differ_by_rank_and_seed():
     seeds = {rank_seed(s, r) for s in range(3) for r in range(4)}
     assert len(seeds) == 12
@@ -62,13 +70,18 @@ def test_rank_seeds_differ_by_rank_and_seed():
 # Two gloo ranks (spawned processes) against one process with the same global batch
 
 
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, jobs: list[tuple[str, object]]) -> None:
+def _rank_main(rank: int, world_size: int, port: int, jobs: list[tuple[str, object, dict]]) -> None:
     """One rank: the torchrun environment by hand, then the trainers, called as users call them."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -78,29 +91,34 @@ def _rank_main(rank: int, world_size: int, port: int, jobs: list[tuple[str, obje
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
+    from tether.checkpoint import StopAfter
     from tether.ppo.train import train_ppo
     from tether.reward.train import train_reward_model
     from tether.sft.train import train_sft
 
     trainers = {"sft": train_sft, "rm": train_reward_model, "ppo": train_ppo}
     try:
-        for kind, cfg in jobs:
-            trainers[kind](cfg, log=lambda _: None)
+        for kind, cfg, kwargs in jobs:
+            try:
+                trainers[kind](cfg, log=lambda _: None, **kwargs)
+            except StopAfter:  # a simulated crash: the next job resumes it
+                pass
     finally:
         torch.distributed.destroy_process_group()
 
 
-def run_ranks(world_size: int, jobs: list[tuple[str, object]]) -> None:
+def run_ranks(world_size: int, jobs: list[tuple[str, object, dict]]) -> None:
     torch.multiprocessing.start_processes(
         _rank_main, args=(world_size, _free_port(), jobs), nprocs=world_size, start_method="spawn"
     )
 
 
-def sft_cfg(out: Path, demos: Path) -> SFTConfig:
+def sft_cfg(out: Path, demos: Path, extra: dict | None = None) -> SFTConfig:
     # 22 training examples in batches of 8: steps of 8, 8 and 6 examples, 2 ranks holding 4, 4
     # and 3 each, in micro-batches of 2 (accumulation under no_sync, one uneven).
     overrides = {"train_file": str(demos), "out_dir": str(out), "valid_fraction": 0.1, "select_by": "last"}
-    return resolve(SFTConfig, "sft", "tiny", overrides=overrides | {"epochs": 1, "micro_batch_size": 2})
+    overrides |= {"epochs": 1, "micro_batch_size": 2, "save_every_steps": 1}
+    return resolve(SFTConfig, "sft", "tiny", overrides=overrides | (extra or {}))
 
 
 def comparisons(n: int) -> list[dict]:
@@ -128,7 +146,7 @@ def comparisons(n: int) -> list[dict]:
     return rows
 
 
-def rm_cfg(out: Path, data: Path) -> RMConfig:
+def rm_cfg(out: Path, data: Path, extra: dict | None = None) -> RMConfig:
     # 17 training prompts in batches of 8: the last step's one prompt leaves rank 1 a filler.
     overrides = {
         "train_file": str(data / "comparisons.jsonl"),
@@ -137,13 +155,16 @@ def rm_cfg(out: Path, data: Path) -> RMConfig:
         "out_dir": str(out),
         "micro_batch_size": 2,
     }
-    return resolve(RMConfig, "rm", "tiny", overrides=overrides)
+    return resolve(RMConfig, "rm", "tiny", overrides=overrides | (extra or {}))
 
 
 # PPO with everything a data-parallel step touches: PPO-ptx (pretraining examples shared out),
 # two PPO epochs of 2 minibatches (a rank may hold none of a minibatch's episodes), adaptive β
-# (the global KL), the EMA, samples (rank 0), a state every iteration (every rank's RNG).
+# (the global KL), the EMA, samples (rank 0), a state every iteration (every rank's RNG), and the
+# top block trained: the four roles share the frozen bottom one (SharedTrunk), so the policy and
+# value forwards DDP must see run outside the models' own forward (through ModelCall).
 PPO_ARGS = {
+    "policy.trainable_layers": 1,
     "total_episodes": 24,
     "save_every": 1,
     "ema_decay": 0.9,
@@ -167,10 +188,10 @@ def ppo_cfg(out: Path, data: dict[str, Path], policy: Path, rm: Path) -> PPOConf
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_dir, ppo_data, eos_policy, tiny_rm) -> dict[str, Path]:
+def runs(tmp_path_factory, tiny_dir, demonstrations, ppo_data, eos_policy, tiny_rm) -> dict[str, Path]:
     """Every stage trained once by 2 ranks (one spawn for all) and once in this process."""
     root = tmp_path_factory.mktemp("dp")
-    demos = write_jsonl(root / "demos.jsonl", make_demonstrations())
+    demos = write_jsonl(root / "demos.jsonl", demonstrations)
     rows = comparisons(21)
     write_jsonl(root / "comparisons.jsonl", rows[:17])
     write_jsonl(root / "valid.jsonl", rows[17:])
@@ -180,13 +201,28 @@ def runs(tmp_path_factory, tiny_dir, ppo_data, eos_policy, tiny_rm) -> dict[str,
         "ppo": lambda out: ppo_cfg(out, ppo_data, eos_policy, tiny_rm),
     }
     out = {f"{kind}{n}": root / f"{kind}-{n}-ranks" for kind in jobs for n in (1, 2)}
-    run_ranks(2, [(kind, make(out[f"{kind}2"])) for kind, make in jobs.items()])
+    out |= {name: root / name for name in ("sft-fsdp", "rm-fsdp", "sft-dropout", "sft-dropout-resumed")}
+    fsdp, dropout = {"model.parallel": "fsdp"}, {"model.residual_dropout": 0.2}
+    sft_fsdp = sft_cfg(out["sft-fsdp"], demos, fsdp)
+    run_ranks(
+        2,
+        [(kind, make(out[f"{kind}2"]), {}) for kind, make in jobs.items()]
+        # FSDP2: SFT stopped after 2 of 3 steps and resumed (sharded state gathered and re-sharded).
+        + [("sft", sft_fsdp, {"stop_after_steps": 2}), ("sft", sft_fsdp, {})]
+        + [("rm", rm_cfg(out["rm-fsdp"], root, fsdp), {})]
+        # Dropout: each rank its own stream, saved and restored per rank across a resume.
+        + [("sft", sft_cfg(out["sft-dropout"], demos, dropout), {})]
+        + [("sft", sft_cfg(out["sft-dropout-resumed"], demos, dropout), {"stop_after_steps": 2})]
+        + [("sft", sft_cfg(out["sft-dropout-resumed"], demos, dropout), {})],
+    )
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         train_sft(jobs["sft"](out["sft1"]), log=lambda _: None)
         train_reward_model(jobs["rm"](out["rm1"]), log=lambda _: None)
-        train_ppo(jobs["ppo"](out["ppo1"]), log=lambda _: None)
+        logs: list[str] = []
+        train_ppo(jobs["ppo"](out["ppo1"]), log=logs.append)
+        assert any("share 1 of 2 blocks" in line for line in logs)
     finally:
         torch.set_num_threads(before)
     return out
@@ -209,6 +245,28 @@ def test_sft_two_ranks_equal_one_process(runs):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5), key
     assert json.loads((runs["sft2"] / "state" / "counters.json").read_text())["world_size"] == 2
+
+
+def test_fsdp2_sft_resumed_and_rm_equal_one_process(runs):
+    """parallel: fsdp (FSDP2 fully_shard per block): each rank holds half of every weight; SFT
+    stopped after 2 of its 3 steps and rerun (the sharded state gathered, saved, re-sharded)."""
+    for stage, final in (("sft", "final/model.safetensors"), ("rm", "final/model.safetensors")):
+        diff = max_difference(runs[f"{stage}1"] / final, runs[f"{stage}-fsdp"] / final)
+        print(f"{stage} fsdp max |Δw|", diff)
+        assert diff < 1e-5, stage
+    steps = [m["step"] for m in read_metrics(runs["sft-fsdp"] / "metrics.jsonl")]
+    assert steps == [0, 1, 2, 3, 3]  # no step logged twice across the resume
+
+
+def test_each_rank_has_its_own_dropout_stream_and_gets_it_back_on_resume(runs):
+    """2 ranks with dropout, stopped after 2 of 3 steps and rerun, equal the uninterrupted run bit
+    for bit: every rank's RNG stream was saved and restored, not rank 0's everywhere."""
+    final = "final/model.safetensors"
+    assert max_difference(runs["sft-dropout"] / final, runs["sft-dropout-resumed"] / final) == 0.0
+    assert max_difference(runs["sft-dropout"] / final, runs["sft2"] / final) > 1e-4  # (dropout did act)
+    state = torch.load(runs["sft-dropout"] / "state" / "trainer_state.pt", weights_only=False)
+    streams = [r["torch"] for r in state["rng_per_rank"]]
+    assert len(streams) == 2 and not torch.equal(*streams)
 
 
 def test_rm_two_ranks_equal_one_process(runs):
@@ -291,7 +349,15 @@ def test_ppo_two_ranks_killed_and_rerun_equal_the_uninterrupted_two_ranks(
     proc.wait()
     assert not (run / "policy").exists(), "the run finished before it could be killed"
     done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-    assert "resuming" in done.stdout
+    assert "resuming" in done.stdout and "share 1 of 2 blocks" in done.stdout
     for role in ("policy", "value"):
         assert max_difference(runs["ppo2"] / role / "model.safetensors", run / role / "model.safetensors") == 0.0
     assert (run / "samples.jsonl").read_text() == (runs["ppo2"] / "samples.jsonl").read_text()
+
+
+def test_commands_that_are_not_data_parallel_refuse_torchrun(monkeypatch, capsys):
+    from tether.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["run", "--preset", "tiny", "--out-dir", "/nonexistent"]) == 2
+    assert "does not run under torchrun" in capsys.readouterr().err

@@ -118,9 +118,7 @@ def test_token_logprobs_temperature_changes_result():
     g = _gen(5)
     logits = torch.randn(2, 4, 7, generator=g)
     tokens = torch.randint(0, 7, (2, 4), generator=g)
-    assert not torch.allclose(
-        token_logprobs(logits, tokens, 1.0), token_logprobs(logits, tokens, 0.5)
-    )
+    assert not torch.allclose(token_logprobs(logits, tokens, 1.0), token_logprobs(logits, tokens, 0.5))
 
 
 @pytest.mark.parametrize("chunk_elements", [2**25, 1, 10])
@@ -135,9 +133,7 @@ def test_token_logprobs_gradient_matches_autograd_reference(chunk_elements):
     ref = F.log_softmax(logits / 0.8, -1).gather(-1, tokens[..., None])[..., 0]
     (ref * weights).sum().backward()
     torch.testing.assert_close(got, logits.grad)
-    torch.autograd.gradcheck(
-        lambda z: token_logprobs(z, tokens, 0.8, chunk_elements=chunk_elements), (logits,)
-    )
+    torch.autograd.gradcheck(lambda z: token_logprobs(z, tokens, 0.8, chunk_elements=chunk_elements), (logits,))
 
 
 def test_token_logprobs_bf16_is_upcast_and_accepts_non_contiguous_views():
@@ -183,9 +179,7 @@ def test_lm_loss_shifts_labels_and_matches_cross_entropy():
     labels = input_ids.clone()
     labels[:, :3] = -100  # prompt tokens
     labels[2, 5:] = -100  # padding
-    expected = F.cross_entropy(
-        logits[:, :-1].reshape(-1, 13), labels[:, 1:].reshape(-1), ignore_index=-100
-    )
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 13), labels[:, 1:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(lm_loss(logits, labels), expected)
 
 

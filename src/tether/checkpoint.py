@@ -185,6 +185,14 @@ def load_state(
     more ranks than the one that saved it) keeps the streams it has.
     """
     directory = Path(directory)
+    blob = torch.load(directory / STATE, weights_only=False)
+    missing = sorted(set(stateful) - set(blob["stateful"]))
+    if missing:
+        raise ValueError(
+            f"{directory} holds no {', '.join(missing)}: it was written by another configuration "
+            f"(it holds {', '.join(sorted(blob['stateful']))}; e.g. another model.parallel); "
+            "resume with that one or delete the state to start over"
+        )
     for name, model in models.items():
         weights = load_file(str(directory / f"{name}.{WEIGHTS}"))
         expected = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -202,7 +210,6 @@ def load_state(
         with torch.no_grad():
             for n, w in weights.items():
                 params[n].copy_(w)
-    blob = torch.load(directory / STATE, weights_only=False)
     for k, obj in stateful.items():
         obj.load_state_dict(blob["stateful"][k])
     for k, g in (generators or {}).items():

@@ -1,37 +1,33 @@
 """The ``tether`` command: thin entry points, one function call per subcommand.
 
-Each stage package exposes ``add_commands(subparsers)`` in its own ``cli.py``; those modules import
-only argparse at import time, so ``tether --help`` stays fast and the web app is never imported by
-the training commands.
+Each stage package exposes ``add_commands(subparsers)`` in its own ``cli.py``. Those modules import
+only the config and the record formats at their top; what loads torch, numpy, rich or the labeling
+app's web stack is imported inside the command's handler (and says so), so ``tether --help`` stays
+fast and the training commands never import the web app.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import os
 import sys
 
+from tether import pipeline_cli
+from tether.cluster import StageFailed
+from tether.data import cli as data_cli
+from tether.data.formats import DataError
+from tether.eval import cli as eval_cli
+from tether.labelers import cli as labelers_cli
+from tether.labeling import cli as labeling_cli
+from tether.models import cli as models_cli
+from tether.ppo import cli as ppo_cli
+from tether.reward import cli as reward_cli
+from tether.sft import cli as sft_cli
+
+# In the order of `tether --help`.
+COMMANDS = (data_cli, sft_cli, models_cli, reward_cli, ppo_cli, eval_cli, pipeline_cli)
 # `tether label ...` gathers the simulated panel (labelers/) and the human app (labeling/).
-LABEL_MODULES = ("tether.labelers.cli", "tether.labeling.cli")
-
-COMMAND_MODULES = (
-    "tether.data.cli",
-    "tether.sft.cli",
-    "tether.models.cli",
-    "tether.reward.cli",
-    "tether.ppo.cli",
-    "tether.eval.cli",
-    "tether.pipeline_cli",
-)
-
-
-def _import_optional(name: str):
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name == name:  # a stage not built yet
-            return None
-        raise
+LABEL_COMMANDS = (labelers_cli, labeling_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,16 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of any error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        module = _import_optional(name)
-        if module is not None:
-            module.add_commands(sub)
+    for module in COMMANDS:
+        module.add_commands(sub)
     label = sub.add_parser("label", help="labels: the simulated panel and the human labeling app")
     label_sub = label.add_subparsers(dest="label_command", metavar="ACTION", required=True)
-    for name in LABEL_MODULES:
-        module = _import_optional(name)
-        if module is not None:
-            module.add_label_commands(label_sub)
+    for module in LABEL_COMMANDS:
+        module.add_label_commands(label_sub)
     return parser
 
 
@@ -58,10 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit codes: 0 done, 1 the run stopped (non-finite training, an OS error, a
     cluster worker died),
     2 bad input (data, config, arguments), 130 interrupted. Tracebacks are for bugs (and --debug)."""
-    from tether.cluster import StageFailed
-    from tether.data.formats import DataError
 
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "sample", "eval", "label", "data") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Only the trainers are data parallel; the rest would run once per rank, writing the same files.
+        print(
+            f"error: `tether {args.command}` does not run under torchrun (WORLD_SIZE > 1): launch the "
+            "trainers (tether sft | rm | ppo) with torchrun one by one, or the whole pipeline with "
+            "`tether run --ray-address ...`",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return int(args.func(args) or 0)
     except Exception as e:

@@ -21,7 +21,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -180,7 +180,7 @@ class RayCluster:
         self._owned = True
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._owned:
             import ray
 
@@ -195,7 +195,7 @@ class RayCluster:
 
         # No retries: a task whose worker died fails the stage like a training worker does, and
         # the rerun redoes the stage (its results do not depend on where it ran).
-        remote = ray.remote(_call).options(
+        remote: Any = ray.remote(_call).options(
             num_cpus=self.cpus_per_worker, num_gpus=1 if self.use_gpu else 0, max_retries=0
         )
         refs = [remote.remote(call) for call in calls]
@@ -223,7 +223,7 @@ class RayCluster:
         os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
         resources = {"CPU": self.cpus_per_worker} | ({"GPU": 1} if self.use_gpu else {})
         trainer = TorchTrainer(
-            _train_loop,
+            cast(Any, _train_loop),  # Ray Train v2 passes its return value on; v1 types say None
             train_loop_config={"fn": fn, "args": args},
             scaling_config=ScalingConfig(
                 num_workers=self.workers, use_gpu=self.use_gpu, resources_per_worker=resources
@@ -239,7 +239,7 @@ class RayCluster:
             result = trainer.fit()
         except TrainingFailedError as e:
             raise _stage_error(name, e) from None
-        return result.return_value
+        return cast(Any, result).return_value  # (v2 only: its Result)
 
 
 RERUN = "rerun the same command to resume from the last checkpoint"
@@ -272,7 +272,7 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _cancel(refs) -> None:
+def _cancel(refs: Sequence[Any]) -> None:
     import ray
 
     for ref in refs:

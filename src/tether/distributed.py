@@ -33,14 +33,14 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from tether.config import PARALLEL_STRATEGIES
+from tether.config import Parallel, literal_choices
 
 T = TypeVar("T")
 
@@ -92,7 +92,7 @@ def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> Dist:
             "(torchrun --nproc-per-node N -m tether ...) or set them for every rank"
         )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = device != "cpu" and torch.cuda.is_available() and not device.startswith("cpu")
+    cuda = not device.startswith("cpu") and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
@@ -265,9 +265,9 @@ class ParallelModel:
     forward without a gradient under DDP; FSDP2 shards it, see :attr:`sharded`).
     """
 
-    def __init__(self, model: nn.Module, strategy: str = "ddp", d: Dist | None = None) -> None:
-        if strategy not in PARALLEL_STRATEGIES:
-            raise ValueError(f"parallel must be one of {', '.join(PARALLEL_STRATEGIES)}, got {strategy!r}")
+    def __init__(self, model: nn.Module, strategy: Parallel | str = "ddp", d: Dist | None = None) -> None:
+        if strategy not in literal_choices(Parallel):
+            raise ValueError(f"parallel must be one of {', '.join(literal_choices(Parallel))}, got {strategy!r}")
         self.module = model
         self.dist = d or world()
         self.strategy = strategy if self.dist.enabled else "none"
@@ -284,9 +284,11 @@ class ParallelModel:
         elif self.strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
+            if hasattr(model, "peft_config"):
+                raise ValueError("parallel = 'fsdp' with LoRA is not supported: use 'ddp' (LoRA's weights are small)")
             for block in decoder_blocks(model):
                 fully_shard(block)
-            self.engine = fully_shard(call)
+            self.engine = cast(nn.Module, fully_shard(call))
         else:
             self.engine = call
 
@@ -302,6 +304,30 @@ class ParallelModel:
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return self.engine(fn, *args, **kwargs)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """FSDP2: the whole model's state dict, gathered to CPU (a collective: every rank calls it;
+        what rank 0 saves). None when the model is whole on every rank (save ``module`` itself)."""
+        if not self.sharded:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # Tied weights (an LM head sharing the embeddings) come gathered as separate tensors;
+        # keep one name, as saving the whole model would.
+        canonical = dict(self.module.named_parameters())
+        tied = {n for n, _ in self.module.named_parameters(remove_duplicate=False)} - set(canonical)
+        return {k: cast(torch.Tensor, v) for k, v in state.items() if k not in tied}
+
+    def checkpoint_parts(
+        self, name: str, optimizer: torch.optim.Optimizer, *, gather: bool = True
+    ) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+        """What :func:`tether.checkpoint.save_state` / ``load_state`` take for this model and its
+        optimiser: ``({name: model}, {"optimizer": optimizer})``, or under FSDP2 one entry holding
+        both as full tensors, gathered now unless ``gather=False`` (loading): a collective."""
+        if not self.sharded:
+            return {name: self.module}, {"optimizer": optimizer}
+        return {}, {f"{name}+optimizer": _FullState(self.module, optimizer, gather)}
 
     @contextlib.contextmanager
     def sync(self, enabled: bool) -> Iterator[None]:
@@ -319,6 +345,39 @@ class ParallelModel:
                 self.engine.set_requires_gradient_sync(True)  # type: ignore[operator]
 
 
+class _FullState:
+    """A sharded model's trainable weights and optimiser state as full CPU tensors: the
+    ``state_dict()`` / ``load_state_dict()`` pair a checkpoint keeps for it (torch's distributed
+    state-dict API gathers and re-shards, so the state resumes on any number of ranks)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, gather: bool) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        self.model, self.optimizer = model, optimizer
+        self.snapshot: dict[str, Any] | None = None
+        if gather:
+            weights, optim = get_state_dict(
+                model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            self.snapshot = {"model": {k: v for k, v in weights.items() if k in trainable}, "optimizer": optim}
+
+    def state_dict(self) -> dict[str, Any]:
+        assert self.snapshot is not None, "built with gather=False (for loading)"
+        return self.snapshot
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=StateDictOptions(full_state_dict=True, strict=False),
+        )
+
+
 def as_parallel(model: nn.Module | ParallelModel) -> ParallelModel:
     """``model`` if it is a :class:`ParallelModel`, else one process's (no wrapper, no group)."""
     return model if isinstance(model, ParallelModel) else ParallelModel(model, d=Dist())
@@ -326,7 +385,8 @@ def as_parallel(model: nn.Module | ParallelModel) -> ParallelModel:
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of a Hugging Face model (``layers`` or GPT-2's ``h``), under peft too."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base = getattr(model, "get_base_model", None)  # peft
+    inner: Any = get_base() if get_base is not None else model
     stack = getattr(inner, inner.base_model_prefix)
     blocks = getattr(stack, "layers", None) or getattr(stack, "h", None)
     if blocks is None:

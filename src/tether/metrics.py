@@ -25,7 +25,7 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if tensorboard_dir is not None:
-            try:
+            try:  # the optional tensorboard extra, imported only when asked for
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise ValueError("tensorboard logging needs `pip install tether[tensorboard]`") from e

@@ -149,6 +149,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _scaled(logits: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
+    """``logits / temperature`` in ``dtype``; at temperature 1 no pass over the tile (x / 1 == x)."""
+    logits = logits.to(dtype)
+    return logits if temperature == 1.0 else logits / temperature
+
+
 class _TokenLogprobs(torch.autograd.Function):
     """log_softmax(logits / T) gathered at ``tokens``, chunked in forward *and* backward.
 
@@ -159,15 +165,13 @@ class _TokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, logits: Tensor, tokens: Tensor, temperature: float, chunk_elements: int
-    ) -> Tensor:
+    def forward(ctx: Any, logits: Tensor, tokens: Tensor, temperature: float, chunk_elements: int) -> Tensor:
         b, t, v = logits.shape
         dtype = _compute_dtype(logits.dtype)
         out = torch.empty(b, t, dtype=dtype, device=logits.device)
         lse = torch.empty(b, t, dtype=dtype, device=logits.device)
         for bs, ts in _chunks(b, t, v, chunk_elements):
-            z = logits[bs, ts].to(dtype) / temperature
+            z = _scaled(logits[bs, ts], dtype, temperature)
             lse[bs, ts] = torch.logsumexp(z, dim=-1)
             out[bs, ts] = z.gather(-1, tokens[bs, ts].unsqueeze(-1)).squeeze(-1) - lse[bs, ts]
         ctx.save_for_backward(logits, tokens, lse)
@@ -177,18 +181,18 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None]:
         logits, tokens, lse = ctx.saved_tensors
         temperature = ctx.temperature
         b, t, v = logits.shape
         grad_logits = torch.empty(b, t, v, dtype=logits.dtype, device=logits.device)
         for bs, ts in _chunks(b, t, v, ctx.chunk_elements):
-            z = logits[bs, ts].to(lse.dtype) / temperature
+            z = _scaled(logits[bs, ts], lse.dtype, temperature)
             go = grad_out[bs, ts].to(lse.dtype).unsqueeze(-1)
             # d log p(tok) / d logits = (onehot(tok) - softmax(z)) / temperature
-            g = torch.exp(z - lse[bs, ts].unsqueeze(-1)).mul_(-go)
+            g = torch.sub(z, lse[bs, ts].unsqueeze(-1)).exp_().mul_(-go)
             g.scatter_add_(-1, tokens[bs, ts].unsqueeze(-1), go)
-            grad_logits[bs, ts] = g.div_(temperature)
+            grad_logits[bs, ts] = g if temperature == 1.0 else g.div_(temperature)
         return grad_logits, None, None, None
 
 
@@ -204,7 +208,7 @@ def token_logprobs(
     The caller aligns the two: for a causal LM, ``logits[:, t]`` predicts ``input_ids[:, t+1]``,
     so pass ``logits[:, :-1]`` with ``input_ids[:, 1:]`` (or the response slice of both).
     ``temperature`` must be the one used for sampling: log-probs of a different distribution
-    than the one sampled make the KL estimate biased, even negative (SPEC, Known failure modes).
+    than the one sampled make the KL estimate biased, even negative.
 
     Memory: work is done in tiles of about ``chunk_elements`` logits upcast to fp32, in forward
     and in backward; nothing ``[B, T, V]``-sized is allocated except the gradient itself.
@@ -228,9 +232,7 @@ def token_logprobs(
     return _TokenLogprobs.apply(logits, tokens.long(), float(temperature), int(chunk_elements))
 
 
-def entropy_from_logits(
-    logits: Tensor, temperature: float = 1.0, *, chunk_elements: int = CHUNK_ELEMENTS
-) -> Tensor:
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0, *, chunk_elements: int = CHUNK_ELEMENTS) -> Tensor:
     """Entropy of ``softmax(logits / temperature)`` at every position, in nats.
 
     ``H = logsumexp(z) - Σ_v softmax(z)_v · z_v`` with ``z = logits / temperature``, computed
@@ -287,8 +289,7 @@ def lm_loss(
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(
-            f"lm_loss: expected logits [B, T, V] and labels [B, T]; got "
-            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
+            f"lm_loss: expected logits [B, T, V] and labels [B, T]; got {tuple(logits.shape)} and {tuple(labels.shape)}"
         )
     if reduction not in ("mean", "sum"):
         raise ValueError(f"lm_loss: reduction must be 'mean' or 'sum', got {reduction!r}")

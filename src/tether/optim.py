@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import get_args
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler
 
 from tether.checkpoint import NonFiniteError, require_finite_weights
-from tether.config import OptimConfig
+from tether.config import OptimConfig, Schedule
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig, lr: float | None = None):
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter], cfg: OptimConfig, lr: float | None = None
+) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters")
     return torch.optim.AdamW(
-        params, lr=lr if lr is not None else cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+        params,
+        lr=lr if lr is not None else cfg.lr,
+        betas=(cfg.betas[0], cfg.betas[1]),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
     )
 
 
@@ -32,25 +40,28 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     if cfg.schedule == "constant":
         return 1.0
     if cfg.schedule != "cosine":
-        raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
+        raise ValueError(f"optim.schedule must be one of {', '.join(get_args(Schedule))}; got {cfg.schedule!r}")
     span = max(1, total_steps - cfg.warmup_steps - 1)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.final_lr_fraction
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> LRScheduler:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))
 
 
-def clip_grad(params, max_norm: float) -> float:
+def clip_grad(params: Iterable[torch.nn.Parameter], max_norm: float) -> float:
     params = [p for p in params if p.grad is not None]
     if max_norm and max_norm > 0:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
 
 
-def optimizer_step(model: torch.nn.Module, optimizer, scheduler, max_grad_norm: float) -> float:
+def optimizer_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler, max_grad_norm: float
+) -> float:
     """Clip the gradients, step the optimiser and the schedule, zero the gradients.
 
     Returns the gradient norm before clipping. A non-finite norm raises NonFiniteError before

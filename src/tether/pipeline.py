@@ -15,18 +15,31 @@ reference; only the data (comparisons from the previous round's best policy) and
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from tether.cluster import Executor, Local
-from tether.config import EvalConfig, RunConfig, save_config, to_dict
-from tether.data.formats import Comparison, read_records, write_records
+from tether.config import EvalConfig, PPOConfig, RMConfig, RunConfig, SFTConfig, save_config, to_dict
+from tether.data.formats import Comparison, Sample, read_records, write_records
+from tether.data.preprocess import PreprocessConfig, preprocess_prompts
+from tether.data.task import build_default_task
+from tether.eval.evaluate import CURVE_PREFIX, evaluate_policies, save_eval
+from tether.eval.report import write_report
+from tether.labelers.panel import Panel, pairwise_agreement
+from tether.models.generation import sample_k
+from tether.models.loading import autocast, load_causal_lm
+from tether.ppo.train import train_ppo
+from tether.reward.train import train_reward_model
+from tether.sft.train import train_sft
+
+Log = Callable[[str], None]  # where a stage reports progress (print, a rich console)
 
 
 class Manifest:
@@ -59,7 +72,7 @@ class Manifest:
     def outputs(self, name: str) -> dict[str, Any]:
         return self.data["stages"][name]["outputs"]
 
-    def run(self, name: str, fn: Callable[[], dict[str, Any]], inputs: dict[str, Any], log) -> dict[str, Any]:
+    def run(self, name: str, fn: Callable[[], dict[str, Any]], inputs: dict[str, Any], log: Log) -> dict[str, Any]:
         """Run a stage unless the manifest says it finished; record inputs, outputs and timing."""
         if self.done(name):
             log(f"[dim]run: {name} already done, skipping[/]")
@@ -80,8 +93,6 @@ class Manifest:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("tether")
     except PackageNotFoundError:
@@ -95,7 +106,7 @@ class RunResult:
     manifest: dict[str, Any]
 
 
-def run_pipeline(cfg: RunConfig, log=print, executor: Executor | None = None) -> RunResult:
+def run_pipeline(cfg: RunConfig, log: Log = print, executor: Executor | None = None) -> RunResult:
     """Run (or resume) the whole pipeline; returns where the report is.
 
     ``executor`` says where the work runs: this process (default), or a
@@ -115,7 +126,7 @@ def run_pipeline(cfg: RunConfig, log=print, executor: Executor | None = None) ->
     # 1. Data: prompts preprocessed and split by user; demonstrations of train/valid users only.
     data = manifest.run(
         "data",
-        lambda: _stage_data(cfg, out / "data", log),
+        partial(_stage_data, cfg, out / "data", log),
         {"prompts": cfg.prompts_file, "demonstrations": cfg.demonstrations_file, "pretrain": cfg.pretrain_file},
         log,
     )
@@ -131,7 +142,7 @@ def run_pipeline(cfg: RunConfig, log=print, executor: Executor | None = None) ->
     )
     sft = manifest.run(
         "sft",
-        lambda: executor.train("sft", _train_sft, sft_cfg, log=log),
+        partial(executor.train, "sft", _train_sft, sft_cfg, log=log),
         {"demonstrations": data["demos_train"], "base": cfg.sft.model.name_or_path},
         log,
     )
@@ -143,16 +154,14 @@ def run_pipeline(cfg: RunConfig, log=print, executor: Executor | None = None) ->
         # 3. K responses per prompt from the current best policy.
         samples = manifest.run(
             f"round-{r}/sample",
-            lambda rdir=rdir, policy=policy, policy_name=policy_name, r=r: _stage_sample(
-                cfg, data["prompts_train"], policy, policy_name, rdir, r, log, executor
-            ),
+            partial(_stage_sample, cfg, data["prompts_train"], policy, policy_name, rdir, r, log, executor),
             {"policy": policy, "policy_name": policy_name},
             log,
         )
         # 4. Comparisons: the simulated panel's training labelers (plus held-out ones for evaluation only).
         labels = manifest.run(
             f"round-{r}/label",
-            lambda rdir=rdir, samples=samples, r=r: _stage_label(cfg, samples, rdir, r, log, executor),
+            partial(_stage_label, cfg, samples, rdir, r, log, executor),
             {"samples": samples["samples"]},
             log,
         )
@@ -160,9 +169,7 @@ def run_pipeline(cfg: RunConfig, log=print, executor: Executor | None = None) ->
         # 5. The reward model on all comparisons so far, initialised from SFT.
         rm = manifest.run(
             f"round-{r}/rm",
-            lambda rdir=rdir, labs=list(all_labels), r=r: _stage_rm(
-                cfg, sft["policy"], labs, data, rdir, log, executor, name=f"round-{r}/rm"
-            ),
+            partial(_stage_rm, cfg, sft["policy"], list(all_labels), data, rdir, log, executor, name=f"round-{r}/rm"),
             {"comparisons": [lab["comparisons"] for lab in all_labels], "init": sft["policy"]},
             log,
         )
@@ -172,9 +179,7 @@ def run_pipeline(cfg: RunConfig, log=print, executor: Executor | None = None) ->
         for variant in variants:
             trained[variant] = manifest.run(
                 f"round-{r}/{variant}",
-                lambda rdir=rdir, variant=variant, rm=rm, r=r: _stage_ppo(
-                    cfg, variant, sft["policy"], rm["reward_model"], data, rdir, log, executor, r=r
-                ),
+                partial(_stage_ppo, cfg, variant, sft["policy"], rm["reward_model"], data, rdir, log, executor, r=r),
                 {"init": sft["policy"], "reference": sft["policy"], "reward_model": rm["reward_model"]},
                 log,
             )
@@ -184,7 +189,7 @@ def run_pipeline(cfg: RunConfig, log=print, executor: Executor | None = None) ->
     policies, reward_model, _ = run_eval_policies(cfg, manifest.data["stages"])
     ev = manifest.run(
         "eval",
-        lambda: evaluate_run(cfg, manifest.data["stages"], out, out / "eval", out / "report", log, executor=executor),
+        partial(evaluate_run, cfg, manifest.data["stages"], out, out / "eval", out / "report", log, executor=executor),
         {"policies": policies, "reward_model": reward_model, "prompts": cfg.eval.prompts or data["prompts_test"]},
         log,
     )
@@ -198,10 +203,7 @@ def run_pipeline(cfg: RunConfig, log=print, executor: Executor | None = None) ->
 # list into ``executor.shards`` and run ``_*_shard`` on each.
 
 
-def _stage_data(cfg: RunConfig, ddir: Path, log) -> dict[str, Any]:
-    from tether.data.preprocess import PreprocessConfig, preprocess_prompts
-    from tether.data.task import build_default_task
-
+def _stage_data(cfg: RunConfig, ddir: Path, log: Log) -> dict[str, Any]:
     task = build_default_task(seed=cfg.seed, n_users=cfg.task_users, prompts_per_user=cfg.task_prompts_per_user)
     prompts = read_records(cfg.prompts_file, "prompt") if cfg.prompts_file else task.prompts
     demos = read_records(cfg.demonstrations_file, "demonstration") if cfg.demonstrations_file else task.demonstrations
@@ -253,9 +255,7 @@ def _stage_data(cfg: RunConfig, ddir: Path, log) -> dict[str, Any]:
     return {k: str(v) for k, v in paths.items()} | {"preprocess_report": dataclasses.asdict(result.report)}
 
 
-def _train_sft(cfg, log) -> dict[str, Any]:
-    from tether.sft.train import train_sft
-
+def _train_sft(cfg: SFTConfig, log: Log) -> dict[str, Any]:
     res = train_sft(cfg, show_samples=0, log=log)
     return {
         "policy": str(res.final_dir.resolve()),
@@ -266,14 +266,13 @@ def _train_sft(cfg, log) -> dict[str, Any]:
 
 
 def _stage_sample(
-    cfg: RunConfig, prompts_path: str, policy: str, policy_name: str, rdir: Path, r: int, log, executor: Executor
-):
+    cfg: RunConfig, prompts_path: str, policy: str, policy_name: str, rdir: Path, r: int, log: Log, executor: Executor
+) -> dict[str, Any]:
     prompts = read_records(prompts_path, "prompt")
     rng = random.Random(cfg.seed * 1000 + r)  # a fresh draw of prompts each round
     chosen = rng.sample(prompts, min(cfg.rm_prompts_per_round, len(prompts)))
     calls = [
-        functools.partial(_sample_shard, cfg, policy, policy_name, chosen[a:b], a, r)
-        for a, b in executor.shards(len(chosen))
+        partial(_sample_shard, cfg, policy, policy_name, chosen[a:b], a, r) for a, b in executor.shards(len(chosen))
     ]
     samples = [s for shard in executor.map(calls, f"round-{r}/sample") for s in shard]
     path = write_records(rdir / "samples.jsonl", samples)
@@ -281,11 +280,10 @@ def _stage_sample(
     return {"samples": str(path), "policy": policy, "policy_name": policy_name}
 
 
-def _sample_shard(cfg: RunConfig, policy: str, policy_name: str, prompts: list, first_index: int, r: int) -> list:
+def _sample_shard(
+    cfg: RunConfig, policy: str, policy_name: str, prompts: list, first_index: int, r: int
+) -> list[Sample]:
     """K responses to each of ``prompts`` (items ``first_index …`` of the round's prompt list)."""
-    from tether.models.generation import sample_k
-    from tether.models.loading import autocast, load_causal_lm
-
     model, tokenizer = load_causal_lm(policy)
     with autocast(cfg.ppo.policy, next(model.parameters()).device):
         return sample_k(
@@ -302,28 +300,27 @@ def _sample_shard(cfg: RunConfig, policy: str, policy_name: str, prompts: list, 
         )
 
 
-def _stage_label(cfg: RunConfig, samples: dict, rdir: Path, r: int, log, executor: Executor) -> dict[str, Any]:
+def _stage_label(cfg: RunConfig, samples: dict, rdir: Path, r: int, log: Log, executor: Executor) -> dict[str, Any]:
     """Rank the samples with the simulated panel.
 
     A slice of prompts (``heldout_labeler_prompts``) is the RM's validation set: each of its
     samples is ranked by two training labelers (for inter-labeler agreement) and by every held-out
-    labeler (never trained on, SPEC "held-out labelers"). The rest is ranked by
+    labeler (never trained on: the paper's held-out labelers, who measure whether the RM
+    generalises to people it never saw). The rest is ranked by
     ``labelers_per_sample`` training labelers and is what the RM trains on.
     """
-    from tether.labelers.panel import pairwise_agreement
-
     items = read_records(samples["samples"], "sample")
     n_valid = min(cfg.heldout_labeler_prompts, len(items) // 2)
     valid_items, train_items = items[:n_valid], items[n_valid:]
-    jobs = {  # name: (samples, labelers per sample, held-out labelers, seed)
+    jobs = {  # name: (samples, training labelers per sample, all held-out labelers instead, seed)
         "train": (train_items, cfg.labelers_per_sample, False, cfg.seed + r),
         "overlap": (valid_items, 2, False, cfg.seed + 100 + r),
-        "heldout": (valid_items, None, True, cfg.seed + 200 + r),
+        "heldout": (valid_items, 0, True, cfg.seed + 200 + r),
     }
     calls, names = [], []
-    for name, (its, per_sample, heldout, seed) in jobs.items():
+    for name, (its, per_sample, all_heldout, seed) in jobs.items():
         for a, b in executor.shards(len(its)):
-            calls.append(functools.partial(_label_shard, its[a:b], a, per_sample, heldout, seed))
+            calls.append(partial(_label_shard, its[a:b], a, per_sample, all_heldout, seed))
             names.append(name)
     done = executor.map(calls, f"round-{r}/label")
     train, overlap, heldout = ([c for n, shard in zip(names, done, strict=True) if n == k for c in shard] for k in jobs)
@@ -348,21 +345,29 @@ def _stage_label(cfg: RunConfig, samples: dict, rdir: Path, r: int, log, executo
     }
 
 
-def _label_shard(samples: list, first_index: int, per_sample: int | None, heldout: bool, seed: int) -> list:
+def _label_shard(
+    samples: list[Sample], first_index: int, per_sample: int, all_heldout: bool, seed: int
+) -> list[Comparison]:
     """The simulated panel's rankings of ``samples`` (items ``first_index …`` of the stage's list):
-    by ``per_sample`` training labelers each, or by every held-out labeler."""
-    from tether.labelers.panel import Panel
-
+    by ``per_sample`` training labelers each, or (``all_heldout``) by every held-out labeler."""
     panel = Panel()
-    if heldout:
+    if all_heldout:
         pool = panel.heldout_labelers
         return panel.label(samples, len(pool), labelers=pool, seed=seed, first_index=first_index)
     return panel.label(samples, per_sample, seed=seed, first_index=first_index)
 
 
 def _stage_rm(
-    cfg: RunConfig, sft_policy: str, rounds: list[dict], data: dict, rdir: Path, log, executor: Executor, *, name: str
-):
+    cfg: RunConfig,
+    sft_policy: str,
+    rounds: list[dict],
+    data: dict,
+    rdir: Path,
+    log: Log,
+    executor: Executor,
+    *,
+    name: str,
+) -> dict[str, Any]:
     train = [c for lab in rounds for c in read_records(lab["comparisons"], "comparison")]
     valid = [c for lab in rounds for c in read_records(lab["valid_comparisons"], "comparison")]
     rm_cfg = dataclasses.replace(
@@ -373,15 +378,13 @@ def _stage_rm(
         out_dir=str(rdir / "rm"),
         seed=cfg.seed,
         heldout_panel_labelers=True,
+        model=dataclasses.replace(cfg.rm.model, name_or_path=sft_policy),
     )
-    rm_cfg.model = dataclasses.replace(cfg.rm.model, name_or_path=sft_policy)
     return executor.train(name, _train_rm, rm_cfg, [lab["comparisons"] for lab in rounds], log=log)
 
 
-def _train_rm(rm_cfg, trained_on: list[str], log) -> dict[str, Any]:
-    from tether.reward.train import train_reward_model
-
-    res = train_reward_model(rm_cfg, log=log)
+def _train_rm(rm_cfg: RMConfig, trained_on: list[str], log: Log) -> dict[str, Any]:
+    res = train_reward_model(rm_cfg, panel_heldout_labelers=[lab.id for lab in Panel().heldout_labelers], log=log)
     ev = res.eval_after
     return {
         "reward_model": str(Path(res.final_dir).resolve()),
@@ -396,9 +399,17 @@ def _train_rm(rm_cfg, trained_on: list[str], log) -> dict[str, Any]:
 
 
 def _stage_ppo(
-    cfg: RunConfig, variant: str, sft_policy: str, reward_model: str, data: dict, rdir: Path, log, executor: Executor,
-    *, r: int
-):
+    cfg: RunConfig,
+    variant: str,
+    sft_policy: str,
+    reward_model: str,
+    data: dict,
+    rdir: Path,
+    log: Log,
+    executor: Executor,
+    *,
+    r: int,
+) -> dict[str, Any]:
     curve = cfg.curve_every if variant == "ppo_ptx" and r == cfg.rounds else 0
     ppo_cfg = dataclasses.replace(
         cfg.ppo,
@@ -409,14 +420,12 @@ def _stage_ppo(
         seed=cfg.seed,
         ptx_coef=cfg.ppo.ptx_coef if variant == "ppo_ptx" else 0.0,
         keep_policy_every=curve or cfg.ppo.keep_policy_every,
+        policy=dataclasses.replace(cfg.ppo.policy, name_or_path=sft_policy),
     )
-    ppo_cfg.policy = dataclasses.replace(cfg.ppo.policy, name_or_path=sft_policy)
     return executor.train(f"round-{r}/{variant}", _train_ppo, ppo_cfg, curve, rdir / variant, log=log)
 
 
-def _train_ppo(ppo_cfg, curve: int, out_dir: Path, log) -> dict[str, Any]:
-    from tether.ppo.train import train_ppo
-
+def _train_ppo(ppo_cfg: PPOConfig, curve: int, out_dir: Path, log: Log) -> dict[str, Any]:
     res = train_ppo(ppo_cfg, log=log)
     out = {"policy": str(Path(res.policy_dir).resolve()), "ptx_coef": ppo_cfg.ptx_coef}
     if curve:  # checkpoints along the way, by episodes trained (the final one is the policy itself)
@@ -435,8 +444,6 @@ def best_of_name(cfg: EvalConfig) -> str:
 
 def run_eval_policies(cfg: RunConfig, stages: dict[str, Any]) -> tuple[dict[str, str], str, str]:
     """(policies to evaluate by name, the final reward model, the SFT policy) of a run's manifest."""
-    from tether.eval.evaluate import CURVE_PREFIX
-
     sft = stages["sft"]["outputs"]["policy"]
     last = f"round-{cfg.rounds}"
     policies = {}
@@ -469,7 +476,7 @@ def evaluate_run(
     run_dir: Path,
     eval_dir: Path,
     report_dir: Path,
-    log,
+    log: Log,
     *,
     eval_cfg: EvalConfig | None = None,
     human_comparisons: list[Comparison] | None = None,
@@ -481,9 +488,6 @@ def evaluate_run(
     Used by ``tether run`` (its last stage) and ``tether eval --run DIR`` (re-evaluating a run,
     e.g. with more samples per prompt).
     """
-    from tether.eval.evaluate import evaluate_policies, save_eval
-    from tether.eval.report import write_report
-
     ecfg = run_eval_config(cfg, eval_cfg)
     data = stages["data"]["outputs"]
     policies, reward_model, sft = run_eval_policies(dataclasses.replace(cfg, eval=ecfg), stages)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from pathlib import Path
+
+from tether.cluster import RayCluster
+from tether.config import RunConfig, add_config_args, config_from_args
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from tether.config import RunConfig, add_config_args
-
     p = sub.add_parser(
         "run",
         help="the whole InstructGPT loop: data → SFT → sample → rank → RM → PPO-ptx (+PPO) → eval → report",
@@ -43,10 +45,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def _run(args) -> int:
+def _run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: the pipeline (torch, transformers) and rich, which `tether --help` must not load.
     from rich.console import Console
 
-    from tether.config import RunConfig, config_from_args
     from tether.pipeline import run_pipeline
 
     cfg = config_from_args(RunConfig, "run", args)
@@ -63,10 +65,8 @@ def _run(args) -> int:
     return 0
 
 
-def _cluster(args, cfg):
+def _cluster(args: argparse.Namespace, cfg: RunConfig) -> RayCluster | None:
     """The Ray cluster the flags name, or None (this process)."""
-    from pathlib import Path
-
     ray_flags = {"--num-workers": args.num_workers, "--cpus-per-worker": args.cpus_per_worker}
     ray_flags |= {"--max-failures": args.max_failures, "--use-gpu": args.use_gpu or None}
     if not args.ray_address:
@@ -74,8 +74,6 @@ def _cluster(args, cfg):
         if given:
             raise ValueError(f"{', '.join(given)} need --ray-address (without it the run is one process)")
         return None
-    from tether.cluster import RayCluster
-
     return RayCluster(
         args.ray_address,
         args.num_workers or 1,

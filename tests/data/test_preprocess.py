@@ -310,9 +310,7 @@ def messy_prompts(seed: int = 0) -> list[Prompt]:
     prompts += [Prompt(f"heavy{i}", f"heavy user question {i}", "heavy") for i in range(30)]
     prompts += [Prompt(f"pii{i}", f"my email is user{i}@example.com", f"u{i}") for i in range(5)]
     prompts += [Prompt(f"long{i}", "word " * 300, f"u{i}") for i in range(4)]
-    prompts += [
-        Prompt(f"dup{i}", LONG.upper() + f"   variant {i}", f"u{i + 10}") for i in range(6)
-    ]
+    prompts += [Prompt(f"dup{i}", LONG.upper() + f"   variant {i}", f"u{i + 10}") for i in range(6)]
     assert len(prompts) == n + 45
     return rng.sample(prompts, len(prompts))
 
@@ -335,9 +333,7 @@ def test_preprocess_counts_every_removal():
     out_ids = [p.id for name in SPLITS for p in result.splits[name]]
     dropped_ids = [d.prompt.id for d in result.dropped]
     assert Counter(out_ids + dropped_ids) == Counter(p.id for p in prompts)
-    assert Counter(d.step for d in result.dropped) == Counter(
-        {k: v for k, v in r.removed.items() if v}
-    )
+    assert Counter(d.step for d in result.dropped) == Counter({k: v for k, v in r.removed.items() if v})
     users = [{p.user_id for p in result.splits[name]} for name in SPLITS]
     assert sum(map(len, users)) == len(set.union(*users))
 
@@ -367,8 +363,25 @@ def test_preprocess_rejects_duplicate_ids():
 def test_cli_preprocess_writes_splits_and_report(tmp_path, capsys):
     src = write_records(tmp_path / "prompts.jsonl", messy_prompts())
     out = tmp_path / "out"
-    rc = main(["data", "preprocess", str(src), "--out", str(out), "--max-per-user", "10",
-               "--max-words", "100", "--seed", "3", "--fractions", "0.7", "0.15", "0.15"])
+    rc = main(
+        [
+            "data",
+            "preprocess",
+            str(src),
+            "--out",
+            str(out),
+            "--max-per-user",
+            "10",
+            "--max-words",
+            "100",
+            "--seed",
+            "3",
+            "--fractions",
+            "0.7",
+            "0.15",
+            "0.15",
+        ]
+    )
     assert rc == 0
 
     splits = {name: read_records(out / f"{name}.jsonl", "prompt") for name in SPLITS}
@@ -400,6 +413,5 @@ def test_cli_preprocess_names_file_and_line_of_bad_input(tmp_path, capsys):
 
 def test_cli_preprocess_bad_config_is_a_readable_error(tmp_path, capsys):
     src = write_records(tmp_path / "p.jsonl", messy_prompts())
-    rc = main(["data", "preprocess", str(src), "--out", str(tmp_path / "o"),
-               "--fractions", "0.5", "0.2", "0.2"])
+    rc = main(["data", "preprocess", str(src), "--out", str(tmp_path / "o"), "--fractions", "0.5", "0.2", "0.2"])
     assert rc != 0 and "sum to 1" in capsys.readouterr().err

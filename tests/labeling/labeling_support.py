@@ -135,9 +135,7 @@ class LiveServer:
             except httpx.TransportError:
                 time.sleep(0.1)
         self.stop()
-        raise RuntimeError(
-            f"server did not start in {timeout}s: {self.log_path.read_text()[-2000:]}"
-        )
+        raise RuntimeError(f"server did not start in {timeout}s: {self.log_path.read_text()[-2000:]}")
 
     def stop(self, *, crash: bool = False) -> None:
         """SIGTERM (graceful) or SIGKILL (a crash: nothing gets to flush)."""
@@ -197,7 +195,13 @@ class PostgresServer:
         if os.geteuid() == 0:
             import pwd
 
-            user = pwd.getpwnam("postgres")
+            try:
+                user = pwd.getpwnam("postgres")
+            except KeyError:
+                raise RuntimeError(
+                    "PostgreSQL refuses to run as root and there is no 'postgres' user to run it as "
+                    "(Debian's postgresql package creates one: bash scripts/setup.sh --test)"
+                ) from None
             os.chown(self.dir, user.pw_uid, user.pw_gid)
             self._as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
 
@@ -244,10 +248,7 @@ class PostgresServer:
 
         with psycopg.connect(self._dsn("postgres"), autocommit=True) as conn:
             conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
-        return (
-            f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
-            f"?options=-csearch_path%3D{name}"
-        )
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres?options=-csearch_path%3D{name}"
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

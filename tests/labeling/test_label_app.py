@@ -101,12 +101,7 @@ OPEN_ROUTES = [("GET", "/"), ("GET", "/login"), ("POST", "/login"), ("POST", "/l
 
 def test_the_route_lists_above_are_every_route() -> None:
     """So a new route cannot land without the role checks below covering it."""
-    declared = {
-        (method, route.path)
-        for route in router.routes
-        for method in route.methods
-        if method != "HEAD"
-    }
+    declared = {(method, route.path) for route in router.routes for method in route.methods if method != "HEAD"}
     assert declared == set(ADMIN_ROUTES + LABELER_ROUTES + OPEN_ROUTES)
 
 
@@ -158,12 +153,8 @@ async def test_posts_without_the_csrf_token_are_refused(env: Env, user, path) ->
 
 async def test_cross_site_origin_is_refused_even_with_a_token(env: Env) -> None:
     async with browser(env, "alice") as c:
-        r = await c.post(
-            f"/label/projects/{env.rank_pid}/next", headers={"Origin": "https://evil.example"}
-        )
-        same = await c.post(
-            f"/label/projects/{env.rank_pid}/next", headers={"Origin": "http://testserver"}
-        )
+        r = await c.post(f"/label/projects/{env.rank_pid}/next", headers={"Origin": "https://evil.example"})
+        same = await c.post(f"/label/projects/{env.rank_pid}/next", headers={"Origin": "http://testserver"})
     assert r.status_code == 403
     assert same.status_code == 303
 
@@ -187,9 +178,7 @@ async def test_login_failures_are_401_or_403_never_500(env: Env) -> None:
     async with browser(env) as c:
         page = await c.http.get("/login")
         token = csrf_of(page.text)
-        wrong = await c.http.post(
-            "/login", data={"username": "alice", "password": "nope", "csrf_token": token}
-        )
+        wrong = await c.http.post("/login", data={"username": "alice", "password": "nope", "csrf_token": token})
         assert wrong.status_code == 401 and "Wrong username or password" in wrong.text
         no_csrf = await c.http.post("/login", data={"username": "alice", "password": PASSWORD})
         assert no_csrf.status_code == 403
@@ -422,9 +411,7 @@ async def test_admin_creates_projects_from_files(env: Env) -> None:
         assert r.status_code == 422 and "not valid JSON" in error_text(r.text)
         r = await c.post("/admin/projects", form | {"name": "x"})
         assert r.status_code == 422 and error_text(r.text).startswith("file")
-        r = await c.post(
-            "/admin/projects", form | {"name": "x", "overlap": "0"}, files=upload("s", samples)
-        )
+        r = await c.post("/admin/projects", form | {"name": "x", "overlap": "0"}, files=upload("s", samples))
         assert r.status_code == 422 and error_text(r.text).startswith("overlap")
         prompts = [{"id": "1", "text": "Say hi", "user_id": "u"}]
         r = await c.post(
@@ -459,9 +446,7 @@ async def test_admin_manages_users(env: Env) -> None:
         assert dup.status_code == 409
         short = await c.post("/admin/users", {"username": "erin", "password": "short"})
         assert short.status_code == 422 and error_text(short.text).startswith("password")
-        role = await c.post(
-            "/admin/users", {"username": "erin", "password": "long-enough", "role": "root"}
-        )
+        role = await c.post("/admin/users", {"username": "erin", "password": "long-enough", "role": "root"})
         assert role.status_code == 422 and error_text(role.text).startswith("role")
         dave = next(u for u in env.store.list_users() if u.username == "dave")
         assert (await c.post(f"/admin/users/{dave.id}", {"active": "0"})).status_code == 303

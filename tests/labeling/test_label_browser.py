@@ -99,9 +99,7 @@ def log_in(page, base: str, username: str) -> None:
 
 
 def start_project(page, name: str) -> None:
-    page.locator("section.project", has_text=name).get_by_role(
-        "button", name="Start labeling"
-    ).click()
+    page.locator("section.project", has_text=name).get_by_role("button", name="Start labeling").click()
     page.wait_for_url("**/label/tasks/*")
 
 
@@ -172,10 +170,7 @@ def test_rank_by_drag_and_drop_then_export(site, chromium, tmp_path: Path) -> No
     page.focus(f"#chip-{where[3]}")
     page.keyboard.press("4")
     page.keyboard.press("ArrowUp")  # 4 -> 3
-    ranks = {
-        orig: page.locator(f'select[name="rank_{pos}"]').input_value()
-        for orig, pos in where.items()
-    }
+    ranks = {orig: page.locator(f'select[name="rank_{pos}"]').input_value() for orig, pos in where.items()}
     assert ranks == {0: "1", 1: "2", 2: "2", 3: "3"}
     assert page.locator('.bucket[data-rank="2"] .chip').count() == 2
 

@@ -41,9 +41,7 @@ def test_add_user_create_project_export(
     assert main(["label", "add-user", "--db", db_url, "root", "--role", "admin"]) == 0
     assert main(["label", "add-user", "--db", db_url, "alice"]) == 2  # taken
     samples = tmp_path / "samples.jsonl"
-    rows = [
-        {"prompt": f"p{i}", "responses": ["a", "b", "c"], "prompt_id": str(i)} for i in range(3)
-    ]
+    rows = [{"prompt": f"p{i}", "responses": ["a", "b", "c"], "prompt_id": str(i)} for i in range(3)]
     write_records(samples, rows)
     assert main(["label", "create-project", "--db", db_url, "--samples", str(samples)]) == 0
     prompts = write_records(tmp_path / "prompts.jsonl", [{"id": "1", "text": "hi", "user_id": "u"}])

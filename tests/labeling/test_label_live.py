@@ -44,9 +44,7 @@ def next_from(response: httpx.Response) -> int | None:
     return int(m.group(1)) if m else None
 
 
-async def labeler(
-    base: str, name: str, index: int, pid: int, tally: Tally, start: asyncio.Barrier
-) -> None:
+async def labeler(base: str, name: str, index: int, pid: int, tally: Tally, start: asyncio.Barrier) -> None:
     rng = random.Random(index)
     async with httpx.AsyncClient(base_url=base, timeout=60) as http:
         client = WebClient(http)
@@ -93,9 +91,7 @@ def stored_labels(db_url: str) -> Counter:
     store = LabelStore(db_url, hasher=FAST_HASHER)
     try:
         with store.engine.connect() as conn:
-            rows = conn.execute(
-                select(Label.task_id, User.username).join(User, User.id == Label.labeler_id)
-            ).all()
+            rows = conn.execute(select(Label.task_id, User.username).join(User, User.id == Label.labeler_id)).all()
     finally:
         store.close()
     return Counter((task, name) for task, name in rows)

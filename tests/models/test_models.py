@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tether.config import ModelConfig
 from tether.models.generation import decode_responses, encode_prompts, position_ids_from_mask, sample
 from tether.models.heads import load_scalar_model, reward_scores
-from tether.models.loading import load_causal_lm, resolve_model_dir
+from tether.models.loading import autocast_dtype, fast_bf16, load_causal_lm, resolve_model_dir
 from tether.ops import token_logprobs
 
 
@@ -121,6 +122,27 @@ def test_lora_trains_only_adapters(tiny_dir):
     )
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
+
+
+@pytest.mark.parametrize("capability, native", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_bf16_is_fast_on_gpus_from_ampere_on_only(monkeypatch, capability, native):
+    """A V100 (7.0) or T4 (7.5) runs bf16 emulated, which torch.cuda.is_bf16_supported() counts as
+    supported by default: autocast 'auto' must stay in float32 there. And the GPU asked about is
+    the one named, not the current one."""
+    asked = []
+
+    def get_device_capability(device=None):
+        asked.append(device)
+        return capability
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", get_device_capability)
+    # torch's own answer: yes from Ampere on, and yes where it can emulate unless told not to.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert fast_bf16("cuda") is native
+    assert autocast_dtype(ModelConfig(autocast="auto"), "cuda:1") == ("bfloat16" if native else None)
+    assert asked == [0, 1]
 
 
 @pytest.mark.slow

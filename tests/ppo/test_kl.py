@@ -33,9 +33,7 @@ def test_estimator_formulas():
     d = logp - ref
     torch.testing.assert_close(kl_penalty(logp, ref, "k1"), d)
     torch.testing.assert_close(kl_penalty(logp, ref, "k2"), 0.5 * d**2)
-    torch.testing.assert_close(
-        kl_penalty(logp, ref, "k3"), (torch.exp(ref - logp) - 1) - (ref - logp)
-    )
+    torch.testing.assert_close(kl_penalty(logp, ref, "k3"), (torch.exp(ref - logp) - 1) - (ref - logp))
     torch.testing.assert_close(kl_penalty(logp, ref, "abs"), d.abs())
 
 

@@ -97,4 +97,3 @@ def test_value_loss_masks_padding_in_loss_and_gradient():
     torch.testing.assert_close(loss, torch.tensor(0.5))
     loss.backward()
     torch.testing.assert_close(values.grad, torch.tensor([[1.0, 0.0]]))
-

@@ -139,9 +139,7 @@ def test_each_prompt_weighs_the_same_whatever_its_k():
     small, _ = kwise_ranking_loss(s_small, torch.zeros(2, dtype=torch.long), r_small)
     big, _ = kwise_ranking_loss(s_big, torch.zeros(9, dtype=torch.long), r_big)
     scores = torch.cat([s_small, s_big]).requires_grad_()
-    both, stats = kwise_ranking_loss(
-        scores, torch.tensor([0] * 2 + [1] * 9), torch.cat([r_small, r_big])
-    )
+    both, stats = kwise_ranking_loss(scores, torch.tensor([0] * 2 + [1] * 9), torch.cat([r_small, r_big]))
     torch.testing.assert_close(both, (small + big) / 2)
     assert int(stats["n_pairs"]) == 1 + 36
     # Per-prompt gradient mass: each prompt's gradient is half its solo gradient.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from tether.checkpoint import StopAfter
 from tether.config import RMConfig, resolve
 from tether.data.formats import Comparison, DataError, Demonstration, parse_record
+from tether.labelers.panel import Panel
 from tether.models.heads import load_scalar_model, reward_scores
 from tether.reward.data import collate, encode_comparisons, expand_to_pairs, pad_right
 from tether.reward.score import encode_texts, rm_scorer, score_sequences, score_texts
@@ -361,28 +363,23 @@ def test_normalised_so_demonstrations_score_mean_zero_and_loads_as_plain_hf(trai
 
 def test_rm_scorer_for_sft_selection_is_seeded(trained, tiny_dir):
     _, result = trained
-    scorer = rm_scorer(result.final_dir, ["Describe a dog.", "Describe the moon."], max_new_tokens=6, seed=3)
-    a, b = scorer(tiny_dir), scorer(tiny_dir)
+    scorer = rm_scorer(result.final_dir, max_new_tokens=6, seed=3)
+    prompts = ["Describe a dog.", "Describe the moon."]
+    a, b = scorer(tiny_dir, prompts), scorer(tiny_dir, prompts)
     assert isinstance(a, float) and a == b
 
 
 def test_sft_selects_its_epoch_by_rm_score(trained, tmp_path, demos_file):
-    """The paper's SFT checkpoint selection, through tether.reward.score.rm_scorer."""
-    from tether.config import SFTConfig
-    from tether.sft.train import train_sft
+    """The paper's SFT checkpoint selection: `tether sft` builds tether.reward.score.rm_scorer."""
+    from tether.cli import main
 
     _, rm = trained
-    overrides = {
-        "train_file": str(demos_file),
-        "out_dir": str(tmp_path / "sft"),
-        "valid_fraction": 0.2,
-        "select_by": "rm_score",
-        "reward_model": str(rm.final_dir),
-    }
-    result = train_sft(resolve(SFTConfig, "sft", "tiny", overrides=overrides), **QUIET)
-    epochs = json.loads((tmp_path / "sft" / "selection.json").read_text())["epochs"]
-    scores = [e["score"] for e in epochs]
-    assert len(scores) == 2 and result.selected_epoch == 1 + scores.index(max(scores))
+    argv = ["sft", "--preset", "tiny", "--train-file", str(demos_file), "--out-dir", str(tmp_path / "sft")]
+    argv += ["--valid-fraction", "0.2", "--select-by", "rm_score", "--reward-model", str(rm.final_dir)]
+    assert main([*argv, "--show-samples", "0"]) == 0
+    selection = json.loads((tmp_path / "sft" / "selection.json").read_text())
+    scores = [e["score"] for e in selection["epochs"]]
+    assert len(scores) == 2 and selection["selected"]["epoch"] == 1 + scores.index(max(scores))
 
 
 def test_resume_equals_uninterrupted(data_dir):
@@ -421,20 +418,27 @@ def test_cli_trains_and_prints_the_accuracy_table(data_dir, capsys):
         "cy",
         "--valid-fraction",
         "0.25",
+        "--heldout-panel-labelers",
+        "true",
     ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "held-out labelers" in out and "RM after" in out and "rm done" in out
     assert (data_dir / "cli" / "final" / "config.json").exists()
+    panel_ids = [lab.id for lab in Panel().heldout_labelers]  # the CLI passes the panel's to the trainer
+    assert json.loads((data_dir / "cli" / "eval.json").read_text())["heldout_labelers"] == ["cy", *panel_ids]
     assert main(["rm", "--preset", "tiny", "--loss", "listwise", "--out-dir", str(data_dir / "x")]) == 2
 
 
 def test_panel_heldout_labelers_join_the_configured_ones(data_dir):
-    from tether.labelers.panel import Panel
-
     cfg = tiny_cfg(data_dir, heldout_labelers=["ann"], heldout_panel_labelers=True)
     panel_ids = [lab.id for lab in Panel().heldout_labelers]
-    assert panel_ids and heldout_labeler_ids(cfg) == ["ann", *panel_ids]
+    assert panel_ids and heldout_labeler_ids(cfg, panel_ids) == ["ann", *panel_ids]
+    # The trainer does not know the panel: with the flag on, the caller must say who is in it.
+    with pytest.raises(ValueError, match="heldout_panel_labelers is set but the panel's held-out labeler ids"):
+        train_reward_model(cfg, **QUIET)
+    assert not Path(cfg.out_dir).exists()  # before anything ran
+    assert heldout_labeler_ids(dataclasses.replace(cfg, heldout_panel_labelers=False), panel_ids) == ["ann"]
 
 
 def test_pad_right_shapes():

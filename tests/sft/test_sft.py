@@ -201,6 +201,15 @@ def test_cli_huge_learning_rate_stops_with_one_line_and_exit_1(tmp_path, demos_f
         assert "no good state yet" in err
 
 
+def test_selection_by_rm_score_without_a_scorer_fails_before_training(tmp_path, demos_file):
+    """The trainer does not build the RM scorer (`tether sft` does): asking for the paper's
+    selection without one is an error at the start, not after every epoch has trained."""
+    cfg = tiny_cfg(tmp_path, demos_file, select_by="rm_score", reward_model=str(tmp_path / "rm"))
+    with pytest.raises(ValueError, match="select_by = 'rm_score' needs a scorer"):
+        train_sft(cfg, log=lambda _: None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_with_an_emptied_metrics_log(tmp_path, demos_file):
     """A kill while the metrics log was rewritten used to make every rerun fail (IndexError)."""
     cfg = tiny_cfg(tmp_path, demos_file, epochs=1, batch_size=4, micro_batch_size=2, save_every_steps=2)

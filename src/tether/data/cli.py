@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import get_args
+
+from tether.data.formats import read_records, validate_file
+from tether.data.preprocess import PiiMode, PreprocessConfig, preprocess_prompts
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -22,24 +26,40 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     pp.add_argument("prompts", help="prompt records: JSONL / Parquet file or datasets directory")
     pp.add_argument(
-        "--out", required=True,
+        "--out",
+        required=True,
         help="directory for train/valid/test.jsonl, dropped.jsonl (ids and reasons), report.json",
     )
-    pp.add_argument("--pii", choices=["drop", "redact"], default=keep,
-                    help="drop prompts with personal information, or redact it (default: drop)")
-    pp.add_argument("--max-chars", type=int, default=keep,
-                    help="drop prompts longer than this many characters (default: no limit)")
-    pp.add_argument("--max-words", type=int, default=keep,
-                    help="drop prompts longer than this many words (default: 1000)")
-    pp.add_argument("--prefix-chars", type=int, default=keep,
-                    help="duplicates share this many leading characters, case and spacing "
-                    "ignored (default: 64)")
-    pp.add_argument("--max-per-user", type=int, default=keep,
-                    help="at most this many prompts per user id (default: 200)")
-    pp.add_argument("--fractions", type=float, nargs=3, metavar=("TRAIN", "VALID", "TEST"),
-                    default=keep, help="fractions of users per split (default: 0.8 0.1 0.1)")
-    pp.add_argument("--seed", type=int, default=keep,
-                    help="seed for the cap and the split (default: 0)")
+    pp.add_argument(
+        "--pii",
+        choices=get_args(PiiMode),
+        default=keep,
+        help="drop prompts with personal information, or redact it (default: drop)",
+    )
+    pp.add_argument(
+        "--max-chars", type=int, default=keep, help="drop prompts longer than this many characters (default: no limit)"
+    )
+    pp.add_argument(
+        "--max-words", type=int, default=keep, help="drop prompts longer than this many words (default: 1000)"
+    )
+    pp.add_argument(
+        "--prefix-chars",
+        type=int,
+        default=keep,
+        help="duplicates share this many leading characters, case and spacing ignored (default: 64)",
+    )
+    pp.add_argument(
+        "--max-per-user", type=int, default=keep, help="at most this many prompts per user id (default: 200)"
+    )
+    pp.add_argument(
+        "--fractions",
+        type=float,
+        nargs=3,
+        metavar=("TRAIN", "VALID", "TEST"),
+        default=keep,
+        help="fractions of users per split (default: 0.8 0.1 0.1)",
+    )
+    pp.add_argument("--seed", type=int, default=keep, help="seed for the cap and the split (default: 0)")
     pp.set_defaults(func=_preprocess)
 
     dt = dsub.add_parser(
@@ -51,9 +71,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     dt.set_defaults(func=_default_task)
 
 
-def _validate(args) -> int:
-    from tether.data.formats import validate_file
-
+def _validate(args: argparse.Namespace) -> int:
     for f in args.files:
         report = validate_file(f, args.kind)
         extra = "".join(f", {k}={v}" for k, v in report.stats.items())
@@ -61,10 +79,7 @@ def _validate(args) -> int:
     return 0
 
 
-def _preprocess(args) -> int:
-    from tether.data.formats import read_records
-    from tether.data.preprocess import PreprocessConfig, preprocess_prompts
-
+def _preprocess(args: argparse.Namespace) -> int:
     names = ("pii", "max_chars", "max_words", "prefix_chars", "max_per_user", "fractions", "seed")
     config = PreprocessConfig(**{n: getattr(args, n) for n in names if hasattr(args, n)})
     result = preprocess_prompts(read_records(args.prompts, "prompt"), config)
@@ -83,7 +98,8 @@ def _preprocess(args) -> int:
     return 0
 
 
-def _default_task(args) -> int:
+def _default_task(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: the default task (its topic tables), which `tether --help` must not load.
     from tether.data.task import build_default_task
 
     task = build_default_task(seed=args.seed)

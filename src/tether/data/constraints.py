@@ -122,9 +122,7 @@ _PATTERNS: dict[str, re.Pattern] = {
         r"\s+the\s+word\s+" + _QUOTED
     ),
     "include_word": re.compile(r"\b(?:use|include|mention)\s+the\s+word\s+" + _QUOTED),
-    "lowercase": re.compile(
-        r"\b(?:only lowercase letters|(?:everything |all )?in (?:all )?lowercase|all lowercase)\b"
-    ),
+    "lowercase": re.compile(r"\b(?:only lowercase letters|(?:everything |all )?in (?:all )?lowercase|all lowercase)\b"),
     "uppercase": re.compile(
         r"\b(?:only (?:capital|uppercase) letters|(?:everything |all )?in (?:all )?"
         r"(?:capital letters|uppercase|all caps)|all caps)\b"
@@ -223,10 +221,7 @@ def bullet_items(text: str) -> list[str] | None:
 
 def contains_word(text: str, word: str) -> bool:
     """Whether ``word`` occurs in ``text`` as a whole word, ignoring case ("cat" ≠ "cats")."""
-    return (
-        re.search(r"(?<![A-Za-z0-9])" + re.escape(word) + r"(?![A-Za-z0-9])", text, re.I)
-        is not None
-    )
+    return re.search(r"(?<![A-Za-z0-9])" + re.escape(word) + r"(?![A-Za-z0-9])", text, re.I) is not None
 
 
 def check(constraint: Constraint, response: str) -> bool:

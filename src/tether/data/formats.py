@@ -30,7 +30,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 K_MIN, K_MAX = 2, 9
 LIKERT_MIN, LIKERT_MAX = 1, 7
@@ -119,6 +119,8 @@ class PretrainText:
     text: str
 
 
+Record = Prompt | Demonstration | Sample | Comparison | PretrainText
+
 RECORD_TYPES: dict[str, type] = {
     "prompt": Prompt,
     "demonstration": Demonstration,
@@ -132,7 +134,10 @@ RECORD_TYPES: dict[str, type] = {
 # Validation: one function per kind, each raising DataError with the field that is wrong.
 
 
-def _check_text(value: str, name: str, where: tuple) -> str:
+Where = tuple[str | Path, int | None]  # (file, line) of the record being read
+
+
+def _check_text(value: str, name: str, where: Where) -> str:
     # A JSON escape such as "\ud800" decodes to a lone surrogate: a Python str that no UTF-8 file,
     # tokenizer or database can hold. Refuse it here rather than in a later stage.
     try:
@@ -144,7 +149,11 @@ def _check_text(value: str, name: str, where: tuple) -> str:
     return value
 
 
-def _require_str(obj: dict, name: str, where: tuple, *, optional: bool = False, empty=False):
+@overload
+def _require_str(obj: dict, name: str, where: Where, *, optional: Literal[False] = ..., empty: bool = ...) -> str: ...
+@overload
+def _require_str(obj: dict, name: str, where: Where, *, optional: bool, empty: bool = ...) -> str | None: ...
+def _require_str(obj: dict, name: str, where: Where, *, optional: bool = False, empty: bool = False) -> str | None:
     if name not in obj or obj[name] is None:
         if optional:
             return None
@@ -157,7 +166,7 @@ def _require_str(obj: dict, name: str, where: tuple, *, optional: bool = False, 
     return _check_text(value, name, where)
 
 
-def _as_id(value: Any, name: str, where: tuple) -> str:
+def _as_id(value: Any, name: str, where: Where) -> str:
     """Ids are non-empty strings; integers are accepted and converted (booleans are not ids)."""
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
@@ -168,7 +177,11 @@ def _as_id(value: Any, name: str, where: tuple) -> str:
     return _check_text(value, name, where)
 
 
-def _require_id(obj: dict, name: str, where: tuple, *, optional: bool = False) -> str | None:
+@overload
+def _require_id(obj: dict, name: str, where: Where, *, optional: Literal[False] = ...) -> str: ...
+@overload
+def _require_id(obj: dict, name: str, where: Where, *, optional: bool) -> str | None: ...
+def _require_id(obj: dict, name: str, where: Where, *, optional: bool = False) -> str | None:
     if obj.get(name) is None:
         if optional:
             return None
@@ -191,7 +204,7 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
-def _require_responses(obj: dict, where: tuple) -> list[str]:
+def _require_responses(obj: dict, where: Where) -> list[str]:
     responses = obj.get("responses")
     if responses is None:
         raise DataError(*where, "responses", "is missing")
@@ -208,7 +221,7 @@ def _require_responses(obj: dict, where: tuple) -> list[str]:
     return list(responses)
 
 
-def _optional_per_response(obj: dict, name: str, k: int, where: tuple) -> list | None:
+def _optional_per_response(obj: dict, name: str, k: int, where: Where) -> list | None:
     value = obj.get(name)
     if value is None:
         return None
@@ -217,7 +230,7 @@ def _optional_per_response(obj: dict, name: str, k: int, where: tuple) -> list |
     return list(value)
 
 
-def _optional_ended(obj: dict, k: int, where: tuple) -> list[bool] | None:
+def _optional_ended(obj: dict, k: int, where: Where) -> list[bool] | None:
     ended = _optional_per_response(obj, "ended", k, where)
     if ended is not None:
         for i, e in enumerate(ended):
@@ -226,7 +239,7 @@ def _optional_ended(obj: dict, k: int, where: tuple) -> list[bool] | None:
     return ended
 
 
-def _optional_policies(obj: dict, k: int, where: tuple) -> list[str] | None:
+def _optional_policies(obj: dict, k: int, where: Where) -> list[str] | None:
     """Per-response policy names: ids (strings or integers), one per response."""
     policies = _optional_per_response(obj, "policies", k, where)
     if policies is None:
@@ -234,7 +247,7 @@ def _optional_policies(obj: dict, k: int, where: tuple) -> list[str] | None:
     return [_as_id(p, f"policies[{i}]", where) for i, p in enumerate(policies)]
 
 
-def parse_record(obj: Any, kind: str, path: str | Path = "<memory>", line: int | None = None):
+def parse_record(obj: Any, kind: str, path: str | Path = "<memory>", line: int | None = None) -> Record:
     """Validate one decoded JSON object as ``kind`` and return its record."""
     where = (path, line)
     if not isinstance(obj, dict):
@@ -413,7 +426,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
 def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, decoded object) from JSONL, Parquet or a datasets directory."""
     if path.is_dir():
-        try:
+        try:  # datasets (seconds to import) and pyarrow load only for the inputs that need them
             import datasets
         except ImportError as e:  # pragma: no cover - datasets is a dependency
             raise DataError(path, None, None, "reading a datasets directory needs `datasets`") from e
@@ -463,7 +476,7 @@ def read_records(path: str | Path, kind: str | None = None) -> list:
     return records
 
 
-def to_json(record) -> dict:
+def to_json(record: Record) -> dict:
     """A record as a JSON-ready dict, dropping optional fields that are None."""
     return {k: v for k, v in asdict(record).items() if v is not None}
 

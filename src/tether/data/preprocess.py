@@ -15,18 +15,17 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import math
 import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
+from tether.config import SPLITS, check_fractions
 from tether.data.formats import Prompt, write_records
 
-SPLITS: tuple[str, str, str] = ("train", "valid", "test")
 # The order preprocess_prompts runs its filters in; the keys of PreprocessReport.removed.
 STEPS: tuple[str, ...] = ("pii", "length", "dedup", "user_cap")
 
@@ -118,18 +117,12 @@ _DETECTORS: tuple[_Detector, ...] = (
     _Detector(
         "ssn",
         # Area 000/666/9xx, group 00 and serial 0000 are never issued.
-        re.compile(
-            _NOT_AFTER_NUMBER
-            + r"(?!000|666|9\d\d)\d{3}([- ])(?!00)\d{2}\1(?!0000)\d{4}"
-            + _NOT_BEFORE_NUMBER
-        ),
+        re.compile(_NOT_AFTER_NUMBER + r"(?!000|666|9\d\d)\d{3}([- ])(?!00)\d{2}\1(?!0000)\d{4}" + _NOT_BEFORE_NUMBER),
     ),
     _Detector(
         "ssn",
         # Nine bare digits are only an SSN when the text says so.
-        re.compile(
-            r"(?i:\b(?:ssn|social security(?: number| no\.?)?))\s*(?:#|:|is)?\s*(\d{9})\b"
-        ),
+        re.compile(r"(?i:\b(?:ssn|social security(?: number| no\.?)?))\s*(?:#|:|is)?\s*(\d{9})\b"),
         group=1,
     ),
     _Detector(
@@ -158,9 +151,7 @@ _DETECTORS: tuple[_Detector, ...] = (
         "phone",
         # US formatted: (555) 123-4567, 555-123-4567, 555.123.4567, 1-800-555-0199.
         re.compile(
-            _NOT_AFTER_NUMBER
-            + r"(?:\+?1[ .-]?)?(?:\(\d{3}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}"
-            + _NOT_BEFORE_NUMBER
+            _NOT_AFTER_NUMBER + r"(?:\+?1[ .-]?)?(?:\(\d{3}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}" + _NOT_BEFORE_NUMBER
         ),
     ),
     _Detector(
@@ -233,9 +224,7 @@ def _apply_pii(
     return kept, dropped
 
 
-def filter_pii(
-    prompts: Sequence[Prompt], mode: PiiMode = "drop"
-) -> tuple[list[Prompt], list[Dropped]]:
+def filter_pii(prompts: Sequence[Prompt], mode: PiiMode = "drop") -> tuple[list[Prompt], list[Dropped]]:
     """Drop every prompt holding personal information, or redact it with placeholders.
 
     ``mode="drop"`` removes the prompt; ``mode="redact"`` keeps it with each item replaced by a
@@ -293,9 +282,7 @@ def normalize_prefix(text: str, prefix_chars: int = 64) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())[:prefix_chars]
 
 
-def dedup_by_prefix(
-    prompts: Sequence[Prompt], prefix_chars: int = 64
-) -> tuple[list[Prompt], list[Dropped]]:
+def dedup_by_prefix(prompts: Sequence[Prompt], prefix_chars: int = 64) -> tuple[list[Prompt], list[Dropped]]:
     """Keep the first prompt of each group sharing a long common prefix (InstructGPT §3.2).
 
     Two prompts are duplicates when their first ``prefix_chars`` normalised characters
@@ -352,17 +339,6 @@ def cap_per_user(
 # Split by user
 
 
-def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
-    if len(fractions) != len(SPLITS):
-        raise ValueError(f"fractions needs 3 numbers (train, valid, test), got {len(fractions)}")
-    if not all(math.isfinite(f) and f >= 0 for f in fractions) or fractions[0] <= 0:
-        raise ValueError(f"fractions must be >= 0 with train > 0, got {tuple(fractions)}")
-    if abs(sum(fractions) - 1.0) > 1e-6:
-        total = sum(fractions)
-        raise ValueError(f"fractions must sum to 1, got {tuple(fractions)} (sum {total:g})")
-    return (float(fractions[0]), float(fractions[1]), float(fractions[2]))
-
-
 def split_by_user(
     prompts: Sequence[Prompt],
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
@@ -382,10 +358,7 @@ def split_by_user(
     needed = sum(f > 0 for f in fractions)
     if len(users) < needed:
         names = "/".join(s for s, f in zip(SPLITS, fractions, strict=True) if f > 0)
-        raise ValueError(
-            f"splitting by user needs at least {needed} distinct users to fill {names}, "
-            f"got {len(users)}"
-        )
+        raise ValueError(f"splitting by user needs at least {needed} distinct users to fill {names}, got {len(users)}")
     # Split s owns the interval [edges[s], edges[s + 1]) of the unit line.
     edges = [0.0, fractions[0], fractions[0] + fractions[1], 1.0]
     point = {u: _unit_hash(seed, "split", u) for u in users}
@@ -415,7 +388,7 @@ def split_by_user(
 # The whole pipeline
 
 
-@dataclass
+@dataclass(frozen=True)
 class PreprocessConfig:
     """Settings for :func:`preprocess_prompts` (``tether data preprocess``)."""
 
@@ -440,8 +413,8 @@ class PreprocessConfig:
     """Seed for the per-user cap and the user split; the same seed gives the same output."""
 
     def __post_init__(self) -> None:
-        if self.pii not in ("drop", "redact"):
-            raise ValueError(f"pii must be 'drop' or 'redact', got {self.pii!r}")
+        if self.pii not in get_args(PiiMode):
+            raise ValueError(f"pii must be one of {', '.join(get_args(PiiMode))}; got {self.pii!r}")
         for name in ("max_chars", "max_words", "max_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -450,8 +423,9 @@ class PreprocessConfig:
             raise ValueError(f"prefix_chars must be at least 1, got {self.prefix_chars}")
         if self.max_per_user < 1:
             raise ValueError(f"max_per_user must be at least 1, got {self.max_per_user}")
-        # Lists (from JSON, YAML or argparse) become the declared tuple.
-        self.fractions = check_fractions(tuple(self.fractions))
+        # Lists (from JSON, YAML or argparse) become the declared tuple (frozen: set it the one way
+        # __post_init__ can).
+        object.__setattr__(self, "fractions", check_fractions(tuple(self.fractions)))
 
 
 @dataclass

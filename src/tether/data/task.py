@@ -28,10 +28,12 @@ import hashlib
 import json
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from pydoc_data.topics import topics
 
 from tether.data.constraints import (
     EMBEDDED_MAX_WORDS,
@@ -44,7 +46,7 @@ from tether.data.constraints import (
     parse_constraints,
     words,
 )
-from tether.data.formats import Demonstration, PretrainText, Prompt, write_records
+from tether.data.formats import Demonstration, PretrainText, Prompt, Record, write_records
 from tether.data.preprocess import PreprocessConfig, preprocess_prompts
 
 __all__ = [
@@ -213,9 +215,7 @@ class Topic:
 @lru_cache(maxsize=1)
 def load_topics() -> dict[str, Topic]:
     """The packaged topics, by name, with keywords that are distinctive for each."""
-    raw = json.loads(
-        resources.files("tether.data").joinpath("assets/topics.json").read_text("utf-8")
-    )
+    raw = json.loads(resources.files("tether.data").joinpath("assets/topics.json").read_text("utf-8"))
     entries = [(t["name"], tuple(t["sentences"])) for t in raw["topics"]]
     vocab = {name: set(content_words(" ".join(s))) for name, s in entries}
     # A keyword must be distinctive: "water" or "light" appear under many topics and say little.
@@ -297,7 +297,7 @@ def compose_response(
     suffix = f" {by_kind['ends_with']}" if "ends_with" in by_kind else ""
     chosen = pool[:n]
     if "max_words" in by_kind:
-        budget = int(by_kind["max_words"]) - count_words(prefix) - count_words(suffix)
+        budget = int(by_kind["max_words"] or 0) - count_words(prefix) - count_words(suffix)
         if fixed is None:
             # Truncate at a sentence boundary, never mid-sentence.
             kept: list[str] = []
@@ -323,9 +323,7 @@ def compose_response(
 
 @lru_cache(maxsize=1)
 def _lowercase_vocabulary() -> frozenset[str]:
-    return frozenset(
-        w for t in load_topics().values() for s in t.sentences for w in words(s) if w.islower()
-    )
+    return frozenset(w for t in load_topics().values() for s in t.sentences for w in words(s) if w.islower())
 
 
 def _as_written(word: str, position: int) -> str | None:
@@ -339,32 +337,26 @@ def _as_written(word: str, position: int) -> str | None:
     return None
 
 
-def _draw_value(kind: str, category: str, pool: list[str], topic: Topic, rng: random.Random):
+def _draw_value(kind: str, category: str, pool: list[str], topic: Topic, rng: random.Random) -> int | str | None:
     """A value for a constraint of ``kind`` that has a chance of being satisfiable."""
     if kind == "max_words":
-        return (
-            rng.choice((12, 15, 20))
-            if category == "summarization"
-            else rng.choice((15, 20, 25, 30, 35, 40))
-        )
+        return rng.choice((12, 15, 20)) if category == "summarization" else rng.choice((15, 20, 25, 30, 35, 40))
     if kind == "num_sentences":
         return rng.randint(1, min(3, len(pool) - (1 if category == "summarization" else 0)))
     if kind == "bullets":
         return len(pool) if category == "rewrite" else rng.randint(2, min(4, len(pool)))
     if kind in ("include_word", "exclude_word"):
         name_words = set(topic.key)
-        candidates = sorted(
-            {
-                _as_written(w, i)
-                for s in pool
-                for i, w in enumerate(words(s))
-                if w.lower() not in STOPWORDS | _BLAND
-                and len(w) >= 4
-                and not w.isdigit()
-                and (kind == "exclude_word" or stem(w) not in name_words)
-            }
-            - {None}
-        )
+        written = {
+            _as_written(w, i)
+            for s in pool
+            for i, w in enumerate(words(s))
+            if w.lower() not in STOPWORDS | _BLAND
+            and len(w) >= 4
+            and not w.isdigit()
+            and (kind == "exclude_word" or stem(w) not in name_words)
+        }
+        candidates = sorted(w for w in written if w is not None)
         if kind == "exclude_word":
             # A forbidden word is only a test if it is tempting: prefer words used often.
             weights = [1 + sum(contains_word(s, w) for s in pool) for w in candidates]
@@ -377,14 +369,9 @@ def _draw_value(kind: str, category: str, pool: list[str], topic: Topic, rng: ra
     return None  # lowercase, uppercase
 
 
-def _draw_constraints(
-    category: str, pool: list[str], topic: Topic, rng: random.Random
-) -> list[Constraint]:
+def _draw_constraints(category: str, pool: list[str], topic: Topic, rng: random.Random) -> list[Constraint]:
     kinds = list(_CATEGORY_KINDS.get(category, _KIND_WEIGHTS))
-    weights = [
-        _KIND_WEIGHTS[k] * (3 if category == "brainstorming" and k == "bullets" else 1)
-        for k in kinds
-    ]
+    weights = [_KIND_WEIGHTS[k] * (3 if category == "brainstorming" and k == "bullets" else 1) for k in kinds]
     n = 1 if rng.random() < 0.5 else 2
     chosen: list[Constraint] = []
     while len(chosen) < n:
@@ -409,12 +396,7 @@ def _render_prompt(
     task = rng.choice(TASK_TEMPLATES[category]).format(t=topic.name, src=" ".join(source))
     rest = list(constraints)
     ordered: list[Constraint] = []
-    if (
-        rest[0].kind == "max_words"
-        and task.endswith(".")
-        and '"' not in task
-        and rng.random() < 0.5
-    ):
+    if rest[0].kind == "max_words" and task.endswith(".") and '"' not in task and rng.random() < 0.5:
         # "Write about tea in at most 30 words." reads more naturally than a separate sentence.
         task = task[:-1] + EMBEDDED_MAX_WORDS.format(n=rest[0].value) + "."
         ordered.append(rest.pop(0))
@@ -452,10 +434,7 @@ def _draft_prompt(topics: list[Topic], rng: random.Random) -> _Draft:
         if demo is None:
             continue
         text, constraints = _render_prompt(category, topic, source, constraints, rng)
-        if (
-            count_words(text) >= MAX_PROMPT_WORDS - 10
-            or count_words(demo) >= MAX_DEMONSTRATION_WORDS
-        ):
+        if count_words(text) >= MAX_PROMPT_WORDS - 10 or count_words(demo) >= MAX_DEMONSTRATION_WORDS:
             continue  # the 10 spare words leave room for personal details added later
         if parse_constraints(text) != constraints:  # pragma: no cover - a template bug
             raise AssertionError(f"constraints do not round-trip through {text!r}")
@@ -472,8 +451,7 @@ def _with_personal_details(text: str, rng: random.Random) -> str:
         (
             f"My email is {first}.{last}@example.com.",
             f"You can reach me at 555-{rng.randint(200, 989)}-{rng.randint(1000, 9999)}.",
-            f"I am {first.title()} {last.title()}, call me at "
-            f"(555) {rng.randint(200, 989)}-{rng.randint(1000, 9999)}.",
+            f"I am {first.title()} {last.title()}, call me at (555) {rng.randint(200, 989)}-{rng.randint(1000, 9999)}.",
             f"Reply to {first}{rng.randint(1, 99)}@example.org please.",
         )
     )
@@ -537,7 +515,8 @@ def _prose_paragraphs(doc: str) -> list[str]:
 
 def _bounded(paragraph: str, max_words: int) -> list[str]:
     """Split a long paragraph at sentence boundaries into pieces of at most ``max_words``."""
-    pieces, current = [], []
+    pieces: list[str] = []
+    current: list[str] = []
     for sentence in re.split(r"(?<=\.)\s+(?=[A-Z\"(])", paragraph):
         if current and count_words(" ".join([*current, sentence])) > max_words:
             pieces.append(" ".join(current))
@@ -558,10 +537,10 @@ def pretrain_corpus(
     depends on the seed or on which other paragraphs exist: held-out perplexity stays
     comparable across runs. (The text itself follows the running Python's documentation.)
     """
-    from pydoc_data.topics import topics
 
     seen: set[str] = set()
-    train, heldout = [], []
+    train: list[PretrainText] = []
+    heldout: list[PretrainText] = []
     for name in sorted(topics):
         for paragraph in _prose_paragraphs(topics[name]):
             for piece in _bounded(paragraph, max_words):
@@ -595,7 +574,7 @@ class DefaultTask:
     def write(self, out_dir: str | Path) -> dict[str, Path]:
         """Write the four JSONL files into ``out_dir``; returns {name: path}."""
         out = Path(out_dir)
-        files = {
+        files: dict[str, tuple[Path, Sequence[Record]]] = {
             "prompts": (out / "prompts.jsonl", self.prompts),
             "demonstrations": (out / "demonstrations.jsonl", self.demonstrations),
             "pretrain_train": (out / "pretrain_train.jsonl", self.pretrain_train),
@@ -623,9 +602,7 @@ def build_default_task(seed: int = 0, n_users: int = 60, prompts_per_user: int =
     n_dup = min(len(later), max(1 if total >= 30 else 0, round(0.04 * total)))
     dup_slots = set(rng.sample(later, n_dup))
     rest = [i for i in range(total) if i not in dup_slots]
-    pii_slots = set(
-        rng.sample(rest, min(len(rest), max(1 if total >= 30 else 0, round(0.03 * total))))
-    )
+    pii_slots = set(rng.sample(rest, min(len(rest), max(1 if total >= 30 else 0, round(0.03 * total)))))
 
     task = DefaultTask([], [], [], [])
     drafts: dict[int, tuple[str, _Draft]] = {}  # slot -> (prompt id, draft) for this user

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
+
+import yaml
+
+from tether.config import EvalConfig, RunConfig, add_config_args, config_from_args, from_dict, set_dotted, to_dict
+from tether.data.formats import read_records
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from tether.config import EvalConfig, add_config_args
-
     p = sub.add_parser(
         "eval",
         help="compare policies: win rate vs a baseline (held-out labelers), Likert, flags, RM score, KL, alignment tax",
@@ -53,9 +57,9 @@ def _pairs(specs: list[str], flag: str, what: str) -> dict[str, str]:
     return out
 
 
-def _run(args) -> int:
-    from tether.config import EvalConfig, RunConfig, config_from_args, from_dict, set_dotted, to_dict
-    from tether.data.formats import read_records
+def _run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: the evaluation (torch) and the report (matplotlib), which
+    # `tether --help` must not load.
     from tether.eval.evaluate import evaluate_policies, load_eval, save_eval
     from tether.eval.report import write_report
 
@@ -66,10 +70,6 @@ def _run(args) -> int:
             raise ValueError(f"--best-of expects NAME=N with N a whole number, got {name}={n}")
         best_of[name] = int(n)
     if args.run:
-        import json
-
-        import yaml
-
         from tether.pipeline import evaluate_run
 
         run = Path(args.run)

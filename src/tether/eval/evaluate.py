@@ -10,19 +10,26 @@ perplexity on held-out pretraining text.
 from __future__ import annotations
 
 import functools
+import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.cluster import Executor, Local
-from tether.config import EvalConfig, ModelConfig, to_dict
+from tether.config import Autocast, EvalConfig, ModelConfig, to_dict
 from tether.data.formats import Comparison, PretrainText, Prompt
-from tether.models.generation import decode_responses, row_generators, sample
+from tether.labelers.panel import Panel
+from tether.models.generation import Generation, decode_responses, row_generators, sample
+from tether.models.heads import load_scalar_model
 from tether.models.loading import autocast, load_causal_lm, resolve_device
+from tether.ppo.rollout import episode_scores, response_logprobs
+from tether.sft.data import encode_pretrain, evaluate_loss
 
 # The evaluation's name of a PPO-ptx checkpoint after N episodes (``run.curve_every``): ppo_ptx@N.
 CURVE_PREFIX = "ppo_ptx@"
@@ -71,15 +78,15 @@ class EvalReport:
         return asdict(self)
 
 
-def response_logprob_sums(model, gen) -> torch.Tensor:
+def response_logprob_sums(model: PreTrainedModel, gen: Generation) -> torch.Tensor:
     """Σ_t log p(response token) under ``model`` (temperature 1) for a Generation's responses. [B]."""
-    from tether.ppo.rollout import response_logprobs
 
     device = next(model.parameters()).device
     with torch.no_grad():
-        lp, _ = response_logprobs(
-            model, *(t.to(device) for t in (gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask)), 1.0
+        q_ids, q_mask, r_ids, r_mask = (
+            t.to(device) for t in (gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask)
         )
+        lp, _ = response_logprobs(model, q_ids, q_mask, r_ids, r_mask, 1.0)
     return lp.sum(-1).cpu()
 
 
@@ -92,9 +99,10 @@ def best_of_n_kl_bound(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def pretrain_perplexity(model, tokenizer, texts: Sequence[PretrainText], max_length: int = 256) -> float:
+def pretrain_perplexity(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[PretrainText], max_length: int = 256
+) -> float:
     """exp(mean NLL per token) on plain text: the alignment-tax measure."""
-    from tether.sft.data import encode_pretrain, evaluate_loss
 
     examples = [encode_pretrain(tokenizer, t.text, max_length) for t in texts]
     return math.exp(evaluate_loss(model, examples, tokenizer.pad_token_id))
@@ -136,8 +144,8 @@ def sample_policy_shard(
     n_best: int = 1,
     reward_model: str | None = None,
     ref_policy: str | None = None,
-    panel=None,
-    autocast_dtype: str | None = None,
+    panel: Panel | None = None,
+    autocast_dtype: Autocast | None = None,
 ) -> PolicyShard:
     """A policy's responses to ``texts`` (responses ``first_index …`` of the evaluation, one entry
     per response), measured and judged by the held-out labelers.
@@ -147,11 +155,8 @@ def sample_policy_shard(
     gives exactly what the whole list gives. n_best > 1 keeps each response's top-scored of
     n_best candidates (best-of-n by the reward model).
     """
-    from tether.ppo.rollout import episode_scores
 
     if panel is None:
-        from tether.labelers.panel import Panel
-
         panel = Panel()
     precision = autocast(ModelConfig(autocast=autocast_dtype), resolve_device("auto"))
     model, tokenizer = load_causal_lm(path)
@@ -159,8 +164,6 @@ def sample_policy_shard(
     ref = load_causal_lm(ref_policy)[0] if ref_policy and cfg.temperature == 1.0 and n_best == 1 else None
     rm = None
     if reward_model:
-        from tether.models.heads import load_scalar_model
-
         rm, _ = load_scalar_model(reward_model)
     out = PolicyShard([], [], [], [], [], [])
     step = max(1, cfg.batch_size // n_best)  # responses per forward batch of n_best candidates each
@@ -201,7 +204,7 @@ def sample_policy_shard(
     return out
 
 
-def policy_perplexity(path: str, texts: Sequence[PretrainText], autocast_dtype: str | None = None) -> float:
+def policy_perplexity(path: str, texts: Sequence[PretrainText], autocast_dtype: Autocast | None = None) -> float:
     """A policy's held-out pretraining perplexity (its alignment tax), loading it from ``path``."""
     model, tokenizer = load_causal_lm(path)
     with autocast(ModelConfig(autocast=autocast_dtype), resolve_device("auto")):
@@ -213,15 +216,15 @@ def evaluate_policies(
     prompts: Sequence[Prompt],
     cfg: EvalConfig | None = None,
     *,
-    panel=None,
+    panel: Panel | None = None,
     reward_model: str | None = None,
     ref_policy: str | None = None,
     pretrain_heldout: Sequence[PretrainText] = (),
     human_comparisons: Sequence[Comparison] = (),
     best_of: dict[str, int] | None = None,
-    autocast_dtype: str | None = None,
+    autocast_dtype: Autocast | None = None,
     executor: Executor | None = None,
-    log=print,
+    log: Callable[[str], None] = print,
 ) -> EvalReport:
     """Evaluate named policies (name → model dir / 'default' / 'tiny') on held-out prompts.
 
@@ -245,8 +248,6 @@ def evaluate_policies(
     if baseline not in policies:
         raise ValueError(f"baseline {baseline!r} is not among the policies {list(policies)}")
     if panel is None:
-        from tether.labelers.panel import Panel
-
         panel = Panel()
     best_of = best_of or {}
     for name, n in best_of.items():
@@ -282,15 +283,15 @@ def evaluate_policies(
         for a, b in shards
     ]
     taxed = [name for name in policies if pretrain_heldout and best_of.get(name, 1) == 1]
-    calls += [
-        functools.partial(policy_perplexity, policies[name], list(pretrain_heldout), autocast_dtype)
-        for name in taxed
+    tax_calls = [
+        functools.partial(policy_perplexity, policies[name], list(pretrain_heldout), autocast_dtype) for name in taxed
     ]
     for name, path in policies.items():
         n_best = best_of.get(name, 1)
         log(f"eval: generating with {name} ({path})" + (f", best of {n_best} by the RM" if n_best > 1 else ""))
-    done = executor.map(calls, "eval")
-    ppl = dict(zip(taxed, done[len(policies) * len(shards) :], strict=True))
+    # One map, so a cluster runs the perplexities beside the sampling shards.
+    done: list[Any] = executor.map([*calls, *tax_calls], "eval")
+    ppl: dict[str, float] = dict(zip(taxed, done[len(calls) :], strict=True))
 
     results: list[PolicyEval] = []
     for k, (name, path) in enumerate(policies.items()):
@@ -321,7 +322,7 @@ def evaluate_policies(
     base = next(r for r in results if r.name == baseline)
     for r in results:
         if r.name != baseline:
-            common = dict(labelers=judges, seed=seed, clusters=clusters, n_bootstrap=cfg.n_bootstrap)
+            common: dict[str, Any] = dict(labelers=judges, seed=seed, clusters=clusters, n_bootstrap=cfg.n_bootstrap)
             wr = panel.win_rate(texts, r.responses, base.responses, **common)
             r.win_rate, r.win_ci, r.preferences = wr.rate, (wr.ci_low, wr.ci_high), list(wr.preferences)
             ex = panel.expected_win_rate(texts, r.responses, base.responses, **common)
@@ -345,8 +346,6 @@ def evaluate_policies(
 
 
 def save_eval(report: EvalReport, path: str | Path) -> Path:
-    import json
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -356,8 +355,6 @@ def save_eval(report: EvalReport, path: str | Path) -> Path:
 
 
 def load_eval(path: str | Path) -> EvalReport:
-    import json
-
     data = json.loads(Path(path).read_text())
     data["policies"] = [
         PolicyEval(

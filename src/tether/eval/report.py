@@ -11,11 +11,13 @@ import html
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
-from tether.eval.evaluate import CURVE_PREFIX, EvalReport
+from tether.eval.evaluate import CURVE_PREFIX, EvalReport, PolicyEval
 from tether.metrics import read_metrics
 
 COLORS = {"base": "#9e9e9e", "sft": "#5b8def", "ppo": "#f0a340", "ppo_ptx": "#d9534f"}
@@ -25,13 +27,13 @@ def _color(name: str) -> str:
     return COLORS.get(name, "#6c757d")
 
 
-def _figure(*args, **kwargs):
+def _figure(*args: Any, **kwargs: Any) -> tuple[Figure, Any]:
     """A new figure on the file-only Agg backend (no display needed; set where figures are made)."""
     matplotlib.use("Agg")
     return plt.subplots(*args, **kwargs)
 
 
-def _png(fig) -> bytes:
+def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -185,7 +187,7 @@ def _img(png: bytes | None, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def _fmt(v, spec: str = ".3f") -> str:
+def _fmt(v: float | None, spec: str = ".3f") -> str:
     if v is None:
         return "–"
     text = format(v, spec)
@@ -207,7 +209,7 @@ def _rate(rate: float | None, ci: tuple[float, float] | None) -> str:
     return f"{rate:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if rate is not None and ci else "–"
 
 
-def _verdict(policy, index: int, baseline: str) -> str:
+def _verdict(policy: PolicyEval, index: int, baseline: str) -> str:
     """The held-out labelers' verdict on one response of ``policy`` against the baseline's."""
     if not policy.preferences:
         return "(baseline)"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from tether.data.formats import read_records, write_records
+
 
 def add_label_commands(sub: argparse._SubParsersAction) -> None:
     """Add the simulated panel's subcommands to the ``tether label`` group."""
@@ -36,15 +38,13 @@ def add_label_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from tether.data.formats import read_records, write_records
+    # Imported here, not at the top: the panel (numpy), which `tether --help` must not load.
     from tether.labelers.panel import Panel, pairwise_agreement
 
     samples = read_records(args.samples, "sample")
     panel = Panel()
     labelers = panel.labelers if args.include_heldout else panel.train_labelers
-    comparisons = panel.label(
-        samples, labelers_per_sample=args.labelers_per_sample, labelers=labelers, seed=args.seed
-    )
+    comparisons = panel.label(samples, labelers_per_sample=args.labelers_per_sample, labelers=labelers, seed=args.seed)
     write_records(args.out, comparisons)
 
     expected = len(samples) * args.labelers_per_sample

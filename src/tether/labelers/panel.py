@@ -188,9 +188,9 @@ def read_response(prompt: str, response: str) -> Features:
     n = len(tokens)
     satisfied = tuple(check(c, text) for c in parse_constraints(prompt))
     if n == 0:
-        nothing = dict(on_topic=0.0, helpful=0.0, grounded=0.0, fluency=0.0, length=-1.0, n_words=0)
         return Features(
-            satisfied, **nothing, empty=True, degenerate=True, truncated=True, refusal=False,
+            satisfied, on_topic=0.0, helpful=0.0, grounded=0.0, fluency=0.0, length=-1.0, n_words=0,
+            empty=True, degenerate=True, truncated=True, refusal=False,
             echo=False, hallucination=False, opinion=False, inappropriate=False,
         )  # fmt: skip
 
@@ -385,7 +385,7 @@ class WinRate:
     preferences: tuple[float, ...] = ()  # per response pair: the judges' mean preference
 
 
-def _gumbel(rng: np.random.Generator, scale: float, size: int | None = None):
+def _gumbel(rng: np.random.Generator, scale: float, size: int | None = None) -> Any:
     # Centred so that noise does not shift Likert scores on average; rankings are unaffected.
     return rng.gumbel(-np.euler_gamma * scale, scale, size)
 
@@ -651,7 +651,7 @@ class Panel:
             rows = np.flatnonzero(ids == c)
             d = u[:, rows, None] - u0[:, None, rows]  # [J, n, n]: every policy × baseline pair
             pref = np.stack([_expected_preference(d[j], lab.noise, lab.tie_threshold) for j, lab in enumerate(judges)])
-            same = np.array([[responses[i] == baseline_responses[k] for k in rows] for i in rows])
+            same = np.array([[responses[int(i)] == baseline_responses[int(k)] for k in rows] for i in rows])
             pref = np.where(same[None], 0.5, pref)  # identical texts always tie
             per_response[rows] = pref.mean(axis=(0, 2))
         per_prompt = np.bincount(ids, weights=per_response) / np.bincount(ids)

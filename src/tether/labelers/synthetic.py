@@ -23,7 +23,7 @@ The variant of each response is recorded in ``Sample.policies`` as ``"synthetic:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from tether.data.constraints import Constraint, check, contains_word, split_sentences, words
 from tether.data.formats import Sample
@@ -158,7 +158,7 @@ def _variants(
     units = sentences_of(demo, pool) or sentences_of(demo, topic.sentences)
     others = [t for t in load_topics().values() if t.name != topic.name]
 
-    def shuffled(sentences) -> list[str]:
+    def shuffled(sentences: Iterable[str]) -> list[str]:
         out = list(sentences)
         rng.shuffle(out)
         return out

@@ -164,12 +164,10 @@ def render(
 
 def error_page(request: Request, status: int, message: str) -> HTMLResponse:
     viewer = getattr(request.state, "viewer", None)
-    return render(
-        request, "error.html", {"status": status, "message": message}, status=status, viewer=viewer
-    )
+    return render(request, "error.html", {"status": status, "message": message}, status=status, viewer=viewer)
 
 
-def login_page(request: Request, message: str | None, *, status: int, next_url: str = "/"):
+def login_page(request: Request, message: str | None, *, status: int, next_url: str = "/") -> HTMLResponse:
     token = secrets.token_urlsafe(32)
     response = render(
         request,
@@ -419,9 +417,7 @@ def login(
 ) -> Response:
     _check_origin(request)
     if not same_token(form.get("csrf_token"), request.cookies.get(LOGIN_CSRF_COOKIE)):
-        return login_page(
-            request, "The login form expired; please try again.", status=403, next_url="/"
-        )
+        return login_page(request, "The login form expired; please try again.", status=403, next_url="/")
     username = _form_str(form, "username", max_len=200)
     password = _form_str(form, "password", max_len=1000)
     next_url = form.get("next")
@@ -692,9 +688,7 @@ def export_summary(
     store: Store,
 ) -> Response:
     result = store.export(project_id)
-    filename = _export_name(result.summary["project"], result.kind).replace(
-        ".jsonl", ".summary.json"
-    )
+    filename = _export_name(result.summary["project"], result.kind).replace(".jsonl", ".summary.json")
     return Response(
         json.dumps(result.summary, indent=2, ensure_ascii=False),
         media_type="application/json",

@@ -1,12 +1,24 @@
 """``tether label serve | add-user | create-project | export | progress``: the human labeling app.
 
-Imports only argparse at import time; the web stack loads inside the handlers.
+The web stack (SQLAlchemy, the store, FastAPI, uvicorn: the ``labeling`` extra) is imported
+inside the handlers, so ``tether --help`` and the training commands never load it.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
+import json
+import os
 import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tether.data.formats import write_records
+
+if TYPE_CHECKING:  # the web stack is imported inside the handlers, never by `tether --help`
+    from tether.labeling.store import LabelStore
 
 DEFAULT_DB = "sqlite:///labeling.db"
 
@@ -21,8 +33,6 @@ def _db(p: argparse.ArgumentParser) -> None:
 
 def _password(env_name: str, prompt: str) -> str:
     """A password from the environment (never argv: it would show in `ps` and shell history)."""
-    import getpass
-    import os
 
     value = os.environ.get(env_name)
     if value:
@@ -32,7 +42,7 @@ def _password(env_name: str, prompt: str) -> str:
     raise ValueError(f"set the password in ${env_name} (or run in a terminal to be asked)")
 
 
-def _store(args: argparse.Namespace, **options):  # -> LabelStore, imported lazily
+def _store(args: argparse.Namespace, **options: Any) -> LabelStore:
     """The store at ``--db``; a URL that names no database, or one that cannot be opened, is a
     one-line error (exit 2), not a SQLAlchemy traceback."""
     from sqlalchemy.exc import ArgumentError, DBAPIError
@@ -56,8 +66,6 @@ def _shown(url: str) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from datetime import timedelta
-
     import uvicorn
 
     from tether.labeling.app import create_app
@@ -102,16 +110,12 @@ def cmd_add_user(args: argparse.Namespace) -> int:
 
 
 def cmd_create_project(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from tether.labeling.store import LabelingError
 
     kind, path = ("ranking", args.samples) if args.samples else ("demonstration", args.prompts)
     store = _store(args)
     try:
-        pid = store.create_project_from_file(
-            args.name or Path(path).stem, kind, path, overlap=args.overlap
-        )
+        pid = store.create_project_from_file(args.name or Path(path).stem, kind, path, overlap=args.overlap)
     except LabelingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -121,10 +125,6 @@ def cmd_create_project(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    from tether.data.formats import write_records
     from tether.labeling.store import LabelingError
 
     store = _store(args)
@@ -174,9 +174,7 @@ def add_label_commands(label_sub: argparse._SubParsersAction) -> None:
         default="TETHER_ADMIN_PASSWORD",
         help="environment variable holding --admin-user's password",
     )
-    p.add_argument(
-        "--secure-cookies", action="store_true", help="mark cookies Secure (serving over HTTPS)"
-    )
+    p.add_argument("--secure-cookies", action="store_true", help="mark cookies Secure (serving over HTTPS)")
     p.add_argument("--session-hours", type=float, default=12.0, help="login lifetime")
     p.add_argument(
         "--lease-minutes",
@@ -198,9 +196,7 @@ def add_label_commands(label_sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_add_user)
 
-    p = label_sub.add_parser(
-        "create-project", help="create a labeling project from a sample or prompt file"
-    )
+    p = label_sub.add_parser("create-project", help="create a labeling project from a sample or prompt file")
     _db(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", help="sample JSONL (from `tether sample`): a ranking project")
@@ -209,9 +205,7 @@ def add_label_commands(label_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=int, default=1, help="labelers per task")
     p.set_defaults(func=cmd_create_project)
 
-    p = label_sub.add_parser(
-        "export", help="write a project's comparisons / demonstrations JSONL and a summary"
-    )
+    p = label_sub.add_parser("export", help="write a project's comparisons / demonstrations JSONL and a summary")
     _db(p)
     p.add_argument("--project", required=True, help="project name or id")
     p.add_argument("--out", required=True, help="output JSONL path")

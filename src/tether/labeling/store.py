@@ -28,8 +28,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -50,9 +52,10 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.sql.dml import Update
 
 from tether.data.formats import (
     FLAGS,
@@ -179,7 +182,12 @@ class Project(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime)
 
 
-def _add_missing_columns(engine) -> None:
+def _rowcount(s: Session, statement: Update) -> int:
+    """Rows an UPDATE changed (a Session returns a CursorResult for one; its type says Result)."""
+    return cast(CursorResult, s.execute(statement)).rowcount
+
+
+def _add_missing_columns(engine: Engine) -> None:
     """Add the nullable columns a newer tether defines to the tables of an older database.
 
     ``create_all`` creates missing tables but never alters existing ones; every column added
@@ -439,7 +447,6 @@ class LabelStore:
         lease: timedelta = timedelta(hours=2),
         hash_concurrency: int = 2,
     ):
-        from argon2 import PasswordHasher
 
         self.url = url
         self.engine = make_engine(url)
@@ -475,8 +482,6 @@ class LabelStore:
             return self.hasher.hash(password)
 
     def _verify(self, password_hash: str, password: str) -> bool:
-        from argon2.exceptions import InvalidHashError, VerificationError
-
         with self._hash_slots:
             try:
                 return bool(self.hasher.verify(password_hash, password))
@@ -660,6 +665,7 @@ class LabelStore:
                             ended=list(r.ended) if r.ended is not None else None,
                         )
                     else:
+                        assert isinstance(r, Prompt)  # checked above
                         task = Task(
                             project_id=project.id,
                             position=position,
@@ -907,7 +913,10 @@ class LabelStore:
                 raise AlreadyDone(f"you skipped task {task_id}")
             project = s.get(Project, task.project_id)
             assert project is not None
-            responses = [task.responses[i] for i in a.display_order] if task.responses else []
+            responses: list[str] = []
+            if task.responses:
+                assert a.display_order is not None  # every assignment of a ranking task has one
+                responses = [task.responses[i] for i in a.display_order]
             return TaskView(
                 task_id=task.id,
                 project_id=project.id,
@@ -921,12 +930,13 @@ class LabelStore:
     def _finish(self, s: Session, task: Task, a: Assignment, status: str) -> None:
         """Flip the assignment to ``status`` exactly once, even against a racing request."""
         if a.status == OPEN:
-            n = s.execute(
+            n = _rowcount(
+                s,
                 update(Assignment)
                 .where(Assignment.id == a.id, Assignment.status == OPEN)
                 .values(status=status, slot=a.slot if status == DONE else None)
-                .execution_options(synchronize_session=False)
-            ).rowcount
+                .execution_options(synchronize_session=False),
+            )
             if n == 1:
                 return
             s.refresh(a)
@@ -945,12 +955,13 @@ class LabelStore:
             free = set(range(project.overlap)) - used
             if len(used) >= project.overlap or not free:
                 raise Conflict(f"your reservation of task {task.id} expired and other labelers filled it")
-            n = s.execute(
+            n = _rowcount(
+                s,
                 update(Assignment)
                 .where(Assignment.id == a.id, Assignment.status == EXPIRED)
                 .values(status=DONE, slot=min(free))
-                .execution_options(synchronize_session=False)
-            ).rowcount
+                .execution_options(synchronize_session=False),
+            )
             if n != 1:
                 raise AlreadyDone(f"task {task.id} was already submitted")
             return

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from tether.data.formats import read_records, write_records
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -23,8 +25,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def _run(args) -> int:
-    from tether.data.formats import read_records, write_records
+def _run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: sampling (torch, transformers, rich), which `tether --help` must not load.
     from tether.metrics import progress_bar
     from tether.models.generation import sample_k
     from tether.models.loading import load_causal_lm

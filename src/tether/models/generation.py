@@ -2,8 +2,8 @@
 
 Sampling is a hand-written loop rather than ``model.generate`` so that the log-probability of every
 sampled token is taken from exactly the distribution it was drawn from (logits / temperature, no
-top-k / top-p): the PPO ratio and the KL estimate are only right if they match (SPEC, "KL negative
-because sampling and log-prob distributions differ").
+top-k / top-p): the PPO ratio and the KL estimate are only right if they match (log-probs of any
+other distribution bias the KL estimate, and can make it negative).
 
 Every sampler in tether goes through :func:`sample` (the rollout engine, :func:`_generate`): KV
 buffers allocated once and written in place, the prompt prefix all rows share computed once,
@@ -19,15 +19,18 @@ import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import DynamicCache, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
-from tether.config import ROLLOUT_DTYPES
+from tether.config import RolloutDtype
+from tether.data.formats import K_MAX, K_MIN, Sample
 from tether.models.loading import fast_bf16
+
+ROLLOUT_DTYPES: tuple[str, ...] = get_args(RolloutDtype)
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
@@ -113,7 +116,9 @@ class _BufferLayer(CacheLayerMixin):
         self.values = value_states.new_zeros(self.batch, value_states.shape[1], self.capacity, value_states.shape[-1])
         self.is_initialized = True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         start, end = self.length, self.length + key_states.shape[-2]
@@ -158,7 +163,7 @@ class _BufferCache(Cache):
             layer.rows, layer.length, layer.shared = rows, length, shared
 
 
-def _buffers_fit(config) -> bool:
+def _buffers_fit(config: PretrainedConfig) -> bool:
     """Whether every layer is plain full attention (what :class:`_BufferLayer` implements).
 
     Sliding-window, chunked, linear-attention and KV-sharing models keep HF's DynamicCache.
@@ -216,7 +221,7 @@ def _shrink_at(n_rows: int) -> int:
 
 @torch.no_grad()
 def _generate(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     query_ids: torch.Tensor,
     query_mask: torch.Tensor,
     *,
@@ -374,7 +379,7 @@ class Sampler:
     so the PPO ratio stays exact whatever the sampling precision.
     """
 
-    def __init__(self, model: torch.nn.Module, dtype: str | None = None, *, compile: bool = False) -> None:
+    def __init__(self, model: PreTrainedModel, dtype: str | None = None, *, compile: bool = False) -> None:
         self.model = model
         device = next(model.parameters()).device
         self.dtype = resolve_rollout_dtype(dtype, device)
@@ -401,7 +406,7 @@ class Sampler:
         for mine, theirs in self._pairs:
             mine.copy_(theirs)
 
-    def decode(self, **inputs) -> Any:
+    def decode(self, **inputs: Any) -> Any:
         """One decode step's forward: compiled when asked for and working, else eager.
 
         A compiler that is missing or fails never stops sampling: the step is rerun eagerly (the
@@ -431,13 +436,13 @@ class Sampler:
         return torch.autocast(next(self.module.parameters()).device.type, enabled=False)
 
 
-def _device(model: torch.nn.Module | Sampler) -> torch.device:
+def _device(model: PreTrainedModel | Sampler) -> torch.device:
     return next((model.module if isinstance(model, Sampler) else model).parameters()).device
 
 
 @torch.no_grad()
 def sample(
-    model: torch.nn.Module | Sampler,
+    model: PreTrainedModel | Sampler,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     *,
@@ -525,7 +530,7 @@ def decode_responses(tokenizer: PreTrainedTokenizerBase, gen: Generation) -> lis
 
 
 def generate_texts(
-    model: torch.nn.Module | Sampler,
+    model: PreTrainedModel | Sampler,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     *,
@@ -551,7 +556,7 @@ def generate_texts(
 
 
 def sample_k(
-    model: torch.nn.Module | Sampler,
+    model: PreTrainedModel | Sampler,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence,
     k: int,
@@ -562,7 +567,7 @@ def sample_k(
     batch_size: int = 16,
     seed: int = 0,
     first_index: int = 0,
-    progress=None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list:
     """K sampled responses per prompt, as ``Sample`` records ready for ranking (by people or the panel).
 
@@ -573,7 +578,6 @@ def sample_k(
     the same tokens whatever the batch size, and a shard of a prompt list (``prompts[a:b]`` with
     ``first_index=a``) gives exactly the samples the whole list gives for those prompts.
     """
-    from tether.data.formats import K_MAX, K_MIN, Sample
 
     if not K_MIN <= k <= K_MAX:
         raise ValueError(f"k must be {K_MIN}..{K_MAX} (responses ranked per prompt), got {k}")

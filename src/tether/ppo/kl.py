@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, get_args
 
 import torch
 from torch import Tensor
 
+from tether.config import KLEstimator
 from tether.ops import last_token_index
 
-KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3", "abs")
+# Each estimator as a function of log_ratio = log π − log π_ref; the names are config.KLEstimator's.
+_ESTIMATORS: dict[str, Callable[[Tensor], Tensor]] = {
+    "k1": lambda log_ratio: log_ratio,
+    "k2": lambda log_ratio: 0.5 * log_ratio**2,
+    # expm1 keeps the result exact near 0 and ≥ 0 (expm1(x) ≥ x) where exp(x) - 1 rounds.
+    "k3": lambda log_ratio: torch.expm1(-log_ratio) + log_ratio,
+    "abs": lambda log_ratio: log_ratio.abs(),
+}
+KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
+assert set(_ESTIMATORS) == set(KL_ESTIMATORS), "tether.config.KLEstimator and the table disagree"
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
@@ -33,17 +44,9 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
     Returns:
         ``[B, T]``; the caller masks padding.
     """
-    log_ratio = logprobs - ref_logprobs
-    if estimator == "k1":
-        return log_ratio
-    if estimator == "k2":
-        return 0.5 * log_ratio**2
-    if estimator == "k3":
-        # expm1 keeps the result exact near 0 and ≥ 0 (expm1(x) ≥ x) where exp(x) - 1 rounds.
-        return torch.expm1(-log_ratio) + log_ratio
-    if estimator == "abs":
-        return log_ratio.abs()
-    raise ValueError(f"unknown KL estimator {estimator!r}; known: {', '.join(KL_ESTIMATORS)}")
+    if estimator not in _ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; known: {', '.join(KL_ESTIMATORS)}")
+    return _ESTIMATORS[estimator](logprobs - ref_logprobs)
 
 
 def compute_rewards(
@@ -76,9 +79,7 @@ def compute_rewards(
     Raises:
         ValueError: a row of ``response_mask`` is empty (no token to put the score on).
     """
-    if not logprobs.shape == ref_logprobs.shape == response_mask.shape or scores.shape != (
-        logprobs.shape[0],
-    ):
+    if not logprobs.shape == ref_logprobs.shape == response_mask.shape or scores.shape != (logprobs.shape[0],):
         raise ValueError(
             f"compute_rewards: expected scores [B] and [B, T] log-probs / mask; got "
             f"{tuple(scores.shape)}, {tuple(logprobs.shape)}, {tuple(ref_logprobs.shape)}, "

@@ -89,9 +89,7 @@ def value_loss(
     values = torch.where(keep, values, 0.0)
     old_values = torch.where(keep, old_values.detach(), 0.0)
     returns = torch.where(keep, returns.detach(), 0.0)
-    values_clipped = old_values + torch.clamp(
-        values - old_values, -clip_range_value, clip_range_value
-    )
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
     loss_unclipped = (values - returns) ** 2
     loss_clipped = (values_clipped - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
@@ -102,4 +100,3 @@ def value_loss(
             "value_mean": masked_mean(values, mask),
         }
     return loss, {k: v.detach() for k, v in stats.items()}
-

@@ -17,10 +17,11 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.config import PPOConfig
 from tether.models.generation import Generation, Sampler, decode_responses, position_ids_from_mask, sample
@@ -82,7 +83,7 @@ class Rollout:
         r_real = response_mask.any(0).nonzero()
         q0 = int(q_real[0]) if len(q_real) else query_mask.shape[1]
         r1 = int(r_real[-1]) + 1 if len(r_real) else 0
-        out = {}
+        out: dict[str, Any] = {}
         width_q = self.query_ids.shape[1]
         for f in fields(self):
             value = getattr(self, f.name)
@@ -104,7 +105,7 @@ class Rollout:
         """Concatenate batches: prompts re-padded on the left, responses on the right."""
         width_q = max(p.query_ids.shape[1] for p in parts)
         width_r = max(p.response_ids.shape[1] for p in parts)
-        out = {}
+        out: dict[str, Any] = {}
         for f in fields(Rollout):
             if f.name == "trunk_hidden":  # [B, P + R, H]: prompt part left-padded, response part right
                 hidden = [
@@ -151,7 +152,7 @@ def _joined(
 
 
 def response_logprobs(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     query_ids: Tensor,
     query_mask: Tensor,
     response_ids: Tensor,
@@ -167,7 +168,7 @@ def response_logprobs(
     One forward over prompt ⊕ response; only the ``R + 1`` last positions go through the LM head
     (``logits_to_keep``), and ``logits[:, P - 1 + t]`` predicts response token ``t``. The
     temperature must be the sampling one, or the PPO ratio and the KL use a distribution that
-    was never sampled (SPEC, Known failure modes).
+    was never sampled (a biased, even negative, KL estimate).
 
     Args:
         query_ids, query_mask: ``[B, P]``, left-padded (every row's last prompt token is real).
@@ -201,7 +202,7 @@ def response_logprobs(
 
 
 def response_values(
-    value_model: torch.nn.Module,
+    value_model: PreTrainedModel,
     query_ids: Tensor,
     query_mask: Tensor,
     response_ids: Tensor,
@@ -224,7 +225,9 @@ def response_values(
     return torch.where(response_mask.bool(), values, 0.0)
 
 
-def _reference(policy: torch.nn.Module, ref_policy: torch.nn.Module | None):
+def _reference(
+    policy: PreTrainedModel, ref_policy: PreTrainedModel | None
+) -> tuple[PreTrainedModel, contextlib.AbstractContextManager]:
     """(model, context) computing π_SFT: a frozen copy, or the LoRA policy with adapters off."""
     if ref_policy is not None:
         return ref_policy, contextlib.nullcontext()
@@ -238,7 +241,7 @@ def episode_scores(
     gen: Generation,
     prompts: Sequence[str],
     responses: Sequence[str],
-    reward: torch.nn.Module | RewardFn,
+    reward: PreTrainedModel | RewardFn,
     missing_eos_penalty: float | None,
     *,
     trunk: SharedTrunk | None = None,
@@ -273,10 +276,10 @@ def score_episodes(
     prompts: Sequence[str],
     responses: Sequence[str],
     *,
-    policy: torch.nn.Module,
-    ref_policy: torch.nn.Module | None,
-    value_model: torch.nn.Module,
-    reward: torch.nn.Module | RewardFn,
+    policy: PreTrainedModel,
+    ref_policy: PreTrainedModel | None,
+    value_model: PreTrainedModel,
+    reward: PreTrainedModel | RewardFn,
     temperature: float,
     missing_eos_penalty: float | None,
     trunk: SharedTrunk | None = None,
@@ -304,7 +307,7 @@ def score_episodes(
     q_ids, q_mask = gen.query_ids, gen.query_mask
     r_ids, r_mask = gen.response_ids, gen.response_mask
     hidden = trunk.hidden(*_joined(q_ids, q_mask, r_ids, r_mask)) if trunk is not None else None
-    shared = {"trunk": trunk, "hidden": hidden}
+    shared: dict[str, Any] = {"trunk": trunk, "hidden": hidden}
     logprobs, entropy = response_logprobs(
         policy, q_ids, q_mask, r_ids, r_mask, temperature, with_entropy=True, **shared
     )
@@ -376,10 +379,10 @@ def collect_rollout(
     *,
     sampler: Sampler,
     tokenizer: PreTrainedTokenizerBase,
-    policy: torch.nn.Module,
-    ref_policy: torch.nn.Module | None,
-    value_model: torch.nn.Module,
-    reward: torch.nn.Module | RewardFn,
+    policy: PreTrainedModel,
+    ref_policy: PreTrainedModel | None,
+    value_model: PreTrainedModel,
+    reward: PreTrainedModel | RewardFn,
     cfg: PPOConfig,
     generator: torch.Generator | Sequence[torch.Generator],
     precision: contextlib.AbstractContextManager,

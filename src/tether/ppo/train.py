@@ -12,8 +12,8 @@ the frozen reward model, a value model initialised from the RM) → resume → p
 5. log, sample the fixed prompts, checkpoint.
 
 The policy stays in eval mode throughout, training included: dropout in RL would make the
-log-probs of the update differ from those of the rollout for no reason (SPEC, Known failure
-modes); gradients flow the same.
+log-probs of the update differ from those of the rollout for no reason (the ratio would not
+start at 1, and the KL estimate would be biased); gradients flow the same.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.checkpoint import (
     StopAfter,
@@ -44,6 +44,8 @@ from tether.checkpoint import (
     truncate_metrics,
 )
 from tether.config import PPOConfig, save_config
+from tether.data.formats import read_records
+from tether.data.task import default_splits
 from tether.distributed import (
     ParallelModel,
     all_gather_object,
@@ -79,7 +81,15 @@ from tether.ppo.rollout import (
     response_values,
     sample_responses,
 )
-from tether.sft.data import SFTExample, collate, count_target_tokens, encode_pretrain, forward_logits, target_tokens
+from tether.sft.data import (
+    SFTExample,
+    collate,
+    count_target_tokens,
+    encode_pretrain,
+    forward_logits,
+    load_pretrain,
+    target_tokens,
+)
 
 __all__ = ["EMA", "PPOResult", "check_same_tokenizer", "take_cyclic", "train_ppo"]
 
@@ -156,8 +166,7 @@ def check_same_tokenizer(policy_tok: PreTrainedTokenizerBase, other_tok: PreTrai
     """Raise unless ``other_tok`` has the policy's vocabulary and special tokens.
 
     PPO feeds the sampled token ids straight to the reward and value models; a different
-    tokenizer would read them as other words (SPEC, Known failure modes: RM/policy tokenizer
-    mismatch).
+    tokenizer would read them as other words, and score text the policy never wrote.
     """
     problems = []
     if policy_tok.get_vocab() != other_tok.get_vocab():
@@ -176,11 +185,8 @@ def check_same_tokenizer(policy_tok: PreTrainedTokenizerBase, other_tok: PreTrai
 
 def load_prompts(path: str | None) -> list[str]:
     """Prompt texts from a Prompt file, or the train split of the default task's prompts."""
-    from tether.data.formats import read_records
 
     if path is None:
-        from tether.data.task import default_splits
-
         records = default_splits()["train"]
     else:
         records = read_records(path, "prompt")
@@ -190,15 +196,17 @@ def load_prompts(path: str | None) -> list[str]:
 
 
 def load_pretrain_texts(path: str | None) -> list[str]:
-    from tether.sft.data import load_pretrain
-
     texts = [t.text for t in load_pretrain(path)]
     if not texts:
         raise ValueError(f"ppo: ptx is on but the pretraining corpus {path or ''} is empty")
     return texts
 
 
-def _load_models(cfg: PPOConfig, reward_fn: RewardFn | None, log):
+def _load_models(
+    cfg: PPOConfig, reward_fn: RewardFn | None, log: Callable[[str], None]
+) -> tuple[
+    PreTrainedModel, PreTrainedModel | None, PreTrainedModel, PreTrainedModel | RewardFn, PreTrainedTokenizerBase
+]:
     """(policy, ref_policy or None, value_model, reward, tokenizer), on cfg.policy.device."""
     policy, tokenizer = load_causal_lm(cfg.policy, trainable=True)
     if cfg.policy.residual_dropout > 0:
@@ -212,7 +220,7 @@ def _load_models(cfg: PPOConfig, reward_fn: RewardFn | None, log):
     if not cfg.policy.lora.enabled:
         ref_policy = copy.deepcopy(policy).requires_grad_(False)
     if reward_fn is not None:
-        reward: torch.nn.Module | RewardFn = reward_fn
+        reward: PreTrainedModel | RewardFn = reward_fn
     elif cfg.reward_model:
         reward, rm_tokenizer = load_scalar_model(cfg.reward_model)
         check_same_tokenizer(tokenizer, rm_tokenizer, "reward model")
@@ -235,9 +243,13 @@ def _load_models(cfg: PPOConfig, reward_fn: RewardFn | None, log):
     return policy, ref_policy, value_model, reward, tokenizer
 
 
+# The stats every ppo_step returns (summed over the ranks key by key, so every rank has them all).
+PPO_STEP_STATS = ("policy_loss", "value_loss", "policy_clipfrac", "approx_kl", "value_clipfrac", "value_error")
+
+
 def ppo_step(
-    policy: torch.nn.Module | ParallelModel,
-    value_model: torch.nn.Module | ParallelModel,
+    policy: PreTrainedModel | ParallelModel,
+    value_model: PreTrainedModel | ParallelModel,
     minibatch: Rollout,
     ptx: Sequence[SFTExample],
     cfg: PPOConfig,
@@ -278,9 +290,10 @@ def ppo_step(
         micro = minibatch.select(range(start, min(start + cfg.micro_batch_size, n_episodes)))
         weight = 0.0 if filler else micro.n_tokens / n_tokens
         inputs = (micro.query_ids, micro.query_mask, micro.response_ids, micro.response_mask)
-        shared = {"trunk": trunk, "hidden": micro.trunk_hidden}
-        # The step's last PPO micro-batch all-reduces both models' gradients (the policy's again
-        # after the ptx passes, which add to the reduced PPO gradient: see the README).
+        shared: dict[str, Any] = {"trunk": trunk, "hidden": micro.trunk_hidden}
+        # The step's last PPO micro-batch all-reduces both models' gradients. With ptx the
+        # policy's is all-reduced again after the ptx passes: the mean over the ranks of (the
+        # reduced PPO gradient, equal everywhere, + each rank's ptx part × world_size) is the sum.
         last = start + cfg.micro_batch_size >= n_episodes
         with policy.sync(last), value_model.sync(last):
             with precision:
@@ -329,10 +342,6 @@ def ppo_step(
             totals["ptx_grad_ratio"] = math.sqrt(ptx_sq / ppo_sq)
         return totals
     return sum_dict(totals)
-
-
-# The stats every ppo_step returns (summed over the ranks key by key, so every rank has them all).
-PPO_STEP_STATS = ("policy_loss", "value_loss", "policy_clipfrac", "approx_kl", "value_clipfrac", "value_error")
 
 
 def _share_trunk(cfg: PPOConfig, models: Sequence[Any], log: Callable[[str], None]) -> SharedTrunk | None:
@@ -468,7 +477,7 @@ def train_ppo(
                 record = {"step": step, "prompt": p, "response": t, "score": s, "finished": f}
                 fh.write(json.dumps(record) + "\n")
 
-    def checkpoint(iteration: int, episodes: int, prompt_pos, ptx_pos) -> None:
+    def checkpoint(iteration: int, episodes: int, prompt_pos: tuple[int, int], ptx_pos: tuple[int, int]) -> None:
         counters = {
             "iteration": iteration,
             "episodes": episodes,
@@ -514,7 +523,8 @@ def train_ppo(
         counters = load_state(state_dir, models, stateful, generators, rank=d.rank)
         sampler.sync()
         start, episodes = counters["iteration"], counters["episodes"]
-        prompt_pos, ptx_pos = tuple(counters["prompt_position"]), tuple(counters["ptx_position"])
+        (p_epoch, p_index), (x_epoch, x_index) = counters["prompt_position"], counters["ptx_position"]
+        prompt_pos, ptx_pos = (p_epoch, p_index), (x_epoch, x_index)
         if d.is_main:
             truncate_metrics(metrics_path, start)
             truncate_metrics(samples_path, start)
@@ -546,7 +556,7 @@ def train_ppo(
         for iteration in range(start, cfg.iterations):
             t_start = device_time(device)
             kl_coef = kl_ctl.value
-            lr, value_lr = policy_sched.get_last_lr()[0], value_sched.get_last_lr()[0]
+            lr, value_lr = float(policy_sched.get_last_lr()[0]), float(value_sched.get_last_lr()[0])
 
             # 1. Rollout: sample a response per prompt (KV cache, temperature T), then score
             #    each episode with the policy, the reference, the value and the reward model.
@@ -640,7 +650,7 @@ def train_ppo(
 
     # 6. Export: the policy (EMA weights when enabled) and the value model, as HF directories.
     if not d.is_main:  # rank 0 exports and returns; the others return what it did
-        return broadcast_object(None)
+        return cast(PPOResult, broadcast_object(None))
     with ema.applied(policy) if ema is not None else contextlib.nullcontext():
         policy_dir = save_model(policy, tokenizer, out / "policy")
     value_dir = save_scalar_model(value_model, tokenizer, out / "value")
@@ -653,10 +663,10 @@ def _gather_rollout(rollout: Rollout, pad_token_id: int) -> Rollout:
     the trunk's hidden states (only this rank's update reads those)."""
     device = rollout.response_ids.device
     mine = dataclasses.replace(rollout, trunk_hidden=None)
-    local = Rollout(**{f.name: _to(getattr(mine, f.name), "cpu") for f in dataclasses.fields(Rollout)})
-    parts = all_gather_object(local)
-    whole = Rollout.cat(parts, pad_token_id)
-    return Rollout(**{f.name: _to(getattr(whole, f.name), device) for f in dataclasses.fields(Rollout)})
+    on_cpu: dict[str, Any] = {f.name: _to(getattr(mine, f.name), "cpu") for f in dataclasses.fields(Rollout)}
+    whole = Rollout.cat(all_gather_object(Rollout(**on_cpu)), pad_token_id)
+    on_device: dict[str, Any] = {f.name: _to(getattr(whole, f.name), device) for f in dataclasses.fields(Rollout)}
+    return Rollout(**on_device)
 
 
 def _to(x: torch.Tensor | None, device: torch.device | str) -> torch.Tensor | None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from tether.config import RMConfig, add_config_args, config_from_args
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from tether.config import RMConfig, add_config_args
-
     p = sub.add_parser(
         "rm",
         help="stage 2: train a reward model on ranked comparisons (K-wise loss, paper eq. 1)",
@@ -22,15 +22,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: the trainer (torch, transformers) and rich, which `tether --help` must not load.
     from rich.console import Console
     from rich.table import Table
 
-    from tether.config import RMConfig, config_from_args
+    from tether.labelers.panel import Panel
     from tether.reward.train import train_reward_model
 
     cfg = config_from_args(RMConfig, "rm", args)
     console = Console()
-    result = train_reward_model(cfg, log=console.print)
+    panel_heldout = [lab.id for lab in Panel().heldout_labelers] if cfg.heldout_panel_labelers else None
+    result = train_reward_model(cfg, panel_heldout_labelers=panel_heldout, log=console.print)
     before, after = result.eval_before, result.eval_after
 
     def pct(acc: float | None) -> str:

@@ -19,10 +19,12 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import get_args
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from tether.config import Overlength
 from tether.data.formats import K_MAX, K_MIN, Comparison, read_records
 from tether.models.generation import chat_prompt
 
@@ -118,15 +120,15 @@ def encode_comparisons(
     tokenizer: PreTrainedTokenizerBase,
     comparisons: Sequence[Comparison],
     max_length: int,
-    overlength: str = "truncate",
+    overlength: Overlength = "truncate",
 ) -> tuple[list[RankedExample], EncodeReport]:
     """Tokenise every comparison; over-length ones are cut or skipped (``overlength``), counted.
 
     A comparison whose prompt alone leaves no room for a response token is always skipped (and
     counted): cutting the prompt would score a different question.
     """
-    if overlength not in ("truncate", "skip"):
-        raise ValueError(f"overlength must be 'truncate' or 'skip', got {overlength!r}")
+    if overlength not in get_args(Overlength):
+        raise ValueError(f"overlength must be one of {', '.join(get_args(Overlength))}; got {overlength!r}")
     report = EncodeReport()
     out = []
     for i, c in enumerate(comparisons):
@@ -137,8 +139,7 @@ def encode_comparisons(
             continue
         ended = c.ended if c.ended is not None else [True] * c.k
         encoded = [
-            encode_response(tokenizer, p_ids, r, max_length, ended=e)
-            for r, e in zip(c.responses, ended, strict=True)
+            encode_response(tokenizer, p_ids, r, max_length, ended=e) for r, e in zip(c.responses, ended, strict=True)
         ]
         n_cut = sum(cut for _, cut in encoded)
         if n_cut and overlength == "skip":

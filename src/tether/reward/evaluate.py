@@ -16,8 +16,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from tether.data.formats import Comparison
+from tether.labelers.panel import pairwise_agreement
 from tether.reward.data import RankedExample, unique_sequences
 from tether.reward.score import score_sequences
 
@@ -86,7 +88,6 @@ def labeler_agreement(comparisons: Sequence[Comparison]) -> dict[str, Any]:
     ``{"rate": None, "pairs": 0, ...}`` when no task was ranked twice. The definition (tasks
     matched by prompt and response texts, ties excluded) is the panel's, shared with it.
     """
-    from tether.labelers.panel import pairwise_agreement
 
     return pairwise_agreement(comparisons).to_json()
 
@@ -116,7 +117,7 @@ def score_distribution(scores: torch.Tensor, bins: int = 10) -> tuple[dict[str, 
 
 
 def evaluate_rm(
-    model,
+    model: PreTrainedModel,
     examples: Sequence[RankedExample],
     pad_token_id: int,
     *,

@@ -11,9 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def kwise_ranking_loss(
-    scores: Tensor, prompt_index: Tensor, ranks: Tensor
-) -> tuple[Tensor, dict[str, Tensor]]:
+def kwise_ranking_loss(scores: Tensor, prompt_index: Tensor, ranks: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """InstructGPT eq. (1): the K-wise ranking loss, each prompt one batch element.
 
     For a prompt with K ranked responses, every pair ``(w, l)`` with ``rank_w < rank_l``

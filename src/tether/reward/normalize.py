@@ -14,8 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.data.formats import Demonstration
 from tether.distributed import ParallelModel
@@ -35,7 +34,7 @@ class Normalization:
 
 
 def normalize_reward_model(
-    model: torch.nn.Module | ParallelModel,
+    model: PreTrainedModel | ParallelModel,
     tokenizer: PreTrainedTokenizerBase,
     demonstrations: Sequence[Demonstration],
     *,

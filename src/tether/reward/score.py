@@ -1,8 +1,8 @@
 """Scoring (prompt, response) texts with a reward model, in batches; the SFT selection hook.
 
 Texts are re-tokenised with the reward model's own tokenizer (never the policy's token ids), so a
-policy and an RM with different tokenizers still score correctly (SPEC failure mode: RM/policy
-tokenizer mismatch).
+policy and an RM with different tokenizers still score correctly: the policy's ids would be other
+words to the RM.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.distributed import ParallelModel, all_gather_object, as_parallel, micro_batches
-from tether.models.heads import reward_scores
+from tether.models.generation import decode_responses, sample
+from tether.models.heads import load_scalar_model, reward_scores
+from tether.models.loading import load_causal_lm
 from tether.reward.data import encode_response, pad_right, prompt_ids
 
 
@@ -41,12 +43,8 @@ def encode_texts(
             cache[p] = prompt_ids(tokenizer, p)
         limit = max_length if max_length is not None else sys.maxsize
         if len(cache[p]) >= limit:
-            raise ValueError(
-                f"score: prompt {i} alone is {len(cache[p])} tokens >= max_length={limit}"
-            )
-        ids, cut = encode_response(
-            tokenizer, cache[p], r, limit, ended=True if ended is None else ended[i]
-        )
+            raise ValueError(f"score: prompt {i} alone is {len(cache[p])} tokens >= max_length={limit}")
+        ids, cut = encode_response(tokenizer, cache[p], r, limit, ended=True if ended is None else ended[i])
         out.append(ids)
         n_cut += cut
     return out, n_cut
@@ -54,7 +52,7 @@ def encode_texts(
 
 @torch.no_grad()
 def score_sequences(
-    model: torch.nn.Module | ParallelModel,
+    model: PreTrainedModel | ParallelModel,
     sequences: Sequence[list[int]],
     pad_token_id: int,
     batch_size: int = 32,
@@ -90,7 +88,7 @@ def score_sequences(
 
 
 def score_texts(
-    model,
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     responses: Sequence[str],
@@ -106,30 +104,29 @@ def score_texts(
     :func:`encode_texts`.
     """
     sequences, _ = encode_texts(tokenizer, prompts, responses, max_length, ended)
-    return score_sequences(
-        model, sequences, tokenizer.pad_token_id, batch_size, normalized=normalized
-    )
+    return score_sequences(model, sequences, tokenizer.pad_token_id, batch_size, normalized=normalized)
 
 
-def rm_scorer(
-    reward_model_dir: str | Path, prompts: Sequence[str], max_new_tokens: int, seed: int
-) -> Callable[[Path], float]:
+def rm_scorer(reward_model_dir: str | Path, max_new_tokens: int, seed: int) -> Callable[[Path, Sequence[str]], float]:
     """A checkpoint scorer for SFT selection (paper §3.5: pick the SFT epoch by RM score).
 
-    Returns ``scorer(policy_dir) -> float``: the mean normalised RM score of the policy's
+    Returns ``scorer(policy_dir, prompts) -> float``: the mean normalised RM score of the policy's
     temperature-1 samples (seeded, so every checkpoint answers with the same random stream) to
-    ``prompts``. The RM is loaded once; each policy is loaded, sampled and released.
+    ``prompts``. The RM is loaded at the first call and kept; each policy is loaded, sampled and
+    released.
     """
-    from tether.models.generation import decode_responses, sample
-    from tether.models.heads import load_scalar_model
-    from tether.models.loading import load_causal_lm
 
-    if not prompts:
-        raise ValueError("rm_scorer: no validation prompts to score")
-    reward_model, rm_tokenizer = load_scalar_model(str(reward_model_dir))
-    prompts = list(prompts)
+    if not Path(reward_model_dir).is_dir():
+        raise FileNotFoundError(f"rm_scorer: the reward model {reward_model_dir} is not a directory")
+    loaded: list = []  # [reward_model, tokenizer] once loaded: not while SFT is still training
 
-    def scorer(policy_dir: Path) -> float:
+    def scorer(policy_dir: Path, prompts: Sequence[str]) -> float:
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("rm_scorer: no validation prompts to score")
+        if not loaded:
+            loaded.extend(load_scalar_model(str(reward_model_dir)))
+        reward_model, rm_tokenizer = loaded
         policy, tokenizer = load_causal_lm(str(policy_dir))
         generator = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
         texts: list[str] = []

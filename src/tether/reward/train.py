@@ -18,8 +18,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler
+from transformers import PreTrainedModel
 
 from tether.checkpoint import (
     NonFiniteError,
@@ -32,10 +35,9 @@ from tether.checkpoint import (
     save_state,
     truncate_metrics,
 )
-from tether.config import RMConfig, save_config
+from tether.config import RMConfig, RMLoss, save_config
 from tether.data.formats import Comparison
 from tether.distributed import (
-    Dist,
     ParallelModel,
     as_parallel,
     barrier,
@@ -67,7 +69,9 @@ from tether.reward.normalize import Normalization, normalize_reward_model
 from tether.sft.data import load_demonstrations
 
 
-def ranking_loss(model, batch: RankingBatch, loss: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def ranking_loss(
+    model: PreTrainedModel, batch: RankingBatch, loss: RMLoss
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward every sequence of the batch once and apply the K-wise (or pairwise) loss.
 
     ``loss='pairwise'`` expects every example to be one (winner, loser) pair, as made by
@@ -85,11 +89,11 @@ def ranking_loss(model, batch: RankingBatch, loss: str) -> tuple[torch.Tensor, d
 
 
 def accumulate_gradients(
-    model: torch.nn.Module | ParallelModel,
+    model: PreTrainedModel | ParallelModel,
     batch: Sequence[RankedExample],
     micro_batch_size: int,
     pad_token_id: int,
-    loss: str,
+    loss: RMLoss,
     precision: contextlib.AbstractContextManager | None = None,
 ) -> dict[str, float]:
     """Backward the loss of one optimiser step's ``batch``, ``micro_batch_size`` prompts at a time.
@@ -131,13 +135,18 @@ def accumulate_gradients(
     }
 
 
-def heldout_labeler_ids(cfg: RMConfig) -> list[str]:
-    """Labelers never trained on: the configured ones and, if asked, the panel's held-out ones."""
+def heldout_labeler_ids(cfg: RMConfig, panel_heldout_labelers: Sequence[str] | None = None) -> list[str]:
+    """Labelers never trained on: the configured ones and, with ``cfg.heldout_panel_labelers``,
+    the simulated panel's held-out ones, which the caller passes (it knows the panel)."""
     names = list(cfg.heldout_labelers)
     if cfg.heldout_panel_labelers:
-        from tether.labelers.panel import Panel
-
-        names += [lab.id for lab in Panel().heldout_labelers if lab.id not in names]
+        if panel_heldout_labelers is None:
+            raise ValueError(
+                "rm.heldout_panel_labelers is set but the panel's held-out labeler ids were not given: "
+                "train_reward_model(cfg, panel_heldout_labelers=[lab.id for lab in Panel().heldout_labelers]) "
+                "(tether rm and tether run pass them)"
+            )
+        names += [name for name in panel_heldout_labelers if name not in names]
     return names
 
 
@@ -169,6 +178,7 @@ def train_reward_model(
     cfg: RMConfig,
     *,
     comparisons: Sequence[Comparison] | None = None,
+    panel_heldout_labelers: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
     stop_after_steps: int | None = None,
 ) -> RMResult:
@@ -177,12 +187,15 @@ def train_reward_model(
     ``comparisons`` replaces ``cfg.train_file`` (the pipeline passes records it already holds).
     Data parallel when launched by torchrun or inside a process group (Ray Train): each step's
     prompts are split over the ranks, evaluation too; rank 0 writes.
+    ``panel_heldout_labelers``: the simulated panel's held-out labeler ids, which
+    ``cfg.heldout_panel_labelers`` adds to the held-out ones (see :func:`heldout_labeler_ids`).
     ``stop_after_steps`` raises :class:`~tether.checkpoint.StopAfter` once this process has
     taken that many optimiser steps (tests use it to simulate a crash).
     """
     cfg.validate()
     d = init_from_env(cfg.model.device)
     log = main_only(log, d)
+    heldout = heldout_labeler_ids(cfg, panel_heldout_labelers)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if d.is_main:
@@ -201,7 +214,6 @@ def train_reward_model(
     model, tokenizer = load_scalar_model(cfg.model, trainable=True)
     precision = autocast(cfg.model, next(model.parameters()).device)  # the training forwards only
     pad = tokenizer.pad_token_id
-    heldout = heldout_labeler_ids(cfg)
     n_excluded = sum(c.labeler_id in heldout for c in train_c)
     train_c = [c for c in train_c if c.labeler_id not in heldout]
     train_ex, report = encode_comparisons(tokenizer, train_c, cfg.max_length, cfg.overlength)
@@ -258,9 +270,8 @@ def train_reward_model(
     # Rank 0 finds the state (and removes a killed save's leftovers); every rank loads that one.
     state_dir = broadcast_object(find_state(out / "state") if d.is_main else None)
     if state_dir is not None:
-        counters = load_state(
-            state_dir, {"reward_model": model}, {"optimizer": optimizer, "scheduler": scheduler}, rank=d.rank
-        )
+        models, stateful = par.checkpoint_parts("reward_model", optimizer, gather=False)
+        counters = load_state(state_dir, models, stateful | {"scheduler": scheduler}, rank=d.rank)
         epoch0, step0 = counters["epoch"], counters["step_in_epoch"]
         if d.is_main:
             truncate_metrics(metrics_path, counters["global_step"])
@@ -274,9 +285,8 @@ def train_reward_model(
             (out / "eval_before.json").write_text(json.dumps(eval_before, indent=1))
         logger.log({"step": 0, "epoch": 0, **_eval_metrics(eval_before)})
     else:
-        eval_before = broadcast_object(
-            json.loads((out / "eval_before.json").read_text()) if d.is_main else None
-        )
+        saved: dict[str, Any] | None = json.loads((out / "eval_before.json").read_text()) if d.is_main else None
+        eval_before = cast(dict[str, Any], broadcast_object(saved))
     log(
         f"rm: {data.train_comparisons} training comparisons ({data.train_pairs} pairs) as "
         f"{len(train_ex)} {'rankings' if cfg.loss == 'kwise' else 'pairs'} of {len(train_groups)} response sets, "
@@ -302,12 +312,10 @@ def train_reward_model(
                         raise NonFiniteError(f"non-finite loss ({stats['loss']})")
                     grad_norm = optimizer_step(model, optimizer, scheduler, cfg.optim.max_grad_norm)
                 except NonFiniteError as e:
-                    raise NonFiniteError(
-                        f"rm: step {global_step + 1}: {e}; {last_good_state(out / 'state')}"
-                    ) from None
+                    raise NonFiniteError(f"rm: step {global_step + 1}: {e}; {last_good_state(out / 'state')}") from None
                 global_step += 1
                 steps_this_process += 1
-                record = {
+                record: dict[str, Any] = {
                     "step": global_step,
                     "epoch": epoch + (step + 1) / steps_per_epoch,
                     **stats,
@@ -320,10 +328,10 @@ def train_reward_model(
                 logger.log(record)
                 bar.update(task, advance=1, stats=f"loss {stats['loss']:.3f} · acc {stats['accuracy']:.2f}")
                 if global_step % cfg.save_every_steps == 0 and step + 1 < steps_per_epoch:
-                    _save(out, d, model, optimizer, scheduler, epoch, step + 1, global_step)
+                    _save(out, par, optimizer, scheduler, epoch, step + 1, global_step)
                 if stop_after_steps is not None and steps_this_process >= stop_after_steps:
                     raise StopAfter(f"rm: stopped after {stop_after_steps} steps (stop_after_steps)")
-            _save(out, d, model, optimizer, scheduler, epoch + 1, 0, global_step)
+            _save(out, par, optimizer, scheduler, epoch + 1, 0, global_step)
 
     # 4. Normalise (demonstrations score mean 0, paper §3.5), evaluate, save the final RM.
     norm = normalize_reward_model(
@@ -353,8 +361,9 @@ def train_reward_model(
     )
     logger.close()
     final = out / "final"
+    weights = par.full_state_dict()  # (FSDP2: gathered, a collective; else None)
     if d.is_main:
-        save_scalar_model(model, tokenizer, final)
+        save_scalar_model(model, tokenizer, final, state_dict=weights)
         summary = {
             "eval_before": eval_before,
             "eval_after": eval_after.to_json(),
@@ -381,14 +390,23 @@ def _eval_metrics(ev: dict) -> dict[str, float | None]:
 
 
 def _save(
-    out: Path, d: Dist, model, optimizer, scheduler, epoch: int, step_in_epoch: int, global_step: int
+    out: Path,
+    par: ParallelModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
+    epoch: int,
+    step_in_epoch: int,
+    global_step: int,
 ) -> None:
-    rngs = gather_rng_states(rng_state())  # every rank's stream (a collective: all ranks call it)
-    if d.is_main:
+    # Collectives, so every rank calls them: every rank's RNG streams (and FSDP2's gathering).
+    rngs = gather_rng_states(rng_state())
+    models, stateful = par.checkpoint_parts("reward_model", optimizer)
+    if par.dist.is_main:
+        counters = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step}
         save_state(
             out / "state",
-            {"reward_model": model},
-            {"optimizer": optimizer, "scheduler": scheduler},
-            {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "world_size": d.world_size},
+            models,
+            stateful | {"scheduler": scheduler},
+            counters | {"world_size": par.dist.world_size},
             rng_states=rngs,
         )

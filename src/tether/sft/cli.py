@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from tether.config import SFTConfig, add_config_args, config_from_args
+
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from tether.config import SFTConfig, add_config_args
-
     p = sub.add_parser(
         "sft",
         help="stage 1: fine-tune a causal LM on demonstrations (response-only loss)",
@@ -18,16 +18,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def _run(args) -> int:
+def _run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: the trainer (torch, transformers) and rich, which `tether --help` must not load.
     from rich.console import Console
     from rich.table import Table
 
-    from tether.config import SFTConfig, config_from_args
+    from tether.reward.score import rm_scorer
     from tether.sft.train import train_sft
 
     cfg = config_from_args(SFTConfig, "sft", args)
+    cfg.validate()  # before the scorer is built from it
     console = Console()
-    result = train_sft(cfg, show_samples=args.show_samples, log=console.print)
+    # The paper's checkpoint selection by RM score: the scorer is built here, so that the SFT
+    # trainer does not depend on the reward stage.
+    scorer = rm_scorer(cfg.reward_model, cfg.max_new_tokens, cfg.seed) if cfg.select_by == "rm_score" else None
+    result = train_sft(cfg, scorer, show_samples=args.show_samples, log=console.print)
     console.print(
         f"[bold green]sft done[/]: held-out loss {result.valid_loss_before:.4f} → {result.valid_loss_after:.4f} "
         f"(epoch {result.selected_epoch} selected by {cfg.select_by}); model: {result.final_dir}"

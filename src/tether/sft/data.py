@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tether.data.formats import Demonstration, PretrainText, read_records
+from tether.data.task import build_default_task
 from tether.distributed import ParallelModel, as_parallel, micro_batches, sum_floats
 from tether.models.generation import chat_prompt
 from tether.ops import IGNORE_INDEX, lm_loss
@@ -40,8 +41,9 @@ def encode_demonstration(
 ) -> SFTExample | None:
     """Chat-formatted prompt (masked) + response + EOS (trained). None if the prompt alone is too long.
 
-    SPEC stage 1: loss on the response tokens only, EOS appended. An over-length example keeps
-    its whole prompt and loses the end of its response (and so its EOS).
+    InstructGPT stage 1: loss on the response tokens only, EOS appended so the model learns to
+    stop. An over-length example keeps its whole prompt and loses the end of its response (and
+    so its EOS).
     """
     prompt_ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
     response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
@@ -123,7 +125,7 @@ def evaluate_loss(
     was_training = par.module.training
     par.module.eval()
     device = next(par.module.parameters()).device
-    total, count = 0.0, 0
+    total, count = 0.0, 0.0
     for chunk, real in micro_batches(examples, batch_size, par.dist, equal=par.sharded):
         batch = collate(chunk, pad_token_id)
         logits = par.run(forward_logits, batch, precision or contextlib.nullcontext())
@@ -144,15 +146,11 @@ def target_tokens(examples: Sequence[SFTExample]) -> int:
 def load_demonstrations(path: str | None) -> list[Demonstration]:
     """Demonstrations from a file (validated whole) or the default task's."""
     if path is None:
-        from tether.data.task import build_default_task
-
         return list(build_default_task().demonstrations)
     return read_records(path, "demonstration")
 
 
 def load_pretrain(path: str | None) -> list[PretrainText]:
     if path is None:
-        from tether.data.task import build_default_task
-
         return list(build_default_task().pretrain_train)
     return read_records(path, "pretrain")

@@ -13,11 +13,14 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.checkpoint import (
     NonFiniteError,
@@ -33,7 +36,6 @@ from tether.checkpoint import (
 from tether.config import SFTConfig, save_config
 from tether.data.formats import Demonstration
 from tether.distributed import (
-    Dist,
     ParallelModel,
     broadcast_object,
     gather_rng_states,
@@ -60,8 +62,9 @@ from tether.sft.data import (
     target_tokens,
 )
 
-# A checkpoint scorer: HF model directory → score, higher is better (the paper: mean RM score).
-Scorer = Callable[[Path], float]
+# A checkpoint scorer: (HF model directory, validation prompts) → score, higher is better (the
+# paper: the mean RM score of its samples; tether.reward.score.rm_scorer, built by the caller).
+Scorer = Callable[[Path, Sequence[str]], float]
 
 
 def split_valid(demos: list[Demonstration], fraction: float, seed: int) -> tuple[list, list]:
@@ -109,10 +112,19 @@ def train_sft(
 
     Data parallel when launched by torchrun or inside a process group (Ray Train): the batch is
     split over the ranks, rank 0 writes, every rank returns the same result.
+
+    ``scorer`` scores each epoch's checkpoint on up to ``select_prompts`` validation prompts when
+    ``select_by = 'rm_score'`` (``tether sft`` builds it from ``reward_model``).
+
     ``stop_after_steps`` raises :class:`~tether.checkpoint.StopAfter` once this process has
     taken that many optimiser steps (tests use it to simulate a crash).
     """
     cfg.validate()
+    if cfg.select_by == "rm_score" and scorer is None:
+        raise ValueError(
+            "sft: select_by = 'rm_score' needs a scorer: train_sft(cfg, scorer=rm_scorer(cfg.reward_model, "
+            "cfg.max_new_tokens, cfg.seed)) from tether.reward.score (tether sft builds it)"
+        )
     d = init_from_env(cfg.model.device)
     log = main_only(log, d)
     out = Path(cfg.out_dir)
@@ -166,9 +178,8 @@ def train_sft(
     # 2. Resume from the last state, if any.
     epoch0, step0, epochs_done = 0, 0, []
     if state_dir is not None:
-        counters = load_state(
-            state_dir, {"policy": model}, {"optimizer": optimizer, "scheduler": scheduler}, rank=d.rank
-        )
+        models, stateful = par.checkpoint_parts("policy", optimizer, gather=False)
+        counters = load_state(state_dir, models, stateful | {"scheduler": scheduler}, rank=d.rank)
         epoch0, step0, epochs_done = counters["epoch"], counters["step_in_epoch"], counters["epochs"]
         if d.is_main:
             truncate_metrics(metrics_path, counters["global_step"])
@@ -243,22 +254,23 @@ def train_sft(
                 bar.update(task, advance=1, stats=f"loss {loss_total:.3f} · {tok_s:,.0f} tok/s")
                 last_in_epoch = step + 1 == steps_per_epoch
                 if global_step % cfg.save_every_steps == 0 and not last_in_epoch:
-                    _save(out, d, model, optimizer, scheduler, epoch, step + 1, global_step, epochs_done, valid_before)
+                    _save(out, par, optimizer, scheduler, epoch, step + 1, global_step, epochs_done, valid_before)
                 if stop_after_steps is not None and steps_this_process >= stop_after_steps:
                     raise StopAfter(f"sft: stopped after {stop_after_steps} steps (stop_after_steps)")
 
             # 4. End of epoch: validation loss, a Hugging Face checkpoint, the resumable state.
             valid_loss = evaluate_loss(par, valid_ex, pad, precision=precision)
             epoch_dir = out / f"epoch-{epoch + 1}"
+            weights = par.full_state_dict()  # (FSDP2: gathered, a collective; else None)
             if d.is_main:
-                save_model(model, tokenizer, epoch_dir)
+                save_model(model, tokenizer, epoch_dir, state_dict=weights)
             epochs_done.append({"epoch": epoch + 1, "valid_loss": valid_loss, "dir": epoch_dir.name})
             logger.log({"step": global_step, "epoch": epoch + 1, "valid_loss": valid_loss})
             log(f"sft: epoch {epoch + 1}/{cfg.epochs} valid loss {valid_loss:.4f}")
-            _save(out, d, model, optimizer, scheduler, epoch + 1, 0, global_step, epochs_done, valid_before)
+            _save(out, par, optimizer, scheduler, epoch + 1, 0, global_step, epochs_done, valid_before)
     logger.close()
     if not d.is_main:  # rank 0 selects, samples and returns; the others return what it did
-        return broadcast_object(None)
+        return cast(SFTResult, broadcast_object(None))
 
     # 5. Select the checkpoint (paper: by RM score on validation prompts, not by validation loss).
     selected = select_checkpoint(out, epochs_done, cfg, scorer, [demo.prompt for demo in valid_demos])
@@ -267,9 +279,9 @@ def train_sft(
         final.unlink() if final.is_symlink() else shutil.rmtree(final)
     final.symlink_to(selected["dir"])
     if not cfg.keep_epoch_checkpoints:
-        for e in epochs_done:
-            if e["dir"] != selected["dir"]:
-                shutil.rmtree(out / e["dir"], ignore_errors=True)
+        for done in epochs_done:
+            if done["dir"] != selected["dir"]:
+                shutil.rmtree(out / done["dir"], ignore_errors=True)
     final_model, _ = load_causal_lm(str(final))
     samples_after = _samples(final_model, tokenizer, valid_prompts, cfg)
     result = SFTResult(
@@ -278,7 +290,7 @@ def train_sft(
         valid_loss_before=valid_before,
         valid_loss_after=selected["valid_loss"],
         epochs=epochs_done,
-        samples_before=[tuple(s) for s in samples_before],
+        samples_before=[(prompt, text) for prompt, text in samples_before],
         samples_after=samples_after,
     )
     return broadcast_object(result)
@@ -286,10 +298,9 @@ def train_sft(
 
 def _save(
     out: Path,
-    d: Dist,
-    model,
-    optimizer,
-    scheduler,
+    par: ParallelModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
     epoch: int,
     step_in_epoch: int,
     global_step: int,
@@ -297,18 +308,22 @@ def _save(
     valid_loss_before: float,
 ) -> None:
     counters = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "epochs": epochs}
-    rngs = gather_rng_states(rng_state())  # every rank's stream (a collective: all ranks call it)
-    if d.is_main:
+    # Collectives, so every rank calls them: every rank's RNG streams (and FSDP2's gathering).
+    rngs = gather_rng_states(rng_state())
+    models, stateful = par.checkpoint_parts("policy", optimizer)
+    if par.dist.is_main:
         save_state(
             out / "state",
-            {"policy": model},
-            {"optimizer": optimizer, "scheduler": scheduler},
-            counters | {"valid_loss_before": valid_loss_before, "world_size": d.world_size},
+            models,
+            stateful | {"scheduler": scheduler},
+            counters | {"valid_loss_before": valid_loss_before, "world_size": par.dist.world_size},
             rng_states=rngs,
         )
 
 
-def _samples(model, tokenizer, prompts: list[str], cfg: SFTConfig) -> list[tuple[str, str]]:
+def _samples(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], cfg: SFTConfig
+) -> list[tuple[str, str]]:
     if not prompts:
         return []
     texts = generate_texts(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=0.0)
@@ -324,12 +339,9 @@ def select_checkpoint(
     elif cfg.select_by == "valid_loss":
         chosen = min(epochs, key=lambda e: e["valid_loss"])
     else:
-        if scorer is None:
-            from tether.reward.score import rm_scorer
-
-            scorer = rm_scorer(cfg.reward_model, valid_prompts[: cfg.select_prompts], cfg.max_new_tokens, cfg.seed)
+        assert scorer is not None  # train_sft checked it before training
         for e in epochs:
-            e["score"] = float(scorer(out / e["dir"]))
+            e["score"] = float(scorer(out / e["dir"], valid_prompts[: cfg.select_prompts]))
         chosen = max(epochs, key=lambda e: e["score"])
     (out / "selection.json").write_text(
         json.dumps({"select_by": cfg.select_by, "selected": chosen, "epochs": epochs}, indent=1)
