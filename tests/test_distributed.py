@@ -50,15 +50,6 @@ def test_every_rank_gets_a_micro_batch_and_fillers_are_marked():
         micro_batches([], 2, Dist())
 
 
-@pytest.mark.parametrize(
-    ("cls", "stage", "flag"),
-    [(SFTConfig, "sft", "model.parallel"), (RMConfig, "rm", "model.parallel"), (PPOConfig, "ppo", "policy.parallel")],
-)
-def test_an_unknown_parallel_strategy_is_a_config_error(cls, stage, flag):
-    with pytest.raises(ValueError, match=rf"{stage}\.{flag.replace('.', '[.]')} must be one of ddp, fsdp, got 'zero3'"):
-        resolve(cls, stage, "tiny", overrides={flag: "zero3"}).validate()
-
-
 def test_rank_seeds_differ_by_rank_and_seed():
     seeds = {rank_seed(s, r) for s in range(3) for r in range(4)}
     assert len(seeds) == 12
