@@ -20,6 +20,7 @@ def stages(run: Path) -> dict:
     return json.loads(path.read_text())["stages"] if path.exists() else {}
 
 
+@pytest.mark.long
 @pytest.mark.timeout(600)
 def test_two_rounds_killed_and_resumed(tmp_path):
     run = tmp_path / "run"
