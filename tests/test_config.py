@@ -192,7 +192,7 @@ def test_the_choice_fields_are_all_found():
     names = {name.rsplit(".", 1)[-1] for name, _ in RUN_CHOICES}
     assert names == {
         "dtype", "autocast", "schedule", "select_by", "overlength", "loss", "kl_estimator", "score_baseline",
-        "rollout_dtype",
+        "rollout_dtype", "parallel",
     }  # fmt: skip
 
 

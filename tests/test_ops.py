@@ -294,3 +294,16 @@ def test_last_token_index_right_and_left_padding():
 def test_last_token_index_rejects_empty_rows():
     with pytest.raises(ValueError, match=r"\[1\]"):
         last_token_index(torch.tensor([[1, 0], [0, 0]]))
+
+
+def test_masked_whiten_all_reduce_uses_every_ranks_tokens():
+    """Two ranks holding the same [B, T] are one batch of 2B rows: an all-reduce that doubles."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5) * 4 + 1
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    both = masked_whiten(torch.cat([x, x]), torch.cat([mask, mask]))[:3]
+    for shift_mean in (True, False):
+        expected = masked_whiten(torch.cat([x, x]), torch.cat([mask, mask]), shift_mean=shift_mean)[:3]
+        got = masked_whiten(x, mask, shift_mean=shift_mean, all_reduce=lambda t: 2 * t)
+        torch.testing.assert_close(got, expected)
+    assert not torch.allclose(both, masked_whiten(x, mask))  # (the statistics did change)

@@ -20,6 +20,7 @@ def stages(run: Path) -> dict:
     return json.loads(path.read_text())["stages"] if path.exists() else {}
 
 
+@pytest.mark.long
 @pytest.mark.timeout(600)
 def test_two_rounds_killed_and_resumed(tmp_path):
     run = tmp_path / "run"
@@ -36,7 +37,12 @@ def test_two_rounds_killed_and_resumed(tmp_path):
     before = stages(run)
     assert before["round-1/rm"]["status"] == "done" and before["round-1/ppo_ptx"]["status"] == "running"
 
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
+    # The rerun asserts on its way out that a run without --ray-address never imported Ray.
+    no_ray = (
+        "import sys; from tether.cli import main; rc = main(sys.argv[1:]); "
+        "assert 'ray' not in sys.modules, 'a run without --ray-address imported ray'; sys.exit(rc)"
+    )
+    done = subprocess.run([sys.executable, "-c", no_ray, *cmd[3:]], capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "already done, skipping" in done.stdout
     after = stages(run)

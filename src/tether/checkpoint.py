@@ -111,11 +111,14 @@ def save_state(
     stateful: dict[str, Any],
     counters: dict[str, Any],
     generators: dict[str, torch.Generator] | None = None,
+    rng_states: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Atomically write a resumable state.
 
     models: name → module whose trainable parameters are saved; stateful: name → object with
-    ``state_dict()`` (optimisers, schedulers, controllers, EMA); counters: JSON-able loop position.
+    ``state_dict()`` (optimisers, schedulers, controllers, EMA); counters: JSON-able loop position;
+    rng_states: every rank's :func:`rng_state` in rank order (data parallel; default: this
+    process's own).
     """
     directory = Path(directory)
     states = {k: v.state_dict() for k, v in stateful.items()}
@@ -132,7 +135,8 @@ def save_state(
         torch.save(
             {
                 "stateful": states,
-                "rng": rng_state(),
+                "rng": rng_states[0] if rng_states else rng_state(),
+                "rng_per_rank": rng_states or None,
                 "generators": {k: g.get_state() for k, g in (generators or {}).items()},
             },
             tmp / STATE,
@@ -173,9 +177,22 @@ def load_state(
     models: dict[str, torch.nn.Module],
     stateful: dict[str, Any],
     generators: dict[str, torch.Generator] | None = None,
+    rank: int = 0,
 ) -> dict[str, Any]:
-    """Restore what :func:`save_state` wrote, in place; returns the counters."""
+    """Restore what :func:`save_state` wrote, in place; returns the counters.
+
+    ``rank`` restores that rank's RNG streams; a rank the state has none for (the job now has
+    more ranks than the one that saved it) keeps the streams it has.
+    """
     directory = Path(directory)
+    blob = torch.load(directory / STATE, weights_only=False)
+    missing = sorted(set(stateful) - set(blob["stateful"]))
+    if missing:
+        raise ValueError(
+            f"{directory} holds no {', '.join(missing)}: it was written by another configuration "
+            f"(it holds {', '.join(sorted(blob['stateful']))}; e.g. another model.parallel); "
+            "resume with that one or delete the state to start over"
+        )
     for name, model in models.items():
         weights = load_file(str(directory / f"{name}.{WEIGHTS}"))
         expected = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -193,12 +210,13 @@ def load_state(
         with torch.no_grad():
             for n, w in weights.items():
                 params[n].copy_(w)
-    blob = torch.load(directory / STATE, weights_only=False)
     for k, obj in stateful.items():
         obj.load_state_dict(blob["stateful"][k])
     for k, g in (generators or {}).items():
         g.set_state(blob["generators"][k])
-    set_rng_state(blob["rng"])
+    per_rank = blob.get("rng_per_rank") or [blob["rng"]]
+    if rank < len(per_rank):
+        set_rng_state(per_rank[rank])
     return json.loads((directory / COUNTERS).read_text())
 
 

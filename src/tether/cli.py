@@ -9,9 +9,11 @@ fast and the training commands never import the web app.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from tether import pipeline_cli
+from tether.cluster import StageFailed
 from tether.data import cli as data_cli
 from tether.data.formats import DataError
 from tether.eval import cli as eval_cli
@@ -45,10 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. Exit codes: 0 done, 1 the run stopped (non-finite training, an OS error),
+    """Run one command. Exit codes: 0 done, 1 the run stopped (non-finite training, an OS error, a
+    cluster worker died),
     2 bad input (data, config, arguments), 130 interrupted. Tracebacks are for bugs (and --debug)."""
 
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "sample", "eval", "label", "data") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Only the trainers are data parallel; the rest would run once per rank, writing the same files.
+        print(
+            f"error: `tether {args.command}` does not run under torchrun (WORLD_SIZE > 1): launch the "
+            "trainers (tether sft | rm | ppo) with torchrun one by one, or the whole pipeline with "
+            "`tether run --ray-address ...`",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return int(args.func(args) or 0)
     except Exception as e:
@@ -56,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if isinstance(e, DataError | ValueError | FileNotFoundError):
             code = 2
-        elif isinstance(e, FloatingPointError | OSError):
+        elif isinstance(e, FloatingPointError | OSError | StageFailed):
             code = 1
         else:
             raise  # a bug: the traceback is what a report needs

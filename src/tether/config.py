@@ -39,6 +39,7 @@ RMLoss = Literal["kwise", "pairwise"]
 KLEstimator = Literal["k1", "k2", "k3", "abs"]
 ScoreBaseline = Literal["none", "leave_one_out"]
 RolloutDtype = Literal["float32", "bfloat16", "auto"]
+Parallel = Literal["ddp", "fsdp"]  # tether.distributed.ParallelModel's strategies
 
 SPLITS: tuple[str, str, str] = ("train", "valid", "test")  # prompts are split by user into these
 
@@ -87,7 +88,12 @@ class ModelConfig:
     trainable_layers: int | None = None
     """Train only the top N transformer blocks (+ final norm and head); None trains all. A CPU-budget option."""
     device: str = "auto"
-    """'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ..."""
+    """'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ... Under torchrun each rank
+    takes GPU LOCAL_RANK."""
+    parallel: Parallel = "ddp"
+    """Data parallel over the ranks of a torchrun / Ray job (ignored in one process): 'ddp' (every
+    rank holds the whole model) or 'fsdp' (FSDP2 fully_shard per transformer block: each rank holds
+    1/N of the weights, gradients and optimiser state, for models that do not fit one device)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

@@ -12,12 +12,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class MetricsLogger:
-    """Appends one JSON object per call to ``path``; mirrors scalars to TensorBoard if asked."""
+    """Appends one JSON object per call to ``path``; mirrors scalars to TensorBoard if asked.
 
-    def __init__(self, path: str | Path, tensorboard_dir: str | Path | None = None):
+    ``enabled=False`` (every data-parallel rank but 0) writes nothing.
+    """
+
+    def __init__(self, path: str | Path, tensorboard_dir: str | Path | None = None, *, enabled: bool = True):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.enabled = enabled
         self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         if tensorboard_dir is not None:
             try:  # the optional tensorboard extra, imported only when asked for
                 from torch.utils.tensorboard import SummaryWriter
@@ -26,6 +32,8 @@ class MetricsLogger:
             self._tb = SummaryWriter(str(tensorboard_dir))
 
     def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(clean) + "\n")
@@ -64,8 +72,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [record for _, record in parse_jsonl_lines(path.read_text(encoding="utf-8", errors="replace"))]
 
 
-def progress_bar(description: str) -> Progress:
-    """A rich bar: description, bar, n/total, live stats text, elapsed, ETA."""
+def progress_bar(description: str, *, enabled: bool = True) -> Progress:
+    """A rich bar: description, bar, n/total, live stats text, elapsed, ETA (``enabled=False``:
+    never shown, as on every data-parallel rank but 0)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -74,5 +83,5 @@ def progress_bar(description: str) -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         transient=False,
-        disable=not sys.stderr.isatty() and not sys.stdout.isatty(),
+        disable=not enabled or (not sys.stderr.isatty() and not sys.stdout.isatty()),
     )

@@ -11,7 +11,7 @@ Conventions used throughout tether:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -70,7 +70,14 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var * (n / (n - 1)) if unbiased else var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(
+    x: Tensor,
+    mask: Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    *,
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """Standardise ``x`` to mean 0 / std 1 using statistics of the masked positions only.
 
     Used to whiten PPO advantages (Schulman et al. 2017; Ziegler et al. 2019 whiten both
@@ -82,6 +89,9 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
         mask: ``[B, T]``; non-zero = real.
         shift_mean: subtract the mean; ``False`` only rescales (keeps the sign of e.g. rewards).
         eps: added to the variance so a constant ``x`` does not divide by zero.
+        all_reduce: sums a tensor over data-parallel ranks (:func:`tether.distributed.all_reduce_sum`):
+            the statistics are then those of every rank's ``x`` together, computed in the same two
+            passes (mean, then the centred sum of squares) as in one process.
 
     Returns:
         ``[B, T]``; the std is the unbiased one (a single element uses the biased one, i.e.
@@ -91,6 +101,18 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
         ValueError: the mask selects nothing.
     """
     keep = mask.bool()
+    if all_reduce is not None:
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        total, count = all_reduce(torch.stack([torch.where(keep, x, zero).sum(), keep.sum().to(x.dtype)]))
+        if int(count) == 0:
+            raise ValueError("masked_whiten: the mask selects no elements")
+        mean = total / count
+        sq = all_reduce(torch.where(keep, x - mean, zero).pow(2).sum())
+        var = sq / (count - 1) if int(count) > 1 else sq / count
+        whitened = (x - mean) * torch.rsqrt(var + eps)
+        if not shift_mean:
+            whitened = whitened + mean
+        return torch.where(keep, whitened, zero)
     n = int(keep.sum())
     if n == 0:
         raise ValueError("masked_whiten: the mask selects no elements")

@@ -25,8 +25,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from tether.config import EvalConfig, RunConfig, SFTConfig, save_config, to_dict
-from tether.data.formats import Comparison, read_records, write_records
+from tether.cluster import Executor, Local
+from tether.config import EvalConfig, PPOConfig, RMConfig, RunConfig, SFTConfig, save_config, to_dict
+from tether.data.formats import Comparison, Sample, read_records, write_records
 from tether.data.preprocess import PreprocessConfig, preprocess_prompts
 from tether.data.task import build_default_task
 from tether.eval.evaluate import CURVE_PREFIX, evaluate_policies, save_eval
@@ -44,8 +45,8 @@ Log = Callable[[str], None]  # where a stage reports progress (print, a rich con
 class Manifest:
     """The run's provenance record: one entry per stage, written atomically after every change."""
 
-    def __init__(self, path: Path, config: dict[str, Any]):
-        self.path = path
+    def __init__(self, path: Path, config: dict[str, Any], executor: str = "local"):
+        self.path, self.executor = path, executor
         if path.exists():
             self.data = json.loads(path.read_text())
             if self.data.get("config") != config:
@@ -77,7 +78,9 @@ class Manifest:
             log(f"[dim]run: {name} already done, skipping[/]")
             return self.outputs(name)
         entry = self.data["stages"].setdefault(name, {})
-        entry.update(status="running", inputs=inputs, started=entry.get("started") or time.time())
+        entry.update(
+            status="running", inputs=inputs, started=entry.get("started") or time.time(), executor=self.executor
+        )
         entry["attempts"] = entry.get("attempts", 0) + 1
         self._write()
         log(f"[bold cyan]run: {name}[/]")
@@ -103,18 +106,27 @@ class RunResult:
     manifest: dict[str, Any]
 
 
-def run_pipeline(cfg: RunConfig, log: Log = print) -> RunResult:
-    """Run (or resume) the whole pipeline; returns where the report is."""
+def run_pipeline(cfg: RunConfig, log: Log = print, executor: Executor | None = None) -> RunResult:
+    """Run (or resume) the whole pipeline; returns where the report is.
+
+    ``executor`` says where the work runs: this process (default), or a
+    :class:`tether.cluster.RayCluster` (training stages as Ray Train runs, sampling, labeling and
+    evaluation as Ray tasks over prompt shards). It is not part of the run's config: a run started
+    in one place resumes in another, with the same results.
+    """
     cfg.validate()
+    executor = executor or Local()
     out = Path(cfg.out_dir)
+    if not isinstance(executor, Local):  # workers on other nodes: every path they get is absolute
+        out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    manifest = Manifest(out / "manifest.json", to_dict(cfg))
+    manifest = Manifest(out / "manifest.json", to_dict(cfg), executor.describe())
 
     # 1. Data: prompts preprocessed and split by user; demonstrations of train/valid users only.
     data = manifest.run(
         "data",
-        lambda: _stage_data(cfg, out / "data", log),
+        partial(_stage_data, cfg, out / "data", log),
         {"prompts": cfg.prompts_file, "demonstrations": cfg.demonstrations_file, "pretrain": cfg.pretrain_file},
         log,
     )
@@ -130,7 +142,7 @@ def run_pipeline(cfg: RunConfig, log: Log = print) -> RunResult:
     )
     sft = manifest.run(
         "sft",
-        lambda: _stage_sft(sft_cfg, log),
+        partial(executor.train, "sft", _train_sft, sft_cfg, log=log),
         {"demonstrations": data["demos_train"], "base": cfg.sft.model.name_or_path},
         log,
     )
@@ -142,14 +154,14 @@ def run_pipeline(cfg: RunConfig, log: Log = print) -> RunResult:
         # 3. K responses per prompt from the current best policy.
         samples = manifest.run(
             f"round-{r}/sample",
-            partial(_stage_sample, cfg, data["prompts_train"], policy, policy_name, rdir, r, log),
+            partial(_stage_sample, cfg, data["prompts_train"], policy, policy_name, rdir, r, log, executor),
             {"policy": policy, "policy_name": policy_name},
             log,
         )
         # 4. Comparisons: the simulated panel's training labelers (plus held-out ones for evaluation only).
         labels = manifest.run(
             f"round-{r}/label",
-            partial(_stage_label, cfg, samples, rdir, r, log),
+            partial(_stage_label, cfg, samples, rdir, r, log, executor),
             {"samples": samples["samples"]},
             log,
         )
@@ -157,7 +169,7 @@ def run_pipeline(cfg: RunConfig, log: Log = print) -> RunResult:
         # 5. The reward model on all comparisons so far, initialised from SFT.
         rm = manifest.run(
             f"round-{r}/rm",
-            partial(_stage_rm, cfg, sft["policy"], list(all_labels), data, rdir, log),
+            partial(_stage_rm, cfg, sft["policy"], list(all_labels), data, rdir, log, executor, name=f"round-{r}/rm"),
             {"comparisons": [lab["comparisons"] for lab in all_labels], "init": sft["policy"]},
             log,
         )
@@ -167,9 +179,7 @@ def run_pipeline(cfg: RunConfig, log: Log = print) -> RunResult:
         for variant in variants:
             trained[variant] = manifest.run(
                 f"round-{r}/{variant}",
-                partial(
-                    _stage_ppo, cfg, variant, sft["policy"], rm["reward_model"], data, rdir, log, last=r == cfg.rounds
-                ),
+                partial(_stage_ppo, cfg, variant, sft["policy"], rm["reward_model"], data, rdir, log, executor, r=r),
                 {"init": sft["policy"], "reference": sft["policy"], "reward_model": rm["reward_model"]},
                 log,
             )
@@ -179,7 +189,7 @@ def run_pipeline(cfg: RunConfig, log: Log = print) -> RunResult:
     policies, reward_model, _ = run_eval_policies(cfg, manifest.data["stages"])
     ev = manifest.run(
         "eval",
-        lambda: evaluate_run(cfg, manifest.data["stages"], out, out / "eval", out / "report", log),
+        partial(evaluate_run, cfg, manifest.data["stages"], out, out / "eval", out / "report", log, executor=executor),
         {"policies": policies, "reward_model": reward_model, "prompts": cfg.eval.prompts or data["prompts_test"]},
         log,
     )
@@ -187,7 +197,10 @@ def run_pipeline(cfg: RunConfig, log: Log = print) -> RunResult:
 
 
 # --------------------------------------------------------------------------------------------
-# Stages. Each returns a JSON-able dict of its outputs (paths as strings) for the manifest.
+# Stages. Each returns a JSON-able dict of its outputs (paths as strings) for the manifest. A
+# training stage prepares its inputs here and trains in ``_train_*``, which ``executor.train`` calls
+# on every rank (module-level functions: Ray pickles them by name); sampling and labeling cut their
+# list into ``executor.shards`` and run ``_*_shard`` on each.
 
 
 def _stage_data(cfg: RunConfig, ddir: Path, log: Log) -> dict[str, Any]:
@@ -242,7 +255,7 @@ def _stage_data(cfg: RunConfig, ddir: Path, log: Log) -> dict[str, Any]:
     return {k: str(v) for k, v in paths.items()} | {"preprocess_report": dataclasses.asdict(result.report)}
 
 
-def _stage_sft(cfg: SFTConfig, log: Log) -> dict[str, Any]:
+def _train_sft(cfg: SFTConfig, log: Log) -> dict[str, Any]:
     res = train_sft(cfg, show_samples=0, log=log)
     return {
         "policy": str(res.final_dir.resolve()),
@@ -253,30 +266,41 @@ def _stage_sft(cfg: SFTConfig, log: Log) -> dict[str, Any]:
 
 
 def _stage_sample(
-    cfg: RunConfig, prompts_path: str, policy: str, policy_name: str, rdir: Path, r: int, log: Log
+    cfg: RunConfig, prompts_path: str, policy: str, policy_name: str, rdir: Path, r: int, log: Log, executor: Executor
 ) -> dict[str, Any]:
     prompts = read_records(prompts_path, "prompt")
     rng = random.Random(cfg.seed * 1000 + r)  # a fresh draw of prompts each round
     chosen = rng.sample(prompts, min(cfg.rm_prompts_per_round, len(prompts)))
-    model, tokenizer = load_causal_lm(policy)
-    with autocast(cfg.ppo.policy, next(model.parameters()).device):
-        samples = sample_k(
-            model,
-            tokenizer,
-            chosen,
-            cfg.k,
-            policy_name=policy_name,
-            max_new_tokens=cfg.ppo.max_new_tokens,
-            temperature=1.0,
-            seed=cfg.seed + r,
-            batch_size=cfg.sample_batch_size,
-        )
+    calls = [
+        partial(_sample_shard, cfg, policy, policy_name, chosen[a:b], a, r) for a, b in executor.shards(len(chosen))
+    ]
+    samples = [s for shard in executor.map(calls, f"round-{r}/sample") for s in shard]
     path = write_records(rdir / "samples.jsonl", samples)
     log(f"sample: {len(samples)} prompts x {cfg.k} responses from {policy_name}")
     return {"samples": str(path), "policy": policy, "policy_name": policy_name}
 
 
-def _stage_label(cfg: RunConfig, samples: dict, rdir: Path, r: int, log: Log) -> dict[str, Any]:
+def _sample_shard(
+    cfg: RunConfig, policy: str, policy_name: str, prompts: list, first_index: int, r: int
+) -> list[Sample]:
+    """K responses to each of ``prompts`` (items ``first_index …`` of the round's prompt list)."""
+    model, tokenizer = load_causal_lm(policy)
+    with autocast(cfg.ppo.policy, next(model.parameters()).device):
+        return sample_k(
+            model,
+            tokenizer,
+            prompts,
+            cfg.k,
+            policy_name=policy_name,
+            max_new_tokens=cfg.ppo.max_new_tokens,
+            temperature=1.0,
+            seed=cfg.seed + r,
+            first_index=first_index,
+            batch_size=cfg.sample_batch_size,
+        )
+
+
+def _stage_label(cfg: RunConfig, samples: dict, rdir: Path, r: int, log: Log, executor: Executor) -> dict[str, Any]:
     """Rank the samples with the simulated panel.
 
     A slice of prompts (``heldout_labeler_prompts``) is the RM's validation set: each of its
@@ -285,23 +309,25 @@ def _stage_label(cfg: RunConfig, samples: dict, rdir: Path, r: int, log: Log) ->
     generalises to people it never saw). The rest is ranked by
     ``labelers_per_sample`` training labelers and is what the RM trains on.
     """
-
-    panel = Panel()
     items = read_records(samples["samples"], "sample")
     n_valid = min(cfg.heldout_labeler_prompts, len(items) // 2)
     valid_items, train_items = items[:n_valid], items[n_valid:]
-    train = panel.label(train_items, labelers_per_sample=cfg.labelers_per_sample, seed=cfg.seed + r)
+    jobs = {  # name: (samples, training labelers per sample, all held-out labelers instead, seed)
+        "train": (train_items, cfg.labelers_per_sample, False, cfg.seed + r),
+        "overlap": (valid_items, 2, False, cfg.seed + 100 + r),
+        "heldout": (valid_items, 0, True, cfg.seed + 200 + r),
+    }
+    calls, names = [], []
+    for name, (its, per_sample, all_heldout, seed) in jobs.items():
+        for a, b in executor.shards(len(its)):
+            calls.append(partial(_label_shard, its[a:b], a, per_sample, all_heldout, seed))
+            names.append(name)
+    done = executor.map(calls, f"round-{r}/label")
+    train, overlap, heldout = ([c for n, shard in zip(names, done, strict=True) if n == k for c in shard] for k in jobs)
     if cfg.comparisons_file and r == 1:  # people's rankings join the first round's training data
         human = read_records(cfg.comparisons_file, "comparison")
         train = train + human
         log(f"label: added {len(human)} comparisons from {cfg.comparisons_file}")
-    overlap = panel.label(valid_items, labelers_per_sample=2, seed=cfg.seed + 100 + r)
-    heldout = panel.label(
-        valid_items,
-        labelers_per_sample=len(panel.heldout_labelers),
-        labelers=panel.heldout_labelers,
-        seed=cfg.seed + 200 + r,
-    )
     agreement = pairwise_agreement(overlap)
     path = write_records(rdir / "comparisons_train.jsonl", train)
     vpath = write_records(rdir / "comparisons_valid.jsonl", overlap + heldout)
@@ -319,7 +345,29 @@ def _stage_label(cfg: RunConfig, samples: dict, rdir: Path, r: int, log: Log) ->
     }
 
 
-def _stage_rm(cfg: RunConfig, sft_policy: str, rounds: list[dict], data: dict, rdir: Path, log: Log) -> dict[str, Any]:
+def _label_shard(
+    samples: list[Sample], first_index: int, per_sample: int, all_heldout: bool, seed: int
+) -> list[Comparison]:
+    """The simulated panel's rankings of ``samples`` (items ``first_index …`` of the stage's list):
+    by ``per_sample`` training labelers each, or (``all_heldout``) by every held-out labeler."""
+    panel = Panel()
+    if all_heldout:
+        pool = panel.heldout_labelers
+        return panel.label(samples, len(pool), labelers=pool, seed=seed, first_index=first_index)
+    return panel.label(samples, per_sample, seed=seed, first_index=first_index)
+
+
+def _stage_rm(
+    cfg: RunConfig,
+    sft_policy: str,
+    rounds: list[dict],
+    data: dict,
+    rdir: Path,
+    log: Log,
+    executor: Executor,
+    *,
+    name: str,
+) -> dict[str, Any]:
     train = [c for lab in rounds for c in read_records(lab["comparisons"], "comparison")]
     valid = [c for lab in rounds for c in read_records(lab["valid_comparisons"], "comparison")]
     rm_cfg = dataclasses.replace(
@@ -332,11 +380,15 @@ def _stage_rm(cfg: RunConfig, sft_policy: str, rounds: list[dict], data: dict, r
         heldout_panel_labelers=True,
         model=dataclasses.replace(cfg.rm.model, name_or_path=sft_policy),
     )
+    return executor.train(name, _train_rm, rm_cfg, [lab["comparisons"] for lab in rounds], log=log)
+
+
+def _train_rm(rm_cfg: RMConfig, trained_on: list[str], log: Log) -> dict[str, Any]:
     res = train_reward_model(rm_cfg, panel_heldout_labelers=[lab.id for lab in Panel().heldout_labelers], log=log)
     ev = res.eval_after
     return {
         "reward_model": str(Path(res.final_dir).resolve()),
-        "trained_on": [lab["comparisons"] for lab in rounds],
+        "trained_on": trained_on,
         "accuracy": ev.overall.accuracy,
         "train_labeler_accuracy": ev.train_labelers.accuracy,
         "heldout_labeler_accuracy": ev.heldout_labelers.accuracy,
@@ -347,9 +399,18 @@ def _stage_rm(cfg: RunConfig, sft_policy: str, rounds: list[dict], data: dict, r
 
 
 def _stage_ppo(
-    cfg: RunConfig, variant: str, sft_policy: str, reward_model: str, data: dict, rdir: Path, log: Log, *, last: bool
+    cfg: RunConfig,
+    variant: str,
+    sft_policy: str,
+    reward_model: str,
+    data: dict,
+    rdir: Path,
+    log: Log,
+    executor: Executor,
+    *,
+    r: int,
 ) -> dict[str, Any]:
-    curve = cfg.curve_every if variant == "ppo_ptx" and last else 0
+    curve = cfg.curve_every if variant == "ppo_ptx" and r == cfg.rounds else 0
     ppo_cfg = dataclasses.replace(
         cfg.ppo,
         reward_model=reward_model,
@@ -361,11 +422,15 @@ def _stage_ppo(
         keep_policy_every=curve or cfg.ppo.keep_policy_every,
         policy=dataclasses.replace(cfg.ppo.policy, name_or_path=sft_policy),
     )
+    return executor.train(f"round-{r}/{variant}", _train_ppo, ppo_cfg, curve, rdir / variant, log=log)
+
+
+def _train_ppo(ppo_cfg: PPOConfig, curve: int, out_dir: Path, log: Log) -> dict[str, Any]:
     res = train_ppo(ppo_cfg, log=log)
     out = {"policy": str(Path(res.policy_dir).resolve()), "ptx_coef": ppo_cfg.ptx_coef}
     if curve:  # checkpoints along the way, by episodes trained (the final one is the policy itself)
         out["checkpoints"] = {
-            str(it * ppo_cfg.batch_size): str((rdir / variant / f"iter-{it}").resolve())
+            str(it * ppo_cfg.batch_size): str((out_dir / f"iter-{it}").resolve())
             for it in range(curve, ppo_cfg.iterations, curve)
         }
         out["episodes"] = ppo_cfg.iterations * ppo_cfg.batch_size
@@ -379,7 +444,6 @@ def best_of_name(cfg: EvalConfig) -> str:
 
 def run_eval_policies(cfg: RunConfig, stages: dict[str, Any]) -> tuple[dict[str, str], str, str]:
     """(policies to evaluate by name, the final reward model, the SFT policy) of a run's manifest."""
-
     sft = stages["sft"]["outputs"]["policy"]
     last = f"round-{cfg.rounds}"
     policies = {}
@@ -416,6 +480,7 @@ def evaluate_run(
     *,
     eval_cfg: EvalConfig | None = None,
     human_comparisons: list[Comparison] | None = None,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Evaluate a finished run's policies on its own test split (users never seen in training)
     and held-out pretraining text; writes ``eval_dir/eval.json`` and ``report_dir/report.html``.
@@ -423,7 +488,6 @@ def evaluate_run(
     Used by ``tether run`` (its last stage) and ``tether eval --run DIR`` (re-evaluating a run,
     e.g. with more samples per prompt).
     """
-
     ecfg = run_eval_config(cfg, eval_cfg)
     data = stages["data"]["outputs"]
     policies, reward_model, sft = run_eval_policies(dataclasses.replace(cfg, eval=ecfg), stages)
@@ -439,6 +503,7 @@ def evaluate_run(
         human_comparisons=human_comparisons or (),
         best_of={best_of_name(ecfg): ecfg.sft_best_of} if ecfg.sft_best_of else None,
         autocast_dtype=cfg.ppo.policy.autocast,
+        executor=executor,
         log=log,
     )
     eval_path = save_eval(report, eval_dir / "eval.json")

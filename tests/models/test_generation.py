@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tether.models.generation import encode_prompts, position_ids_from_mask, sample
+from tether.models.generation import encode_prompts, position_ids_from_mask, row_generators, sample
 
 PROMPTS = ["hi", "a much longer prompt that forces left padding of the others", "mid length one", "x y"]
 
@@ -84,6 +84,27 @@ def test_same_seed_same_tokens_as_the_uncached_oracle(tiny_dir, temperature):
     assert torch.allclose(gen.logprobs, logps, atol=1e-5, rtol=0)
 
 
+def test_one_generator_per_row_makes_a_row_independent_of_its_batch(tiny_dir):
+    """Per-row streams (data-parallel rollouts): a row sampled in another batch, alone or in
+    another order, gets the same tokens; its stream is its number, not its position."""
+    model, tok = eos_boosted(tiny_dir, 10.0)
+    whole = sample(model, tok, PROMPTS, max_new_tokens=16, generator=row_generators(3, range(len(PROMPTS)), "cpu"))
+    assert len(set(whole.lengths.tolist())) > 1  # rows end at different steps
+    last = len(PROMPTS) - 1
+    for rows in ([last], [last, 0], list(range(1, len(PROMPTS)))):
+        part = sample(
+            model, tok, [PROMPTS[r] for r in rows], max_new_tokens=16, generator=row_generators(3, rows, "cpu")
+        )
+        for i, r in enumerate(rows):
+            n = int(whole.lengths[r])
+            assert part.response_ids[i, :n].tolist() == whole.response_ids[r, :n].tolist()
+            assert int(part.lengths[i]) == n
+    other_seed = sample(model, tok, PROMPTS, max_new_tokens=16, generator=row_generators(4, range(len(PROMPTS)), "cpu"))
+    assert not torch.equal(other_seed.response_ids, whole.response_ids)
+    with pytest.raises(ValueError, match="2 generators for 3 prompts"):
+        sample(model, tok, PROMPTS[:3], max_new_tokens=4, generator=row_generators(0, [0, 1], "cpu"))
+
+
 def test_the_fallback_cache_gives_the_same_tokens(tiny_dir, monkeypatch):
     """Models the buffers do not fit (sliding windows, ...) keep HF's DynamicCache: same tokens."""
     from transformers import LlamaConfig, MistralConfig
@@ -98,6 +119,23 @@ def test_the_fallback_cache_gives_the_same_tokens(tiny_dir, monkeypatch):
     slow = sample(model, tok, PROMPTS, max_new_tokens=16, generator=torch.Generator().manual_seed(2))
     assert torch.equal(fast.response_ids, slow.response_ids) and torch.equal(fast.finished, slow.finished)
     assert torch.allclose(fast.logprobs, slow.logprobs, atol=1e-5, rtol=0)
+
+
+def test_sample_k_over_shards_gives_the_samples_of_the_whole_list(tiny_dir):
+    """Response j of prompt i is seeded by (seed, i, j): sample_k over shards of a prompt list
+    (Ray tasks on several workers) gives exactly the samples of the whole list, whatever the
+    batch size."""
+    from tether.data.formats import Prompt
+    from tether.models.generation import sample_k
+
+    model, tok = eos_boosted(tiny_dir, 10.0)
+    prompts = [Prompt(id=f"p{i}", text=t, user_id="u") for i, t in enumerate(PROMPTS + ["one more", "and another"])]
+    kwargs = dict(policy_name="sft", max_new_tokens=8, seed=7)
+    whole = sample_k(model, tok, prompts, 3, batch_size=18, **kwargs)
+    shards = [sample_k(model, tok, prompts[a:b], 3, first_index=a, batch_size=4, **kwargs) for a, b in ((0, 4), (4, 6))]
+    assert [s.responses for s in whole] == [s.responses for shard in shards for s in shard]
+    assert [s.ended for s in whole] == [s.ended for shard in shards for s in shard]
+    assert len({r for s in whole for r in s.responses}) > len(prompts)  # K draws per prompt, not one copied
 
 
 def test_ignore_eos_samples_exactly_max_new_tokens(tiny_dir):

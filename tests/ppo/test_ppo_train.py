@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 from tether.checkpoint import StopAfter
 from tether.config import PPOConfig, resolve
-from tether.models.generation import decode_responses, position_ids_from_mask, sample
-from tether.models.heads import load_scalar_model, reward_scores, save_scalar_model, set_reward_normalization
+from tether.models.generation import decode_responses, sample
+from tether.models.heads import load_scalar_model, reward_scores
 from tether.models.loading import load_causal_lm, save_model
 from tether.ops import last_token_index
 from tether.ppo.rollout import Rollout, score_episodes
@@ -46,60 +46,6 @@ def one_thread():
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-@pytest.fixture(scope="session")
-def ppo_data(tmp_path_factory) -> dict[str, Path]:
-    """RL prompts (Prompt records, two users) and a small pretraining corpus."""
-    root = tmp_path_factory.mktemp("ppo_data")
-    colors = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple"]
-    things = ["apple", "car", "house", "bird", "boat", "cup", "door", "lamp"]
-    pairs = [(colors[i % 8], things[(i * 3) % 8]) for i in range(24)]
-    prompts = [
-        {"id": f"p{i}", "text": f"Describe a {c} {t} in capitals.", "user_id": f"u{i % 2}"}
-        for i, (c, t) in enumerate(pairs)
-    ]
-    pretrain = [{"text": f"The {c} {t} is here. It is a plain sentence number {i}."} for i, (c, t) in enumerate(pairs)]
-    return {
-        "prompts": write_jsonl(root / "prompts.jsonl", prompts),
-        "pretrain": write_jsonl(root / "pretrain.jsonl", pretrain),
-    }
-
-
-@pytest.fixture(scope="session")
-def eos_policy(tiny_dir, tmp_path_factory, ppo_data) -> Path:
-    """The tiny random Llama with EOS made likely (about 1 in 8 per response token).
-
-    A random 49k-token model almost never samples EOS, so every response would have the same
-    length; this one ends responses at varied lengths, which the padding tests and the toy
-    length reward need. The LM head is untied from the embeddings and its EOS row set so that
-    the EOS logit is about 8.8 at the positions that predict response tokens (least squares
-    over sampled responses), whatever the position.
-    """
-    model, tok = load_causal_lm(str(tiny_dir))
-    model.config.tie_word_embeddings = False
-    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
-    texts = [json.loads(line)["text"] for line in ppo_data["prompts"].read_text().splitlines()]
-    gen = sample(model, tok, texts, max_new_tokens=8, generator=torch.Generator().manual_seed(0))
-    ids = torch.cat([gen.query_ids, gen.response_ids], 1)
-    mask = torch.cat([gen.query_mask, gen.response_mask], 1)
-    p = gen.query_ids.shape[1]
-    with torch.no_grad():
-        hidden = model.model(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)
-        ).last_hidden_state[:, p - 1 : -1][gen.response_mask.bool()]
-        target = torch.full((hidden.shape[0], 1), 8.8)
-        model.lm_head.weight[tok.eos_token_id] = torch.linalg.lstsq(hidden, target).solution[:, 0]
-    return save_model(model, tok, tmp_path_factory.mktemp("eos_policy") / "policy")
-
-
-@pytest.fixture(scope="session")
-def tiny_rm(eos_policy, tmp_path_factory) -> Path:
-    """A "reward model": the policy with a random scalar head and a normalisation gain and bias."""
-    torch.manual_seed(0)
-    rm, tok = load_scalar_model(str(eos_policy))
-    set_reward_normalization(rm, gain=1.7, bias=0.25)
-    return save_scalar_model(rm, tok, tmp_path_factory.mktemp("tiny_rm") / "rm")
 
 
 def ppo_cfg(out: Path, data: dict[str, Path], policy: Path, **overrides) -> PPOConfig:

@@ -9,10 +9,11 @@ perplexity on held-out pretraining text.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,11 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tether.cluster import Executor, Local
 from tether.config import Autocast, EvalConfig, ModelConfig, to_dict
 from tether.data.formats import Comparison, PretrainText, Prompt
 from tether.labelers.panel import Panel
-from tether.models.generation import Generation, decode_responses, sample
+from tether.models.generation import Generation, decode_responses, row_generators, sample
 from tether.models.heads import load_scalar_model
 from tether.models.loading import autocast, load_causal_lm, resolve_device
 from tether.ppo.rollout import episode_scores, response_logprobs
@@ -120,6 +122,95 @@ def human_win_rate(comparisons: Sequence[Comparison], policy: str, baseline: str
     return (float(np.mean(outcomes)) if outcomes else None), len(outcomes)
 
 
+@dataclass
+class PolicyShard:
+    """One policy's responses to a shard of the evaluation prompts, one entry per response
+    (``kls`` and ``scores`` empty when not measured)."""
+
+    responses: list[str]
+    lengths: list[int]  # tokens
+    eos: list[bool]  # ended with EOS
+    kls: list[float]  # Σ_t log π − log π_ref
+    scores: list[float]  # normalised RM score
+    judgements: list  # Judgement per (response, held-out labeler), response-major
+
+
+def sample_policy_shard(
+    path: str,
+    texts: Sequence[str],
+    first_index: int,
+    cfg: EvalConfig,
+    *,
+    n_best: int = 1,
+    reward_model: str | None = None,
+    ref_policy: str | None = None,
+    panel: Panel | None = None,
+    autocast_dtype: Autocast | None = None,
+) -> PolicyShard:
+    """A policy's responses to ``texts`` (responses ``first_index …`` of the evaluation, one entry
+    per response), measured and judged by the held-out labelers.
+
+    Candidate c of response i is sampled from a stream seeded by (seed, i, c), and labeler j's
+    noise on it by (seed, i, j): the same for every policy (common random numbers), and a shard
+    gives exactly what the whole list gives. n_best > 1 keeps each response's top-scored of
+    n_best candidates (best-of-n by the reward model).
+    """
+
+    if panel is None:
+        panel = Panel()
+    precision = autocast(ModelConfig(autocast=autocast_dtype), resolve_device("auto"))
+    model, tokenizer = load_causal_lm(path)
+    device = next(model.parameters()).device
+    ref = load_causal_lm(ref_policy)[0] if ref_policy and cfg.temperature == 1.0 and n_best == 1 else None
+    rm = None
+    if reward_model:
+        rm, _ = load_scalar_model(reward_model)
+    out = PolicyShard([], [], [], [], [], [])
+    step = max(1, cfg.batch_size // n_best)  # responses per forward batch of n_best candidates each
+    for start in range(0, len(texts), step):
+        chunk = texts[start : start + step]
+        candidates = [t for t in chunk for _ in range(n_best)]
+        rows = [first_index + start + i for i in range(len(chunk))]
+        generators = row_generators(cfg.seed, [(i, c) for i in rows for c in range(n_best)], device)
+        with precision:
+            gen = sample(
+                model,
+                tokenizer,
+                candidates,
+                max_new_tokens=cfg.max_new_tokens or 64,
+                temperature=cfg.temperature,
+                generator=generators,
+            )
+        batch_texts = decode_responses(tokenizer, gen)
+        if rm is not None:
+            with precision:  # the RM reads the sampled ids, as in PPO; no missing-EOS penalty
+                batch_scores = episode_scores(gen, candidates, batch_texts, rm, None).cpu()
+            if n_best > 1:  # keep each response's top-scored candidate
+                pick = batch_scores.view(-1, n_best).argmax(-1) + torch.arange(len(chunk)) * n_best
+                gen, batch_scores = gen.select(pick.to(gen.response_ids.device)), batch_scores[pick]
+                batch_texts = [batch_texts[i] for i in pick.tolist()]
+            out.scores += batch_scores.tolist()
+        out.responses += batch_texts
+        out.lengths += gen.lengths.tolist()
+        out.eos += gen.finished.tolist()
+        if ref is not None:
+            with precision:
+                out.kls += (response_logprob_sums(model, gen) - response_logprob_sums(ref, gen)).tolist()
+    out.judgements = [
+        panel.judge(lab, t, r, np.random.default_rng([cfg.seed, first_index + i, j]))
+        for i, (t, r) in enumerate(zip(texts, out.responses, strict=True))
+        for j, lab in enumerate(panel.heldout_labelers)
+    ]
+    return out
+
+
+def policy_perplexity(path: str, texts: Sequence[PretrainText], autocast_dtype: Autocast | None = None) -> float:
+    """A policy's held-out pretraining perplexity (its alignment tax), loading it from ``path``."""
+    model, tokenizer = load_causal_lm(path)
+    with autocast(ModelConfig(autocast=autocast_dtype), resolve_device("auto")):
+        return pretrain_perplexity(model, tokenizer, texts)
+
+
 def evaluate_policies(
     policies: dict[str, str],
     prompts: Sequence[Prompt],
@@ -132,6 +223,7 @@ def evaluate_policies(
     human_comparisons: Sequence[Comparison] = (),
     best_of: dict[str, int] | None = None,
     autocast_dtype: Autocast | None = None,
+    executor: Executor | None = None,
     log: Callable[[str], None] = print,
 ) -> EvalReport:
     """Evaluate named policies (name → model dir / 'default' / 'tiny') on held-out prompts.
@@ -145,14 +237,14 @@ def evaluate_policies(
     among n samples, the RM's own optimisation without any training, at a KL of at most
     log n − (n − 1)/n nats when that policy is the reference. ``autocast_dtype`` ('bfloat16',
     'auto') runs every forward pass under mixed precision; every policy is measured the same way.
+    ``executor`` runs the sampling shards and perplexities (default: here, one shard per policy;
+    :class:`tether.cluster.RayCluster`: Ray tasks over prompt shards, with the same results).
     """
-
     cfg = cfg or EvalConfig()
     cfg.validate()
     baseline, seed, samples_per_prompt = cfg.baseline, cfg.seed, cfg.samples_per_prompt
-    temperature, batch_size = cfg.temperature, cfg.batch_size
+    temperature = cfg.temperature
     max_new_tokens = cfg.max_new_tokens or 64
-    precision = autocast(ModelConfig(autocast=autocast_dtype), resolve_device("auto"))
     if baseline not in policies:
         raise ValueError(f"baseline {baseline!r} is not among the policies {list(policies)}")
     if panel is None:
@@ -169,74 +261,63 @@ def evaluate_policies(
     prompt_texts = [p.text for p in prompts]
     texts = [t for t in prompt_texts for _ in range(samples_per_prompt)]  # one entry per response
     clusters = [i for i in range(len(prompt_texts)) for _ in range(samples_per_prompt)]
-    ref = load_causal_lm(ref_policy)[0] if ref_policy else None
-    rm = None
-    if reward_model:
-        rm, _ = load_scalar_model(reward_model)
+    executor = executor or Local()
 
-    results: list[PolicyEval] = []
+    # 1. Every policy's responses, shard by shard (each response seeded by its own index, so
+    # shards on several workers give what one process gives), and its alignment tax.
+    shards = executor.shards(len(texts))
+    calls = [
+        functools.partial(
+            sample_policy_shard,
+            path,
+            texts[a:b],
+            a,
+            cfg,
+            n_best=best_of.get(name, 1),
+            reward_model=reward_model,
+            ref_policy=ref_policy,
+            panel=panel,
+            autocast_dtype=autocast_dtype,
+        )
+        for name, path in policies.items()
+        for a, b in shards
+    ]
+    taxed = [name for name in policies if pretrain_heldout and best_of.get(name, 1) == 1]
+    tax_calls = [
+        functools.partial(policy_perplexity, policies[name], list(pretrain_heldout), autocast_dtype) for name in taxed
+    ]
     for name, path in policies.items():
         n_best = best_of.get(name, 1)
         log(f"eval: generating with {name} ({path})" + (f", best of {n_best} by the RM" if n_best > 1 else ""))
-        model, tokenizer = load_causal_lm(path)
-        # The same seed for every policy, on the model's device (a CPU generator cannot drive CUDA sampling).
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-        responses, lengths, eos, kls, scores = [], [], [], [], []
-        step = max(1, batch_size // n_best)  # prompts per forward batch of n_best candidates each
-        for start in range(0, len(texts), step):
-            chunk = texts[start : start + step]
-            candidates = [t for t in chunk for _ in range(n_best)]
-            with precision:
-                gen = sample(
-                    model,
-                    tokenizer,
-                    candidates,
-                    max_new_tokens=max_new_tokens,
-                    temperature=temperature,
-                    generator=generator,
-                )
-            batch_texts = decode_responses(tokenizer, gen)
-            if rm is not None:
-                with precision:  # the RM reads the sampled ids, as in PPO; no missing-EOS penalty
-                    batch_scores = episode_scores(gen, candidates, batch_texts, rm, None).cpu()
-                if n_best > 1:  # keep each prompt's top-scored candidate
-                    pick = batch_scores.view(-1, n_best).argmax(-1) + torch.arange(len(chunk)) * n_best
-                    gen, batch_scores = gen.select(pick.to(gen.response_ids.device)), batch_scores[pick]
-                    batch_texts = [batch_texts[i] for i in pick.tolist()]
-                scores += batch_scores.tolist()
-            responses += batch_texts
-            lengths += gen.lengths.tolist()
-            eos += gen.finished.tolist()
-            if ref is not None and temperature == 1.0 and n_best == 1:
-                with precision:
-                    kls += (response_logprob_sums(model, gen) - response_logprob_sums(ref, gen)).tolist()
+    # One map, so a cluster runs the perplexities beside the sampling shards.
+    done: list[Any] = executor.map([*calls, *tax_calls], "eval")
+    ppl: dict[str, float] = dict(zip(taxed, done[len(calls) :], strict=True))
+
+    results: list[PolicyEval] = []
+    for k, (name, path) in enumerate(policies.items()):
+        n_best = best_of.get(name, 1)
+        parts: list[PolicyShard] = done[k * len(shards) : (k + 1) * len(shards)]
+        whole = PolicyShard(*([x for part in parts for x in getattr(part, f.name)] for f in fields(PolicyShard)))
+        kls = whole.kls
         if n_best > 1 and ref_policy is not None and str(path) == str(ref_policy) and temperature == 1.0:
             kls = [best_of_n_kl_bound(n_best)]
-        with precision:
-            # Best-of-n leaves the model as it is: no alignment tax of its own to measure.
-            ppl = pretrain_perplexity(model, tokenizer, pretrain_heldout) if pretrain_heldout and n_best == 1 else None
-        judgements = [
-            panel.judge(lab, t, r, np.random.default_rng([seed, i, j]))
-            for i, (t, r) in enumerate(zip(texts, responses, strict=True))
-            for j, lab in enumerate(judges)
-        ]
+        judgements = whole.judgements
         flag_names = sorted({k for jd in judgements for k in jd.flags})
         results.append(
             PolicyEval(
                 name=name,
                 path=str(path),
-                responses=responses,
+                responses=whole.responses,
                 likert=float(np.mean([jd.likert for jd in judgements])),
                 flag_rates={k: float(np.mean([jd.flags.get(k, False) for jd in judgements])) for k in flag_names},
-                rm_score=float(np.mean(scores)) if scores else None,
+                rm_score=float(np.mean(whole.scores)) if whole.scores else None,
                 kl_to_ref=float(np.mean(kls)) if kls else None,
-                length=float(np.mean(lengths)),
-                eos_rate=float(np.mean(eos)),
-                pretrain_ppl=ppl,
+                length=float(np.mean(whole.lengths)),
+                eos_rate=float(np.mean(whole.eos)),
+                pretrain_ppl=ppl.get(name),  # best-of-n leaves the model as it is: no tax of its own
                 best_of=n_best,
             )
         )
-        del model
 
     base = next(r for r in results if r.name == baseline)
     for r in results:

@@ -525,6 +525,7 @@ class Panel:
         labelers_per_sample: int = 1,
         labelers: list[Labeler] | None = None,
         seed: int = 0,
+        first_index: int = 0,
     ) -> list[Comparison]:
         """Rank each sample's K responses by ``labelers_per_sample`` labelers each.
 
@@ -533,7 +534,9 @@ class Panel:
         also carries per-response Likert scores and :data:`JUDGED_FLAGS`. A judgement that
         ties all K responses holds no pair and is left out (the comparison format rejects it),
         so the result can be shorter than ``len(samples) * labelers_per_sample``. Deterministic
-        in ``seed``; one comparison's noise does not depend on any other's.
+        in ``seed``; one comparison's noise does not depend on any other's. ``samples`` may be a
+        shard ``all[a:b]`` of a list (``first_index=a``): its comparisons are those the whole list
+        gives for those samples, in order.
         """
         pool = list(labelers) if labelers is not None else self.train_labelers
         if not 1 <= labelers_per_sample <= len(pool):
@@ -542,7 +545,7 @@ class Panel:
             )
         order = [pool[i] for i in np.random.default_rng([seed, 0x0DE7]).permutation(len(pool))]
         out = []
-        for s_idx, sample in enumerate(samples):
+        for s_idx, sample in enumerate(samples, start=first_index):
             for j in range(labelers_per_sample):
                 lab = order[(s_idx * labelers_per_sample + j) % len(order)]
                 ranks, utilities = self.rank(lab, sample.prompt, sample.responses, self._rng(seed, s_idx, lab))

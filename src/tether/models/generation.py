@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, get_args
 
+import numpy as np
 import torch
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
@@ -226,7 +227,7 @@ def _generate(
     *,
     max_new_tokens: int,
     temperature: float,
-    generator: torch.Generator | None,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
     eos_token_id: int | None,
     pad_token_id: int,
     decode: Callable[..., Any] | None = None,
@@ -239,6 +240,8 @@ def _generate(
 
     Every step draws one ``[B, V]`` uniform for the Gumbel noise whatever the batch has shrunk
     to, so the random stream, and so the tokens for a seed, do not depend on when rows finish.
+    ``generator`` may instead be one generator per row: each row then draws its own ``[V]`` per
+    step while it is in the batch, so its tokens do not depend on the other rows at all.
     """
     device = query_ids.device
     batch, width = query_ids.shape
@@ -307,7 +310,13 @@ def _generate(
         if temperature > 0:
             # Gumbel-max: an exact draw from softmax(logp), ~3x faster than torch.multinomial
             # over a 49k vocabulary on a CPU.
-            u = torch.rand((batch, logp.shape[-1]), generator=generator, device=device)[alive].clamp_(min=1e-20)
+            if isinstance(generator, Sequence):
+                u = torch.stack(
+                    [torch.rand(logp.shape[-1], generator=generator[i], device=device) for i in alive.tolist()]
+                )
+            else:
+                u = torch.rand((batch, logp.shape[-1]), generator=generator, device=device)[alive]
+            u.clamp_(min=1e-20)
             tok = (logp - torch.log(-torch.log(u))).argmax(-1)
         else:
             tok = logp.argmax(-1)
@@ -439,7 +448,7 @@ def sample(
     *,
     max_new_tokens: int,
     temperature: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     max_prompt_length: int | None = None,
     ignore_eos: bool = False,
 ) -> Generation:
@@ -448,17 +457,22 @@ def sample(
     ``model`` is a policy or a :class:`Sampler` (e.g. a bf16 inference copy of one).
     ``ignore_eos`` samples exactly ``max_new_tokens`` tokens per prompt (benchmarks); EOS is
     then an ordinary token and ``finished`` is all False. ``generator`` must live on the
-    model's device.
+    model's device; a list of one generator per prompt (:func:`row_generators`) makes each
+    response independent of the rest of the batch (data-parallel ranks sample shares of one batch).
     """
     sampler = model if isinstance(model, Sampler) else Sampler(model)
     model = sampler.module
     was_training = model.training
     model.eval()  # dropout off while sampling: the sampled distribution must be the scored one
     device = next(model.parameters()).device
-    if generator is not None and generator.device.type != device.type:
-        raise ValueError(
-            f"sample: the generator is on {generator.device}, the model on {device}; use one on the model's device"
-        )
+    generators = generator if isinstance(generator, Sequence) else [generator] if generator is not None else []
+    if isinstance(generator, Sequence) and len(generator) != len(prompts):
+        raise ValueError(f"sample: {len(generator)} generators for {len(prompts)} prompts (one per prompt)")
+    for g in generators:
+        if g.device.type != device.type:
+            raise ValueError(
+                f"sample: the generator is on {g.device}, the model on {device}; use one on the model's device"
+            )
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     query_ids, query_mask = encode_prompts(tokenizer, prompts, max_prompt_length)
     query_ids, query_mask = query_ids.to(device), query_mask.to(device)
@@ -489,6 +503,19 @@ def sample(
         logprobs=response_logprobs * response_mask,
         finished=finished,
     )
+
+
+def row_generators(
+    seed: int, rows: Sequence[int | tuple[int, ...]], device: torch.device | str
+) -> list[torch.Generator]:
+    """One generator per row, seeded by (``seed``, the row's key): what :func:`sample` takes to make
+    a row's tokens depend on its key alone, not on which batch, rank, shard or worker samples it.
+    A key is a row number, or a tuple such as (prompt index, sample index)."""
+    keys = [[seed, *((r,) if isinstance(r, int) else r)] for r in rows]
+    return [
+        torch.Generator(device=device).manual_seed(int(np.random.SeedSequence(k).generate_state(1, np.uint64)[0] >> 1))
+        for k in keys
+    ]
 
 
 def decode_responses(tokenizer: PreTrainedTokenizerBase, gen: Generation) -> list[str]:
@@ -539,6 +566,7 @@ def sample_k(
     temperature: float = 1.0,
     batch_size: int = 16,
     seed: int = 0,
+    first_index: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> list:
     """K sampled responses per prompt, as ``Sample`` records ready for ranking (by people or the panel).
@@ -546,14 +574,18 @@ def sample_k(
     prompts: ``Prompt`` records. Each prompt's K copies share a batch, so the KV cache of a batch
     holds several prompts × K responses at once. ``ended`` records which responses reached EOS,
     so the reward model later trains on a cut-off response as cut off (as PPO will score it).
+    Response j of prompt i is drawn from its own stream, seeded by (seed, first_index + i, j):
+    the same tokens whatever the batch size, and a shard of a prompt list (``prompts[a:b]`` with
+    ``first_index=a``) gives exactly the samples the whole list gives for those prompts.
     """
 
     if not K_MIN <= k <= K_MAX:
         raise ValueError(f"k must be {K_MIN}..{K_MAX} (responses ranked per prompt), got {k}")
     flat = [p for p in prompts for _ in range(k)]
+    device = _device(model)
+    generators = row_generators(seed, [(first_index + i, j) for i in range(len(prompts)) for j in range(k)], device)
     texts: list[str] = []
     ended: list[bool] = []
-    generator = torch.Generator(device=_device(model)).manual_seed(seed)
     for start in range(0, len(flat), batch_size):
         gen = sample(
             model,
@@ -561,7 +593,7 @@ def sample_k(
             [p.text for p in flat[start : start + batch_size]],
             max_new_tokens=max_new_tokens,
             temperature=temperature,
-            generator=generator,
+            generator=generators[start : start + batch_size],
         )
         texts.extend(decode_responses(tokenizer, gen))
         ended.extend(gen.finished.tolist())

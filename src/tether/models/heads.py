@@ -120,6 +120,12 @@ def token_values(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
     return apply_normalization(model, scalar_per_token(model, input_ids, attention_mask))
 
 
-def save_scalar_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: str | Path) -> Path:
+def save_scalar_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out: str | Path,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Save as a plain HF sequence-classification directory (LoRA merged), bias in config.json."""
-    return save_model(model, tokenizer, Path(out))
+    return save_model(model, tokenizer, Path(out), state_dict=state_dict)

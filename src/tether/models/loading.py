@@ -336,16 +336,24 @@ def prepare(
 
 
 def save_model(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, *, merge_lora: bool = True
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out: Path,
+    *,
+    merge_lora: bool = True,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Save as a plain HF directory (LoRA merged into a copy so the live model keeps its adapters)."""
+    """Save as a plain HF directory (LoRA merged into a copy so the live model keeps its adapters).
+
+    ``state_dict``: the weights to write instead of the model's own (a sharded model's, gathered).
+    """
     out = Path(out)
 
     def build(tmp: Path) -> None:
         to_save = model
         if merge_lora and hasattr(model, "merge_and_unload"):
             to_save = copy.deepcopy(model).merge_and_unload()
-        to_save.save_pretrained(tmp)
+        to_save.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
 
     if out.exists():

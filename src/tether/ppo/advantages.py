@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -65,12 +67,15 @@ def gae(
     return advantages, returns
 
 
-def whiten_advantages(adv: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def whiten_advantages(
+    adv: Tensor, mask: Tensor, shift_mean: bool = True, *, all_reduce: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """Whiten advantages over the real response tokens of the whole batch (``[B, T]``).
 
-    See :func:`tether.ops.masked_whiten`; padding is 0 on return.
+    See :func:`tether.ops.masked_whiten`; padding is 0 on return. ``all_reduce`` (data parallel):
+    the batch is every rank's ``adv`` together.
     """
-    return masked_whiten(adv, mask, shift_mean=shift_mean)
+    return masked_whiten(adv, mask, shift_mean=shift_mean, all_reduce=all_reduce)
 
 
 def leave_one_out(scores: Tensor, group_size: int) -> Tensor:

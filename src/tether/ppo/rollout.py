@@ -359,9 +359,10 @@ def sample_responses(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     cfg: PPOConfig,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
 ) -> Generation:
-    """One response per prompt, sampled as the rollout samples (temperature, prompt and response lengths)."""
+    """One response per prompt, sampled as the rollout samples (temperature, prompt and response
+    lengths); ``generator``: one stream, or one per prompt."""
     return sample(
         sampler,
         tokenizer,
@@ -383,14 +384,15 @@ def collect_rollout(
     value_model: PreTrainedModel,
     reward: PreTrainedModel | RewardFn,
     cfg: PPOConfig,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     precision: contextlib.AbstractContextManager,
     trunk: SharedTrunk | None = None,
 ) -> tuple[Rollout, RolloutTime]:
     """Step 1 of an iteration: one sampled response per prompt, scored by every model.
 
     The prompts go in chunks of ``cfg.generation_batch_size``: each chunk is sampled from
-    ``sampler`` (KV cache, temperature ``cfg.temperature``, drawing from ``generator``), then
+    ``sampler`` (KV cache, temperature ``cfg.temperature``, drawing from ``generator``, or from
+    each prompt's own generator when it is a list), then
     scored (:func:`score_episodes`) before the next one is sampled, so no more than a chunk's
     activations are alive at once. Returns the ``B = len(prompts)`` episodes as one
     :class:`Rollout` (``kl`` … ``returns`` zeros) and the time spent sampling and scoring.
@@ -400,9 +402,10 @@ def collect_rollout(
     timing = RolloutTime()
     for s in range(0, len(prompts), cfg.generation_batch_size):
         chunk = list(prompts[s : s + cfg.generation_batch_size])
+        streams = generator[s : s + len(chunk)] if isinstance(generator, Sequence) else generator
         t0 = device_time(device)
         with precision:
-            gen = sample_responses(sampler, tokenizer, chunk, cfg, generator)
+            gen = sample_responses(sampler, tokenizer, chunk, cfg, streams)
         t1 = device_time(device)
         with precision:
             parts.append(

@@ -27,7 +27,7 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -39,14 +39,29 @@ from tether.checkpoint import (
     last_good_state,
     load_state,
     non_finite_weights,
+    rng_state,
     save_state,
     truncate_metrics,
 )
 from tether.config import PPOConfig, save_config
 from tether.data.formats import read_records
 from tether.data.task import default_splits
+from tether.distributed import (
+    ParallelModel,
+    all_gather_object,
+    all_reduce_sum,
+    as_parallel,
+    broadcast_object,
+    gather_rng_states,
+    init_from_env,
+    main_only,
+    micro_batches,
+    seed_rank,
+    shard_range,
+    sum_dict,
+)
 from tether.metrics import MetricsLogger, progress_bar, read_metrics
-from tether.models.generation import Sampler, decode_responses
+from tether.models.generation import Sampler, decode_responses, row_generators
 from tether.models.heads import load_scalar_model, save_scalar_model
 from tether.models.loading import autocast, load_causal_lm, save_model
 from tether.models.trunk import SharedTrunk, backbone
@@ -66,7 +81,15 @@ from tether.ppo.rollout import (
     response_values,
     sample_responses,
 )
-from tether.sft.data import SFTExample, collate, count_target_tokens, encode_pretrain, forward_logits, load_pretrain
+from tether.sft.data import (
+    SFTExample,
+    collate,
+    count_target_tokens,
+    encode_pretrain,
+    forward_logits,
+    load_pretrain,
+    target_tokens,
+)
 
 __all__ = ["EMA", "PPOResult", "check_same_tokenizer", "take_cyclic", "train_ppo"]
 
@@ -220,15 +243,22 @@ def _load_models(
     return policy, ref_policy, value_model, reward, tokenizer
 
 
+# The stats every ppo_step returns (summed over the ranks key by key, so every rank has them all).
+PPO_STEP_STATS = ("policy_loss", "value_loss", "policy_clipfrac", "approx_kl", "value_clipfrac", "value_error")
+
+
 def ppo_step(
-    policy: PreTrainedModel,
-    value_model: PreTrainedModel,
+    policy: PreTrainedModel | ParallelModel,
+    value_model: PreTrainedModel | ParallelModel,
     minibatch: Rollout,
     ptx: Sequence[SFTExample],
     cfg: PPOConfig,
     pad_token_id: int,
     precision: contextlib.AbstractContextManager | None = None,
     trunk: SharedTrunk | None = None,
+    *,
+    n_tokens: int | None = None,
+    filler: bool = False,
 ) -> dict[str, float]:
     """Gradients of one optimiser step (the caller clips and steps); returns its stats.
 
@@ -238,27 +268,46 @@ def ppo_step(
     §3.5), ``ptx_coef`` × the LM loss of the pretraining examples, a token mean likewise. With a
     ``trunk`` (and the rollout's ``trunk_hidden``) the policy and value forwards run only their own
     blocks on the kept output of the shared frozen ones: the same computation.
+
+    Data parallel (:class:`ParallelModel` models): ``minibatch`` holds this rank's episodes of the
+    minibatch and ``n_tokens`` the response tokens of the whole minibatch (every rank's); a rank
+    with none passes one episode as a ``filler`` (weight 0: it only joins the all-reduce). The
+    pretraining examples ``ptx`` are the minibatch's (every rank's): each rank takes its share.
+    The returned stats are the whole minibatch's on every rank.
     """
-    device = next(policy.parameters()).device
+    policy, value_model = as_parallel(policy), as_parallel(value_model)
+    d = policy.dist
+    device = next(policy.module.parameters()).device
     precision = precision or contextlib.nullcontext()
-    totals: dict[str, float] = {}
+    totals: dict[str, float] = dict.fromkeys(PPO_STEP_STATS, 0.0)
 
     def add(name: str, value: torch.Tensor | float, weight: float) -> None:
         totals[name] = totals.get(name, 0.0) + float(value) * weight
 
-    n_tokens, n_episodes = minibatch.n_tokens, minibatch.batch_size
+    n_tokens = minibatch.n_tokens if n_tokens is None else n_tokens
+    n_episodes = minibatch.batch_size
     for start in range(0, n_episodes, cfg.micro_batch_size):
         micro = minibatch.select(range(start, min(start + cfg.micro_batch_size, n_episodes)))
-        weight = micro.n_tokens / n_tokens
+        weight = 0.0 if filler else micro.n_tokens / n_tokens
         inputs = (micro.query_ids, micro.query_mask, micro.response_ids, micro.response_mask)
         shared: dict[str, Any] = {"trunk": trunk, "hidden": micro.trunk_hidden}
-        with precision:
-            logprobs, _ = response_logprobs(policy, *inputs, cfg.temperature, **shared)
-            values = response_values(value_model, *inputs, **shared)
-        pg_loss, pg_stats = policy_loss(logprobs, micro.logprobs, micro.advantages, micro.response_mask, cfg.cliprange)
-        vf_loss, vf_stats = value_loss(values, micro.values, micro.returns, micro.response_mask, cfg.cliprange_value)
-        # Separate networks and optimisers: one backward fills both sets of gradients.
-        ((pg_loss + vf_loss) * weight).backward()
+        # The step's last PPO micro-batch all-reduces both models' gradients. With ptx the
+        # policy's is all-reduced again after the ptx passes: the mean over the ranks of (the
+        # reduced PPO gradient, equal everywhere, + each rank's ptx part × world_size) is the sum.
+        last = start + cfg.micro_batch_size >= n_episodes
+        with policy.sync(last), value_model.sync(last):
+            with precision:
+                logprobs, _ = policy.run(response_logprobs, *inputs, cfg.temperature, **shared)
+                values = value_model.run(response_values, *inputs, **shared)
+            pg_loss, pg_stats = policy_loss(
+                logprobs, micro.logprobs, micro.advantages, micro.response_mask, cfg.cliprange
+            )
+            vf_loss, vf_stats = value_loss(
+                values, micro.values, micro.returns, micro.response_mask, cfg.cliprange_value
+            )
+            # Separate networks and optimisers: one backward fills both sets of gradients
+            # (× world_size: DDP averages over the ranks, the token mean wants their sum).
+            ((pg_loss + vf_loss) * (weight * d.world_size)).backward()
         add("policy_loss", pg_loss.detach(), weight)
         add("value_loss", vf_loss.detach(), weight)
         add("policy_clipfrac", pg_stats["clipfrac"], weight)
@@ -267,27 +316,32 @@ def ppo_step(
         add("value_error", vf_stats["value_error"], weight)
 
     if ptx:
-        # The PPO gradient so far, to measure the pretraining gradient's size against it
-        # (ptx_grad_ratio = ‖γ ∇L_ptx‖ / ‖∇L_PPO‖: what calibrating ptx_coef looks at).
-        ppo_grads = [p.grad.detach().clone() if p.grad is not None else None for p in policy.parameters()]
-        batches = [
-            collate(ptx[i : i + cfg.micro_batch_size], pad_token_id) for i in range(0, len(ptx), cfg.micro_batch_size)
-        ]
-        n_targets = sum(count_target_tokens(b["labels"]) for b in batches)
-        for b in batches:
-            loss = lm_loss(forward_logits(policy, b, precision), b["labels"].to(device))
-            weight = count_target_tokens(b["labels"]) / max(n_targets, 1)
-            (cfg.ptx_coef * weight * loss).backward()
+        # The PPO gradient so far (all-reduced: the whole minibatch's), to measure the
+        # pretraining gradient's size against it (ptx_grad_ratio = ‖γ ∇L_ptx‖ / ‖∇L_PPO‖:
+        # what calibrating ptx_coef looks at).
+        params = list(policy.module.parameters())
+        ppo_grads = [p.grad.detach().clone() if p.grad is not None else None for p in params]
+        n_targets = target_tokens(ptx)
+        micro_ptx = micro_batches(ptx, cfg.micro_batch_size, d)
+        totals["ptx_loss"] = 0.0
+        for i, (chunk, real) in enumerate(micro_ptx):
+            b = collate(chunk, pad_token_id)
+            with policy.sync(i == len(micro_ptx) - 1):
+                loss = lm_loss(policy.run(forward_logits, b, precision), b["labels"].to(device))
+                weight = count_target_tokens(b["labels"]) / max(n_targets, 1) if real else 0.0
+                (cfg.ptx_coef * weight * d.world_size * loss).backward()
             add("ptx_loss", loss.detach(), weight)
         ppo_sq = ptx_sq = 0.0
-        for p, g in zip(policy.parameters(), ppo_grads, strict=True):
+        for p, g in zip(params, ppo_grads, strict=True):
             if p.grad is not None:
                 before = g if g is not None else torch.zeros_like(p.grad)
                 ppo_sq += float(before.float().pow(2).sum())
                 ptx_sq += float((p.grad - before).float().pow(2).sum())
+        totals = sum_dict(totals)
         if ppo_sq > 0:  # (a minibatch whose PPO gradient is exactly 0 has no ratio)
             totals["ptx_grad_ratio"] = math.sqrt(ptx_sq / ppo_sq)
-    return totals
+        return totals
+    return sum_dict(totals)
 
 
 def _share_trunk(cfg: PPOConfig, models: Sequence[Any], log: Callable[[str], None]) -> SharedTrunk | None:
@@ -336,11 +390,32 @@ def train_ppo(
     value model then starts from the policy with a fresh head unless ``value_model`` is set.
     ``stop_after_iterations`` raises :class:`~tether.checkpoint.StopAfter` once this process has
     run that many iterations (tests use it to simulate a crash).
+
+    Data parallel when launched by torchrun or inside a process group (Ray Train): every rank
+    holds the four roles, samples and scores its share of each batch's prompts, whitens the
+    advantages with the batch's statistics and trains on its episodes of every minibatch; the
+    gradients, the KL the controller sees and the metrics are the whole batch's. Episode ``e`` of
+    the run is sampled from its own seed (cfg.seed, e), so which rank samples it changes nothing.
     """
     cfg.validate()
+    d = init_from_env(cfg.policy.device)
+    log = main_only(log, d)
+    if d.enabled and cfg.policy.parallel == "fsdp":
+        raise ValueError(
+            "ppo.policy.parallel = 'fsdp' is not supported: sampling runs a different number of "
+            "forwards on each rank, which sharded weights cannot; use 'ddp' (with policy.lora or "
+            "policy.trainable_layers to fit a device)"
+        )
+    n_prompts = cfg.batch_size // cfg.samples_per_prompt
+    if n_prompts < d.world_size:
+        raise ValueError(
+            f"ppo: {n_prompts} prompts per batch (batch_size / samples_per_prompt) cannot be shared by "
+            f"{d.world_size} ranks: raise batch_size to at least {d.world_size * cfg.samples_per_prompt}"
+        )
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if d.is_main:
+        save_config(cfg, out / "config.yaml")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
@@ -352,6 +427,11 @@ def train_ppo(
     policy, ref_policy, value_model, reward, tokenizer = _load_models(cfg, reward_fn, log)
     device = next(policy.parameters()).device
     trunk = _share_trunk(cfg, (policy, ref_policy, value_model, reward), log)
+    seed_rank(cfg.seed, d)  # every rank built the same models; from here each has its own stream
+    # Every forward with a gradient goes through these (DDP sees it); sampling and scoring use
+    # the models themselves. The shared trunk is frozen: DDP has nothing of it to reduce.
+    policy_par = ParallelModel(policy, cfg.policy.parallel, d)
+    value_par = ParallelModel(value_model, cfg.policy.parallel, d)
     # Rollouts sample from `sampler`: the policy itself, or an inference copy of it in
     # cfg.rollout_dtype, synced after every optimiser step (old log-probs still come from the policy).
     sampler = Sampler(policy, cfg.rollout_dtype, compile=cfg.rollout_compile)
@@ -370,8 +450,8 @@ def train_ppo(
     else:
         kl_ctl = FixedKLController(cfg.kl_coef)
     ema = EMA(policy, cfg.ema_decay) if cfg.ema_decay else None
-    sampling_rng = torch.Generator(device=device).manual_seed(cfg.seed)
-    minibatch_rng = torch.Generator().manual_seed(cfg.seed + 1)  # CPU: drives randperm on the CPU
+    # The minibatch order is the whole batch's, the same on every rank. CPU: drives randperm there.
+    minibatch_rng = torch.Generator().manual_seed(cfg.seed + 1)
     models = {"policy": policy, "value_model": value_model}
     stateful: dict[str, Any] = {
         "policy_optimizer": policy_opt,
@@ -382,7 +462,7 @@ def train_ppo(
     }
     if ema is not None:
         stateful["ema"] = ema
-    generators = {"sampling": sampling_rng, "minibatch": minibatch_rng}
+    generators = {"minibatch": minibatch_rng}
     metrics_path, samples_path = out / "metrics.jsonl", out / "samples.jsonl"
 
     def write_samples(step: int) -> None:
@@ -404,8 +484,11 @@ def train_ppo(
             "prompt_position": prompt_pos,
             "ptx_position": ptx_pos,
             "kl_coef": kl_ctl.value,
+            "world_size": d.world_size,
         }
-        save_state(out / "state", models, stateful, counters, generators)
+        rngs = gather_rng_states(rng_state())  # every rank's stream (a collective: all ranks call it)
+        if d.is_main:
+            save_state(out / "state", models, stateful, counters, generators, rng_states=rngs)
 
     def apply_step(stats: dict[str, float], iteration: int) -> dict[str, float]:
         """Clip the gradients ``ppo_step`` left, step both optimisers (and the EMA); checked finite."""
@@ -432,22 +515,24 @@ def train_ppo(
             ema.update(policy)
         return stats
 
-    # Resume from the last state, if any.
+    # Resume from the last state, if any: rank 0 finds it (and removes a killed save's
+    # leftovers), every rank loads that one.
     start, episodes, prompt_pos, ptx_pos = 0, 0, (0, 0), (0, 0)
-    state_dir = find_state(out / "state")
+    state_dir = broadcast_object(find_state(out / "state") if d.is_main else None)
     if state_dir is not None:
-        counters = load_state(state_dir, models, stateful, generators)
+        counters = load_state(state_dir, models, stateful, generators, rank=d.rank)
         sampler.sync()
         start, episodes = counters["iteration"], counters["episodes"]
         (p_epoch, p_index), (x_epoch, x_index) = counters["prompt_position"], counters["ptx_position"]
         prompt_pos, ptx_pos = (p_epoch, p_index), (x_epoch, x_index)
-        truncate_metrics(metrics_path, start)
-        truncate_metrics(samples_path, start)
+        if d.is_main:
+            truncate_metrics(metrics_path, start)
+            truncate_metrics(samples_path, start)
         if start < cfg.iterations:
             log(f"ppo: resuming at iteration {start + 1}/{cfg.iterations} from {state_dir}")
         else:
             log(f"ppo: all {cfg.iterations} iterations are done ({state_dir}); exporting the models")
-    else:
+    elif d.is_main:
         for path in (metrics_path, samples_path):
             path.unlink(missing_ok=True)
         if sample_prompts and cfg.sample_every:
@@ -458,11 +543,15 @@ def train_ppo(
         f"minibatch {cfg.mini_batch_size}, {cfg.ppo_epochs} epoch(s)); "
         f"ptx: {cfg.ptx_per_minibatch} examples per minibatch × γ={cfg.ptx_coef}; "
         f"KL penalty {cfg.kl_estimator}, β={kl_ctl.value:g} ({type(kl_ctl).__name__})"
+        + (f"; {d.world_size} data-parallel ranks ({policy_par.strategy})" if d.enabled else "")
     )
-    logger = MetricsLogger(metrics_path, out / "tensorboard" if cfg.tensorboard else None)
+    logger = MetricsLogger(metrics_path, out / "tensorboard" if cfg.tensorboard else None, enabled=d.is_main)
+    # This rank's share of every batch: a block of its prompts (a prompt's responses together).
+    mine = shard_range(n_prompts, d)
+    my_episodes = range(mine.start * cfg.samples_per_prompt, mine.stop * cfg.samples_per_prompt)
 
     iterations_this_process = 0
-    with progress_bar("ppo") as bar:
+    with progress_bar("ppo", enabled=d.is_main) as bar:
         task = bar.add_task("ppo", total=cfg.iterations, completed=start, stats="")
         for iteration in range(start, cfg.iterations):
             t_start = device_time(device)
@@ -471,10 +560,12 @@ def train_ppo(
 
             # 1. Rollout: sample a response per prompt (KV cache, temperature T), then score
             #    each episode with the policy, the reference, the value and the reward model.
+            #    Each rank does its share of the episodes, each episode from its own seed.
             n_per = cfg.samples_per_prompt  # each prompt's responses are consecutive episodes
-            batch_idx, prompt_pos = take_cyclic(len(prompts), cfg.batch_size // n_per, prompt_pos, cfg.seed)
+            batch_idx, prompt_pos = take_cyclic(len(prompts), n_prompts, prompt_pos, cfg.seed)
+            batch_prompts = [prompts[i] for i in batch_idx for _ in range(n_per)]
             rollout, rollout_time = collect_rollout(
-                [prompts[i] for i in batch_idx for _ in range(n_per)],
+                [batch_prompts[j] for j in my_episodes],
                 sampler=sampler,
                 tokenizer=tokenizer,
                 policy=policy,
@@ -482,11 +573,11 @@ def train_ppo(
                 value_model=value_model,
                 reward=reward,
                 cfg=cfg,
-                generator=sampling_rng,
+                generator=row_generators(cfg.seed, [episodes + j for j in my_episodes], device),
                 precision=precision,
                 trunk=trunk,
             )
-            if not bool(torch.isfinite(rollout.scores).all()):
+            if not bool(all_reduce_sum(torch.isfinite(rollout.scores).all().long()) == d.world_size):
                 raise FloatingPointError(
                     f"ppo: the reward gave non-finite scores at iteration {iteration + 1}; "
                     f"{last_good_state(out / 'state')}"
@@ -501,22 +592,35 @@ def train_ppo(
                 scores, rollout.logprobs, rollout.ref_logprobs, rollout.response_mask, kl_coef, cfg.kl_estimator
             )
 
-            # 3. Advantages: GAE(γ, λ) over the response tokens, whitened over the batch.
+            # 3. Advantages: GAE(γ, λ) over the response tokens, whitened over the batch (every
+            #    rank's tokens: the statistics are all-reduced).
             rollout.advantages, rollout.returns = gae(
                 rollout.rewards, rollout.values, rollout.response_mask, cfg.gamma, cfg.lam
             )
             if cfg.whiten_advantages:
-                rollout.advantages = whiten_advantages(rollout.advantages, rollout.response_mask)
+                rollout.advantages = whiten_advantages(
+                    rollout.advantages, rollout.response_mask, all_reduce=all_reduce_sum if d.enabled else None
+                )
+            # The whole batch (every rank's episodes, without the trunk's hidden states) for the
+            # minibatches' token counts and the metrics: the same on every rank.
+            whole = _gather_rollout(rollout, pad) if d.enabled else rollout
 
             # 4. Update: epochs × minibatches, one optimiser step each (PPO, then ptx, gradients).
+            #    The minibatches are the whole batch's; each rank trains on its episodes of them.
             t0 = device_time(device)
             ptx_slices, ptx_pos = _ptx_slices(pretrain, tokenizer, ptx_pos, cfg)
             steps: list[dict[str, float]] = []
             for _ in range(cfg.ppo_epochs):
                 order = torch.randperm(cfg.batch_size, generator=minibatch_rng)
                 for m, s in enumerate(range(0, cfg.batch_size, cfg.mini_batch_size)):
-                    minibatch = rollout.select(order[s : s + cfg.mini_batch_size])
-                    stats = ppo_step(policy, value_model, minibatch, ptx_slices[m], cfg, pad, precision, trunk)
+                    picked = order[s : s + cfg.mini_batch_size]
+                    local = [int(i) - my_episodes.start for i in picked if int(i) in my_episodes]
+                    minibatch = rollout.select(local or [0])  # (a rank with none: one, as a filler)
+                    n_tokens = int(whole.response_mask[picked].sum())
+                    stats = ppo_step(
+                        policy_par, value_par, minibatch, ptx_slices[m], cfg, pad, precision, trunk,
+                        n_tokens=n_tokens, filler=not local,
+                    )  # fmt: skip
                     steps.append(apply_step(stats, iteration))
             policy_sched.step()
             value_sched.step()
@@ -525,15 +629,15 @@ def train_ppo(
             # 5. Log, adapt β, sample the fixed prompts, checkpoint.
             episodes += cfg.batch_size
             times = (rollout_time, t_update, device_time(device) - t_start)
-            record = _iteration_record(rollout, steps, cfg, iteration + 1, episodes, kl_coef, (lr, value_lr), times)
+            record = _iteration_record(whole, steps, cfg, iteration + 1, episodes, kl_coef, (lr, value_lr), times)
             kl_ctl.update(record["kl"], cfg.batch_size)
             logger.log(record)
             bar.update(task, advance=1, stats=_progress(record))
             done = iteration + 1
             last = done == cfg.iterations
-            if sample_prompts and cfg.sample_every and (done % cfg.sample_every == 0 or last):
+            if d.is_main and sample_prompts and cfg.sample_every and (done % cfg.sample_every == 0 or last):
                 write_samples(done)
-            if cfg.keep_policy_every and done % cfg.keep_policy_every == 0:
+            if d.is_main and cfg.keep_policy_every and done % cfg.keep_policy_every == 0:
                 with ema.applied(policy) if ema is not None else contextlib.nullcontext():
                     save_model(policy, tokenizer, out / f"iter-{done}")
             if done % cfg.save_every == 0 or last:
@@ -545,11 +649,28 @@ def train_ppo(
     logger.close()
 
     # 6. Export: the policy (EMA weights when enabled) and the value model, as HF directories.
+    if not d.is_main:  # rank 0 exports and returns; the others return what it did
+        return cast(PPOResult, broadcast_object(None))
     with ema.applied(policy) if ema is not None else contextlib.nullcontext():
         policy_dir = save_model(policy, tokenizer, out / "policy")
     value_dir = save_scalar_model(value_model, tokenizer, out / "value")
     log(f"ppo: done; policy: {policy_dir}, value model: {value_dir}")
-    return PPOResult(policy_dir, value_dir, cfg.iterations, read_metrics(metrics_path))
+    return broadcast_object(PPOResult(policy_dir, value_dir, cfg.iterations, read_metrics(metrics_path)))
+
+
+def _gather_rollout(rollout: Rollout, pad_token_id: int) -> Rollout:
+    """Every rank's episodes in rank order (so in batch order), on this rank's device, without
+    the trunk's hidden states (only this rank's update reads those)."""
+    device = rollout.response_ids.device
+    mine = dataclasses.replace(rollout, trunk_hidden=None)
+    on_cpu: dict[str, Any] = {f.name: _to(getattr(mine, f.name), "cpu") for f in dataclasses.fields(Rollout)}
+    whole = Rollout.cat(all_gather_object(Rollout(**on_cpu)), pad_token_id)
+    on_device: dict[str, Any] = {f.name: _to(getattr(whole, f.name), device) for f in dataclasses.fields(Rollout)}
+    return Rollout(**on_device)
+
+
+def _to(x: torch.Tensor | None, device: torch.device | str) -> torch.Tensor | None:
+    return None if x is None else x.to(device)
 
 
 def _iteration_record(

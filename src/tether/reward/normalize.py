@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.data.formats import Demonstration
+from tether.distributed import ParallelModel
 from tether.models.heads import set_reward_normalization
 from tether.reward.score import encode_texts, score_sequences
 
@@ -33,7 +34,7 @@ class Normalization:
 
 
 def normalize_reward_model(
-    model: PreTrainedModel,
+    model: PreTrainedModel | ParallelModel,
     tokenizer: PreTrainedTokenizerBase,
     demonstrations: Sequence[Demonstration],
     *,
@@ -54,13 +55,14 @@ def normalize_reward_model(
         max_length,
     )
     raw = score_sequences(model, sequences, tokenizer.pad_token_id, batch_size, normalized=False).double()
+    module = model.module if isinstance(model, ParallelModel) else model  # (the same on every rank)
     mean = float(raw.mean())
     std = float(raw.std()) if raw.numel() > 1 else 0.0
     # One demonstration (or identical scores) has no spread to scale by: the bias alone, and the
     # caller says so (Normalization.scaled).
     scaled = scale and std > 0
     gain = 1.0 / std if scaled else 1.0
-    set_reward_normalization(model, gain=gain, bias=-mean * gain)
+    set_reward_normalization(module, gain=gain, bias=-mean * gain)
     return Normalization(
         bias=-mean * gain, raw_mean=mean, raw_std=std, gain=gain, n=len(sequences), truncated=n_cut, scaled=scaled
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tether.distributed import ParallelModel, all_gather_object, as_parallel, micro_batches
 from tether.models.generation import decode_responses, sample
 from tether.models.heads import load_scalar_model, reward_scores
 from tether.models.loading import load_causal_lm
@@ -51,7 +52,7 @@ def encode_texts(
 
 @torch.no_grad()
 def score_sequences(
-    model: PreTrainedModel,
+    model: PreTrainedModel | ParallelModel,
     sequences: Sequence[list[int]],
     pad_token_id: int,
     batch_size: int = 32,
@@ -61,19 +62,28 @@ def score_sequences(
     """RM score of each token sequence, read at its last real token: ``[N]`` float32 on CPU.
 
     Sequences are batched by length (less padding) and returned in the given order; the score
-    does not depend on the batch or the padding (tested).
+    does not depend on the batch or the padding (tested). Given a :class:`ParallelModel`, each
+    rank scores a block of the batches and every rank returns all the scores.
     """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+    par = as_parallel(model)
+    was_training = par.module.training
+    par.module.eval()
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    scores = torch.empty(len(sequences), dtype=torch.float32)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    mine: list[tuple[list[int], torch.Tensor]] = []
+    for chunk, real in micro_batches(batches, 1, par.dist, equal=par.sharded) if batches else []:
+        idx = chunk[0]
         ids, mask = pad_right([sequences[i] for i in idx], pad_token_id)
-        scores[idx] = reward_scores(model, ids.to(device), mask.to(device), normalized=normalized).cpu()
+        device = next(par.module.parameters()).device
+        out = par.run(reward_scores, ids.to(device), mask.to(device), normalized=normalized).cpu()
+        if real:
+            mine.append((idx, out))
+    scores = torch.empty(len(sequences), dtype=torch.float32)
+    for part in all_gather_object(mine):
+        for idx, out in part:
+            scores[idx] = out
     if was_training:
-        model.train()
+        par.module.train()
     return scores
 
 

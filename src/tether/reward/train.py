@@ -5,7 +5,7 @@ normalise → evaluate → save. The RM is the SFT model with a scalar head; eac
 ``batch_size`` prompts, runs each of their K responses through the model once, and forms all
 C(K,2) pairs of a prompt inside the K-wise loss (eq. 1), every prompt weighing the same. The loss
 of a micro-batch is scaled by its share of the step's prompts, so micro-batches of 1, 2 or 8
-prompts give the same gradient.
+prompts give the same gradient, and so do N data-parallel ranks sharing the step's prompts.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
@@ -31,11 +31,24 @@ from tether.checkpoint import (
     find_state,
     last_good_state,
     load_state,
+    rng_state,
     save_state,
     truncate_metrics,
 )
 from tether.config import RMConfig, RMLoss, save_config
 from tether.data.formats import Comparison
+from tether.distributed import (
+    ParallelModel,
+    as_parallel,
+    barrier,
+    broadcast_object,
+    gather_rng_states,
+    init_from_env,
+    main_only,
+    micro_batches,
+    seed_rank,
+    sum_floats,
+)
 from tether.metrics import MetricsLogger, progress_bar
 from tether.models.heads import load_scalar_model, reward_scores, save_scalar_model
 from tether.models.loading import autocast
@@ -76,7 +89,7 @@ def ranking_loss(
 
 
 def accumulate_gradients(
-    model: PreTrainedModel,
+    model: PreTrainedModel | ParallelModel,
     batch: Sequence[RankedExample],
     micro_batch_size: int,
     pad_token_id: int,
@@ -91,27 +104,34 @@ def accumulate_gradients(
     over its rankings) is scaled by its share of the step's rankings, so the accumulated
     gradient is that of the mean over all of them whatever the micro-batch size. Returns the
     step's loss, pairwise accuracy and mean margin (over pairs).
+
+    Given a :class:`ParallelModel`, the response sets are shared out over the ranks and the
+    returned figures are the whole step's.
     """
-    device = next(model.parameters()).device
-    total = {"loss": 0.0, "correct": 0.0, "margin": 0.0, "pairs": 0}
+    par = as_parallel(model)
+    device = next(par.module.parameters()).device
+    loss_sum = correct = margin = pairs = 0.0
     groups = group_rankings(batch)
-    for i in range(0, len(groups), micro_batch_size):
-        micro = collate([ex for g in groups[i : i + micro_batch_size] for ex in g], pad_token_id).to(device)
-        with precision or contextlib.nullcontext():
-            value, stats = ranking_loss(model, micro, loss)
-        value = value * stats["n_prompts"] / len(batch)
-        value.backward()
-        n = int(stats["n_pairs"])
-        total["loss"] += float(value.detach())
-        total["correct"] += float(stats["accuracy"]) * n
-        total["margin"] += float(stats["margin"]) * n
-        total["pairs"] += n
-    pairs = max(total["pairs"], 1)
+    micro = micro_batches(groups, micro_batch_size, par.dist, equal=par.sharded)
+    for i, (chunk, real) in enumerate(micro):
+        inputs = collate([ex for g in chunk for ex in g], pad_token_id).to(device)
+        with par.sync(i == len(micro) - 1), precision or contextlib.nullcontext():
+            value, stats = par.run(ranking_loss, inputs, loss)
+            value = value * stats["n_prompts"] / len(batch)
+            # DDP averages over the ranks: × world_size makes it the sum (0: a filler).
+            (value * (par.world_size if real else 0.0)).backward()
+        if real:
+            n = int(stats["n_pairs"])
+            loss_sum += float(value.detach())
+            correct += float(stats["accuracy"]) * n
+            margin += float(stats["margin"]) * n
+            pairs += n
+    loss_sum, correct, margin, pairs = sum_floats([loss_sum, correct, margin, pairs])
     return {
-        "loss": total["loss"],
-        "accuracy": total["correct"] / pairs,
-        "margin": total["margin"] / pairs,
-        "pairs": total["pairs"],
+        "loss": loss_sum,
+        "accuracy": correct / max(pairs, 1),
+        "margin": margin / max(pairs, 1),
+        "pairs": int(pairs),
     }
 
 
@@ -165,17 +185,22 @@ def train_reward_model(
     """Train (or resume) a reward model as configured; returns the normalised checkpoint's path.
 
     ``comparisons`` replaces ``cfg.train_file`` (the pipeline passes records it already holds).
+    Data parallel when launched by torchrun or inside a process group (Ray Train): each step's
+    prompts are split over the ranks, evaluation too; rank 0 writes.
     ``panel_heldout_labelers``: the simulated panel's held-out labeler ids, which
     ``cfg.heldout_panel_labelers`` adds to the held-out ones (see :func:`heldout_labeler_ids`).
     ``stop_after_steps`` raises :class:`~tether.checkpoint.StopAfter` once this process has
     taken that many optimiser steps (tests use it to simulate a crash).
     """
     cfg.validate()
+    d = init_from_env(cfg.model.device)
+    log = main_only(log, d)
     heldout = heldout_labeler_ids(cfg, panel_heldout_labelers)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    torch.manual_seed(cfg.seed)  # the new scalar head's initialisation
+    if d.is_main:
+        save_config(cfg, out / "config.yaml")
+    torch.manual_seed(cfg.seed)  # the new scalar head's initialisation (the same on every rank)
     random.seed(cfg.seed)
 
     # 1. Data and model: every file validated before the model loads; split by prompt, keep
@@ -224,13 +249,15 @@ def train_reward_model(
     train_groups = group_rankings(train_ex)
     steps_per_epoch = math.ceil(len(train_groups) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
+    seed_rank(cfg.seed, d)  # every rank built the same model; from here each has its own stream
+    par = ParallelModel(model, cfg.model.parallel, d)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
     metrics_path = out / "metrics.jsonl"
 
     def evaluate() -> RMEval:
         return evaluate_rm(
-            model,
+            par,
             valid_ex,
             pad,
             heldout_labelers=heldout,
@@ -240,32 +267,38 @@ def train_reward_model(
 
     # 2. Resume from the last state, if any; else evaluate the untrained head once.
     epoch0, step0 = 0, 0
-    state_dir = find_state(out / "state")
+    # Rank 0 finds the state (and removes a killed save's leftovers); every rank loads that one.
+    state_dir = broadcast_object(find_state(out / "state") if d.is_main else None)
     if state_dir is not None:
-        counters = load_state(state_dir, {"reward_model": model}, {"optimizer": optimizer, "scheduler": scheduler})
+        models, stateful = par.checkpoint_parts("reward_model", optimizer, gather=False)
+        counters = load_state(state_dir, models, stateful | {"scheduler": scheduler}, rank=d.rank)
         epoch0, step0 = counters["epoch"], counters["step_in_epoch"]
-        truncate_metrics(metrics_path, counters["global_step"])
+        if d.is_main:
+            truncate_metrics(metrics_path, counters["global_step"])
         log(f"rm: resuming at epoch {epoch0 + 1}, step {step0}/{steps_per_epoch} from {state_dir}")
-    else:
+    elif d.is_main:
         metrics_path.unlink(missing_ok=True)  # lines of an attempt that never saved a state
-    logger = MetricsLogger(metrics_path, out / "tensorboard" if cfg.tensorboard else None)
+    logger = MetricsLogger(metrics_path, out / "tensorboard" if cfg.tensorboard else None, enabled=d.is_main)
     if state_dir is None:
         eval_before = evaluate().to_json()
-        (out / "eval_before.json").write_text(json.dumps(eval_before, indent=1))
+        if d.is_main:
+            (out / "eval_before.json").write_text(json.dumps(eval_before, indent=1))
         logger.log({"step": 0, "epoch": 0, **_eval_metrics(eval_before)})
     else:
-        eval_before = json.loads((out / "eval_before.json").read_text())
+        saved: dict[str, Any] | None = json.loads((out / "eval_before.json").read_text()) if d.is_main else None
+        eval_before = cast(dict[str, Any], broadcast_object(saved))
     log(
         f"rm: {data.train_comparisons} training comparisons ({data.train_pairs} pairs) as "
         f"{len(train_ex)} {'rankings' if cfg.loss == 'kwise' else 'pairs'} of {len(train_groups)} response sets, "
         f"{steps_per_epoch} steps/epoch x {cfg.epochs}; {len(valid_ex)} held-out comparisons"
+        + (f"; {d.world_size} data-parallel ranks ({par.strategy})" if d.enabled else "")
     )
 
     # 3. Epochs × optimiser steps (batch_size prompts) × micro-batches (micro_batch_size prompts).
     model.train()
     global_step = epoch0 * steps_per_epoch + step0
     steps_this_process = 0
-    with progress_bar("rm") as bar:
+    with progress_bar("rm", enabled=d.is_main) as bar:
         task = bar.add_task("rm", total=total_steps, completed=global_step, stats="")
         for epoch in range(epoch0, cfg.epochs):
             order = epoch_order(len(train_groups), cfg.seed, epoch)
@@ -273,7 +306,7 @@ def train_reward_model(
                 t0 = time.perf_counter()
                 picked = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 batch = [ex for i in picked for ex in train_groups[i]]
-                stats = accumulate_gradients(model, batch, cfg.micro_batch_size, pad, cfg.loss, precision)
+                stats = accumulate_gradients(par, batch, cfg.micro_batch_size, pad, cfg.loss, precision)
                 try:
                     if not math.isfinite(stats["loss"]):
                         raise NonFiniteError(f"non-finite loss ({stats['loss']})")
@@ -295,14 +328,14 @@ def train_reward_model(
                 logger.log(record)
                 bar.update(task, advance=1, stats=f"loss {stats['loss']:.3f} · acc {stats['accuracy']:.2f}")
                 if global_step % cfg.save_every_steps == 0 and step + 1 < steps_per_epoch:
-                    _save(out, model, optimizer, scheduler, epoch, step + 1, global_step)
+                    _save(out, par, optimizer, scheduler, epoch, step + 1, global_step)
                 if stop_after_steps is not None and steps_this_process >= stop_after_steps:
                     raise StopAfter(f"rm: stopped after {stop_after_steps} steps (stop_after_steps)")
-            _save(out, model, optimizer, scheduler, epoch + 1, 0, global_step)
+            _save(out, par, optimizer, scheduler, epoch + 1, 0, global_step)
 
     # 4. Normalise (demonstrations score mean 0, paper §3.5), evaluate, save the final RM.
     norm = normalize_reward_model(
-        model,
+        par,
         tokenizer,
         demos,
         max_length=cfg.max_length,
@@ -327,16 +360,20 @@ def train_reward_model(
         }
     )
     logger.close()
-    final = save_scalar_model(model, tokenizer, out / "final")
-    summary = {
-        "eval_before": eval_before,
-        "eval_after": eval_after.to_json(),
-        "normalization": norm.__dict__,
-        "data": data.__dict__,
-        "heldout_labelers": heldout,
-    }
-    (out / "eval.json").write_text(json.dumps(summary, indent=1))
+    final = out / "final"
+    weights = par.full_state_dict()  # (FSDP2: gathered, a collective; else None)
+    if d.is_main:
+        save_scalar_model(model, tokenizer, final, state_dict=weights)
+        summary = {
+            "eval_before": eval_before,
+            "eval_after": eval_after.to_json(),
+            "normalization": norm.__dict__,
+            "data": data.__dict__,
+            "heldout_labelers": heldout,
+        }
+        (out / "eval.json").write_text(json.dumps(summary, indent=1))
     log(f"rm: held-out {eval_after.summary()}")
+    barrier()  # every rank returns once the final RM is on disk
     return RMResult(final, norm, eval_before, eval_after, data, heldout)
 
 
@@ -354,16 +391,22 @@ def _eval_metrics(ev: dict) -> dict[str, float | None]:
 
 def _save(
     out: Path,
-    model: PreTrainedModel,
+    par: ParallelModel,
     optimizer: torch.optim.Optimizer,
     scheduler: LRScheduler,
     epoch: int,
     step_in_epoch: int,
     global_step: int,
 ) -> None:
-    save_state(
-        out / "state",
-        {"reward_model": model},
-        {"optimizer": optimizer, "scheduler": scheduler},
-        {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step},
-    )
+    # Collectives, so every rank calls them: every rank's RNG streams (and FSDP2's gathering).
+    rngs = gather_rng_states(rng_state())
+    models, stateful = par.checkpoint_parts("reward_model", optimizer)
+    if par.dist.is_main:
+        counters = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step}
+        save_state(
+            out / "state",
+            models,
+            stateful | {"scheduler": scheduler},
+            counters | {"world_size": par.dist.world_size},
+            rng_states=rngs,
+        )

@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tether.data.formats import Demonstration, PretrainText, read_records
 from tether.data.task import build_default_task
+from tether.distributed import ParallelModel, as_parallel, micro_batches, sum_floats
 from tether.models.generation import chat_prompt
 from tether.ops import IGNORE_INDEX, lm_loss
 
@@ -110,25 +111,36 @@ def forward_logits(
 
 @torch.no_grad()
 def evaluate_loss(
-    model: torch.nn.Module,
+    model: torch.nn.Module | ParallelModel,
     examples: Sequence[SFTExample],
     pad_token_id: int,
     batch_size: int = 8,
     precision: contextlib.AbstractContextManager | None = None,
 ) -> float:
-    """Mean NLL per target token over ``examples`` (eval mode, no dropout); exp of it is the perplexity."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_token_id)
-        logits = forward_logits(model, batch, precision or contextlib.nullcontext())
-        total += float(lm_loss(logits, batch["labels"].to(device), "sum"))
-        count += count_target_tokens(batch["labels"])
+    """Mean NLL per target token over ``examples`` (eval mode, no dropout); exp of it is the perplexity.
+
+    Given a :class:`ParallelModel`, every rank scores its shard and the sums are all-reduced.
+    """
+    par = as_parallel(model)
+    was_training = par.module.training
+    par.module.eval()
+    device = next(par.module.parameters()).device
+    total, count = 0.0, 0.0
+    for chunk, real in micro_batches(examples, batch_size, par.dist, equal=par.sharded):
+        batch = collate(chunk, pad_token_id)
+        logits = par.run(forward_logits, batch, precision or contextlib.nullcontext())
+        if real:
+            total += float(lm_loss(logits, batch["labels"].to(device), "sum"))
+            count += count_target_tokens(batch["labels"])
+    total, count = sum_floats([total, count])
     if was_training:
-        model.train()
+        par.module.train()
     return total / max(count, 1)
+
+
+def target_tokens(examples: Sequence[SFTExample]) -> int:
+    """What :func:`count_target_tokens` gives for ``examples`` collated, without collating them."""
+    return sum(label != IGNORE_INDEX for ex in examples for label in ex.labels[1:])
 
 
 def load_demonstrations(path: str | None) -> list[Demonstration]:

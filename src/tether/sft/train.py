@@ -3,7 +3,7 @@
 Read top to bottom: load → encode → (resume) → epochs × optimiser steps × micro-batches → validate →
 checkpoint → select. The loss is next-token cross-entropy on response tokens only, normalised by
 the number of target tokens in the whole optimiser batch, so 8 micro-batches of 1 and 4 of 2 give
-the same gradient.
+the same gradient, and so do N data-parallel ranks sharing the batch (:mod:`tether.distributed`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
@@ -28,11 +29,22 @@ from tether.checkpoint import (
     find_state,
     last_good_state,
     load_state,
+    rng_state,
     save_state,
     truncate_metrics,
 )
 from tether.config import SFTConfig, save_config
 from tether.data.formats import Demonstration
+from tether.distributed import (
+    ParallelModel,
+    broadcast_object,
+    gather_rng_states,
+    init_from_env,
+    main_only,
+    micro_batches,
+    seed_rank,
+    sum_floats,
+)
 from tether.metrics import MetricsLogger, progress_bar, read_metrics
 from tether.models.generation import generate_texts
 from tether.models.loading import autocast, load_causal_lm, save_model
@@ -41,13 +53,13 @@ from tether.optim import build_optimizer, build_scheduler, optimizer_step
 from tether.sft.data import (
     SFTExample,
     collate,
-    count_target_tokens,
     encode_demonstrations,
     encode_pretrain,
     evaluate_loss,
     forward_logits,
     load_demonstrations,
     load_pretrain,
+    target_tokens,
 )
 
 # A checkpoint scorer: (HF model directory, validation prompts) → score, higher is better (the
@@ -98,6 +110,9 @@ def train_sft(
 ) -> SFTResult:
     """Run (or resume) SFT as configured; returns where the selected checkpoint is.
 
+    Data parallel when launched by torchrun or inside a process group (Ray Train): the batch is
+    split over the ranks, rank 0 writes, every rank returns the same result.
+
     ``scorer`` scores each epoch's checkpoint on up to ``select_prompts`` validation prompts when
     ``select_by = 'rm_score'`` (``tether sft`` builds it from ``reward_model``).
 
@@ -110,9 +125,12 @@ def train_sft(
             "sft: select_by = 'rm_score' needs a scorer: train_sft(cfg, scorer=rm_scorer(cfg.reward_model, "
             "cfg.max_new_tokens, cfg.seed)) from tether.reward.score (tether sft builds it)"
         )
+    d = init_from_env(cfg.model.device)
+    log = main_only(log, d)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if d.is_main:
+        save_config(cfg, out / "config.yaml")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
@@ -141,66 +159,76 @@ def train_sft(
     if cfg.pretrain_fraction > 0:
         corpus = [encode_pretrain(tokenizer, t.text, cfg.max_length) for t in pretrain_texts]
         train_ex = mix_pretraining(train_ex, corpus, cfg.pretrain_fraction, cfg.seed)
+    valid_prompts = [demo.prompt for demo in valid_demos[:show_samples]]
+    metrics_path = out / "metrics.jsonl"
+    # Rank 0 finds the state (and removes a killed save's leftovers); every rank loads that one.
+    state_dir = broadcast_object(find_state(out / "state") if d.is_main else None)
+    samples_before: list = []
+    if state_dir is None and d.is_main:  # (before FSDP2 shards the model)
+        samples_before = _samples(model, tokenizer, valid_prompts, cfg)
+        (out / "samples_before.json").write_text(json.dumps(samples_before, indent=1))
+    seed_rank(cfg.seed, d)  # every rank built the same model; from here each has its own stream
+    par = ParallelModel(model, cfg.model.parallel, d)
 
     steps_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-    metrics_path = out / "metrics.jsonl"
 
     # 2. Resume from the last state, if any.
     epoch0, step0, epochs_done = 0, 0, []
-    state_dir = find_state(out / "state")
     if state_dir is not None:
-        counters = load_state(state_dir, {"policy": model}, {"optimizer": optimizer, "scheduler": scheduler})
+        models, stateful = par.checkpoint_parts("policy", optimizer, gather=False)
+        counters = load_state(state_dir, models, stateful | {"scheduler": scheduler}, rank=d.rank)
         epoch0, step0, epochs_done = counters["epoch"], counters["step_in_epoch"], counters["epochs"]
-        truncate_metrics(metrics_path, counters["global_step"])
+        if d.is_main:
+            truncate_metrics(metrics_path, counters["global_step"])
         log(f"sft: resuming at epoch {epoch0 + 1}, step {step0}/{steps_per_epoch} from {state_dir}")
-    else:
+    elif d.is_main:
         metrics_path.unlink(missing_ok=True)  # lines of an attempt that never saved a state
-    logger = MetricsLogger(metrics_path, out / "tensorboard" if cfg.tensorboard else None)
-    valid_prompts = [d.prompt for d in valid_demos[:show_samples]]
+    logger = MetricsLogger(metrics_path, out / "tensorboard" if cfg.tensorboard else None, enabled=d.is_main)
 
     if state_dir is None:
-        valid_before = evaluate_loss(model, valid_ex, pad, precision=precision)
+        valid_before = evaluate_loss(par, valid_ex, pad, precision=precision)
         logger.log({"step": 0, "epoch": 0, "valid_loss": valid_before})
-        samples_before = _samples(model, tokenizer, valid_prompts, cfg)
-        (out / "samples_before.json").write_text(json.dumps(samples_before, indent=1))
     else:
         # The counters keep it (a torn or emptied metrics log must not block the resume); states
         # written before they did have it only in the log's first line.
         logged = [m["valid_loss"] for m in read_metrics(metrics_path)[:1] if m.get("step") == 0]
         valid_before = counters.get("valid_loss_before", logged[0] if logged else math.nan)
-        samples_before = (
-            json.loads((out / "samples_before.json").read_text()) if (out / "samples_before.json").exists() else []
-        )
+        if d.is_main and (out / "samples_before.json").exists():
+            samples_before = json.loads((out / "samples_before.json").read_text())
     log(
         f"sft: {len(train_ex)} training examples ({steps_per_epoch} steps/epoch x {cfg.epochs} epochs), "
         f"{len(valid_ex)} validation; valid loss before: {valid_before:.4f}"
+        + (f"; {d.world_size} data-parallel ranks ({par.strategy})" if d.enabled else "")
     )
 
     # 3. Epochs × optimiser steps × micro-batches.
     model.train()
     global_step = epoch0 * steps_per_epoch + step0
     steps_this_process = 0
-    with progress_bar("sft") as bar:
+    with progress_bar("sft", enabled=d.is_main) as bar:
         task = bar.add_task("sft", total=total_steps, completed=global_step, stats="")
         for epoch in range(epoch0, cfg.epochs):
             order = epoch_order(len(train_ex), cfg.seed, epoch)
             for step in range(step0 if epoch == epoch0 else 0, steps_per_epoch):
                 t0 = time.perf_counter()
                 batch = [train_ex[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
-                micro = [
-                    collate(batch[i : i + cfg.micro_batch_size], pad)
-                    for i in range(0, len(batch), cfg.micro_batch_size)
-                ]
-                n_target = sum(count_target_tokens(m["labels"]) for m in micro)
+                # The whole batch's target tokens (every rank knows the batch): the loss is their
+                # mean whichever rank holds which example.
+                n_target = target_tokens(batch)
+                micro = micro_batches(batch, cfg.micro_batch_size, d, equal=par.sharded)
                 loss_total = 0.0
-                for m in micro:
-                    logits = forward_logits(model, m, precision)
-                    loss = lm_loss(logits, m["labels"].to(device), "sum") / max(n_target, 1)
-                    loss.backward()
-                    loss_total += float(loss.detach())
+                for i, (chunk, real) in enumerate(micro):
+                    m = collate(chunk, pad)
+                    with par.sync(i == len(micro) - 1):  # accumulate; the step's last all-reduces
+                        logits = par.run(forward_logits, m, precision)
+                        loss = lm_loss(logits, m["labels"].to(device), "sum") / max(n_target, 1)
+                        # DDP averages over the ranks: × world_size makes it the sum (0: filler).
+                        (loss * (par.world_size if real else 0.0)).backward()
+                    loss_total += float(loss.detach()) if real else 0.0
+                (loss_total,) = sum_floats([loss_total])
                 try:
                     if not math.isfinite(loss_total):
                         raise NonFiniteError(f"non-finite loss ({loss_total})")
@@ -211,7 +239,7 @@ def train_sft(
                     ) from None
                 global_step += 1
                 steps_this_process += 1
-                n_tokens = sum(int(m["attention_mask"].sum()) for m in micro)
+                n_tokens = sum(len(ex.input_ids) for ex in batch)  # every rank's, so the job's rate
                 tok_s = n_tokens / (time.perf_counter() - t0)
                 logger.log(
                     {
@@ -226,21 +254,26 @@ def train_sft(
                 bar.update(task, advance=1, stats=f"loss {loss_total:.3f} · {tok_s:,.0f} tok/s")
                 last_in_epoch = step + 1 == steps_per_epoch
                 if global_step % cfg.save_every_steps == 0 and not last_in_epoch:
-                    _save(out, model, optimizer, scheduler, epoch, step + 1, global_step, epochs_done, valid_before)
+                    _save(out, par, optimizer, scheduler, epoch, step + 1, global_step, epochs_done, valid_before)
                 if stop_after_steps is not None and steps_this_process >= stop_after_steps:
                     raise StopAfter(f"sft: stopped after {stop_after_steps} steps (stop_after_steps)")
 
             # 4. End of epoch: validation loss, a Hugging Face checkpoint, the resumable state.
-            valid_loss = evaluate_loss(model, valid_ex, pad, precision=precision)
-            epoch_dir = save_model(model, tokenizer, out / f"epoch-{epoch + 1}")
+            valid_loss = evaluate_loss(par, valid_ex, pad, precision=precision)
+            epoch_dir = out / f"epoch-{epoch + 1}"
+            weights = par.full_state_dict()  # (FSDP2: gathered, a collective; else None)
+            if d.is_main:
+                save_model(model, tokenizer, epoch_dir, state_dict=weights)
             epochs_done.append({"epoch": epoch + 1, "valid_loss": valid_loss, "dir": epoch_dir.name})
             logger.log({"step": global_step, "epoch": epoch + 1, "valid_loss": valid_loss})
             log(f"sft: epoch {epoch + 1}/{cfg.epochs} valid loss {valid_loss:.4f}")
-            _save(out, model, optimizer, scheduler, epoch + 1, 0, global_step, epochs_done, valid_before)
+            _save(out, par, optimizer, scheduler, epoch + 1, 0, global_step, epochs_done, valid_before)
     logger.close()
+    if not d.is_main:  # rank 0 selects, samples and returns; the others return what it did
+        return cast(SFTResult, broadcast_object(None))
 
     # 5. Select the checkpoint (paper: by RM score on validation prompts, not by validation loss).
-    selected = select_checkpoint(out, epochs_done, cfg, scorer, [d.prompt for d in valid_demos])
+    selected = select_checkpoint(out, epochs_done, cfg, scorer, [demo.prompt for demo in valid_demos])
     final = out / "final"
     if final.is_symlink() or final.exists():
         final.unlink() if final.is_symlink() else shutil.rmtree(final)
@@ -251,7 +284,7 @@ def train_sft(
                 shutil.rmtree(out / done["dir"], ignore_errors=True)
     final_model, _ = load_causal_lm(str(final))
     samples_after = _samples(final_model, tokenizer, valid_prompts, cfg)
-    return SFTResult(
+    result = SFTResult(
         final_dir=final,
         selected_epoch=selected["epoch"],
         valid_loss_before=valid_before,
@@ -260,11 +293,12 @@ def train_sft(
         samples_before=[(prompt, text) for prompt, text in samples_before],
         samples_after=samples_after,
     )
+    return broadcast_object(result)
 
 
 def _save(
     out: Path,
-    model: PreTrainedModel,
+    par: ParallelModel,
     optimizer: torch.optim.Optimizer,
     scheduler: LRScheduler,
     epoch: int,
@@ -274,12 +308,17 @@ def _save(
     valid_loss_before: float,
 ) -> None:
     counters = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "epochs": epochs}
-    save_state(
-        out / "state",
-        {"policy": model},
-        {"optimizer": optimizer, "scheduler": scheduler},
-        counters | {"valid_loss_before": valid_loss_before},
-    )
+    # Collectives, so every rank calls them: every rank's RNG streams (and FSDP2's gathering).
+    rngs = gather_rng_states(rng_state())
+    models, stateful = par.checkpoint_parts("policy", optimizer)
+    if par.dist.is_main:
+        save_state(
+            out / "state",
+            models,
+            stateful | {"scheduler": scheduler},
+            counters | {"valid_loss_before": valid_loss_before, "world_size": par.dist.world_size},
+            rng_states=rngs,
+        )
 
 
 def _samples(
