@@ -11,6 +11,9 @@ AdamW step. Prints rankings ("comparisons") per second, pairs per second and seq
 
     .venv/bin/python benchmarks/bench_rm.py                     # tiny random model, seconds
     .venv/bin/python benchmarks/bench_rm.py --model default --prompts 16 --k 4
+
+``--trunk-cache --trainable-layers N`` times two K-wise epochs instead, without and then with the
+frozen trunk's output kept across epochs (:class:`tether.models.trunk.TrunkCache`), in one process.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from tether.config import ModelConfig, OptimConfig
 from tether.data.formats import Comparison
 from tether.models.heads import load_scalar_model
+from tether.models.trunk import TrunkCache
 from tether.optim import build_optimizer
 from tether.reward.data import RankedExample, encode_comparisons, expand_to_pairs
 from tether.reward.train import accumulate_gradients
@@ -58,14 +62,14 @@ class Method:
     forwards: int  # sequences forwarded per ranking
 
 
-def run(model, examples: list[RankedExample], loss: str, per_step: int, micro: int, pad: int) -> float:
+def run(model, examples: list[RankedExample], loss: str, per_step: int, micro: int, pad: int, trunk=None) -> float:
     """Seconds to train one pass over ``examples``: ``per_step`` per optimiser step."""
     optimizer = build_optimizer(model.parameters(), OptimConfig(lr=1e-6))
     sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
     sync()
     start = time.perf_counter()
     for i in range(0, len(examples), per_step):
-        accumulate_gradients(model, examples[i : i + per_step], micro, pad, loss)
+        accumulate_gradients(model, examples[i : i + per_step], micro, pad, loss, trunk=trunk)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     sync()
@@ -82,12 +86,15 @@ def main() -> None:
     parser.add_argument("--seqs-per-forward", type=int, default=16, help="sequences per forward")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes (best is kept)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--trainable-layers", type=int, default=None, help="train only the top N blocks")
+    parser.add_argument("--trunk-cache", action="store_true", help="time 2 K-wise epochs without and with it")
     args = parser.parse_args()
     if args.seqs_per_forward % args.k or args.seqs_per_forward % 2:
         parser.error("--seqs-per-forward must be a multiple of --k and of 2")
 
     torch.manual_seed(0)
-    model, tok = load_scalar_model(ModelConfig(name_or_path=args.model), trainable=True)
+    model_cfg = ModelConfig(name_or_path=args.model, trainable_layers=args.trainable_layers, device=args.device)
+    model, tok = load_scalar_model(model_cfg, trainable=True)
     model.to(args.device)
     rankings, _ = encode_comparisons(tok, synthetic_comparisons(args.prompts, args.k, args.response_words), 512)
     pairs = expand_to_pairs(rankings)
@@ -100,6 +107,9 @@ def main() -> None:
         f"{args.seqs_per_forward} sequences per forward"
     )
     pad = tok.pad_token_id
+    if args.trunk_cache:
+        compare_trunk_cache(model, rankings, args.batch_size, args.seqs_per_forward // args.k, pad)
+        return
     methods = [
         Method("kwise", rankings, "kwise", args.batch_size, args.seqs_per_forward // args.k, args.k),
         # The same rankings' pairs, the same optimiser steps: C(K,2) pairs per prompt per step.
@@ -130,6 +140,19 @@ def main() -> None:
         f"K-wise is {best['pairs'] / best['kwise']:.2f}x faster per ranking "
         f"(forward count alone predicts {2 * n_pairs_per_ranking / args.k:.2f}x = K-1)"
     )
+
+
+def compare_trunk_cache(model, rankings: list[RankedExample], per_step: int, micro: int, pad: int) -> None:
+    n_tokens = sum(len(s) for s in {tuple(s) for ex in rankings for s in ex.sequences})
+    cache, how = TrunkCache.plan(model, n_tokens=n_tokens, epochs_left=2, limit_mib=4096, parallel="none")
+    print(f"trunk cache {how}")
+    if cache is None:
+        return
+    off = [run(model, rankings, "kwise", per_step, micro, pad) for _ in range(2)]
+    on = [run(model, rankings, "kwise", per_step, micro, pad, trunk=cache) for _ in range(2)]
+    for name, seconds in (("off", off), ("on", on)):
+        print(f"trunk cache {name:3}  epoch 1: {seconds[0]:7.2f} s  epoch 2: {seconds[1]:7.2f} s")
+    print(f"epoch 2: with the cache {on[1] / off[1]:.2f}x the time without ({off[1] / on[1]:.2f}x faster)")
 
 
 if __name__ == "__main__":

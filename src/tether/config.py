@@ -145,6 +145,12 @@ class SFTConfig:
     """Examples per forward pass; batch_size must be a multiple of it."""
     max_length: int = 512
     """Sequences are truncated to this many tokens (prompt kept, response cut)."""
+    trunk_cache_mib: float = 2048
+    """With model.trainable_layers, keep the frozen embeddings' and bottom blocks' output for every
+    training example (CPU memory: tokens x hidden size x 4 bytes in float32) and from the second
+    epoch on run only the trained top blocks on it: the same numbers, less compute. On when the
+    whole set fits in this many MiB; 0 turns it off. Off by itself under LoRA, parallel = 'fsdp',
+    dropout in the frozen blocks (model.residual_dropout > 0) or a single epoch; the log says which."""
     seed: int = 0
     """Seed for data order, dropout and initialisation."""
     out_dir: str = "runs/sft"
@@ -216,6 +222,12 @@ class RMConfig:
     overlength: Overlength = "truncate"
     """Over-length responses: 'truncate' (keep the prompt, cut the response) or 'skip' the
     comparison; counted and logged either way."""
+    trunk_cache_mib: float = 2048
+    """With model.trainable_layers, keep the frozen embeddings' and bottom blocks' output for every
+    training sequence (CPU memory: tokens x hidden size x 4 bytes in float32) and from the second
+    epoch on run only the trained top blocks on it: the same numbers, less compute. On when the
+    whole set fits in this many MiB; 0 turns it off. Off by itself under LoRA, parallel = 'fsdp',
+    dropout in the frozen blocks (model.residual_dropout > 0) or a single epoch; the log says which."""
     loss: RMLoss = "kwise"
     """'kwise' (paper eq. 1: a prompt's C(K,2) pairs form one batch element) or 'pairwise'
     (every pair an independent example of 2 forwards; batch_size then counts pairs)."""
@@ -452,6 +464,7 @@ FIELD_RANGES: dict[str, tuple[float, bool, float | None, bool]] = {
     "valid_fraction": _BELOW_ONE,
     "save_every_steps": _POSITIVE,
     "eval_every_steps": _NON_NEGATIVE,
+    "trunk_cache_mib": _NON_NEGATIVE,
     "select_prompts": _POSITIVE,
     "max_new_tokens": _POSITIVE,
     "total_episodes": _POSITIVE,

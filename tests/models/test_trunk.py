@@ -131,3 +131,83 @@ def test_ppo_with_the_shared_trunk_trains_the_same_weights(tmp_path, tiny_dir, p
         for name in off:
             # float32 round-off only: the same ops, on differently padded batches
             torch.testing.assert_close(on[name], off[name], atol=1e-5, rtol=1e-4), name
+
+
+# ---- TrunkCache: one model's frozen trunk kept across epochs (SFT, RM) ------------------------
+
+
+def _batch(tok, texts):
+    from tether.reward.data import pad_right
+
+    return pad_right([tok(t, add_special_tokens=False).input_ids for t in texts], tok.pad_token_id)
+
+
+def test_trunk_cache_keeps_real_tokens_and_gives_the_full_forward(tiny_dir, monkeypatch):
+    from tether.models.trunk import TrunkCache
+
+    model, tok = load_causal_lm(ModelConfig(name_or_path=str(tiny_dir), trainable_layers=1), trainable=True)
+    cache, how = TrunkCache.plan(model, n_tokens=100, epochs_left=2, limit_mib=1, parallel="none")
+    assert cache is not None and how.startswith("on: the output of the embeddings and 1 of 2 blocks")
+    ids, mask = _batch(tok, ["a short one", "a much longer sentence than the first one is"])
+    whole = model(input_ids=ids, attention_mask=mask).logits
+    first = cache.logits(model, ids, mask)
+    # Only the real tokens are kept, one entry per sequence, on the CPU.
+    assert sorted(t.shape[0] for t in cache.store.values()) == sorted(mask.sum(1).tolist())
+    assert cache.nbytes == int(mask.sum()) * 64 * 4
+    calls = []
+    monkeypatch.setattr(SharedTrunk, "hidden", lambda *a: calls.append(1))  # must not run again
+    # The same sequences in another batch (other order, other padding): from the store.
+    ids2, mask2 = _batch(tok, ["a much longer sentence than the first one is", "a short one", "a short one"])
+    again = cache.logits(model, ids2, mask2)
+    assert not calls
+    real = mask.bool()
+    torch.testing.assert_close(first[real], whole[real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(again[[1, 0]][real], whole[real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(again[2][mask2[2].bool()], whole[0][real[0]], atol=1e-5, rtol=0)
+    # Gradients reach the trained block through the kept states.
+    again[mask2.bool()].sum().backward()
+    assert backbone(model).layers[1].mlp.up_proj.weight.grad.abs().sum() > 0
+    assert backbone(model).layers[0].mlp.up_proj.weight.grad is None
+
+
+def test_trunk_cache_is_emptied_when_a_frozen_weight_changes(tiny_dir):
+    from tether.models.trunk import TrunkCache
+
+    model, tok = load_scalar_model(ModelConfig(name_or_path=str(tiny_dir), trainable_layers=1), trainable=True)
+    cache, _ = TrunkCache.plan(model, n_tokens=100, epochs_left=2, limit_mib=1, parallel="none")
+    ids, mask = _batch(tok, ["one two three", "four"])
+    cache.scalars(model, ids, mask)
+    with torch.no_grad():
+        backbone(model).layers[0].mlp.up_proj.weight.mul_(1.5)
+    changed = cache.scalars(model, ids, mask)
+    with torch.no_grad():
+        from tether.models.heads import scalar_per_token
+
+        whole = scalar_per_token(model, ids, mask)
+    torch.testing.assert_close(changed[mask.bool()], whole[mask.bool()], atol=1e-5, rtol=0)
+    backbone(model).layers[0].requires_grad_(True)
+    with pytest.raises(RuntimeError, match="frozen trunk now requires grad"):
+        cache.scalars(model, ids, mask)
+
+
+def test_trunk_cache_is_off_where_it_would_not_be_exact(tiny_dir):
+    from tether.config import LoraConfig
+    from tether.models.trunk import TrunkCache
+
+    def plan(epochs_left=2, limit_mib=1.0, parallel="none", **model_cfg):
+        model, _ = load_causal_lm(ModelConfig(name_or_path=str(tiny_dir), **model_cfg), trainable=True)
+        cache, how = TrunkCache.plan(
+            model, n_tokens=1000, epochs_left=epochs_left, limit_mib=limit_mib, parallel=parallel
+        )
+        assert (cache is None) == how.startswith("off")
+        return how
+
+    assert plan(trainable_layers=1).startswith("on: ")
+    assert "residual dropout" in plan(trainable_layers=1, residual_dropout=0.1)
+    assert "LoRA" in plan(lora=LoraConfig(enabled=True))
+    assert "no frozen bottom block" in plan()
+    assert "fsdp" in plan(trainable_layers=1, parallel="fsdp")
+    assert "one epoch left" in plan(trainable_layers=1, epochs_left=1)
+    assert plan(trainable_layers=1, limit_mib=0) == "off (trunk_cache_mib = 0)"
+    # 1000 tokens x 64 x 4 bytes = 0.24 MiB
+    assert "0 MiB > trunk_cache_mib = 0.1" in plan(trainable_layers=1, limit_mib=0.1)

@@ -484,3 +484,31 @@ def test_a_non_finite_first_step_says_there_is_no_good_state(data_dir, poison_gr
     with pytest.raises(NonFiniteError, match=r"^rm: step 1: .* no good state yet"):
         train_reward_model(cfg, **QUIET)
     assert not (Path(cfg.out_dir) / "state").exists()
+
+
+def test_trunk_cache_trains_the_same_rm(data_dir, monkeypatch):
+    """K-wise RM, 2 epochs, bottom block frozen: epoch 2 runs no trunk forward, same weights
+    (float32 round-off: a sequence's trunk output computed in one batch's padding, reused in another)."""
+    from tether.models.trunk import SharedTrunk
+
+    write_jsonl(data_dir / "comparisons.jsonl", toy_comparisons(40))
+    common = {"epochs": 2, "batch_size": 4, "micro_batch_size": 2, "model.trainable_layers": 1}
+    logs: list[str] = []
+    train_reward_model(tiny_cfg(data_dir, "off", trunk_cache_mib=0, **common), log=logs.append)
+    assert "rm: trunk cache off (trunk_cache_mib = 0)" in logs
+    forwards: list[int] = []
+    trunk_hidden = SharedTrunk.hidden
+    monkeypatch.setattr(
+        SharedTrunk, "hidden", lambda self, ids, mask: forwards.append(len(ids)) or trunk_hidden(self, ids, mask)
+    )
+    logs = []
+    on = tiny_cfg(data_dir, "on", **common)
+    train_reward_model(on, log=logs.append)
+    assert any(line.startswith("rm: trunk cache on: the output of the embeddings and 1 of 2 blocks") for line in logs)
+    held = next(line for line in logs if line.startswith("rm: trunk cache held"))
+    # Every distinct training sequence went through the trunk exactly once, in epoch 1.
+    assert sum(forwards) == int(held.split()[4])
+    a, b = final_weights(on), final_weights(tiny_cfg(data_dir, "off"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4), name

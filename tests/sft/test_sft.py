@@ -219,3 +219,106 @@ def test_resume_with_an_emptied_metrics_log(tmp_path, demos_file):
     result = train_sft(cfg, log=lambda _: None)
     assert math.isfinite(result.valid_loss_before)
     assert [m["step"] for m in read_metrics(Path(cfg.out_dir) / "metrics.jsonl") if "loss" in m][0] == 3
+
+
+def _trunk_spy(monkeypatch) -> list[bool]:
+    """One entry per trunk cache lookup, in order: whether it ran the trunk's forward."""
+    from tether.models.trunk import SharedTrunk, TrunkCache
+
+    ran: list[bool] = []
+    lookup, forward = TrunkCache.hidden, SharedTrunk.hidden
+
+    def counted_lookup(self, *args):
+        ran.append(False)
+        return lookup(self, *args)
+
+    def counted_forward(self, *args):
+        ran[-1] = True
+        return forward(self, *args)
+
+    monkeypatch.setattr(TrunkCache, "hidden", counted_lookup)
+    monkeypatch.setattr(SharedTrunk, "hidden", counted_forward)
+    return ran
+
+
+def _change_a_frozen_weight_in_epoch(monkeypatch, epoch: int) -> None:
+    """At the start of ``epoch`` (0-based) the trained model's bottom block changes in place."""
+    import tether.sft.train as sft_train
+
+    models = []
+    load, order = sft_train.load_causal_lm, sft_train.epoch_order
+
+    def load_and_keep(*args, **kwargs):
+        out = load(*args, **kwargs)
+        models.append(out[0])
+        return out
+
+    def order_and_change(n, seed, e):
+        if e == epoch:
+            with torch.no_grad():
+                models[-1].model.layers[0].mlp.down_proj.weight.mul_(1.5)  # this run's
+        return order(n, seed, e)
+
+    monkeypatch.setattr(sft_train, "load_causal_lm", load_and_keep)
+    monkeypatch.setattr(sft_train, "epoch_order", order_and_change)
+
+
+def _assert_close_weights(a: dict, b: dict, atol: float = 1e-5, rtol: float = 1e-4) -> None:
+    # float32 round-off only: a sequence's trunk output computed in one batch (its padding) and
+    # reused in another
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=rtol), name
+
+
+def test_trunk_cache_trains_the_same_weights(tmp_path, demos_file, monkeypatch):
+    """2 epochs with the bottom block frozen: epoch 2 runs no trunk forward, same weights."""
+    common = {"epochs": 2, "batch_size": 4, "micro_batch_size": 2, "model.trainable_layers": 1}
+    off = tiny_cfg(tmp_path / "off", demos_file, trunk_cache_mib=0, **common)
+    logs: list[str] = []
+    train_sft(off, log=logs.append)
+    assert "sft: trunk cache off (trunk_cache_mib = 0)" in logs
+    ran = _trunk_spy(monkeypatch)
+    on = tiny_cfg(tmp_path / "on", demos_file, **common)
+    logs = []
+    train_sft(on, log=logs.append)
+    assert any(line.startswith("sft: trunk cache on: the output of the embeddings and 1 of 2 blocks") for line in logs)
+    # The toy demonstrations are 8 distinct ones, repeated: each is kept once.
+    assert any("valid loss" in line and "trunk cache: 8 sequences" in line for line in logs), logs
+    # Epoch 1 ran the trunk (except on micro-batches of repeats), epoch 2 never did.
+    assert len(ran) == 20 and any(ran[:10]) and not any(ran[10:])
+    _assert_close_weights(final_weights(tmp_path / "on" / "run"), final_weights(tmp_path / "off" / "run"))
+
+
+def test_trunk_cache_is_rebuilt_when_a_frozen_weight_changes(tmp_path, demos_file, monkeypatch):
+    """A frozen weight changed between epochs: the kept states are stale and must not be used."""
+    from tether.models.trunk import TrunkCache
+
+    common = {"epochs": 2, "batch_size": 4, "micro_batch_size": 2, "model.trainable_layers": 1}
+    _change_a_frozen_weight_in_epoch(monkeypatch, 1)
+    train_sft(tiny_cfg(tmp_path / "off", demos_file, trunk_cache_mib=0, **common), log=lambda _: None)
+    train_sft(tiny_cfg(tmp_path / "on", demos_file, **common), log=lambda _: None)
+    off, on = final_weights(tmp_path / "off" / "run"), final_weights(tmp_path / "on" / "run")
+    _assert_close_weights(on, off)
+    # Without the check the test above fails: the stale states train other weights.
+    monkeypatch.setattr(TrunkCache, "_check_fresh", lambda self: None)
+    train_sft(tiny_cfg(tmp_path / "stale", demos_file, **common), log=lambda _: None)
+    stale = final_weights(tmp_path / "stale" / "run")
+    assert max(float((stale[n] - off[n]).abs().max()) for n in off) > 1e-3
+
+
+def test_resume_with_the_trunk_cache_equals_uninterrupted(tmp_path, demos_file):
+    """Stopped in epoch 2 of 3: the resumed run rebuilds the cache (it is never saved)."""
+    common = {"epochs": 3, "batch_size": 4, "micro_batch_size": 2, "save_every_steps": 2}
+    common["model.trainable_layers"] = 1
+    full = tiny_cfg(tmp_path / "full", demos_file, **common)
+    train_sft(full, log=lambda _: None)
+    broken = tiny_cfg(tmp_path / "broken", demos_file, **common)
+    with pytest.raises(StopAfter, match="after 7 steps"):  # 5 steps per epoch: in epoch 2
+        train_sft(broken, log=lambda _: None, stop_after_steps=7)
+    assert not any("trunk" in p.name for p in (tmp_path / "broken" / "run" / "state").rglob("*"))
+    logs: list[str] = []
+    train_sft(broken, log=logs.append)  # resumes from the state saved at step 6
+    assert any(line.startswith("sft: resuming at epoch 2, step 1/5") for line in logs), logs
+    assert any(line.startswith("sft: trunk cache on") for line in logs)
+    _assert_close_weights(final_weights(tmp_path / "broken" / "run"), final_weights(tmp_path / "full" / "run"))

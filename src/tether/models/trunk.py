@@ -154,3 +154,149 @@ class SharedTrunk:
     def scalars(self, model: PreTrainedModel, hidden: Tensor, attention_mask: Tensor) -> Tensor:
         """A scalar-head model's raw output at every position: ``[B, T]`` float32."""
         return unwrap(model).score(self.top(model, hidden, attention_mask)).squeeze(-1).float()
+
+
+def frozen_depth(model: PreTrainedModel) -> int:
+    """How many bottom blocks of ``model`` (with its embeddings) no parameter trains: 0 when the
+    embeddings train or the backbone is not a ``embed_tokens`` / ``layers`` / ``norm`` stack."""
+    stack = backbone(model)
+    if not all(hasattr(stack, n) for n in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return 0
+    if any(p.requires_grad for p in stack.embed_tokens.parameters()):
+        return 0
+    depth = 0
+    for block in stack.layers:
+        if any(p.requires_grad for p in block.parameters()):
+            break
+        depth += 1
+    return depth
+
+
+def _dropout_in(modules: Sequence[nn.Module], config: object) -> str | None:
+    """Why the frozen ``modules`` would not give the same output twice in train mode, or None."""
+    for module in modules:
+        for name, sub in module.named_modules():
+            if sub._forward_hooks or sub._forward_pre_hooks:  # tether's residual dropout is a hook
+                return (
+                    f"a forward hook on the frozen {type(sub).__name__} (residual dropout, model.residual_dropout > 0)"
+                )
+            if isinstance(sub, nn.Dropout) and sub.p > 0:
+                return f"dropout p={sub.p} in the frozen {name or type(module).__name__}"
+    p = float(getattr(config, "attention_dropout", 0.0) or 0.0)
+    return f"attention dropout {p} in the frozen blocks (config.attention_dropout)" if p > 0 else None
+
+
+class TrunkCache:
+    """The frozen bottom blocks' output for every training sequence, kept across epochs (on the CPU).
+
+    With ``trainable_layers`` the embeddings and bottom blocks are frozen and (without dropout in
+    them) give the same hidden states for a sequence in every epoch. The first time a sequence is
+    seen its batch runs the trunk (:class:`SharedTrunk`, one model) and each row's real tokens'
+    hidden states ``[n, H]`` are kept, keyed by the row's token ids; later batches made only of
+    known sequences skip the trunk and run the trained top blocks, final norm and head on the kept
+    states (padding positions get zeros: under right or left padding no real position attends to
+    them, and no loss reads them). The same numbers as the full forward up to float32 round-off (a
+    sequence's trunk output computed in one batch's padding against another's).
+
+    Stale states are detected, not assumed away: a trunk parameter changed in place (its version
+    counter moved, as under ``torch.no_grad()`` updates or ``load_state_dict``) or replaced empties
+    the store; one made trainable raises. (A write through ``.data`` bypasses version counters.)
+    """
+
+    def __init__(self, model: PreTrainedModel, depth: int) -> None:
+        self.trunk = SharedTrunk([model], depth)
+        stack = self.trunk.owner
+        self._tensors = [
+            *stack.embed_tokens.parameters(),
+            *stack.embed_tokens.buffers(),
+            *stack.rotary_emb.buffers(),
+            *(t for block in stack.layers[:depth] for t in (*block.parameters(), *block.buffers())),
+        ]
+        self._fingerprint = self._current()
+        self.store: dict[tuple[int, ...], Tensor] = {}  # token ids → [n, H] CPU
+        self.nbytes = 0
+
+    @classmethod
+    def plan(
+        cls, model: PreTrainedModel, *, n_tokens: int, epochs_left: int, limit_mib: float, parallel: str
+    ) -> tuple[TrunkCache | None, str]:
+        """A cache for training ``model`` when it is exact and fits, else None; and a log line
+        saying which and why (how many blocks, how many MiB at most: ``n_tokens`` × hidden × bytes).
+
+        ``n_tokens``: the real tokens of the sequences to keep; ``epochs_left``: the passes that
+        will read them (one: nothing to reuse); ``parallel``: the :class:`ParallelModel` strategy.
+        """
+        if limit_mib <= 0:
+            return None, "off (trunk_cache_mib = 0)"
+        if hasattr(model, "peft_config"):
+            return None, "off: LoRA adapters train inside every block (no frozen trunk)"
+        if parallel == "fsdp":
+            return None, "off: parallel = 'fsdp' shards the frozen blocks too (use 'ddp' to cache them)"
+        if epochs_left < 2:
+            return None, "off: one epoch left, nothing to reuse"
+        depth = frozen_depth(model)
+        if depth == 0:
+            return None, "off: no frozen bottom block (set model.trainable_layers)"
+        stack = backbone(model)
+        why = _dropout_in([stack.embed_tokens, *stack.layers[:depth]], unwrap(model).config)
+        if why is not None:
+            return None, f"off: {why} makes their output differ between epochs"
+        hidden_size = int(stack.embed_tokens.weight.shape[1])
+        itemsize = stack.embed_tokens.weight.element_size()
+        mib = n_tokens * hidden_size * itemsize / 2**20
+        n_blocks = len(stack.layers)
+        if mib > limit_mib:
+            return None, f"off: the frozen blocks' output would take {mib:,.0f} MiB > trunk_cache_mib = {limit_mib:g}"
+        return cls(model, depth), (
+            f"on: the output of the embeddings and {depth} of {n_blocks} blocks (frozen) is kept for the "
+            f"later epochs: {n_tokens:,} tokens x {hidden_size} x {itemsize} bytes = {mib:,.1f} MiB on the CPU"
+        )
+
+    def _current(self) -> list[tuple[int, int, bool]]:
+        return [(t.data_ptr(), t._version, t.requires_grad) for t in self._tensors]
+
+    def _check_fresh(self) -> None:
+        now = self._current()
+        if now == self._fingerprint:
+            return
+        if any(grad for _, _, grad in now):
+            raise RuntimeError(
+                "TrunkCache: a parameter of the frozen trunk now requires grad; the cache (and the "
+                "trunk's no-grad forward) would be wrong. Build it after freezing, and keep it frozen."
+            )
+        self.store.clear()  # a frozen weight changed: every kept state is stale
+        self.nbytes = 0
+        self._fingerprint = now
+
+    def hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The trunk's output ``[B, T, H]`` for a batch: from the store when every row is in it,
+        else computed (and each new row's real tokens kept)."""
+        self._check_fresh()
+        real = attention_mask.bool()
+        ids_cpu, real_cpu = input_ids.cpu(), real.cpu()
+        keys = [tuple(row[m].tolist()) for row, m in zip(ids_cpu, real_cpu, strict=True)]
+        if any(k not in self.store for k in keys):
+            out = self.trunk.hidden(input_ids, attention_mask)
+            for i, k in enumerate(keys):
+                if k not in self.store:
+                    kept = out[i][real[i]].cpu()  # (boolean indexing copies: no view of the batch)
+                    self.store[k] = kept
+                    self.nbytes += kept.nbytes
+            return out
+        first = self.store[keys[0]]
+        out = torch.zeros((*input_ids.shape, first.shape[-1]), dtype=first.dtype, device=input_ids.device)
+        for i, k in enumerate(keys):
+            out[i][real[i]] = self.store[k].to(input_ids.device)
+        return out
+
+    def logits(self, model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The causal LM's logits ``[B, T, V]``, the trunk's part from the store where it can."""
+        hidden = self.hidden(input_ids, attention_mask)
+        return self.trunk.logits(model, hidden, attention_mask, int(input_ids.shape[1]))
+
+    def scalars(self, model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """A scalar-head model's raw output at every position ``[B, T]`` (float32), likewise."""
+        return self.trunk.scalars(model, self.hidden(input_ids, attention_mask), attention_mask)
+
+    def __len__(self) -> int:
+        return len(self.store)

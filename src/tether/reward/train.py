@@ -50,8 +50,9 @@ from tether.distributed import (
     sum_floats,
 )
 from tether.metrics import MetricsLogger, progress_bar
-from tether.models.heads import load_scalar_model, reward_scores, save_scalar_model
+from tether.models.heads import load_scalar_model, reward_scores, save_scalar_model, score_at_last_token
 from tether.models.loading import autocast
+from tether.models.trunk import TrunkCache
 from tether.optim import build_optimizer, build_scheduler, optimizer_step
 from tether.reward.data import (
     RankedExample,
@@ -70,15 +71,20 @@ from tether.sft.data import load_demonstrations
 
 
 def ranking_loss(
-    model: PreTrainedModel, batch: RankingBatch, loss: RMLoss
+    model: PreTrainedModel, batch: RankingBatch, loss: RMLoss, trunk: TrunkCache | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward every sequence of the batch once and apply the K-wise (or pairwise) loss.
 
     ``loss='pairwise'`` expects every example to be one (winner, loser) pair, as made by
     :func:`tether.reward.data.expand_to_pairs`: sequences alternate chosen, rejected.
+    With ``trunk`` the frozen bottom blocks' output comes from (or goes into) its store.
     Returns ``(loss averaged over the batch's prompts, stats)``.
     """
-    rows = reward_scores(model, batch.input_ids, batch.attention_mask, normalized=False)  # [U]
+    if trunk is not None:
+        per_token = trunk.scalars(model, batch.input_ids, batch.attention_mask)
+        rows = score_at_last_token(model, per_token, batch.attention_mask, normalized=False)  # [U]
+    else:
+        rows = reward_scores(model, batch.input_ids, batch.attention_mask, normalized=False)  # [U]
     scores = rows[batch.sequence_index]  # [N]: a sequence ranked by several labelers forwards once
     if loss == "kwise":
         return kwise_ranking_loss(scores, batch.prompt_index, batch.ranks)
@@ -95,6 +101,7 @@ def accumulate_gradients(
     pad_token_id: int,
     loss: RMLoss,
     precision: contextlib.AbstractContextManager | None = None,
+    trunk: TrunkCache | None = None,
 ) -> dict[str, float]:
     """Backward the loss of one optimiser step's ``batch``, ``micro_batch_size`` prompts at a time.
 
@@ -106,7 +113,7 @@ def accumulate_gradients(
     step's loss, pairwise accuracy and mean margin (over pairs).
 
     Given a :class:`ParallelModel`, the response sets are shared out over the ranks and the
-    returned figures are the whole step's.
+    returned figures are the whole step's. ``trunk``: see :func:`ranking_loss`.
     """
     par = as_parallel(model)
     device = next(par.module.parameters()).device
@@ -116,7 +123,7 @@ def accumulate_gradients(
     for i, (chunk, real) in enumerate(micro):
         inputs = collate([ex for g in chunk for ex in g], pad_token_id).to(device)
         with par.sync(i == len(micro) - 1), precision or contextlib.nullcontext():
-            value, stats = par.run(ranking_loss, inputs, loss)
+            value, stats = par.run(ranking_loss, inputs, loss, trunk)
             value = value * stats["n_prompts"] / len(batch)
             # DDP averages over the ranks: × world_size makes it the sum (0: a filler).
             (value * (par.world_size if real else 0.0)).backward()
@@ -294,6 +301,17 @@ def train_reward_model(
         + (f"; {d.world_size} data-parallel ranks ({par.strategy})" if d.enabled else "")
     )
 
+    # The frozen trunk's output for a training sequence is the same in every epoch: keep it (in
+    # memory only, so a resumed run rebuilds it).
+    trunk_cache, how = TrunkCache.plan(
+        model,
+        n_tokens=sum(len(s) for s in {tuple(s) for ex in train_ex for s in ex.sequences}),
+        epochs_left=cfg.epochs - epoch0,
+        limit_mib=cfg.trunk_cache_mib,
+        parallel=par.strategy,
+    )
+    log(f"rm: trunk cache {how}")
+
     # 3. Epochs × optimiser steps (batch_size prompts) × micro-batches (micro_batch_size prompts).
     model.train()
     global_step = epoch0 * steps_per_epoch + step0
@@ -306,7 +324,7 @@ def train_reward_model(
                 t0 = time.perf_counter()
                 picked = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 batch = [ex for i in picked for ex in train_groups[i]]
-                stats = accumulate_gradients(par, batch, cfg.micro_batch_size, pad, cfg.loss, precision)
+                stats = accumulate_gradients(par, batch, cfg.micro_batch_size, pad, cfg.loss, precision, trunk_cache)
                 try:
                     if not math.isfinite(stats["loss"]):
                         raise NonFiniteError(f"non-finite loss ({stats['loss']})")
@@ -332,6 +350,8 @@ def train_reward_model(
                 if stop_after_steps is not None and steps_this_process >= stop_after_steps:
                     raise StopAfter(f"rm: stopped after {stop_after_steps} steps (stop_after_steps)")
             _save(out, par, optimizer, scheduler, epoch + 1, 0, global_step)
+    if trunk_cache:
+        log(f"rm: trunk cache held {len(trunk_cache)} sequences, {trunk_cache.nbytes / 2**20:,.1f} MiB")
 
     # 4. Normalise (demonstrations score mean 0, paper §3.5), evaluate, save the final RM.
     norm = normalize_reward_model(

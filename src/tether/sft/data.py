@@ -9,14 +9,16 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.data.formats import Demonstration, PretrainText, read_records
 from tether.data.task import build_default_task
 from tether.distributed import ParallelModel, as_parallel, micro_batches, sum_floats
 from tether.models.generation import chat_prompt
+from tether.models.trunk import TrunkCache
 from tether.ops import IGNORE_INDEX, lm_loss
 
 
@@ -101,12 +103,22 @@ def count_target_tokens(labels: torch.Tensor) -> int:
 
 
 def forward_logits(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], precision: contextlib.AbstractContextManager
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    precision: contextlib.AbstractContextManager,
+    trunk: TrunkCache | None = None,
 ) -> torch.Tensor:
-    """Logits [B,T,V] for a collated batch, on the model's device, under the configured precision."""
+    """Logits [B,T,V] for a collated batch, on the model's device, under the configured precision.
+
+    With ``trunk`` the frozen bottom blocks' output comes from (or goes into) its store and only
+    the trained top runs on it (:class:`~tether.models.trunk.TrunkCache`).
+    """
     device = next(model.parameters()).device
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     with precision:
-        return model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        if trunk is not None:
+            return trunk.logits(cast(PreTrainedModel, model), ids, mask)
+        return model(input_ids=ids, attention_mask=mask).logits
 
 
 @torch.no_grad()

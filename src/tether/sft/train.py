@@ -48,6 +48,7 @@ from tether.distributed import (
 from tether.metrics import MetricsLogger, progress_bar, read_metrics
 from tether.models.generation import generate_texts
 from tether.models.loading import autocast, load_causal_lm, save_model
+from tether.models.trunk import TrunkCache
 from tether.ops import lm_loss
 from tether.optim import build_optimizer, build_scheduler, optimizer_step
 from tether.sft.data import (
@@ -204,6 +205,17 @@ def train_sft(
         + (f"; {d.world_size} data-parallel ranks ({par.strategy})" if d.enabled else "")
     )
 
+    # The frozen trunk's output for a training example is the same in every epoch: keep it (in
+    # memory only, so a resumed run rebuilds it).
+    trunk_cache, how = TrunkCache.plan(
+        model,
+        n_tokens=sum(len(ex.input_ids) for ex in train_ex),
+        epochs_left=cfg.epochs - epoch0,
+        limit_mib=cfg.trunk_cache_mib,
+        parallel=par.strategy,
+    )
+    log(f"sft: trunk cache {how}")
+
     # 3. Epochs × optimiser steps × micro-batches.
     model.train()
     global_step = epoch0 * steps_per_epoch + step0
@@ -223,7 +235,7 @@ def train_sft(
                 for i, (chunk, real) in enumerate(micro):
                     m = collate(chunk, pad)
                     with par.sync(i == len(micro) - 1):  # accumulate; the step's last all-reduces
-                        logits = par.run(forward_logits, m, precision)
+                        logits = par.run(forward_logits, m, precision, trunk_cache)
                         loss = lm_loss(logits, m["labels"].to(device), "sum") / max(n_target, 1)
                         # DDP averages over the ranks: × world_size makes it the sum (0: filler).
                         (loss * (par.world_size if real else 0.0)).backward()
@@ -266,7 +278,12 @@ def train_sft(
                 save_model(model, tokenizer, epoch_dir, state_dict=weights)
             epochs_done.append({"epoch": epoch + 1, "valid_loss": valid_loss, "dir": epoch_dir.name})
             logger.log({"step": global_step, "epoch": epoch + 1, "valid_loss": valid_loss})
-            log(f"sft: epoch {epoch + 1}/{cfg.epochs} valid loss {valid_loss:.4f}")
+            held = (
+                f"; trunk cache: {len(trunk_cache)} sequences, {trunk_cache.nbytes / 2**20:,.1f} MiB"
+                if trunk_cache
+                else ""
+            )
+            log(f"sft: epoch {epoch + 1}/{cfg.epochs} valid loss {valid_loss:.4f}{held}")
             _save(out, par, optimizer, scheduler, epoch + 1, 0, global_step, epochs_done, valid_before)
     logger.close()
     if not d.is_main:  # rank 0 selects, samples and returns; the others return what it did
