@@ -33,6 +33,7 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import numpy as np
@@ -40,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tether.checkpoint import rng_state, save_state
 from tether.config import Parallel, literal_choices
 
 T = TypeVar("T")
@@ -376,6 +378,24 @@ class _FullState:
             optim_state_dict=state["optimizer"],
             options=StateDictOptions(full_state_dict=True, strict=False),
         )
+
+
+def save_trainer_state(
+    directory: Path,
+    par: ParallelModel,
+    role: str,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    counters: dict[str, Any],
+) -> None:
+    """A one-model trainer's resumable state (SFT, RM): the model as ``role``, its optimiser and
+    scheduler, ``counters`` + the world size, and every rank's RNG streams. Every rank calls it
+    (gathering the streams, and FSDP2's weights, are collectives); rank 0 writes."""
+    rngs = gather_rng_states(rng_state())
+    models, stateful = par.checkpoint_parts(role, optimizer)
+    if par.dist.is_main:
+        counters = counters | {"world_size": par.dist.world_size}
+        save_state(directory, models, stateful | {"scheduler": scheduler}, counters, rng_states=rngs)
 
 
 def as_parallel(model: nn.Module | ParallelModel) -> ParallelModel:

@@ -31,8 +31,6 @@ from tether.checkpoint import (
     find_state,
     last_good_state,
     load_state,
-    rng_state,
-    save_state,
     truncate_metrics,
 )
 from tether.config import RMConfig, RMLoss, save_config
@@ -42,10 +40,10 @@ from tether.distributed import (
     as_parallel,
     barrier,
     broadcast_object,
-    gather_rng_states,
     init_from_env,
     main_only,
     micro_batches,
+    save_trainer_state,
     seed_rank,
     sum_floats,
 )
@@ -418,15 +416,5 @@ def _save(
     step_in_epoch: int,
     global_step: int,
 ) -> None:
-    # Collectives, so every rank calls them: every rank's RNG streams (and FSDP2's gathering).
-    rngs = gather_rng_states(rng_state())
-    models, stateful = par.checkpoint_parts("reward_model", optimizer)
-    if par.dist.is_main:
-        counters = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step}
-        save_state(
-            out / "state",
-            models,
-            stateful | {"scheduler": scheduler},
-            counters | {"world_size": par.dist.world_size},
-            rng_states=rngs,
-        )
+    counters = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step}
+    save_trainer_state(out / "state", par, "reward_model", optimizer, scheduler, counters)

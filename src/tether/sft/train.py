@@ -29,8 +29,6 @@ from tether.checkpoint import (
     find_state,
     last_good_state,
     load_state,
-    rng_state,
-    save_state,
     truncate_metrics,
 )
 from tether.config import SFTConfig, save_config
@@ -38,10 +36,10 @@ from tether.data.formats import Demonstration
 from tether.distributed import (
     ParallelModel,
     broadcast_object,
-    gather_rng_states,
     init_from_env,
     main_only,
     micro_batches,
+    save_trainer_state,
     seed_rank,
     sum_floats,
 )
@@ -325,17 +323,8 @@ def _save(
     valid_loss_before: float,
 ) -> None:
     counters = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "epochs": epochs}
-    # Collectives, so every rank calls them: every rank's RNG streams (and FSDP2's gathering).
-    rngs = gather_rng_states(rng_state())
-    models, stateful = par.checkpoint_parts("policy", optimizer)
-    if par.dist.is_main:
-        save_state(
-            out / "state",
-            models,
-            stateful | {"scheduler": scheduler},
-            counters | {"valid_loss_before": valid_loss_before, "world_size": par.dist.world_size},
-            rng_states=rngs,
-        )
+    counters["valid_loss_before"] = valid_loss_before
+    save_trainer_state(out / "state", par, "policy", optimizer, scheduler, counters)
 
 
 def _samples(
