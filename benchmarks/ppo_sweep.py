@@ -4,6 +4,7 @@
     python benchmarks/ppo_sweep.py --run runs/demo --name beta002 --set kl_coef=0.02
     python benchmarks/ppo_sweep.py --run runs/demo --name lam1 --set lam=1.0 --set ppo_epochs=4
     python benchmarks/ppo_sweep.py --run runs/demo --best-of 4      # the RM's own reranking, no PPO
+    python benchmarks/ppo_sweep.py --run runs/demo --name run_policy --policy runs/demo/round-1/ppo_ptx/policy
 
 Trains PPO-ptx from a finished run's SFT policy against its round-1 reward model with the run's
 PPO config plus ``--set`` overrides, then samples ``--samples`` responses per **validation** prompt
@@ -46,6 +47,10 @@ def main() -> None:
     parser.add_argument("--name", default="sweep", help="subdirectory of --out for this setting")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="PPO config override")
     parser.add_argument("--best-of", type=int, default=1, help="> 1: no PPO; SFT best-of-N by the RM")
+    parser.add_argument(
+        "--policy",
+        help="no PPO: measure this trained policy directory instead (e.g. the run's own round-1/ppo_ptx/policy)",
+    )
     parser.add_argument("--samples", type=int, default=4, help="responses per validation prompt")
     parser.add_argument("--out", default="runs/sweep")
     args = parser.parse_args()
@@ -67,6 +72,8 @@ def main() -> None:
     seconds = 0.0
     if args.best_of > 1:
         policy = sft
+    elif args.policy:
+        policy = args.policy
     else:
         from tether.ppo.train import train_ppo
 
