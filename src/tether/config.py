@@ -799,7 +799,7 @@ PRESET_HELP = {
     "demo": "the embedded SmolLM2-135M-Instruct on a CPU budget",
     "paper": "the paper's hyperparameters",
     "full": "the demo with 3x its PPO-ptx episodes, the policy kept and evaluated every 240 episodes: the "
-    "win rate against PPO episodes; about 5.3 h on a 2-core CPU",
+    "win rate against PPO episodes; estimated at 5.3 h on this project's loaded 2-core CPU",
 }
 
 
@@ -1013,8 +1013,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, prefix: str = ""
     Defaults are suppressed so only flags the user typed override the preset and YAML.
     """
     if not prefix:
-        presets = PRESETS[next(stage for stage, c in STAGE_CONFIGS.items() if c is cls)]
-        described = "; ".join(f"{name} ({PRESET_HELP[name]})" for name in presets)
+        stage = next((stage for stage, c in STAGE_CONFIGS.items() if c is cls), "")
+        described = "; ".join(f"{name} ({PRESET_HELP.get(name, '')})" for name in PRESETS.get(stage, {}))
         parser.add_argument("--preset", help=f"start from a preset: {described}")
         parser.add_argument("--config", help="YAML file with config fields (nested mappings)")
     docs = field_docs(cls)
