@@ -111,6 +111,8 @@ def test_stage_presets_are_the_run_presets_stages(stage, cls, preset):
         ({"rm.loss": "listwise"}, "config field 'rm.loss' must be one of kwise, pairwise; got 'listwise'"),
         ({"eval.samples_per_prompt": 0}, "samples_per_prompt must be > 0"),
         ({"eval.sft_best_of": 1}, "sft_best_of must be 0"),
+        # 4 iterations of 8 episodes: every 4th keeps no checkpoint before the final policy (no curve).
+        ({"curve_every": 4}, "run.curve_every .4. must be below the PPO iterations .4 = ppo.total_episodes 32"),
     ],
 )
 def test_run_validates_every_stage_before_the_first(override, message):
@@ -219,6 +221,36 @@ def test_every_string_choice_refuses_other_values_naming_the_field(name, choices
     with pytest.raises(ValueError, match=re.escape(message)) as info:
         bad.validate()
     assert str(info.value).endswith("; got 'bogus'")
+
+
+def test_full_preset_is_the_demo_with_three_times_its_ppo_and_a_compute_curve():
+    """`tether run --preset full` (issue 13): the demo but for the fields that make the curve."""
+    demo, full = resolve(RunConfig, "run", "demo"), resolve(RunConfig, "run", "full")
+    full.validate()
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out: dict = {}
+        for k, v in d.items():
+            out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
+        return out
+
+    a, b = flat(dataclasses.asdict(demo)), flat(dataclasses.asdict(full))
+    assert {k for k in a if a[k] != b[k]} == {
+        "out_dir", "ppo.total_episodes", "curve_every", "run_ppo_baseline", "eval.base", "eval.sft_best_of"
+    }  # fmt: skip
+    assert full.ppo.total_episodes == 3 * demo.ppo.total_episodes
+    # The checkpoints the pipeline keeps (pipeline._train_ppo), then the final policy: 4 PPO-ptx points.
+    kept = [it * full.ppo.batch_size for it in range(full.curve_every, full.ppo.iterations, full.curve_every)]
+    assert kept == [240, 480, 720] and full.ppo.iterations * full.ppo.batch_size == 960
+    # The state is saved where a checkpoint is kept: a resume never redoes more than save_every.
+    assert all(full.curve_every * k % full.ppo.save_every == 0 for k in (1, 2, 3))
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, RunConfig)
+    assert "full (the demo with 3x its PPO-ptx episodes" in " ".join(parser.format_help().split())
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, SFTConfig)  # a stage's own presets: no full
+    assert "paper (the paper's hyperparameters)" in " ".join(parser.format_help().split())
+    assert "; full (" not in " ".join(parser.format_help().split())
 
 
 def test_help_lists_the_choices():

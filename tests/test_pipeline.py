@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tether.data.formats import read_records
+from tether.models.loading import load_causal_lm
 
 
 def stages(run: Path) -> dict:
@@ -87,6 +89,21 @@ def test_two_rounds_killed_and_resumed(tmp_path):
     assert "Win rate against compute" in report and (run / "report" / "win_vs_episodes.png").stat().st_size > 1000
     for n in ("16", "32"):
         assert f"<tr><td>{n}</td>" in report
+    # ... and its figures beside eval.json: each point its policy's own, the last the final policy's.
+    assert after["eval"]["outputs"]["curve"] == str(run / "eval" / "curve.json")
+    curve = json.loads((run / "eval" / "curve.json").read_text())["points"]
+    assert [(p["episodes"], p["policy"]) for p in curve] == [(0, "sft"), (16, "ppo_ptx@16"), (32, "ppo_ptx")]
+    for point in curve:
+        for key in ("expected_win_rate", "expected_win_ci", "win_rate", "win_ci", "rm_score", "kl_to_ref"):
+            assert point[key] == by_name[point["policy"]][key], (point["policy"], key)
+        assert point["expected_win_ci"][0] <= point["expected_win_rate"] <= point["expected_win_ci"][1]
+    # The checkpoint is a Hugging Face model directory of its own: neither SFT nor the final policy.
+    checkpoint = after["round-2/ppo_ptx"]["outputs"]["checkpoints"]["16"]
+    assert by_name["ppo_ptx@16"]["path"] == checkpoint
+    kept = load_causal_lm(checkpoint)[0].state_dict()
+    for other in (by_name["sft"]["path"], by_name["ppo_ptx"]["path"]):
+        weights = load_causal_lm(other)[0].state_dict()
+        assert any(not torch.equal(w, weights[n]) for n, w in kept.items()), other
 
     # `tether eval --run` re-evaluates the run: its policies, its test split, flags on top of its settings.
     out = tmp_path / "re-eval"
@@ -99,3 +116,4 @@ def test_two_rounds_killed_and_resumed(tmp_path):
     assert {p["name"] for p in again["policies"]} == set(by_name)
     assert again["config"]["sft_best_of"] == 2  # the run's own setting, kept
     assert (out / "report.html").exists() and "expected win" in done.stdout
+    assert [p["episodes"] for p in json.loads((out / "curve.json").read_text())["points"]] == [0, 16, 32]

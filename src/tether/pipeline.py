@@ -30,7 +30,7 @@ from tether.config import EvalConfig, PPOConfig, RMConfig, RunConfig, SFTConfig,
 from tether.data.formats import Comparison, Sample, read_records, write_records
 from tether.data.preprocess import PreprocessConfig, preprocess_prompts
 from tether.data.task import build_default_task
-from tether.eval.evaluate import CURVE_PREFIX, evaluate_policies, save_eval
+from tether.eval.evaluate import CURVE_PREFIX, compute_curve, evaluate_policies, save_curve, save_eval
 from tether.eval.report import write_report
 from tether.labelers.panel import Panel, pairwise_agreement
 from tether.models.generation import sample_k
@@ -422,7 +422,11 @@ def _stage_ppo(
         keep_policy_every=curve or cfg.ppo.keep_policy_every,
         policy=dataclasses.replace(cfg.ppo.policy, name_or_path=sft_policy),
     )
-    return executor.train(f"round-{r}/{variant}", _train_ppo, ppo_cfg, curve, rdir / variant, log=log)
+    out = executor.train(f"round-{r}/{variant}", _train_ppo, ppo_cfg, curve, rdir / variant, log=log)
+    missing = [p for p in out.get("checkpoints", {}).values() if not (Path(p) / "config.json").exists()]
+    if missing:  # the manifest must not promise the evaluation a model that is not there
+        raise FileNotFoundError(f"round-{r}/{variant}: the checkpoints {missing} (run.curve_every) were not written")
+    return out
 
 
 def _train_ppo(ppo_cfg: PPOConfig, curve: int, out_dir: Path, log: Log) -> dict[str, Any]:
@@ -508,10 +512,14 @@ def evaluate_run(
     )
     eval_path = save_eval(report, eval_dir / "eval.json")
     final_episodes = stages[f"round-{cfg.rounds}/ppo_ptx"]["outputs"].get("episodes")
+    # run.curve_every: the checkpoints' figures beside eval.json, SFT at 0 episodes, the final policy last.
+    curve = compute_curve(report, final_episodes, start="sft")
+    curve_path = save_curve(curve, report, eval_dir / "curve.json") if curve else None
     path = write_report(report, report_dir, run_dir=run_dir, final_episodes=final_episodes)
     return {
         "eval": str(eval_path),
         "report": str(path),
+        **({"curve": str(curve_path)} if curve_path else {}),
         "win_rates": {p.name: p.win_rate for p in report.policies},
         "expected_win_rates": {p.name: p.expected_win_rate for p in report.policies},
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from tether.cluster import Local, split
 from tether.config import EvalConfig
 from tether.data.formats import PretrainText, Prompt
 from tether.data.task import build_default_task
-from tether.eval.evaluate import evaluate_policies, load_eval, pretrain_perplexity, save_eval
+from tether.eval.evaluate import compute_curve, evaluate_policies, load_eval, pretrain_perplexity, save_eval
 from tether.eval.report import write_report
 from tether.labelers.panel import Panel
 from tether.models.generation import decode_responses, row_generators, sample
@@ -29,18 +30,22 @@ def prompts() -> list[Prompt]:
     return [Prompt(id=f"t{i}", text=p.text, user_id="u") for i, p in enumerate(build_default_task().prompts[:5])]
 
 
-@pytest.fixture(scope="module")
-def perturbed(tiny_dir, tmp_path_factory) -> Path:
-    """The tiny model with every weight nudged: a different policy with the same tokenizer."""
-    out = tmp_path_factory.mktemp("perturbed")
+def nudge(tiny_dir: Path, out: Path, scale: float) -> Path:
+    """The tiny model with every weight nudged by ``scale`` × N(0, 1): another policy, the same tokenizer."""
+    out.mkdir(parents=True, exist_ok=True)
     for f in tiny_dir.iterdir():
         if f.name != "model.safetensors":
             (out / f.name).write_bytes(f.read_bytes())
     gen = torch.Generator().manual_seed(0)
     original = load_file(tiny_dir / "model.safetensors")
-    weights = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in original.items()}
+    weights = {k: v + scale * torch.randn(v.shape, generator=gen) for k, v in original.items()}
     save_file(weights, out / "model.safetensors")
     return out
+
+
+@pytest.fixture(scope="module")
+def perturbed(tiny_dir, tmp_path_factory) -> Path:
+    return nudge(tiny_dir, tmp_path_factory.mktemp("perturbed"), 0.05)
 
 
 def test_a_policy_against_itself_ties_with_zero_kl(tiny_dir, prompts):
@@ -199,3 +204,41 @@ def test_evaluation_over_shards_equals_one_process(tiny_dir, perturbed, prompts)
         # forwards of other batch shapes: float round-off only
         assert b.kl_to_ref == pytest.approx(a.kl_to_ref, abs=1e-4) and b.pretrain_ppl == pytest.approx(a.pretrain_ppl)
     assert one.by_name("other").kl_to_ref > 0
+
+
+def test_compute_curve_is_the_evaluations_own_figures(tiny_dir, perturbed, prompts, tmp_path):
+    """The compute curve (run.curve_every): SFT at 0 episodes, the checkpoint ppo_ptx@8, the final
+    policy at 16, each point the very figures of its policy in the evaluation; a checkpoint
+    evaluated beside the final policy leaves the final policy's figures exactly as without it."""
+    cfg = EvalConfig(samples_per_prompt=2, max_new_tokens=8)
+    halfway = nudge(tiny_dir, tmp_path / "halfway", 0.02)
+    common = dict(ref_policy=str(tiny_dir), **QUIET)
+    # The checkpoint after the final policy in the dict: the curve is ordered by episodes.
+    policies = {"sft": str(tiny_dir), "ppo_ptx": str(perturbed), "ppo_ptx@8": str(halfway)}
+    report = evaluate_policies(policies, prompts, cfg, **common)
+    alone = evaluate_policies({"sft": str(tiny_dir), "ppo_ptx": str(perturbed)}, prompts, cfg, **common)
+    curve = compute_curve(report, final_episodes=16)
+    assert [(p.episodes, p.policy) for p in curve] == [(0, "sft"), (8, "ppo_ptx@8"), (16, "ppo_ptx")]
+    assert (curve[0].expected_win_rate, curve[0].win_rate, curve[0].kl_to_ref) == (0.5, 0.5, 0.0)
+    final, without = report.by_name("ppo_ptx"), alone.by_name("ppo_ptx")
+    for key in ("expected_win_rate", "expected_win_ci", "win_rate", "win_ci", "kl_to_ref", "length", "likert"):
+        assert getattr(curve[-1], key) == getattr(final, key) == getattr(without, key), key
+    assert curve[1].expected_win_rate == report.by_name("ppo_ptx@8").expected_win_rate != final.expected_win_rate
+    for p in curve:
+        assert p.expected_win_ci[0] <= p.expected_win_rate <= p.expected_win_ci[1], p.policy
+        assert p.win_ci[0] <= p.win_rate <= p.win_ci[1], p.policy
+    assert compute_curve(alone, final_episodes=16) == []  # no checkpoint, no curve
+
+    out = tmp_path / "report"
+    page = write_report(report, out, final_episodes=16).read_text()
+    assert "Win rate against compute" in page and (out / "win_vs_episodes.png").stat().st_size > 1000
+    saved = json.loads((out / "curve.json").read_text())
+    assert [p["episodes"] for p in saved["points"]] == [0, 8, 16] and saved["samples_per_prompt"] == 2
+    assert (
+        saved["points"][-1]["expected_win_rate"]
+        == json.loads((out / "eval.json").read_text())["policies"][1]["expected_win_rate"]
+    )
+    write_report(alone, tmp_path / "plain", final_episodes=16)
+    assert (
+        not (tmp_path / "plain" / "curve.json").exists() and not (tmp_path / "plain" / "win_vs_episodes.png").exists()
+    )

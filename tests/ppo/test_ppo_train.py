@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -437,10 +438,11 @@ def _drop_timing(records: list[dict]) -> list[dict]:
 
 
 # Everything with state a resume must restore: EMA, adaptive β, PPO-ptx data position, two PPO
-# epochs (minibatch RNG), mid-run prompt position, the sampling RNG, a reward model directory.
+# epochs (minibatch RNG), mid-run prompt position, the sampling RNG, a reward model directory; and
+# the policy kept after every iteration (iter-N/: the compute curve's checkpoints).
 RESUME_ARGS = (
     "--preset tiny --total-episodes 24 --save-every 1 --ema-decay 0.9 --adaptive-kl true "
-    "--kl-target 0.05 --kl-horizon 20 --ppo-epochs 2 --sample-every 1"
+    "--kl-target 0.05 --kl-horizon 20 --ppo-epochs 2 --sample-every 1 --keep-policy-every 1"
 ).split()
 
 
@@ -458,7 +460,17 @@ def resume_cfg(out: Path, data: dict[str, Path], policy: Path, rm: Path) -> PPOC
         kl_horizon=20,
         ppo_epochs=2,
         sample_every=1,
+        keep_policy_every=1,
     )
+
+
+def assert_same_kept_policies(uninterrupted: Path, resumed: Path) -> None:
+    """The policies kept along the way (iter-N/): each once, nothing half-written, the same weights."""
+    kept = sorted(p.name for p in resumed.iterdir() if p.name.startswith("iter-"))
+    assert kept == ["iter-1", "iter-2", "iter-3"]
+    assert not list(resumed.glob("*.tmp-*")), "a killed save's temporary folder was left behind"
+    for name in kept:
+        assert_same_weights(uninterrupted / name, resumed / name)
 
 
 @pytest.fixture(scope="module")
@@ -468,13 +480,19 @@ def uninterrupted(tmp_path_factory, ppo_data, eos_policy, tiny_rm):
 
 
 def test_resume_equals_uninterrupted_and_adaptive_beta(tmp_path, ppo_data, eos_policy, tiny_rm, uninterrupted):
-    """Stop after iteration 2 of 3, rerun: same weights, EMA, β, metrics and samples."""
+    """Stop after iteration 2 of 3, rerun: same weights, EMA, β, metrics, samples and kept policies."""
     broken = resume_cfg(tmp_path / "run", ppo_data, eos_policy, tiny_rm)
     with pytest.raises(StopAfter, match="after 2 iterations"):
         train_ppo(broken, stop_after_iterations=2, **QUIET)
+    # What a kill during iteration 3 can leave: iter-3/ written before the state was (a stale copy
+    # here: iter-2's weights), and the temporary folder of a save of it that was killed.
+    run = tmp_path / "run"
+    shutil.copytree(run / "iter-2", run / "iter-3")
+    shutil.copytree(run / "iter-2", run / "iter-3.tmp-killed")
     resumed = train_ppo(broken, **QUIET)
     assert_same_weights(uninterrupted.policy_dir, resumed.policy_dir)
     assert_same_weights(uninterrupted.value_dir, resumed.value_dir)
+    assert_same_kept_policies(uninterrupted.policy_dir.parent, run)
     assert _drop_timing(uninterrupted.metrics) == _drop_timing(resumed.metrics)
     samples = [(d / "samples.jsonl").read_text() for d in (uninterrupted.policy_dir.parent, tmp_path / "run")]
     assert samples[0] == samples[1]
@@ -510,6 +528,7 @@ def test_kill_9_then_rerun_resumes(tmp_path, ppo_data, eos_policy, tiny_rm, unin
     assert "resuming" in done.stdout
     assert_same_weights(uninterrupted.policy_dir, run / "policy")
     assert_same_weights(uninterrupted.value_dir, run / "value")
+    assert_same_kept_policies(uninterrupted.policy_dir.parent, run)
 
 
 def test_non_finite_first_iteration_says_there_is_no_good_state(tmp_path, ppo_data, eos_policy):

@@ -345,6 +345,72 @@ def evaluate_policies(
     )
 
 
+@dataclass
+class CurvePoint:
+    """One point of the compute curve: a PPO-ptx policy after ``episodes`` episodes, as evaluated."""
+
+    episodes: int  # PPO-ptx episodes trained; 0 is the SFT policy PPO-ptx starts from
+    policy: str  # its name in the evaluation: sft, ppo_ptx@N (a checkpoint), ppo_ptx (the final policy)
+    path: str
+    expected_win_rate: float | None
+    expected_win_ci: tuple[float, float] | None
+    win_rate: float | None
+    win_ci: tuple[float, float] | None
+    rm_score: float | None
+    kl_to_ref: float | None
+    likert: float
+    length: float
+    eos_rate: float
+    pretrain_ppl: float | None
+
+
+def compute_curve(report: EvalReport, final_episodes: int | None, start: str = "sft") -> list[CurvePoint]:
+    """The compute curve of an evaluation that holds PPO-ptx checkpoints (``ppo_ptx@N``), by episodes.
+
+    Every point is a policy of ``report`` with its figures unchanged: ``start`` (the SFT policy
+    PPO-ptx starts from) at 0 episodes, each checkpoint at its N, and the final ``ppo_ptx`` at
+    ``final_episodes`` (left out when None). Empty when the report holds no checkpoint.
+    """
+    points = []
+    for p in report.policies:
+        if p.name.startswith(CURVE_PREFIX) and p.name[len(CURVE_PREFIX) :].isdigit():
+            episodes = int(p.name[len(CURVE_PREFIX) :])
+        elif p.name == "ppo_ptx" and final_episodes:
+            episodes = final_episodes
+        elif p.name == start:
+            episodes = 0
+        else:
+            continue
+        figures = {f.name: getattr(p, f.name) for f in fields(CurvePoint) if f.name not in ("episodes", "policy")}
+        points.append(CurvePoint(episodes=episodes, policy=p.name, **figures))
+    if not any(p.policy.startswith(CURVE_PREFIX) for p in points):
+        return []
+    return sorted(points, key=lambda p: p.episodes)
+
+
+def save_curve(points: Sequence[CurvePoint], report: EvalReport, path: str | Path) -> Path:
+    """Write ``curve.json``: the points with the evaluation's settings (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = points[0].policy if points else ""
+    by_definition = " (the baseline: its win rates are 0.5 by definition)" if start == report.baseline else ""
+    data = {
+        "x": "PPO-ptx episodes",
+        "baseline": report.baseline,
+        "prompts": len(report.prompts),
+        "samples_per_prompt": report.samples_per_prompt,
+        "labelers": report.labelers,
+        "note": f"0 episodes is {start}, the policy PPO-ptx starts from{by_definition}; the last point is the "
+        "final PPO-ptx policy, the very figures of eval.json's ppo_ptx; intervals are 95 % bootstrap intervals "
+        "over prompts",
+        "points": [asdict(p) for p in points],
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+    return path
+
+
 def save_eval(report: EvalReport, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-from tether.eval.evaluate import CURVE_PREFIX, EvalReport, PolicyEval
+from tether.eval.evaluate import CURVE_PREFIX, CurvePoint, EvalReport, PolicyEval, compute_curve, save_curve
 from tether.metrics import read_metrics
 
 COLORS = {"base": "#9e9e9e", "sft": "#5b8def", "ppo": "#f0a340", "ppo_ptx": "#d9534f"}
@@ -40,31 +40,21 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def compute_curve(report: EvalReport, final_episodes: int | None) -> list[tuple[int, float, float, float]]:
-    """(PPO episodes, expected win rate, CI low, CI high) of the PPO-ptx checkpoints, SFT at 0."""
-    points = [(0, 0.5, 0.5, 0.5)]
-    for p in report.policies:
-        episodes = None
-        if p.name.startswith(CURVE_PREFIX) and p.name[len(CURVE_PREFIX) :].isdigit():
-            episodes = int(p.name[len(CURVE_PREFIX) :])
-        elif p.name == "ppo_ptx" and final_episodes:
-            episodes = final_episodes
-        if episodes is not None and p.expected_win_rate is not None and p.expected_win_ci:
-            points.append((episodes, p.expected_win_rate, *p.expected_win_ci))
-    return sorted(points) if len(points) > 2 else []
-
-
-def plot_curve(points: list[tuple[int, float, float, float]], baseline: str) -> bytes | None:
-    """Expected win rate against PPO episodes, with 95 % intervals: the compute curve."""
+def plot_curve(points: list[CurvePoint], baseline: str) -> bytes | None:
+    """Expected win rate against PPO-ptx episodes, with 95 % intervals: the compute curve."""
     if not points:
         return None
     fig, ax = _figure(figsize=(6, 3.4))
-    xs = [p[0] for p in points]
-    ys = [p[1] for p in points]
-    err = [[p[1] - p[2] for p in points], [p[3] - p[1] for p in points]]
-    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, color=_color("ppo_ptx"))
+    rows = [
+        (p.episodes, p.expected_win_rate, *p.expected_win_ci)
+        for p in points
+        if p.expected_win_rate is not None and p.expected_win_ci
+    ]
+    xs, ys, lows, highs = ([row[i] for row in rows] for i in range(4))
+    err = [[y - lo for y, lo in zip(ys, lows, strict=True)], [hi - y for y, hi in zip(ys, highs, strict=True)]]
+    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, color=_color("ppo_ptx"), label="expected win rate, 95 % CI")
     ax.axhline(0.5, color="black", lw=0.8, ls="--")
-    ax.set_xlabel("PPO-ptx episodes")
+    ax.set_xlabel("PPO-ptx episodes (0: SFT, the policy it starts from)")
     ax.set_ylabel(f"expected win rate vs {baseline}")
     ax.set_title("Win rate against compute (held-out labelers, held-out prompts)", fontsize=10)
     ax.grid(alpha=0.3)
@@ -194,14 +184,20 @@ def _fmt(v: float | None, spec: str = ".3f") -> str:
     return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
 
 
-def _curve_html(curve: list[tuple[int, float, float, float]], png: bytes | None) -> str:
+def _curve_html(curve: list[CurvePoint], png: bytes | None) -> str:
     if not curve:
         return ""
-    rows = "".join(f"<tr><td>{n}</td><td>{r:.3f} [{lo:.3f}, {hi:.3f}]</td></tr>" for n, r, lo, hi in curve)
+    rows = "".join(
+        f"<tr><td>{p.episodes}</td><td>{html.escape(p.policy)}</td>"
+        f"<td>{_rate(p.expected_win_rate, p.expected_win_ci)}</td><td>{_rate(p.win_rate, p.win_ci)}</td>"
+        f"<td>{_fmt(p.rm_score)}</td><td>{_fmt(p.kl_to_ref, '.2f')}</td></tr>"
+        for p in curve
+    )
     return (
         "<h2>Win rate against compute</h2>"
         + _img(png, "win rate against PPO episodes")
-        + f"<table><tr><th>PPO-ptx episodes</th><th>expected win rate [95 % CI]</th></tr>{rows}</table>"
+        + "<table><tr><th>PPO-ptx episodes</th><th>policy</th><th>expected win rate [95 % CI]</th>"
+        f"<th>sampled win rate [95 % CI]</th><th>RM score</th><th>KL to SFT (nats)</th></tr>{rows}</table>"
     )
 
 
@@ -231,7 +227,8 @@ def write_report(
     """Write report.html (+ PNGs) into out_dir; returns the HTML path.
 
     ``final_episodes``: the PPO episodes behind the policy named ``ppo_ptx``, the last point of the
-    compute curve when PPO-ptx checkpoints (``ppo_ptx@N``) were evaluated too.
+    compute curve when PPO-ptx checkpoints (``ppo_ptx@N``) were evaluated too: then the report plots
+    it (win_vs_episodes.png) and curve.json holds its figures.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -338,4 +335,6 @@ give); it estimates the same quantity with more noise.</p>
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     (out / "eval.json").write_text(json.dumps(report.to_json(), indent=1))
+    if curve:
+        save_curve(curve, report, out / "curve.json")
     return path

@@ -88,6 +88,16 @@ def _atomic_dir(final: Path, build: Callable[[Path], None]) -> Path:
     return final
 
 
+def remove_partial_dirs(directory: Path) -> list[Path]:
+    """Remove the temporary folders that killed :func:`_atomic_dir` builds (``save_model``) left in
+    ``directory`` (``NAME.tmp-*``); returns them. One trainer owns a run directory, so any found
+    when it starts are stale: the rerun writes those models again (a policy is hundreds of MB)."""
+    stale = sorted(p for p in Path(directory).glob("*.tmp-*") if p.is_dir())
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
 def fix_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """EOS = chat turn end, a pad token distinct from EOS, right padding by default."""
     vocab = tokenizer.get_vocab()

@@ -63,7 +63,7 @@ from tether.distributed import (
 from tether.metrics import MetricsLogger, progress_bar, read_metrics
 from tether.models.generation import Sampler, decode_responses, row_generators
 from tether.models.heads import load_scalar_model, save_scalar_model
-from tether.models.loading import autocast, load_causal_lm, save_model
+from tether.models.loading import autocast, load_causal_lm, remove_partial_dirs, save_model
 from tether.models.trunk import SharedTrunk, backbone
 from tether.ops import lm_loss, masked_mean
 from tether.optim import build_optimizer, build_scheduler, clip_grad
@@ -519,6 +519,8 @@ def train_ppo(
     # leftovers), every rank loads that one.
     start, episodes, prompt_pos, ptx_pos = 0, 0, (0, 0), (0, 0)
     state_dir = broadcast_object(find_state(out / "state") if d.is_main else None)
+    if d.is_main:  # a kill while a policy was being saved (iter-N/, policy/) left its temporary folder
+        remove_partial_dirs(out)
     if state_dir is not None:
         counters = load_state(state_dir, models, stateful, generators, rank=d.rank)
         sampler.sync()
