@@ -199,6 +199,7 @@ def calibrate_ptx_coef(
     precision = autocast(cfg.policy, device)
     n_prompts = cfg.batch_size // cfg.samples_per_prompt
     prompt_pos, ptx_pos = (0, 0), (0, 0)
+    # As the trainer's minibatch order. CPU: it drives randperm there.
     minibatch_rng = torch.Generator().manual_seed(cfg.seed + 1)
     measured: list[PtxGradients] = []
     for b in range(n_batches):
