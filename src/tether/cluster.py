@@ -48,9 +48,12 @@ class Executor(Protocol):
     def shards(self, n: int) -> list[tuple[int, int]]:
         """How to cut a list of n items for :meth:`map`."""
 
-    def map(self, calls: Sequence[Callable[[], T]], what: str = "") -> list[T]:
+    def map(
+        self, calls: Sequence[Callable[[], T]], what: str = "", on_done: Callable[[int], None] | None = None
+    ) -> list[T]:
         """Run independent calls (picklable: module-level functions and partials of them); results in
-        order. ``what``: the stage, for error messages."""
+        order. ``what``: the stage, for error messages; ``on_done(i)`` is called here, in the
+        driver, as call ``i`` finishes (for progress lines)."""
 
     def train(self, name: str, fn: Callable[..., dict], *args: Any, log: Callable) -> dict:
         """Run a training stage: ``fn(*args, log=...)`` on every rank; rank 0's return value."""
@@ -67,8 +70,15 @@ class Local:
     def shards(self, n: int) -> list[tuple[int, int]]:
         return [(0, n)]
 
-    def map(self, calls: Sequence[Callable[[], T]], what: str = "") -> list[T]:
-        return [call() for call in calls]
+    def map(
+        self, calls: Sequence[Callable[[], T]], what: str = "", on_done: Callable[[int], None] | None = None
+    ) -> list[T]:
+        results = []
+        for i, call in enumerate(calls):
+            results.append(call())
+            if on_done is not None:
+                on_done(i)
+        return results
 
     def train(self, name: str, fn: Callable[..., dict], *args: Any, log: Callable) -> dict:
         return fn(*args, log=log)
@@ -190,7 +200,9 @@ class RayCluster:
     def shards(self, n: int) -> list[tuple[int, int]]:
         return split(n, self.workers)
 
-    def map(self, calls: Sequence[Callable[[], T]], what: str = "") -> list[T]:
+    def map(
+        self, calls: Sequence[Callable[[], T]], what: str = "", on_done: Callable[[int], None] | None = None
+    ) -> list[T]:
         import ray
 
         # No retries: a task whose worker died fails the stage like a training worker does, and
@@ -199,7 +211,14 @@ class RayCluster:
             num_cpus=self.cpus_per_worker, num_gpus=1 if self.use_gpu else 0, max_retries=0
         )
         refs = [remote.remote(call) for call in calls]
+        index = {ref: i for i, ref in enumerate(refs)}
         try:
+            pending = list(refs)
+            while pending:  # in the order the tasks finish; a failed one raises as soon as it fails
+                ready, pending = ray.wait(pending, num_returns=1)
+                ray.get(ready)
+                if on_done is not None:
+                    on_done(index[ready[0]])
             return ray.get(refs)
         except ray.exceptions.RayTaskError as e:
             _cancel(refs)

@@ -290,12 +290,17 @@ class PPOConfig:
     kl_estimator: KLEstimator = "k1"
     """Per-token KL estimator in the penalty: k1 (log-ratio, the paper's), k2, k3 or abs."""
     ptx_coef: float = 27.8
-    """γ, the weight of the pretraining LM loss (PPO-ptx; paper 27.8). 0 = plain PPO. The LM loss
-    is a mean over tokens, like the PPO losses. metrics.jsonl logs ptx_grad_ratio = ‖γ∇L_ptx‖ /
-    ‖∇L_PPO‖ per step: on SmolLM2-135M with 8 pretraining texts (≤ 128 tokens) per 8-episode
-    minibatch it was 0.9-1.4 at γ = 1 (measured), so 27.8 lets the pretraining gradient dominate
-    the clipped update there. The ratio falls as more pretraining tokens per step average out the
-    LM gradient's noise (the paper's steps held ~1M); calibrate γ by it."""
+    """γ, the weight of the pretraining LM loss (PPO-ptx). 0 = plain PPO. tether's PPO and LM losses
+    are token means over the minibatch; the paper's 27.8 weighs eq. (2)'s per-episode and
+    per-sequence sums, which in tether's units is 27.8 × (pretraining tokens per example) /
+    (response tokens per episode) on the same minibatch (tether.ppo.calibrate;
+    benchmarks/calibrate_ptx.py measures it for a config). Measured for the paper preset on
+    SmolLM2-135M-Instruct with the default corpus: 42 (median of 8 minibatches, range 28-58: 43
+    response and 64 pretraining tokens per sequence), the paper preset's value. metrics.jsonl logs
+    ptx_grad_ratio = ‖γ∇L_ptx‖ / ‖∇L_PPO‖ per step (and both norms): there it was 22 at γ = 27.8
+    and 34 at γ = 42 (8-episode minibatches with 64 pretraining texts), so the paper's γ means the
+    pretraining gradient to dominate the update; the ratio also grows as larger minibatches
+    average out the PPO gradient's noise."""
     ptx_examples_per_episode: float = 1.0
     """Pretraining examples per RL episode (paper: 8; smaller by default to suit a CPU), drawn once
     per batch: further PPO epochs reuse them as they reuse the episodes. The pretraining pass is
@@ -764,7 +769,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         },
         "paper": {
             "kl_coef": 0.02,
-            "ptx_coef": 27.8,
+            # The paper's γ = 27.8 (per-episode / per-sequence sums) in tether's token-mean units:
+            # 27.8 × 64 pretraining tokens per example / 43 response tokens per episode, measured
+            # on SmolLM2-135M-Instruct with the default corpus (median of 8 minibatches of 8
+            # episodes, range 28-58) by `OMP_NUM_THREADS=1 python benchmarks/calibrate_ptx.py
+            # --preset paper --batches 2 --batch-size 32 --mini-batch-size 8 --micro-batch-size 8
+            # --generation-batch-size 32` (1586 s). Another policy or corpus: measure again.
+            "ptx_coef": 42.0,
             "ptx_examples_per_episode": 8.0,
             "batch_size": 512,
             "mini_batch_size": 64,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -242,3 +243,45 @@ def test_compute_curve_is_the_evaluations_own_figures(tiny_dir, perturbed, promp
     assert (
         not (tmp_path / "plain" / "curve.json").exists() and not (tmp_path / "plain" / "win_vs_episodes.png").exists()
     )
+
+
+class ReversedTasks:
+    """Like a 3-worker cluster (not :class:`Local`: no in-process progress hook), whose calls finish
+    in reverse order."""
+
+    workers = 3
+
+    def shards(self, n: int) -> list[tuple[int, int]]:
+        return split(n, 3)
+
+    def map(self, calls, what="", on_done=None):
+        results = {}
+        for i in reversed(range(len(calls))):
+            results[i] = calls[i]()
+            if on_done is not None:
+                on_done(i)
+        return [results[i] for i in range(len(calls))]
+
+
+@pytest.mark.parametrize("executor", [Local(), ThreeShards(), ReversedTasks()], ids=["one", "shards", "cluster"])
+def test_the_log_reports_each_policys_progress_to_completion(tiny_dir, perturbed, prompts, executor):
+    """A line per forward batch in this process, per finished shard on a cluster: each policy's
+    responses done out of all of them, counting up to a final "done"; the numbers are unchanged."""
+    texts = [PretrainText(text="The quick brown fox jumps over the lazy dog. " * 4)]
+    cfg = EvalConfig(samples_per_prompt=2, max_new_tokens=8, batch_size=4)
+    policies = {"sft": str(tiny_dir), "other": str(perturbed)}
+    lines: list[str] = []
+    report = evaluate_policies(policies, prompts, cfg, pretrain_heldout=texts, executor=executor, log=lines.append)
+    for name in policies:
+        counts = [int(m.group(1)) for line in lines if (m := re.match(rf"eval: {name}: (\d+)/10 responses", line))]
+        assert counts == sorted(counts) and counts[-1] == 10, (name, lines)
+        assert sum(line.startswith(f"eval: {name}: 10/10 responses, done (") for line in lines) == 1
+        assert sum(f"eval: {name}: held-out pretraining perplexity done" in line for line in lines) == 1
+    # One process: batches of 4 (4, 8, then the last batch's line is the "done" one); shards of
+    # 3, 3 and 4 responses, one batch each: a line per shard, in this process as on a cluster,
+    # where the last shard finishes first.
+    expected = {Local: [4, 8, 10], ThreeShards: [3, 6, 10], ReversedTasks: [4, 7, 10]}[type(executor)]
+    assert [int(m.group(1)) for line in lines if (m := re.match(r"eval: sft: (\d+)/10", line))] == expected
+    one = evaluate_policies(policies, prompts, cfg, pretrain_heldout=texts, **QUIET)
+    for a, b in zip(one.policies, report.policies, strict=True):
+        assert a.responses == b.responses and a.win_rate == b.win_rate and a.expected_win_rate == b.expected_win_rate

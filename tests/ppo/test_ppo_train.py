@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ppo_support import length_reward, update_fixture  # this folder is on sys.path
 from safetensors.torch import load_file
 
 from tether.checkpoint import StopAfter
@@ -25,7 +26,6 @@ from tether.models.loading import load_causal_lm, save_model
 from tether.ops import last_token_index
 from tether.ppo.rollout import Rollout, score_episodes
 from tether.ppo.train import EMA, ppo_step, take_cyclic, train_ppo
-from tether.sft.data import encode_pretrain
 
 QUIET = {"log": lambda _: None}
 
@@ -69,11 +69,6 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys()
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
-
-
-def length_reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
-    """Toy reward: shorter responses are better (−characters / 10)."""
-    return torch.tensor([-len(r) / 10 for r in responses])
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,30 +230,6 @@ def test_ptx_coef_zero_equals_plain_ppo_and_skips_the_pretraining_pass(tmp_path,
     assert_same_weights(results[0].value_dir, results[1].value_dir)
     a, c = weights(results[0].policy_dir), weights(results[2].policy_dir)
     assert any(not torch.equal(a[n], c[n]) for n in a)  # γ > 0 does change the policy
-
-
-def update_fixture(ppo_data, eos_policy):
-    """(policy, value model, tokenizer, a scored rollout with random advantages and returns, 3
-    encoded pretraining texts): the inputs of one ppo_step."""
-    policy, tok = load_causal_lm(str(eos_policy), trainable=True)
-    value_model, _ = load_scalar_model(str(eos_policy), trainable=True)
-    prompts = ["hi", "a much longer prompt that forces left padding of the others", "mid", "x y"]
-    gen = sample(policy, tok, prompts, max_new_tokens=8, generator=torch.Generator().manual_seed(3))
-    rollout = score_episodes(
-        gen,
-        prompts,
-        decode_responses(tok, gen),
-        policy=policy,
-        ref_policy=policy,
-        value_model=value_model,
-        reward=length_reward,
-        temperature=1.0,
-        missing_eos_penalty=-1.0,
-    )
-    rollout.advantages = torch.randn(rollout.response_mask.shape) * rollout.response_mask
-    rollout.returns = torch.randn(rollout.response_mask.shape) * rollout.response_mask
-    texts = [json.loads(x)["text"] for x in ppo_data["pretrain"].read_text().splitlines()[:3]]
-    return policy, value_model, tok, rollout, [encode_pretrain(tok, t, 32) for t in texts]
 
 
 def test_ptx_step_with_zero_coefficient_adds_no_gradient(ppo_data, eos_policy):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -146,9 +147,11 @@ def sample_policy_shard(
     ref_policy: str | None = None,
     panel: Panel | None = None,
     autocast_dtype: Autocast | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> PolicyShard:
     """A policy's responses to ``texts`` (responses ``first_index …`` of the evaluation, one entry
-    per response), measured and judged by the held-out labelers.
+    per response), measured and judged by the held-out labelers. ``progress(n)`` is called after
+    each forward batch with the responses done so far.
 
     Candidate c of response i is sampled from a stream seeded by (seed, i, c), and labeler j's
     noise on it by (seed, i, j): the same for every policy (common random numbers), and a shard
@@ -196,6 +199,8 @@ def sample_policy_shard(
         if ref is not None:
             with precision:
                 out.kls += (response_logprob_sums(model, gen) - response_logprob_sums(ref, gen)).tolist()
+        if progress is not None:
+            progress(len(out.responses))
     out.judgements = [
         panel.judge(lab, t, r, np.random.default_rng([cfg.seed, first_index + i, j]))
         for i, (t, r) in enumerate(zip(texts, out.responses, strict=True))
@@ -266,10 +271,12 @@ def evaluate_policies(
     # 1. Every policy's responses, shard by shard (each response seeded by its own index, so
     # shards on several workers give what one process gives), and its alignment tax.
     shards = executor.shards(len(texts))
+    jobs = [(name, a, b) for name in policies for a, b in shards]
+    progress = _Progress(len(texts), log)
     calls = [
         functools.partial(
             sample_policy_shard,
-            path,
+            policies[name],
             texts[a:b],
             a,
             cfg,
@@ -278,9 +285,10 @@ def evaluate_policies(
             ref_policy=ref_policy,
             panel=panel,
             autocast_dtype=autocast_dtype,
+            # In this process, a line per forward batch; a cluster's tasks report as they finish.
+            progress=functools.partial(progress.partial, name, b - a) if isinstance(executor, Local) else None,
         )
-        for name, path in policies.items()
-        for a, b in shards
+        for name, a, b in jobs
     ]
     taxed = [name for name in policies if pretrain_heldout and best_of.get(name, 1) == 1]
     tax_calls = [
@@ -288,9 +296,20 @@ def evaluate_policies(
     ]
     for name, path in policies.items():
         n_best = best_of.get(name, 1)
-        log(f"eval: generating with {name} ({path})" + (f", best of {n_best} by the RM" if n_best > 1 else ""))
+        log(
+            f"eval: generating with {name} ({path}), {len(texts)} responses"
+            + (f", best of {n_best} by the RM" if n_best > 1 else "")
+        )
+
+    def on_done(i: int) -> None:
+        if i < len(jobs):
+            name, a, b = jobs[i]
+            progress.shard_done(name, b - a)
+        else:
+            progress.perplexity_done(taxed[i - len(jobs)])
+
     # One map, so a cluster runs the perplexities beside the sampling shards.
-    done: list[Any] = executor.map([*calls, *tax_calls], "eval")
+    done: list[Any] = executor.map([*calls, *tax_calls], "eval", on_done)
     ppl: dict[str, float] = dict(zip(taxed, done[len(calls) :], strict=True))
 
     results: list[PolicyEval] = []
@@ -409,6 +428,32 @@ def save_curve(points: Sequence[CurvePoint], report: EvalReport, path: str | Pat
     tmp.write_text(json.dumps(data, indent=1))
     tmp.replace(path)
     return path
+
+
+class _Progress:
+    """evaluate_policies' progress lines: each policy's responses done out of ``total``, and the
+    time since the sampling began. Shards finish in any order on a cluster; ``partial`` reports a
+    running shard's responses in this process (added to the policy's finished shards)."""
+
+    def __init__(self, total: int, log: Callable[[str], None]) -> None:
+        self.total, self.log = total, log
+        self.finished: dict[str, int] = {}
+        self.start = time.monotonic()
+
+    def _line(self, what: str) -> None:
+        self.log(f"eval: {what} ({time.monotonic() - self.start:.0f} s)")
+
+    def partial(self, name: str, shard_size: int, in_shard: int) -> None:
+        if in_shard < shard_size:  # (a finished shard's line comes from shard_done)
+            self._line(f"{name}: {self.finished.get(name, 0) + in_shard}/{self.total} responses")
+
+    def shard_done(self, name: str, size: int) -> None:
+        self.finished[name] = self.finished.get(name, 0) + size
+        n = self.finished[name]
+        self._line(f"{name}: {n}/{self.total} responses" + (", done" if n == self.total else ""))
+
+    def perplexity_done(self, name: str) -> None:
+        self._line(f"{name}: held-out pretraining perplexity done")
 
 
 def save_eval(report: EvalReport, path: str | Path) -> Path:

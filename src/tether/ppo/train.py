@@ -91,7 +91,7 @@ from tether.sft.data import (
     target_tokens,
 )
 
-__all__ = ["EMA", "PPOResult", "check_same_tokenizer", "take_cyclic", "train_ppo"]
+__all__ = ["EMA", "PPOResult", "add_advantages", "check_same_tokenizer", "take_cyclic", "train_ppo"]
 
 
 @dataclass
@@ -338,10 +338,34 @@ def ppo_step(
                 ppo_sq += float(before.float().pow(2).sum())
                 ptx_sq += float((p.grad - before).float().pow(2).sum())
         totals = sum_dict(totals)
+        totals["ppo_grad_norm"], totals["ptx_grad_norm"] = math.sqrt(ppo_sq), math.sqrt(ptx_sq)
         if ppo_sq > 0:  # (a minibatch whose PPO gradient is exactly 0 has no ratio)
             totals["ptx_grad_ratio"] = math.sqrt(ptx_sq / ppo_sq)
         return totals
     return sum_dict(totals)
+
+
+def add_advantages(
+    rollout: Rollout,
+    cfg: PPOConfig,
+    kl_coef: float,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> None:
+    """Steps 2 and 3 of an iteration, in place: the per-token rewards (−β·KL, the score at the
+    last real token, less the other responses' mean score with a leave-one-out baseline), then
+    GAE(γ, λ) advantages and returns, the advantages whitened over the batch (``all_reduce``
+    sums the whitening statistics over the ranks of a data-parallel run)."""
+    scores = rollout.scores
+    if cfg.score_baseline == "leave_one_out":
+        scores = leave_one_out(scores, cfg.samples_per_prompt)
+    rollout.rewards, rollout.non_score_rewards, rollout.kl = compute_rewards(
+        scores, rollout.logprobs, rollout.ref_logprobs, rollout.response_mask, kl_coef, cfg.kl_estimator
+    )
+    rollout.advantages, rollout.returns = gae(
+        rollout.rewards, rollout.values, rollout.response_mask, cfg.gamma, cfg.lam
+    )
+    if cfg.whiten_advantages:
+        rollout.advantages = whiten_advantages(rollout.advantages, rollout.response_mask, all_reduce=all_reduce)
 
 
 def _share_trunk(cfg: PPOConfig, models: Sequence[Any], log: Callable[[str], None]) -> SharedTrunk | None:
@@ -587,22 +611,9 @@ def train_ppo(
 
             # 2. Rewards: −β·KL(π || π_SFT) per token, the score (less the other responses' mean
             #    with a leave-one-out baseline) added at the last real token.
-            scores = rollout.scores
-            if cfg.score_baseline == "leave_one_out":
-                scores = leave_one_out(scores, n_per)
-            rollout.rewards, rollout.non_score_rewards, rollout.kl = compute_rewards(
-                scores, rollout.logprobs, rollout.ref_logprobs, rollout.response_mask, kl_coef, cfg.kl_estimator
-            )
-
             # 3. Advantages: GAE(γ, λ) over the response tokens, whitened over the batch (every
             #    rank's tokens: the statistics are all-reduced).
-            rollout.advantages, rollout.returns = gae(
-                rollout.rewards, rollout.values, rollout.response_mask, cfg.gamma, cfg.lam
-            )
-            if cfg.whiten_advantages:
-                rollout.advantages = whiten_advantages(
-                    rollout.advantages, rollout.response_mask, all_reduce=all_reduce_sum if d.enabled else None
-                )
+            add_advantages(rollout, cfg, kl_coef, all_reduce=all_reduce_sum if d.enabled else None)
             # The whole batch (every rank's episodes, without the trunk's hidden states) for the
             # minibatches' token counts and the metrics: the same on every rank.
             whole = _gather_rollout(rollout, pad) if d.enabled else rollout
@@ -713,7 +724,7 @@ def _iteration_record(
     for key in dict.fromkeys(k for s in steps for k in s):
         values = [s[key] for s in steps if key in s]
         record[key] = sum(values) / len(values)
-    for key in ("ptx_loss", "ptx_grad_ratio"):
+    for key in ("ptx_loss", "ptx_grad_ratio", "ppo_grad_norm", "ptx_grad_norm"):
         record.setdefault(key, None)
     n_generated = rollout.n_tokens
     record |= {
