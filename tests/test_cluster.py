@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import pytest
@@ -62,3 +63,29 @@ def test_bad_worker_counts_are_refused_before_connecting():
         RayCluster("local", 0)
     with pytest.raises(ValueError, match="--cpus-per-worker must be >= 1"):
         RayCluster("local", 2, cpus_per_worker=0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="the ray extra is not installed")
+def test_ray_train_failures_become_one_line_or_the_trainers_own_error():
+    """What ``RayCluster.train`` makes of Ray Train v2's own exceptions (the real classes, built
+    here without a cluster): a dead worker is named with how to resume, ahead of the collective
+    errors it causes in the other ranks; a worker's bad-input error keeps its type and message."""
+    from ray.exceptions import ActorDiedError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+    from ray.train.v2.api.exceptions import TrainingFailedError, WorkerGroupError
+
+    from tether.cluster import _stage_error
+
+    died = WorkerHealthCheckFailedError("worker 1 failed its health check", ActorDiedError())
+    peer = RuntimeError("[../third_party/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+    failed = WorkerGroupError("Training failed due to worker errors", {0: peer, 1: died})
+    assert isinstance(failed, TrainingFailedError)  # what RayCluster.train catches
+    line = str(_stage_error("round-1/ppo_ptx", failed))
+    assert line == (
+        "round-1/ppo_ptx: Ray Train worker rank 1 died (ActorDiedError); "
+        "rerun the same command to resume from the last checkpoint"
+    )
+    bad = ValueError("prompts.jsonl line 3: field 'prompt' is missing")
+    assert _stage_error("sft", WorkerGroupError("failed", {0: bad})) is bad
+    line = str(_stage_error("sft", WorkerGroupError("failed", {1: peer})))
+    assert line.startswith("sft failed on Ray Train worker rank 1: [../third_party/gloo") and "rerun the same" in line

@@ -1,11 +1,11 @@
 """``tether run --preset tiny`` started in one process and continued on a local Ray cluster (2 workers,
-2 CPUs), against the same run in one process: a run moves between executors mid-way, a Ray Train
-worker killed mid-stage fails the stage with one line and exit 1, the rerun resumes, and the
+2 CPUs), against the same run in one process: a run moves between executors mid-way, its Ray Train workers
+killed mid-stage are restarted (``--max-failures 1``) and resume from the last checkpoint, and the
 finished run has the single-process run's manifest, eval and report, its figures within tolerance.
 
 Each Ray Train stage costs ~50 s of process spawns on this 2-core machine (Ray Train v2 starts 7
 processes per run), so SFT, sampling, labeling and the RM run in one process here and PPO-ptx
-(killed and resumed) and the evaluation's shards on Ray: the same ``RayCluster.train`` and
+(killed and recovered) and the evaluation's shards on Ray: the same ``RayCluster.train`` and
 ``RayCluster.map`` calls SFT, the RM and sampling make; each trainer's two-rank equality with one
 process is tests/test_distributed.py's.
 
@@ -113,15 +113,21 @@ def test_tiny_run_on_a_local_ray_cluster_matches_one_process(tmp_path, ray_tmp):
     assert not state.exists(), "killed too late: PPO-ptx had written a checkpoint in one process"
     attempts_local = stages(ray_dir).get("round-1/ppo_ptx", {}).get("attempts", 0)  # 0 or 1: started, no state
 
+    # --max-failures 1: Ray Train restarts a stage's worker group once after a worker dies, and the
+    # restarted group resumes from the last checkpoint, inside the same command. (With 0, the
+    # default, the stage fails with one line and the rerun resumes: tests/test_cluster.py; the
+    # rerun's resume itself is tests/test_pipeline.py's, in one process.)
     cmd = [sys.executable, "-m", "tether.cli", *common, "--out-dir", str(ray_dir)]
-    cmd += ["--ray-address", "local", "--num-workers", "2"]
+    cmd += ["--ray-address", "local", "--num-workers", "2", "--max-failures", "1"]
     env = os.environ | {"RAY_TMPDIR": ray_tmp}
-    # 1. Kill one Ray Train worker once PPO-ptx has written its first checkpoint.
+    # 1. Kill every Ray Train worker once PPO-ptx has written its first checkpoint.
     t0 = time.time()
-    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "driver.log"  # a file, not a pipe: nobody reads the driver while it runs
+    with log.open("w") as sink:
+        driver = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600
     while time.time() < deadline and not state.exists():
-        assert driver.poll() is None, "the run ended before it could be killed:\n" + driver.stderr.read()[-3000:]
+        assert driver.poll() is None, "the run ended before it could be killed:\n" + log.read_text()[-3000:]
         time.sleep(0.05)
     # Every Ray Train worker process under the driver (PPO-ptx is its only Ray Train stage).
     victims = train_workers(driver)
@@ -129,23 +135,16 @@ def test_tiny_run_on_a_local_ray_cluster_matches_one_process(tmp_path, ray_tmp):
     for victim in victims:
         with contextlib.suppress(psutil.NoSuchProcess):
             victim.kill()
-    _, err = driver.communicate(timeout=300)
-    ended = f"killed {len(victims)} Ray Train workers, the run still ended {driver.returncode}:\n"
-    assert driver.returncode == 1, ended + err[-3000:]
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: round-1/ppo_ptx: Ray Train worker rank ") and "died" in last, last
-    assert "rerun the same command to resume" in last
-    assert stages(ray_dir)["round-1/ppo_ptx"]["status"] == "running"
-
-    # 2. The same command again: finished stages skipped, PPO-ptx resumed, the rest run.
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # 2. The worker group restarted, PPO-ptx resumed from its checkpoint, the rest ran: exit 0.
+    driver.wait(timeout=600)
+    output = log.read_text()
+    assert driver.returncode == 0, f"killed {len(victims)} Ray Train workers:\n" + output[-3000:]
     t_ray = time.time() - t0
-    print(f"one process {t_one:.0f} s; Ray (2 workers, killed once and rerun) {t_ray:.0f} s")
     a, b = stages(one_dir), stages(ray_dir)
-    assert b["round-1/ppo_ptx"]["attempts"] == attempts_local + 2
+    assert b["round-1/ppo_ptx"]["attempts"] == attempts_local + 1  # one command: recovered inside it
     assert all(b[n]["attempts"] == 1 for n in ("sft", "round-1/sample", "round-1/label", "round-1/rm"))
-    assert "ppo: resuming at iteration 3/4" in done.stdout + done.stderr  # from the checkpoint, not from scratch
+    assert "ppo: resuming at iteration 3/4" in output  # from the checkpoint, not from scratch
+    print(f"one process {t_one:.0f} s; Ray (2 workers, killed once, recovered) {t_ray:.0f} s")
 
     # 3. The same structure as one process: stages, their outputs, the eval and the report.
     assert list(a) == list(b) and all(s["status"] == "done" for s in b.values())

@@ -212,14 +212,16 @@ class RayCluster:
         )
         refs = [remote.remote(call) for call in calls]
         index = {ref: i for i, ref in enumerate(refs)}
+        results: list[Any] = [None] * len(refs)
         try:
             pending = list(refs)
             while pending:  # in the order the tasks finish; a failed one raises as soon as it fails
                 ready, pending = ray.wait(pending, num_returns=1)
-                ray.get(ready)
+                i = index[ready[0]]
+                results[i] = ray.get(ready[0])  # each result fetched once
                 if on_done is not None:
-                    on_done(index[ready[0]])
-            return ray.get(refs)
+                    on_done(i)
+            return results
         except ray.exceptions.RayTaskError as e:
             _cancel(refs)
             if isinstance(e.cause, Exception):  # the task's own error (bad input, a bug): as it is

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tether import cli
 from tether.checkpoint import StopAfter
 from tether.config import SFTConfig, resolve
 from tether.metrics import read_metrics
@@ -131,8 +132,9 @@ def test_kill_9_mid_epoch_then_rerun_resumes(tmp_path, demos_file):
         "--show-samples",
         "0",
     ]
+    # The uninterrupted reference in this process (the same CLI, without a second interpreter start).
+    assert cli.main(["sft", *args, "--out-dir", str(tmp_path / "full")]) == 0
     tether = [sys.executable, "-m", "tether.cli", "sft"]
-    subprocess.run(tether + args + ["--out-dir", str(tmp_path / "full")], check=True, capture_output=True)
 
     run = tmp_path / "killed"
     proc = subprocess.Popen(

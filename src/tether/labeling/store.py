@@ -852,7 +852,7 @@ class LabelStore:
         if resumed is not None:
             return resumed
         held = self._held_count()
-        row = s.execute(
+        open_tasks = (
             select(Task.id, Task.responses)
             .where(
                 Task.project_id == project_id,
@@ -861,11 +861,15 @@ class LabelStore:
             )
             .order_by(held.desc(), Task.position)
             .limit(1)
-            # PostgreSQL: lock the chosen task until commit and let concurrent claimers pass over
-            # it to the next one instead of colliding on its slots. (SQLite renders nothing
-            # here: BEGIN IMMEDIATE already serialises claims.)
-            .with_for_update(of=Task, skip_locked=True)
-        ).first()
+        )
+        # PostgreSQL: lock the chosen task until commit and let concurrent claimers pass over it
+        # to the next one instead of colliding on its slots. (SQLite renders nothing here:
+        # BEGIN IMMEDIATE already serialises claims.)
+        row = s.execute(open_tasks.with_for_update(of=Task, skip_locked=True)).first()
+        if row is None:
+            # Nothing unlocked: every open task may be one another claim holds right now. Wait for
+            # those locks rather than tell this labeler the queue is empty while a slot is free.
+            row = s.execute(open_tasks.with_for_update(of=Task)).first()
         if row is None:
             return None
         task_id, responses = row
