@@ -252,7 +252,10 @@ class RayCluster:
             run_config=RunConfig(
                 name=name.replace("/", "-"),
                 storage_path=str(self.storage) if self.storage else None,
-                failure_config=FailureConfig(max_failures=self.max_failures),
+                # Ray's default retries a worker group that cannot start forever (a worker that
+                # fails to import, a node that cannot host it): the stage then hangs instead of
+                # failing with its one line. Two retries cover a transient start failure.
+                failure_config=FailureConfig(max_failures=self.max_failures, controller_failure_limit=START_RETRIES),
             ),
         )
         log(f"[dim]{name}: Ray Train, {self.workers} workers[/]")
@@ -264,6 +267,7 @@ class RayCluster:
 
 
 RERUN = "rerun the same command to resume from the last checkpoint"
+START_RETRIES = 2  # restarts of a worker group that failed to start, before the stage fails
 
 
 def _stage_error(name: str, e: BaseException) -> BaseException:
