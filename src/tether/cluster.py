@@ -236,8 +236,9 @@ class RayCluster:
     def train(self, name: str, fn: Callable[..., dict], *args: Any, log: Callable) -> dict:
         # Ray Train v2 (the default since Ray 2.50): rank 0's return value comes back in the result.
         os.environ["RAY_TRAIN_V2_ENABLED"] = "1"
-        from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+        from ray.train import RunConfig, ScalingConfig, TrainingFailedError
         from ray.train.torch import TorchTrainer
+        from ray.train.v2.api.config import FailureConfig  # v2's own: controller_failure_limit
 
         # Workers keep the driver's working directory (Ray would move them to its trial dir), so
         # relative paths mean the same on every rank as here.
