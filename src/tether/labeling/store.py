@@ -866,9 +866,10 @@ class LabelStore:
         # to the next one instead of colliding on its slots. (SQLite renders nothing here:
         # BEGIN IMMEDIATE already serialises claims.)
         row = s.execute(open_tasks.with_for_update(of=Task, skip_locked=True)).first()
-        if row is None:
+        if row is None and self.engine.dialect.name != "sqlite":
             # Nothing unlocked: every open task may be one another claim holds right now. Wait for
             # those locks rather than tell this labeler the queue is empty while a slot is free.
+            # (SQLite has no row locks: the query above already saw every task.)
             row = s.execute(open_tasks.with_for_update(of=Task)).first()
         if row is None:
             return None
