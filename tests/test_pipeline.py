@@ -71,6 +71,11 @@ def test_two_rounds_killed_and_resumed(tmp_path, capsys):
     assert not (users["train"] & users["test"]) and not (users["valid"] & users["test"])
     report = (run / "report" / "report.html").read_text()
     assert "Win rate against sft" in report and "ppo_ptx" in report
+    # Run facts: each round's RM accuracy beside the labelers' own agreement, from the manifest.
+    for r in (1, 2):
+        rm = after[f"round-{r}/rm"]["outputs"]
+        assert f"round-{r} reward model" in report and f"accuracy {100 * rm['accuracy']:.1f} %" in report
+        assert f"agree with each other {100 * rm['labeler_agreement']:.1f} %" in report
     ev = json.loads((run / "eval" / "eval.json").read_text())
     # run.curve_every 2 in the tiny preset: round 2's PPO-ptx kept after 2 of its 4 iterations too.
     assert {p["name"] for p in ev["policies"]} == {"base", "sft", "sft_bo2", "ppo", "ppo_ptx@16", "ppo_ptx"}
@@ -117,3 +122,33 @@ def test_two_rounds_killed_and_resumed(tmp_path, capsys):
     assert again["config"]["sft_best_of"] == 2  # the run's own setting, kept
     assert (out / "report.html").exists() and "expected win" in capsys.readouterr().out
     assert [p["episodes"] for p in json.loads((out / "curve.json").read_text())["points"]] == [0, 16, 32]
+
+
+def test_run_facts_put_each_rms_accuracy_beside_the_labelers_agreement():
+    from tether.pipeline import run_facts
+
+    stages = {
+        "data": {"outputs": {"preprocess_report": {"split_prompts": {"train": 5, "valid": 2, "test": 3}}}},
+        "sft": {
+            "outputs": {"valid_loss_before": 2.5, "valid_loss_after": 1.25, "selected_epoch": 2},
+            "seconds_last_attempt": 12.4,
+        },
+        "round-1/rm": {
+            "outputs": {
+                "accuracy": 0.582,
+                "train_labeler_accuracy": 0.604,
+                "heldout_labeler_accuracy": None,
+                "labeler_agreement": 0.739,
+            },
+            "seconds_last_attempt": 7.0,
+        },
+        "round-1/ppo_ptx": {"status": "running"},  # unfinished: no seconds, no facts
+    }
+    facts = run_facts(stages)
+    assert facts["prompts (split by user)"] == "train 5 / valid 2 / test 3"
+    assert facts["SFT held-out demonstration loss"] == "2.500 → 1.250 (epoch 2 kept)"
+    assert facts["round-1 reward model, held-out comparisons"] == (
+        "accuracy 58.2 % (training labelers 60.4 %, held-out labelers –); the labelers agree with each other 73.9 %"
+    )
+    assert facts["stage seconds (last attempt)"] == "sft 12, round-1/rm 7"
+    assert run_facts({}) == {}

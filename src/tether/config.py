@@ -816,7 +816,7 @@ PRESET_HELP = {
     "demo": "the embedded SmolLM2-135M-Instruct on a CPU budget",
     "paper": "the paper's hyperparameters",
     "full": "the demo with 3x its PPO-ptx episodes, the policy kept and evaluated every 240 episodes: the "
-    "win rate against PPO episodes; estimated at 5.3 h on this project's loaded 2-core CPU",
+    "win rate against PPO episodes; estimated at 1.8 h on a quiet 2-core CPU",
 }
 
 
@@ -1117,15 +1117,8 @@ def _run_presets() -> dict[str, dict[str, Any]]:
 # 480, 720 and 960 episodes. Plain PPO, the base model and SFT best-of-4 are left out (the demo
 # measures those); `--run-ppo-baseline true` etc. put them back.
 #
-# Time, from the demo's stage times measured on this 2-core AVX2 machine (1 thread, load 6-14,
-# 2026-11-30/12-01): SFT 2121 s + sampling 1130 s + RM 1442 s = 4693 s as in the demo; PPO-ptx
-# 960 episodes x (2443 s / 320) = 7329 s; evaluation of 5 policies (SFT, 3 kept, final) on 192 test
-# prompts x 2 samples at ~1400 s each (the demo's 3 policies took ~70 min) = 7000 s. About 19,000 s
-# = 5.3 hours: it does NOT fit the 2.5 hours there. Nothing beyond the demo's PPO budget
-# does at those times (after the demo's SFT, sampling and RM, 2.5 hours leave 4307 s, less than
-# the demo's own 320 PPO-ptx episodes plus an evaluation of two policies); a quiet machine would
-# have to run 2.1x faster than those load-inflated figures. Not measured on a GPU. Disk: each kept
-# policy is a float32 copy of the 135M model (~0.54 GB).
+# Time, estimated from the quiet demo run's stage times (README; 2-core AVX2, 2 threads): about
+# 1.8 hours, inside the 2.5. Disk: each kept policy is a float32 copy (~0.54 GB).
 FULL_RUN: dict[str, Any] = {
     "out_dir": "runs/full",
     "ppo.total_episodes": 960,

@@ -465,6 +465,37 @@ def run_eval_policies(cfg: RunConfig, stages: dict[str, Any]) -> tuple[dict[str,
     return policies, stages[f"{last}/rm"]["outputs"]["reward_model"], sft
 
 
+def _percent(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f} %"
+
+
+def run_facts(stages: dict[str, Any]) -> dict[str, str]:
+    """What the report's "Run facts" table says about a run's stages (from its manifest): the
+    split, SFT's held-out loss, each round's RM accuracy against the labelers' own agreement (the
+    ceiling a labeler-trained RM can reach), and each stage's seconds."""
+    facts: dict[str, str] = {}
+    split = stages.get("data", {}).get("outputs", {}).get("preprocess_report", {}).get("split_prompts")
+    if split:
+        facts["prompts (split by user)"] = " / ".join(f"{k} {v}" for k, v in split.items())
+    sft = stages.get("sft", {}).get("outputs") or {}
+    if sft.get("valid_loss_after") is not None:
+        facts["SFT held-out demonstration loss"] = (
+            f"{sft['valid_loss_before']:.3f} → {sft['valid_loss_after']:.3f} (epoch {sft['selected_epoch']} kept)"
+        )
+    for name, entry in stages.items():
+        rm = entry.get("outputs") or {}
+        if name.endswith("/rm") and "accuracy" in rm:
+            facts[f"{name.split('/')[0]} reward model, held-out comparisons"] = (
+                f"accuracy {_percent(rm['accuracy'])} (training labelers {_percent(rm.get('train_labeler_accuracy'))}, "
+                f"held-out labelers {_percent(rm.get('heldout_labeler_accuracy'))}); "
+                f"the labelers agree with each other {_percent(rm.get('labeler_agreement'))}"
+            )
+    seconds = {n: e["seconds_last_attempt"] for n, e in stages.items() if e.get("seconds_last_attempt") is not None}
+    if seconds:
+        facts["stage seconds (last attempt)"] = ", ".join(f"{n} {s:.0f}" for n, s in seconds.items())
+    return facts
+
+
 def run_eval_config(cfg: RunConfig, eval_cfg: EvalConfig | None = None) -> EvalConfig:
     """The run's evaluation settings (or ``eval_cfg``) with its unset length filled in: the
     policies are evaluated at the response length PPO trained them at."""
@@ -515,7 +546,7 @@ def evaluate_run(
     # run.curve_every: the checkpoints' figures beside eval.json, SFT at 0 episodes, the final policy last.
     curve = compute_curve(report, final_episodes, start="sft")
     curve_path = save_curve(curve, report, eval_dir / "curve.json") if curve else None
-    path = write_report(report, report_dir, run_dir=run_dir, final_episodes=final_episodes)
+    path = write_report(report, report_dir, run_dir=run_dir, extra=run_facts(stages), final_episodes=final_episodes)
     return {
         "eval": str(eval_path),
         "report": str(path),
