@@ -539,6 +539,7 @@ def evaluate_run(
         best_of={best_of_name(ecfg): ecfg.sft_best_of} if ecfg.sft_best_of else None,
         autocast_dtype=cfg.ppo.policy.autocast,
         executor=executor,
+        keep_dir=eval_dir / "shards",  # an interrupted evaluation resumes from its finished shards
         log=log,
     )
     eval_path = save_eval(report, eval_dir / "eval.json")

@@ -285,3 +285,68 @@ def test_the_log_reports_each_policys_progress_to_completion(tiny_dir, perturbed
     one = evaluate_policies(policies, prompts, cfg, pretrain_heldout=texts, **QUIET)
     for a, b in zip(one.policies, report.policies, strict=True):
         assert a.responses == b.responses and a.win_rate == b.win_rate and a.expected_win_rate == b.expected_win_rate
+
+
+def test_an_interrupted_evaluation_resumes_from_its_finished_shards(tiny_dir, prompts, tmp_path, monkeypatch):
+    """keep_dir: a shard that finished is read back on the rerun, never redone; one that did not
+    (a kill in the middle of it) is redone; the report equals an uninterrupted evaluation's. Other
+    settings or other weights at the same path are other shards."""
+    import tether.eval.evaluate as ev
+
+    other = nudge(tiny_dir, tmp_path / "other", 0.05)
+    texts = [PretrainText(text="The quick brown fox jumps over the lazy dog. " * 4)]
+    cfg = EvalConfig(samples_per_prompt=2, max_new_tokens=8)
+    policies = {"sft": str(tiny_dir), "other": str(other)}
+    kwargs = dict(ref_policy=str(tiny_dir), pretrain_heldout=texts, executor=ThreeShards(), **QUIET)
+    whole = evaluate_policies(policies, prompts, cfg, **kwargs)
+
+    real, ran = ev.sample_policy_shard, []
+
+    def killed_in_the_fourth(path, *args, **kw):
+        ran.append(path)
+        if len(ran) == 4:
+            raise KeyboardInterrupt  # the process dies in its 4th of 6 shards
+        return real(path, *args, **kw)
+
+    keep = tmp_path / "shards"
+    monkeypatch.setattr(ev, "sample_policy_shard", killed_in_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_policies(policies, prompts, cfg, keep_dir=keep, **kwargs)
+    assert len(list(keep.glob("*.pkl"))) == 3 and not list(keep.glob("*.tmp*"))
+
+    def counted(path, *args, **kw):
+        ran.append(path)
+        return real(path, *args, **kw)
+
+    ran.clear()
+    monkeypatch.setattr(ev, "sample_policy_shard", counted)
+    resumed = evaluate_policies(policies, prompts, cfg, keep_dir=keep, **kwargs)
+    assert ran == [str(other)] * 3  # only the 3 shards that had not finished
+    for a, b in zip(whole.policies, resumed.policies, strict=True):
+        assert a.responses == b.responses and a.preferences == b.preferences and a.flag_rates == b.flag_rates
+        assert (a.expected_win_rate, a.expected_win_ci, a.likert, a.kl_to_ref, a.pretrain_ppl) == (
+            b.expected_win_rate,
+            b.expected_win_ci,
+            b.likert,
+            b.kl_to_ref,
+            b.pretrain_ppl,
+        )
+
+    ran.clear()  # another temperature: every shard is another one
+    warmer = EvalConfig(samples_per_prompt=2, max_new_tokens=8, temperature=0.7)
+    evaluate_policies(policies, prompts, warmer, keep_dir=keep, **kwargs)
+    assert len(ran) == 6
+    ran.clear()  # other weights at the same path: that policy's shards are redone
+    retrained = nudge(tiny_dir, tmp_path / "retrained", 0.1) / "model.safetensors"
+    (other / "model.safetensors").write_bytes(retrained.read_bytes())
+    evaluate_policies(policies, prompts, cfg, keep_dir=keep, **kwargs)
+    assert ran == [str(other)] * 3
+
+
+def test_a_shard_that_cannot_be_kept_is_still_returned(tmp_path):
+    """A worker whose node lacks the run's directory: the result comes back, nothing is written."""
+    from tether.eval.evaluate import _kept_shard
+
+    missing = tmp_path / "not-on-this-node" / "shard.pkl"
+    assert _kept_shard(str(missing), lambda: "result") == "result"
+    assert not missing.parent.exists()

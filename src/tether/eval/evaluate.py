@@ -10,8 +10,11 @@ perplexity on held-out pretraining text.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
+import os
+import pickle
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -136,6 +139,50 @@ class PolicyShard:
     judgements: list  # Judgement per (response, held-out labeler), response-major
 
 
+def _files_stamp(path: str | None) -> list[Any]:
+    """What identifies a model directory's contents cheaply: each file's name, size and mtime."""
+    if path is None or not Path(path).is_dir():
+        return [path]
+    return [path] + [
+        (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(path).iterdir()) if f.is_file()
+    ]
+
+
+def shard_key(call: functools.partial) -> str:
+    """A fingerprint of a :func:`sample_policy_shard` call: the models (paths and their files'
+    sizes and times), the texts, their first index, the settings and the judges; not ``progress``."""
+    kw = {k: v for k, v in call.keywords.items() if k != "progress"}
+    path, texts, first, cfg = call.args
+    what = {
+        "policy": _files_stamp(path),
+        "texts": list(texts),
+        "first": first,
+        "cfg": to_dict(cfg),
+        "n_best": kw.get("n_best", 1),
+        "reward_model": _files_stamp(kw.get("reward_model")),
+        "ref_policy": _files_stamp(kw.get("ref_policy")),
+        "judges": repr(kw["panel"].heldout_labelers if kw.get("panel") else None),
+        "autocast": kw.get("autocast_dtype"),
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _kept_shard(path: str, call: Callable[[], PolicyShard]) -> PolicyShard:
+    """Run a shard and keep its result at ``path`` (atomically), so a rerun does not redo it.
+
+    Best effort: a Ray worker on a node that does not share the run's directory cannot write
+    there, and then the shard is simply not kept (a rerun redoes it)."""
+    result = call()
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            pickle.dump(result, f)
+        os.replace(tmp, path)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
+    return result
+
+
 def sample_policy_shard(
     path: str,
     texts: Sequence[str],
@@ -229,6 +276,7 @@ def evaluate_policies(
     best_of: dict[str, int] | None = None,
     autocast_dtype: Autocast | None = None,
     executor: Executor | None = None,
+    keep_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> EvalReport:
     """Evaluate named policies (name → model dir / 'default' / 'tiny') on held-out prompts.
@@ -244,6 +292,9 @@ def evaluate_policies(
     'auto') runs every forward pass under mixed precision; every policy is measured the same way.
     ``executor`` runs the sampling shards and perplexities (default: here, one shard per policy;
     :class:`tether.cluster.RayCluster`: Ray tasks over prompt shards, with the same results).
+    ``keep_dir``: each finished shard (a policy's responses, measurements and judgements) is kept
+    there under a fingerprint of its call (:func:`shard_key`), so an interrupted evaluation rerun
+    with the same models, prompts and settings redoes only the shards that had not finished.
     """
     cfg = cfg or EvalConfig()
     cfg.validate()
@@ -308,8 +359,29 @@ def evaluate_policies(
         else:
             progress.perplexity_done(taxed[i - len(jobs)])
 
+    # Shards an earlier, interrupted evaluation finished (keep_dir) are read back, not redone.
+    kept: dict[int, PolicyShard] = {}
+    if keep_dir is not None:
+        Path(keep_dir).mkdir(parents=True, exist_ok=True)
+        for i, call in enumerate(calls):
+            shard_file = Path(keep_dir) / f"{shard_key(call)}.pkl"
+            if shard_file.exists():
+                with open(shard_file, "rb") as f:
+                    kept[i] = pickle.load(f)
+            else:
+                calls[i] = functools.partial(_kept_shard, str(shard_file), call)
+        for i in kept:
+            name, a, b = jobs[i]
+            log(f"eval: {name}: responses {a}-{b} kept from an earlier run of this evaluation ({keep_dir})")
+    todo = [i for i in range(len(calls)) if i not in kept]
+
+    def on_todo_done(j: int) -> None:
+        on_done(todo[j] if j < len(todo) else len(calls) + j - len(todo))
+
     # One map, so a cluster runs the perplexities beside the sampling shards.
-    done: list[Any] = executor.map([*calls, *tax_calls], "eval", on_done)
+    fresh: list[Any] = executor.map([*(calls[i] for i in todo), *tax_calls], "eval", on_todo_done)
+    computed = dict(zip(todo, fresh[: len(todo)], strict=True))
+    done: list[Any] = [kept[i] if i in kept else computed[i] for i in range(len(calls))] + fresh[len(todo) :]
     ppl: dict[str, float] = dict(zip(taxed, done[len(calls) :], strict=True))
 
     results: list[PolicyEval] = []
