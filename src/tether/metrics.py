@@ -11,6 +11,11 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
+def percent(x: float | None, missing: str = "n/a") -> str:
+    """A rate as the reports and logs print it: ``0.582`` -> ``58.2 %``; None -> ``missing``."""
+    return missing if x is None else f"{100 * x:.1f} %"
+
+
 class MetricsLogger:
     """Appends one JSON object per call to ``path``; mirrors scalars to TensorBoard if asked.
 

@@ -33,6 +33,7 @@ from tether.data.task import build_default_task
 from tether.eval.evaluate import CURVE_PREFIX, compute_curve, evaluate_policies, save_curve, save_eval
 from tether.eval.report import write_report
 from tether.labelers.panel import Panel, pairwise_agreement
+from tether.metrics import percent
 from tether.models.generation import sample_k
 from tether.models.loading import autocast, load_causal_lm
 from tether.ppo.train import train_ppo
@@ -465,10 +466,6 @@ def run_eval_policies(cfg: RunConfig, stages: dict[str, Any]) -> tuple[dict[str,
     return policies, stages[f"{last}/rm"]["outputs"]["reward_model"], sft
 
 
-def _percent(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f} %"
-
-
 def run_facts(stages: dict[str, Any]) -> dict[str, str]:
     """What the report's "Run facts" table says about a run's stages (from its manifest): the
     split, SFT's held-out loss, each round's RM accuracy against the labelers' own agreement (the
@@ -485,10 +482,11 @@ def run_facts(stages: dict[str, Any]) -> dict[str, str]:
     for name, entry in stages.items():
         rm = entry.get("outputs") or {}
         if name.endswith("/rm") and "accuracy" in rm:
+            pct = partial(percent, missing="–")
             facts[f"{name.split('/')[0]} reward model, held-out comparisons"] = (
-                f"accuracy {_percent(rm['accuracy'])} (training labelers {_percent(rm.get('train_labeler_accuracy'))}, "
-                f"held-out labelers {_percent(rm.get('heldout_labeler_accuracy'))}); "
-                f"the labelers agree with each other {_percent(rm.get('labeler_agreement'))}"
+                f"accuracy {pct(rm['accuracy'])} (training labelers {pct(rm.get('train_labeler_accuracy'))}, "
+                f"held-out labelers {pct(rm.get('heldout_labeler_accuracy'))}); "
+                f"the labelers agree with each other {pct(rm.get('labeler_agreement'))}"
             )
     seconds = {n: e["seconds_last_attempt"] for n, e in stages.items() if e.get("seconds_last_attempt") is not None}
     if seconds:

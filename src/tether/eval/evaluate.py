@@ -148,22 +148,11 @@ def _files_stamp(path: str | None) -> list[Any]:
     ]
 
 
-def shard_key(call: functools.partial) -> str:
-    """A fingerprint of a :func:`sample_policy_shard` call: the models (paths and their files'
-    sizes and times), the texts, their first index, the settings and the judges; not ``progress``."""
-    kw = {k: v for k, v in call.keywords.items() if k != "progress"}
-    path, texts, first, cfg = call.args
-    what = {
-        "policy": _files_stamp(path),
-        "texts": list(texts),
-        "first": first,
-        "cfg": to_dict(cfg),
-        "n_best": kw.get("n_best", 1),
-        "reward_model": _files_stamp(kw.get("reward_model")),
-        "ref_policy": _files_stamp(kw.get("ref_policy")),
-        "judges": repr(kw["panel"].heldout_labelers if kw.get("panel") else None),
-        "autocast": kw.get("autocast_dtype"),
-    }
+def shard_key(stamp: dict[str, Any], texts: Sequence[str], first: int) -> str:
+    """A fingerprint of one evaluation shard: what its policy's shards share (``stamp``: the models'
+    paths with their files' sizes and times, the settings, the judges) and its own texts and first
+    index."""
+    what = {**stamp, "texts": list(texts), "first": first}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -363,25 +352,34 @@ def evaluate_policies(
     kept: dict[int, PolicyShard] = {}
     if keep_dir is not None:
         Path(keep_dir).mkdir(parents=True, exist_ok=True)
-        for i, call in enumerate(calls):
-            shard_file = Path(keep_dir) / f"{shard_key(call)}.pkl"
+        shared = {
+            "cfg": to_dict(cfg),
+            "reward_model": _files_stamp(reward_model),
+            "ref_policy": _files_stamp(ref_policy),
+            "judges": repr(judges),
+            "autocast": autocast_dtype,
+        }
+        stamps = {
+            name: {**shared, "policy": _files_stamp(path), "n_best": best_of.get(name, 1)}
+            for name, path in policies.items()
+        }
+        for i, (name, a, b) in enumerate(jobs):
+            shard_file = Path(keep_dir) / f"{shard_key(stamps[name], texts[a:b], a)}.pkl"
             if shard_file.exists():
                 with open(shard_file, "rb") as f:
                     kept[i] = pickle.load(f)
+                log(f"eval: {name}: responses {a}-{b} kept from an earlier run of this evaluation ({keep_dir})")
             else:
-                calls[i] = functools.partial(_kept_shard, str(shard_file), call)
-        for i in kept:
-            name, a, b = jobs[i]
-            log(f"eval: {name}: responses {a}-{b} kept from an earlier run of this evaluation ({keep_dir})")
+                calls[i] = functools.partial(_kept_shard, str(shard_file), calls[i])
     todo = [i for i in range(len(calls)) if i not in kept]
 
     def on_todo_done(j: int) -> None:
         on_done(todo[j] if j < len(todo) else len(calls) + j - len(todo))
 
     # One map, so a cluster runs the perplexities beside the sampling shards.
-    fresh: list[Any] = executor.map([*(calls[i] for i in todo), *tax_calls], "eval", on_todo_done)
-    computed = dict(zip(todo, fresh[: len(todo)], strict=True))
-    done: list[Any] = [kept[i] if i in kept else computed[i] for i in range(len(calls))] + fresh[len(todo) :]
+    pending: list[Callable[[], Any]] = [*(calls[i] for i in todo), *tax_calls]
+    fresh = iter(executor.map(pending, "eval", on_todo_done))
+    done: list[Any] = [kept[i] if i in kept else next(fresh) for i in range(len(calls))] + list(fresh)
     ppl: dict[str, float] = dict(zip(taxed, done[len(calls) :], strict=True))
 
     results: list[PolicyEval] = []

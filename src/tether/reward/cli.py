@@ -27,6 +27,7 @@ def _run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from tether.labelers.panel import Panel
+    from tether.metrics import percent
     from tether.reward.train import train_reward_model
 
     cfg = config_from_args(RMConfig, "rm", args)
@@ -35,24 +36,21 @@ def _run(args: argparse.Namespace) -> int:
     result = train_reward_model(cfg, panel_heldout_labelers=panel_heldout, log=console.print)
     before, after = result.eval_before, result.eval_after
 
-    def pct(acc: float | None) -> str:
-        return "n/a" if acc is None else f"{100 * acc:.1f} %"
-
     agree = after.labeler_agreement
     table = Table(title="held-out pairwise accuracy (tied rankings make no pair)")
     for col in ("", "RM before", "RM after", "pairs", "labeler vs others"):
         table.add_column(col, justify="right" if col else "left")
     rows = [
-        ("all comparisons", before["overall"], after.overall, pct(agree["rate"])),
+        ("all comparisons", before["overall"], after.overall, percent(agree["rate"])),
         ("train labelers", before["train_labelers"], after.train_labelers, ""),
         ("held-out labelers", before["heldout_labelers"], after.heldout_labelers, ""),
     ]
     rows += [
-        (f"  {name}", before["by_labeler"].get(name, {}), acc, pct(agree["by_labeler"].get(name, {}).get("rate")))
+        (f"  {name}", before["by_labeler"].get(name, {}), acc, percent(agree["by_labeler"].get(name, {}).get("rate")))
         for name, acc in after.by_labeler.items()
     ]
     for name, was, now, labelers in rows:
-        table.add_row(name, pct(was.get("accuracy")), pct(now.accuracy), str(now.pairs), labelers)
+        table.add_row(name, percent(was.get("accuracy")), percent(now.accuracy), str(now.pairs), labelers)
     console.print(table)
     s = after.scores
     console.print(

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from tether.data.formats import Comparison
 from tether.labelers.panel import pairwise_agreement
+from tether.metrics import percent
 from tether.reward.data import RankedExample, unique_sequences
 from tether.reward.score import score_sequences
 
@@ -51,13 +52,12 @@ class RMEval:
 
     def summary(self) -> str:
         def pct(a: Accuracy) -> str:
-            return "n/a" if a.accuracy is None else f"{100 * a.accuracy:.1f} % ({a.pairs} pairs)"
+            return percent(a.accuracy) + ("" if a.accuracy is None else f" ({a.pairs} pairs)")
 
-        agree = self.labeler_agreement.get("rate")
         return (
             f"accuracy {pct(self.overall)}; train labelers {pct(self.train_labelers)}; "
             f"held-out labelers {pct(self.heldout_labelers)}; labelers agree "
-            + ("n/a" if agree is None else f"{100 * agree:.1f} %")
+            + percent(self.labeler_agreement.get("rate"))
             + (f"; margin {self.margin:.3f}" if self.margin is not None else "")
         )
 
