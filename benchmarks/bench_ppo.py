@@ -5,6 +5,7 @@
     python benchmarks/bench_ppo.py --preset tiny --compare-no-cache
     python benchmarks/bench_ppo.py --preset demo --iterations 0 --compare-no-cache
     python benchmarks/bench_ppo.py --preset demo --iterations 3 --engine both
+    python benchmarks/bench_ppo.py --preset demo --iterations 3 --reward-model RM --sampling-trunk both
 
 Runs the real trainer (``train_ppo``) for a few iterations in a temporary directory, with a toy
 length reward unless ``--reward-model`` is given, and prints episodes/s, generated tokens/s and
@@ -14,7 +15,8 @@ included). The first iteration is reported apart: it pays for allocator and kern
 
 ``--engine off`` samples the rollouts with the loop tether used before the rollout engine
 (``bench_generation.old_sample``); ``--engine both`` runs the trainer with and without the engine,
-one after the other, and prints the ratio of episodes/s.
+one after the other, and prints the ratio of episodes/s. ``--sampling-trunk off`` makes scoring
+recompute the shared trunk instead of taking the output sampling kept (``both``: each in turn).
 
 ``--compare-no-cache`` also times :func:`tether.models.generation.sample` against the naive loop
 that re-runs the whole sequence through the model for every new token.
@@ -40,6 +42,7 @@ from tether.config import PPOConfig, add_config_args, config_from_args
 from tether.models.generation import Sampler, encode_prompts, position_ids_from_mask, resolve_rollout_dtype, sample
 from tether.models.loading import autocast_dtype, load_causal_lm, resolve_device
 from tether.ppo import rollout as ppo_rollout
+from tether.ppo import train as ppo_train
 from tether.ppo.train import load_prompts, train_ppo
 
 
@@ -109,33 +112,51 @@ def main() -> None:
         default="on",
         help="sample rollouts with the rollout engine (on), the loop it replaced (off), or both in turn",
     )
+    parser.add_argument(
+        "--sampling-trunk",
+        choices=["on", "off", "both"],
+        default="on",
+        help="scoring takes the shared trunk's output kept while sampling (on), recomputes it (off), or both in turn",
+    )
     args = parser.parse_args()
     cfg = config_from_args(PPOConfig, "ppo", args)
     if args.iterations > 0:
+        engines = ("on", "off") if args.engine == "both" else (args.engine,)
+        keeps = ("on", "off") if args.sampling_trunk == "both" else (args.sampling_trunk,)
+        # (The old loop keeps nothing: it runs once, with the trunk recomputed.)
+        variants = [(e, k) for e in engines for k in (keeps if e == "on" else ("off",))]
         rates = {}
-        for engine in ("on", "off") if args.engine == "both" else (args.engine,):
-            print(f"\n== rollout engine {engine}")
-            rates[engine] = run_trainer(cfg, args.iterations, engine=engine == "on")
-        if len(rates) == 2:
-            print(f"\nengine on / off: {rates['on'] / rates['off']:.2f}x the episodes/s")
+        for engine, keep in variants:
+            print(f"\n== rollout engine {engine}, trunk kept from sampling {keep}")
+            rates[engine, keep] = run_trainer(cfg, args.iterations, engine=engine == "on", sampling_trunk=keep == "on")
+        base = variants[-1]
+        for variant in variants[:-1]:
+            print(
+                f"engine {variant[0]} / trunk kept {variant[1]} against engine {base[0]} / trunk kept {base[1]}: "
+                f"{rates[variant] / rates[base]:.2f}x the episodes/s"
+            )
     if args.compare_no_cache:
         compare_no_cache(cfg, n_prompts=cfg.generation_batch_size)
 
 
-def _old_loop(model, *args, generator=None, **kwargs):
+def _old_loop(model, *args, generator=None, capture=None, **kwargs):
     """The trainer's ``sample`` with the engine off: the old loop on the policy itself. The old
     loop draws from one generator, not one per episode: the first stands for all (a speed
-    comparison, not a sampling one)."""
+    comparison, not a sampling one); it keeps no trunk output (``capture`` is None here)."""
+    assert capture is None
     if isinstance(generator, list):
         generator = generator[0]
     return old_sample(model.module if isinstance(model, Sampler) else model, *args, generator=generator, **kwargs)
 
 
-def run_trainer(cfg: PPOConfig, iterations: int, *, engine: bool = True) -> float:
+def run_trainer(cfg: PPOConfig, iterations: int, *, engine: bool = True, sampling_trunk: bool = True) -> float:
     """Run and report the trainer; returns the episodes/s of the timed iterations."""
     with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp, contextlib.ExitStack() as stack:
         if not engine:
             stack.enter_context(mock.patch.object(ppo_rollout, "sample", _old_loop))
+        if not engine or not sampling_trunk:
+            stack.enter_context(mock.patch.object(ppo_rollout, "sampling_trunk", lambda *a: None))
+            stack.enter_context(mock.patch.object(ppo_train, "sampling_trunk", lambda *a: None))
         cfg = dataclasses.replace(
             cfg,
             out_dir=tmp,
@@ -145,7 +166,7 @@ def run_trainer(cfg: PPOConfig, iterations: int, *, engine: bool = True) -> floa
         )
         notes: list[str] = []
         result = train_ppo(cfg, None if cfg.reward_model else toy_reward, log=notes.append)
-    trunk = [n for n in notes if " share " in n]  # what the shared-trunk detection found
+    trunk = [n for n in notes if " share " in n or "shared blocks" in n]  # what the shared-trunk detection found
     records = result.metrics
     timed = records[1:] or records
 

@@ -97,6 +97,46 @@ def test_rollout_select_and_cat_keep_the_trunk_output_aligned(tiny_dir):
         torch.testing.assert_close(mb.trunk_hidden[real], again[real], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("per_row", [False, True])
+def test_sampling_keeps_the_trunk_output_of_a_full_forward(eos_policy, ppo_data, per_row):
+    """The trunk's output kept while sampling (shared chat-template prefix, length buckets, decode
+    steps, rows leaving the batch at EOS, the last step's tokens) is the full forward's."""
+    import json
+
+    from tether.models.generation import row_generators
+    from tether.ppo.rollout import _joined
+
+    policy, tok = load_causal_lm(ModelConfig(name_or_path=str(eos_policy), trainable_layers=1), trainable=True)
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    trunk = SharedTrunk.detect([policy, ref])
+    assert trunk is not None and trunk.depth == 1
+    block = trunk.last_block(policy)
+    assert block is backbone(policy).layers[0] and trunk.last_block(copy.deepcopy(policy)) is None
+    texts = [json.loads(line)["text"] for line in ppo_data["prompts"].read_text().splitlines()][:9]
+    texts += ["hi", "a much longer prompt, one that forces left padding on the others", "mid one"]
+    for max_new in (3, 12):
+
+        def draw(capture, max_new=max_new):
+            gens = row_generators(0, range(len(texts)), "cpu") if per_row else torch.Generator().manual_seed(0)
+            return sample(policy, tok, texts, max_new_tokens=max_new, generator=gens, capture=capture)
+
+        plain, kept = draw(None), draw(block)
+        assert plain.hidden is None
+        for name in ("response_ids", "response_mask", "finished"):
+            assert torch.equal(getattr(kept, name), getattr(plain, name)), name
+        # (The batch shrinks a step later when capturing: the same numbers up to matmul round-off.)
+        torch.testing.assert_close(kept.logprobs, plain.logprobs, atol=1e-5, rtol=0)
+        lengths = kept.response_mask.sum(1)
+        if max_new == 12:  # rows left the batch at different steps, and some ran to the limit
+            assert kept.finished.any() and not kept.finished.all() and lengths.min() < lengths.max()
+        ids, mask = _joined(kept.query_ids, kept.query_mask, kept.response_ids, kept.response_mask)
+        assert len(set(kept.query_mask.sum(1).tolist())) > 1  # prompts of several lengths
+        full = trunk.hidden(ids, mask)
+        real = mask.bool()
+        torch.testing.assert_close(kept.hidden[real], full[real], atol=1e-5, rtol=0)
+        assert not kept.hidden[~real].any()
+
+
 @pytest.mark.parametrize("ptx_coef", [0.0, 1.0])
 def test_ppo_with_the_shared_trunk_trains_the_same_weights(tmp_path, tiny_dir, ptx_coef):
     """The whole PPO update (rollout, 2 epochs × 2 minibatches, PPO-ptx) with and without sharing."""

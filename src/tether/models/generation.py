@@ -76,6 +76,9 @@ class Generation:
     response_mask: torch.Tensor  # [B, R] 1 on real response tokens (EOS included)
     logprobs: torch.Tensor  # [B, R] log p(token) under logits / temperature at sampling time; 0 on pad
     finished: torch.Tensor  # [B] bool: the response ended with EOS within max_new_tokens
+    # [B, P + R, H] the output of one block (``sample(capture=...)``) at every position of prompt ⊕
+    # response, as sampling computed it (None unless asked for); 0 on padding.
+    hidden: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -83,7 +86,11 @@ class Generation:
 
     def select(self, index: torch.Tensor) -> Generation:
         """The rows ``index`` (a 1-D index tensor) of every field, in that order."""
-        return Generation(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
+        picked: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            picked[f.name] = None if value is None else value[index]
+        return Generation(**picked)
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,6 +226,41 @@ def _shrink_at(n_rows: int) -> int:
     return max(1, (3 * n_rows) // 4)
 
 
+class _StopForward(Exception):
+    """Raised by :class:`_Capture` to end a forward once the captured block has run."""
+
+
+class _Capture:
+    """Keeps one block's output at every position sampling feeds, in prompt ⊕ response layout.
+
+    A forward hook on ``block`` stores its output ``[n, q, H]`` for the forward's rows into
+    ``hidden [B, width + max_new_tokens, H]``; :func:`_generate` says where each forward goes.
+    ``stop`` makes the hook end the forward after the block (the last pass, which only needs it).
+    """
+
+    def __init__(self, block: torch.nn.Module, batch: int, capacity: int) -> None:
+        self.batch, self.capacity = batch, capacity
+        self.hidden: torch.Tensor | None = None
+        self.out: torch.Tensor | None = None
+        self.stop = False
+        self.handle = block.register_forward_hook(self._hook)
+
+    def _hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        out = output[0] if isinstance(output, tuple) else output
+        self.out = out.detach()
+        if self.hidden is None:
+            self.hidden = out.new_zeros(self.batch, self.capacity, out.shape[-1])
+        if self.stop:
+            raise _StopForward
+
+    def put(self, rows: torch.Tensor, columns: torch.Tensor, keep: torch.Tensor) -> None:
+        """The last forward's output ``[n, q, H]`` to ``hidden[rows[:, None], columns]`` where ``keep``."""
+        assert self.out is not None and self.hidden is not None, "no forward ran through the captured block"
+        current = self.hidden[rows[:, None], columns]
+        self.hidden[rows[:, None], columns] = torch.where(keep[..., None], self.out.to(self.hidden.dtype), current)
+        self.out = None
+
+
 @torch.no_grad()
 def _generate(
     model: PreTrainedModel,
@@ -231,19 +273,27 @@ def _generate(
     eos_token_id: int | None,
     pad_token_id: int,
     decode: Callable[..., Any] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    capture: torch.nn.Module | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The decode loop. ``query_ids``, ``query_mask``: ``[B, P]`` left-padded, on the model's device.
 
-    Returns ``(tokens [B, T], logprobs [B, T], finished [B])`` with ``T <= max_new_tokens`` (the
-    loop stops when every row has ended), pad / 0 after a row's EOS. ``eos_token_id=None``
+    Returns ``(tokens [B, T], logprobs [B, T], finished [B], hidden)`` with ``T <= max_new_tokens``
+    (the loop stops when every row has ended), pad / 0 after a row's EOS. ``eos_token_id=None``
     never stops a row. ``decode`` runs the decode-step forwards (default: ``model``).
+
+    ``capture`` (a block of ``model``) keeps that block's output at every real position of
+    prompt ⊕ response: ``hidden [B, P + T, H]``, 0 on padding; None without ``capture`` or for
+    a model the KV buffers do not fit (sliding-window attention and the like). The
+    prompt's come from the prefill, each sampled token's from the step that feeds it; a row stays
+    in the batch until its last token has been fed, and one last pass, stopped after the block,
+    feeds the tokens sampled at the final step. The same samples as without it (rows leave the
+    batch a step later: log-probs may differ by float round-off, as with another batch size).
 
     Every step draws one ``[B, V]`` uniform for the Gumbel noise whatever the batch has shrunk
     to, so the random stream, and so the tokens for a seed, do not depend on when rows finish.
     ``generator`` may instead be one generator per row: each row then draws its own ``[V]`` per
     step while it is in the batch, so its tokens do not depend on the other rows at all.
     """
-    device = query_ids.device
     batch, width = query_ids.shape
     capacity = width + max_new_tokens
     buffers = _buffers_fit(model.config)
@@ -252,6 +302,40 @@ def _generate(
         if buffers
         else DynamicCache(config=model.config)
     )
+    grab = _Capture(capture, batch, capacity) if capture is not None and buffers else None
+    try:
+        tokens, logprobs, finished = _decode_loop(
+            model, query_ids, query_mask, cache, buffers, grab, max_new_tokens, temperature, generator,
+            eos_token_id, pad_token_id, decode,
+        )  # fmt: skip
+    finally:
+        if grab is not None:
+            grab.handle.remove()
+    hidden = None
+    if grab is not None:
+        assert grab.hidden is not None
+        hidden = grab.hidden[:, : width + tokens.shape[1]]
+    return tokens, logprobs, finished, hidden
+
+
+def _decode_loop(
+    model: PreTrainedModel,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    cache: Cache,
+    buffers: bool,
+    grab: _Capture | None,
+    max_new_tokens: int,
+    temperature: float,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    decode: Callable[..., Any] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_generate`'s prefill and decode steps (its docstring says what they do)."""
+    device = query_ids.device
+    batch, width = query_ids.shape
+    capacity = width + max_new_tokens
     lengths = query_mask.sum(-1)
     # Cache layout: the prompt tokens every row shares (the chat template's header) once in
     # columns 0 … c, then each row's own tokens right-aligned up to `width`, then one column per
@@ -271,6 +355,11 @@ def _generate(
             use_cache=True,
             logits_to_keep=1,
         )
+        if grab is not None:  # the shared prefix: row i's columns width - lengths[i] … + c
+            every = torch.arange(batch, device=device)
+            cols = (width - lengths)[:, None] + torch.arange(c, device=device)
+            grab.out = grab.out.expand(batch, -1, -1) if grab.out is not None else None
+            grab.put(every, cols, torch.ones_like(cols, dtype=torch.bool))
     logits = torch.empty(0, device=device)
     buckets = _prefill_buckets((lengths - c).tolist()) if buffers else [list(range(batch))]
     for bucket in buckets:
@@ -292,6 +381,9 @@ def _generate(
         if not len(logits):
             logits = out.logits.new_empty(batch, out.logits.shape[-1])
         logits[rows] = out.logits[:, -1]
+        if grab is not None:  # a shorter row's first columns here are its padding or shared prefix
+            cols = torch.arange(width - w, width, device=device)
+            grab.put(rows, cols.expand(len(rows), -1), cols >= (width - lengths[rows] + c)[:, None])
     if buffers:
         cache.route(None, width)
 
@@ -329,8 +421,12 @@ def _generate(
             finished[alive] = done | (tok == eos_token_id)
         steps = t + 1
         if t + 1 == max_new_tokens or bool(finished.all()):
+            if grab is not None:  # the tokens sampled now: fed through the captured block only
+                _feed_last(model, grab, cache, mask, alive, tok, done, next_pos, width, t)
             break  # no forward for a token nobody will sample
-        still = ~finished[alive]
+        # A row leaves the batch once it has finished; when capturing, once its last token (EOS)
+        # has also been fed.
+        still = ~done if grab is not None else ~finished[alive]
         if int(still.sum()) <= _shrink_at(len(alive)):
             keep = still.nonzero().squeeze(-1)
             cache.batch_select_indices(keep)
@@ -347,8 +443,41 @@ def _generate(
             use_cache=True,
         )
         logits = out.logits[:, -1]
+        if grab is not None:
+            grab.put(alive, torch.full((n, 1), width + t, device=device), ~done[:, None])
         next_pos = next_pos + 1
     return tokens[:, :steps], logprobs[:, :steps], finished
+
+
+def _feed_last(
+    model: PreTrainedModel,
+    grab: _Capture,
+    cache: Cache,
+    mask: torch.Tensor,
+    alive: torch.Tensor,
+    tok: torch.Tensor,
+    done: torch.Tensor,
+    next_pos: torch.Tensor,
+    width: int,
+    t: int,
+) -> None:
+    """The final step's tokens through the model up to the captured block (the rest never runs)."""
+    n = len(alive)
+    mask[:n, width + t] = (~done).long()
+    grab.stop = True
+    try:
+        model(
+            input_ids=tok[:, None],
+            attention_mask=mask[:n, : width + t + 1],
+            position_ids=next_pos[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+    except _StopForward:
+        pass
+    finally:
+        grab.stop = False
+    grab.put(alive, torch.full((n, 1), width + t, device=tok.device), ~done[:, None])
 
 
 def resolve_rollout_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
@@ -399,6 +528,11 @@ class Sampler:
     @property
     def is_copy(self) -> bool:
         return self.module is not self.model
+
+    @property
+    def compiled(self) -> bool:
+        """Whether decode steps still go through ``torch.compile`` (forward hooks may not fire)."""
+        return self._compiled is not None
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -451,6 +585,7 @@ def sample(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     max_prompt_length: int | None = None,
     ignore_eos: bool = False,
+    capture: torch.nn.Module | None = None,
 ) -> Generation:
     """Sample one response per prompt. temperature 0 = greedy (logprobs then use temperature 1).
 
@@ -459,6 +594,8 @@ def sample(
     then an ordinary token and ``finished`` is all False. ``generator`` must live on the
     model's device; a list of one generator per prompt (:func:`row_generators`) makes each
     response independent of the rest of the batch (data-parallel ranks sample shares of one batch).
+    ``capture``, a block of the sampled model, fills ``Generation.hidden`` with its output at every
+    position (see :func:`_generate`; PPO keeps the shared trunk's output this way).
     """
     sampler = model if isinstance(model, Sampler) else Sampler(model)
     model = sampler.module
@@ -477,7 +614,7 @@ def sample(
     query_ids, query_mask = encode_prompts(tokenizer, prompts, max_prompt_length)
     query_ids, query_mask = query_ids.to(device), query_mask.to(device)
     with sampler.precision():
-        response_ids, response_logprobs, finished = _generate(
+        response_ids, response_logprobs, finished, hidden = _generate(
             model,
             query_ids,
             query_mask,
@@ -487,6 +624,7 @@ def sample(
             eos_token_id=None if ignore_eos else eos,
             pad_token_id=pad,
             decode=sampler.decode,
+            capture=capture,
         )
     # A token is real if no EOS came strictly before it (the EOS itself is real).
     is_eos = response_ids == eos if not ignore_eos else torch.zeros_like(response_ids, dtype=torch.bool)
@@ -502,6 +640,7 @@ def sample(
         response_mask=response_mask,
         logprobs=response_logprobs * response_mask,
         finished=finished,
+        hidden=None if hidden is None else hidden * torch.cat([query_mask, response_mask], 1)[..., None],
     )
 
 

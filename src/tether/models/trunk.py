@@ -11,6 +11,10 @@ What is shared is read from the weights themselves, never assumed: a block is sh
 model holds it bit for bit and none trains it (:func:`shared_depth`). When nothing is shared the
 caller uses the plain forwards.
 
+PPO's sampler runs the trunk too: when it is the policy itself (not a low-precision copy),
+sampling keeps the trunk's output at every position it feeds (a hook on :meth:`SharedTrunk.last_block`)
+and scoring starts from it, so the trunk runs once per token per rollout.
+
 Implementation: a Hugging Face decoder backbone (``model.model`` for Llama-like models) runs its
 ``layers`` on ``inputs_embeds``; running the bottom ``k`` blocks is the backbone with its layer
 list cut to ``[:k]`` and its final norm off, and the top part is the backbone with the list cut to
@@ -122,6 +126,21 @@ class SharedTrunk:
         """A trunk over ``models`` when they share at least one frozen block, else None."""
         depth = shared_depth(models)
         return cls(models, depth) if depth > 0 else None
+
+    def last_block(self, model: nn.Module) -> nn.Module | None:
+        """The trunk's last block when ``model`` runs the trunk's very modules (its embeddings and
+        bottom ``depth`` blocks are the trunk's objects, not copies), else None: a forward hook there
+        sees what :meth:`hidden` computes, e.g. while sampling from the policy."""
+        try:
+            stack = backbone(model)
+        except AttributeError:
+            return None
+        layers = getattr(stack, "layers", None)
+        if getattr(stack, "embed_tokens", None) is not self.owner.embed_tokens or layers is None:
+            return None
+        if len(layers) < self.depth or any(layers[i] is not self.owner.layers[i] for i in range(self.depth)):
+            return None
+        return layers[self.depth - 1]
 
     @torch.no_grad()
     def hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

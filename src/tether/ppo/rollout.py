@@ -295,8 +295,9 @@ def score_episodes(
         prompts, responses: the prompt texts and decoded responses, ``B`` each.
         ref_policy: the frozen SFT model, or None for a LoRA policy (adapters disabled).
         reward: a reward model (scalar head, normalised) or a ``RewardFn``.
-        trunk: the bottom blocks the models share (:class:`SharedTrunk`): computed once here and
-            kept in the rollout for the update; None runs every model whole.
+        trunk: the bottom blocks the models share (:class:`SharedTrunk`): their output is the one
+            sampling kept (``gen.hidden``) or else computed once here, and is kept in the rollout
+            for the update; None runs every model whole.
 
     Returns:
         A :class:`Rollout` whose ``kl`` … ``returns`` are zeros (steps 2–3 fill them).
@@ -306,7 +307,9 @@ def score_episodes(
             model.eval()  # dropout off in every model: RL must score what it sampled
     q_ids, q_mask = gen.query_ids, gen.query_mask
     r_ids, r_mask = gen.response_ids, gen.response_mask
-    hidden = trunk.hidden(*_joined(q_ids, q_mask, r_ids, r_mask)) if trunk is not None else None
+    hidden = None
+    if trunk is not None:
+        hidden = gen.hidden if gen.hidden is not None else trunk.hidden(*_joined(q_ids, q_mask, r_ids, r_mask))
     shared: dict[str, Any] = {"trunk": trunk, "hidden": hidden}
     logprobs, entropy = response_logprobs(
         policy, q_ids, q_mask, r_ids, r_mask, temperature, with_entropy=True, **shared
@@ -360,9 +363,10 @@ def sample_responses(
     prompts: Sequence[str],
     cfg: PPOConfig,
     generator: torch.Generator | Sequence[torch.Generator],
+    capture: torch.nn.Module | None = None,
 ) -> Generation:
     """One response per prompt, sampled as the rollout samples (temperature, prompt and response
-    lengths); ``generator``: one stream, or one per prompt."""
+    lengths); ``generator``: one stream, or one per prompt; ``capture``: see :func:`sample`."""
     return sample(
         sampler,
         tokenizer,
@@ -371,7 +375,19 @@ def sample_responses(
         temperature=cfg.temperature,
         generator=generator,
         max_prompt_length=cfg.max_prompt_length,
+        capture=capture,
     )
+
+
+def sampling_trunk(sampler: Sampler, trunk: SharedTrunk | None) -> torch.nn.Module | None:
+    """The block to capture while sampling so that scoring skips the shared trunk, or None.
+
+    Only when the sampler runs the trunk's very modules eagerly: not a low-precision copy (its
+    output is not the trunk's) and not compiled decode steps (hooks may not fire there).
+    """
+    if trunk is None or sampler.is_copy or sampler.compiled:
+        return None
+    return trunk.last_block(sampler.module)
 
 
 def collect_rollout(
@@ -396,8 +412,14 @@ def collect_rollout(
     scored (:func:`score_episodes`) before the next one is sampled, so no more than a chunk's
     activations are alive at once. Returns the ``B = len(prompts)`` episodes as one
     :class:`Rollout` (``kl`` … ``returns`` zeros) and the time spent sampling and scoring.
+
+    With a shared ``trunk`` that the sampler itself runs (:func:`sampling_trunk`), sampling keeps
+    the trunk's output at every position it feeds and scoring starts from it: the trunk's blocks
+    then run once per token for the whole rollout, not twice (the same numbers as recomputing it
+    in a full forward over prompt ⊕ response, up to float round-off).
     """
     device = next(policy.parameters()).device
+    capture = sampling_trunk(sampler, trunk)
     parts: list[Rollout] = []
     timing = RolloutTime()
     for s in range(0, len(prompts), cfg.generation_batch_size):
@@ -405,7 +427,7 @@ def collect_rollout(
         streams = generator[s : s + len(chunk)] if isinstance(generator, Sequence) else generator
         t0 = device_time(device)
         with precision:
-            gen = sample_responses(sampler, tokenizer, chunk, cfg, streams)
+            gen = sample_responses(sampler, tokenizer, chunk, cfg, streams, capture)
         t1 = device_time(device)
         with precision:
             parts.append(

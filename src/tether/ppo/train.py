@@ -80,6 +80,7 @@ from tether.ppo.rollout import (
     response_logprobs,
     response_values,
     sample_responses,
+    sampling_trunk,
 )
 from tether.sft.data import (
     SFTExample,
@@ -459,6 +460,12 @@ def train_ppo(
     # Rollouts sample from `sampler`: the policy itself, or an inference copy of it in
     # cfg.rollout_dtype, synced after every optimiser step (old log-probs still come from the policy).
     sampler = Sampler(policy, cfg.rollout_dtype, compile=cfg.rollout_compile)
+    if trunk is not None:
+        log(
+            "ppo: sampling keeps the shared blocks' output for scoring (no second pass through them)"
+            if sampling_trunk(sampler, trunk) is not None
+            else "ppo: the shared blocks run again in scoring (the sampler is a copy or compiled)"
+        )
     # Sampling, scoring and the update all run under the same precision, so the rollout's
     # log-probs and the update's describe the same distribution.
     precision = autocast(cfg.policy, device)
