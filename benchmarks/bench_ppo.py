@@ -17,6 +17,7 @@ included). The first iteration is reported apart: it pays for allocator and kern
 (``bench_generation.old_sample``); ``--engine both`` runs the trainer with and without the engine,
 one after the other, and prints the ratio of episodes/s. ``--sampling-trunk off`` makes scoring
 recompute the shared trunk instead of taking the output sampling kept (``both``: each in turn).
+``--baseline`` adds a last run with the old loop and no shared trunk, the base of every ratio.
 
 ``--compare-no-cache`` also times :func:`tether.models.generation.sample` against the naive loop
 that re-runs the whole sequence through the model for every new token.
@@ -118,6 +119,11 @@ def main() -> None:
         default="on",
         help="scoring takes the shared trunk's output kept while sampling (on), recomputes it (off), or both in turn",
     )
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also run, last, the trainer before issue 12 (old sampling loop, no shared trunk) as the ratios' base",
+    )
     args = parser.parse_args()
     cfg = config_from_args(PPOConfig, "ppo", args)
     if args.iterations > 0:
@@ -125,10 +131,15 @@ def main() -> None:
         keeps = ("on", "off") if args.sampling_trunk == "both" else (args.sampling_trunk,)
         # (The old loop keeps nothing: it runs once, with the trunk recomputed.)
         variants = [(e, k) for e in engines for k in (keeps if e == "on" else ("off",))]
+        if args.baseline:
+            variants.append(("off", "unshared"))
         rates = {}
         for engine, keep in variants:
             print(f"\n== rollout engine {engine}, trunk kept from sampling {keep}")
-            rates[engine, keep] = run_trainer(cfg, args.iterations, engine=engine == "on", sampling_trunk=keep == "on")
+            run_cfg = dataclasses.replace(cfg, share_trunk=False) if keep == "unshared" else cfg
+            rates[engine, keep] = run_trainer(
+                run_cfg, args.iterations, engine=engine == "on", sampling_trunk=keep == "on"
+            )
         base = variants[-1]
         for variant in variants[:-1]:
             print(

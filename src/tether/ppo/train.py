@@ -461,10 +461,12 @@ def train_ppo(
     # cfg.rollout_dtype, synced after every optimiser step (old log-probs still come from the policy).
     sampler = Sampler(policy, cfg.rollout_dtype, compile=cfg.rollout_compile)
     if trunk is not None:
+        kept = sampling_trunk(sampler, trunk) is not None
+        why = "a low-precision copy" if sampler.is_copy else "compiled decode" if sampler.compiled else "off"
         log(
             "ppo: sampling keeps the shared blocks' output for scoring (no second pass through them)"
-            if sampling_trunk(sampler, trunk) is not None
-            else "ppo: the shared blocks run again in scoring (the sampler is a copy or compiled)"
+            if kept
+            else f"ppo: the shared blocks run again in scoring (sampling keeps no output of theirs: {why})"
         )
     # Sampling, scoring and the update all run under the same precision, so the rollout's
     # log-probs and the update's describe the same distribution.
