@@ -253,11 +253,14 @@ class _Capture:
         if self.stop:
             raise _StopForward
 
-    def put(self, rows: torch.Tensor, columns: torch.Tensor, keep: torch.Tensor) -> None:
-        """The last forward's output ``[n, q, H]`` to ``hidden[rows[:, None], columns]`` where ``keep``."""
+    def put(self, rows: torch.Tensor, columns: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """The last forward's output ``[n or 1, q, H]`` to ``hidden[rows[:, None], columns]`` (only where
+        ``keep``, if given). Padding positions may get values: :func:`sample` zeroes them."""
         assert self.out is not None and self.hidden is not None, "no forward ran through the captured block"
-        current = self.hidden[rows[:, None], columns]
-        self.hidden[rows[:, None], columns] = torch.where(keep[..., None], self.out.to(self.hidden.dtype), current)
+        out = self.out.to(self.hidden.dtype)
+        if keep is not None:
+            out = torch.where(keep[..., None], out, self.hidden[rows[:, None], columns])
+        self.hidden[rows[:, None], columns] = out
         self.out = None
 
 
@@ -356,10 +359,8 @@ def _decode_loop(
             logits_to_keep=1,
         )
         if grab is not None:  # the shared prefix: row i's columns width - lengths[i] … + c
-            every = torch.arange(batch, device=device)
             cols = (width - lengths)[:, None] + torch.arange(c, device=device)
-            grab.out = grab.out.expand(batch, -1, -1) if grab.out is not None else None
-            grab.put(every, cols, torch.ones_like(cols, dtype=torch.bool))
+            grab.put(torch.arange(batch, device=device), cols)  # the batch-1 output, broadcast
     logits = torch.empty(0, device=device)
     buckets = _prefill_buckets((lengths - c).tolist()) if buffers else [list(range(batch))]
     for bucket in buckets:
@@ -381,7 +382,7 @@ def _decode_loop(
         if not len(logits):
             logits = out.logits.new_empty(batch, out.logits.shape[-1])
         logits[rows] = out.logits[:, -1]
-        if grab is not None:  # a shorter row's first columns here are its padding or shared prefix
+        if grab is not None:  # a shorter row's first columns here are its padding or its shared prefix
             cols = torch.arange(width - w, width, device=device)
             grab.put(rows, cols.expand(len(rows), -1), cols >= (width - lengths[rows] + c)[:, None])
     if buffers:
@@ -420,64 +421,40 @@ def _decode_loop(
         if eos_token_id is not None:
             finished[alive] = done | (tok == eos_token_id)
         steps = t + 1
-        if t + 1 == max_new_tokens or bool(finished.all()):
-            if grab is not None:  # the tokens sampled now: fed through the captured block only
-                _feed_last(model, grab, cache, mask, alive, tok, done, next_pos, width, t)
+        last = t + 1 == max_new_tokens or bool(finished.all())
+        if last and grab is None:
             break  # no forward for a token nobody will sample
-        # A row leaves the batch once it has finished; when capturing, once its last token (EOS)
-        # has also been fed.
-        still = ~done if grab is not None else ~finished[alive]
-        if int(still.sum()) <= _shrink_at(len(alive)):
-            keep = still.nonzero().squeeze(-1)
-            cache.batch_select_indices(keep)
-            n = len(keep)
-            mask[:n] = mask[keep]
-            alive, tok, next_pos, done = alive[keep], tok[keep], next_pos[keep], done[keep]
+        if not last:
+            # A row leaves the batch once it has finished; when capturing, once its last token
+            # (EOS) has also been fed.
+            still = ~done if grab is not None else ~finished[alive]
+            if int(still.sum()) <= _shrink_at(len(alive)):
+                keep = still.nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                n = len(keep)
+                mask[:n] = mask[keep]
+                alive, tok, next_pos, done = alive[keep], tok[keep], next_pos[keep], done[keep]
         n = len(alive)
         mask[:n, width + t] = (~done).long()
-        out = (decode or model)(
-            input_ids=tok[:, None],
-            attention_mask=mask[:n, : width + t + 1],
-            position_ids=next_pos[:, None],
-            past_key_values=cache,
-            use_cache=True,
-        )
-        logits = out.logits[:, -1]
         if grab is not None:
-            grab.put(alive, torch.full((n, 1), width + t, device=device), ~done[:, None])
+            grab.stop = last  # the final step's tokens only need the captured block's output
+        try:
+            out = (model if last else decode or model)(
+                input_ids=tok[:, None],
+                attention_mask=mask[:n, : width + t + 1],
+                position_ids=next_pos[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
+        except _StopForward:
+            pass
+        if grab is not None:
+            grab.put(alive, torch.full((n, 1), width + t, device=device))
+        if last:
+            break
+        logits = out.logits[:, -1]
         next_pos = next_pos + 1
     return tokens[:, :steps], logprobs[:, :steps], finished
-
-
-def _feed_last(
-    model: PreTrainedModel,
-    grab: _Capture,
-    cache: Cache,
-    mask: torch.Tensor,
-    alive: torch.Tensor,
-    tok: torch.Tensor,
-    done: torch.Tensor,
-    next_pos: torch.Tensor,
-    width: int,
-    t: int,
-) -> None:
-    """The final step's tokens through the model up to the captured block (the rest never runs)."""
-    n = len(alive)
-    mask[:n, width + t] = (~done).long()
-    grab.stop = True
-    try:
-        model(
-            input_ids=tok[:, None],
-            attention_mask=mask[:n, : width + t + 1],
-            position_ids=next_pos[:, None],
-            past_key_values=cache,
-            use_cache=True,
-        )
-    except _StopForward:
-        pass
-    finally:
-        grab.stop = False
-    grab.put(alive, torch.full((n, 1), width + t, device=tok.device), ~done[:, None])
 
 
 def resolve_rollout_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
@@ -640,7 +617,7 @@ def sample(
         response_mask=response_mask,
         logprobs=response_logprobs * response_mask,
         finished=finished,
-        hidden=None if hidden is None else hidden * torch.cat([query_mask, response_mask], 1)[..., None],
+        hidden=None if hidden is None else hidden.mul_(torch.cat([query_mask, response_mask], 1)[..., None]),
     )
 
 
