@@ -19,6 +19,10 @@ the work done, much less sensitive than wall time to other jobs on a shared mach
   ran it until ``policy.autocast: auto``;
 - ``engine fp32`` / ``engine bf16 copy``: :func:`tether.models.generation.sample` on the model
   itself / on a bfloat16 inference copy (:class:`~tether.models.generation.Sampler`);
+- ``engine bf16 autocast``: the engine on the model itself under ``torch.autocast(bfloat16)``,
+  its frozen weights' casts kept between steps (:mod:`tether.models.precision`): how PPO samples
+  a bf16-autocast policy (``rollout_dtype: auto``) and how evaluation samples. The old loop's
+  variants run on a copy with plain ``nn.Linear`` layers, as before that cache existed;
 - ``HF generate``: ``model.generate(do_sample=True, top_k=0, top_p=1, min_new_tokens=N)``.
 
 These machines are shared: compare the ratios within one run, and read the load averages
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -52,6 +57,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tether.models.generation import Generation, Sampler, encode_prompts, position_ids_from_mask, sample
 from tether.models.loading import load_causal_lm
+from tether.models.precision import uncache_frozen_casts
 from tether.ppo.train import load_prompts
 
 
@@ -161,6 +167,8 @@ def variants(model, tokenizer, new_tokens: int, *, compile: bool = False) -> dic
     """name → the variant: the old loop, the engine (fp32 and its bf16 copy), HF generate; with
     ``compile`` also the bf16 copy with ``torch.compile``d decode steps."""
     bf16 = Sampler(model, "bfloat16")
+    # The old loop ran on plain nn.Linear layers: autocast re-cast every frozen weight at every step.
+    before = uncache_frozen_casts(copy.deepcopy(model))
     no_eos = NoEOS(tokenizer)
     device_type = next(model.parameters()).device.type
     plain = contextlib.nullcontext
@@ -170,11 +178,12 @@ def variants(model, tokenizer, new_tokens: int, *, compile: bool = False) -> dic
 
     def old(prompts, generator, autocast=False):
         with bf16_autocast() if autocast else plain():
-            gen = old_sample(model, no_eos, prompts, max_new_tokens=new_tokens, temperature=1.0, generator=generator)
+            gen = old_sample(before, no_eos, prompts, max_new_tokens=new_tokens, temperature=1.0, generator=generator)
         return int(gen.response_mask.sum())
 
-    def engine(prompts, generator, sampler=model):
-        gen = sample(sampler, tokenizer, prompts, max_new_tokens=new_tokens, generator=generator, ignore_eos=True)
+    def engine(prompts, generator, sampler=model, autocast=False):
+        with bf16_autocast() if autocast else plain():
+            gen = sample(sampler, tokenizer, prompts, max_new_tokens=new_tokens, generator=generator, ignore_eos=True)
         return int(gen.response_mask.sum())
 
     def hf(prompts, generator):
@@ -193,9 +202,10 @@ def variants(model, tokenizer, new_tokens: int, *, compile: bool = False) -> dic
         return (out.shape[1] - ids.shape[1]) * ids.shape[0]
 
     found = {
-        "old loop fp32": Variant(old, model, plain),
-        "old loop bf16 autocast": Variant(lambda p, g: old(p, g, autocast=True), model, bf16_autocast),
+        "old loop fp32": Variant(old, before, plain),
+        "old loop bf16 autocast": Variant(lambda p, g: old(p, g, autocast=True), before, bf16_autocast),
         "engine fp32": Variant(engine, model, plain),
+        "engine bf16 autocast": Variant(lambda p, g: engine(p, g, autocast=True), model, bf16_autocast),
         "engine bf16 copy": Variant(lambda p, g: engine(p, g, sampler=bf16), bf16.module, plain),
         "HF generate": Variant(hf, model, plain),
     }

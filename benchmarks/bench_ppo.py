@@ -17,7 +17,8 @@ included). The first iteration is reported apart: it pays for allocator and kern
 (``bench_generation.old_sample``); ``--engine both`` runs the trainer with and without the engine,
 one after the other, and prints the ratio of episodes/s. ``--sampling-trunk off`` makes scoring
 recompute the shared trunk instead of taking the output sampling kept (``both``: each in turn).
-``--baseline`` adds a last run with the old loop and no shared trunk, the base of every ratio.
+``--baseline`` adds a last run with the old loop, no shared trunk and no cached casts of frozen
+weights under autocast (tether before issue 12), the base of every ratio.
 
 ``--compare-no-cache`` also times :func:`tether.models.generation.sample` against the naive loop
 that re-runs the whole sequence through the model for every new token.
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from bench_generation import NoEOS, old_sample  # this script's folder is on sys.path
 
 from tether.config import PPOConfig, add_config_args, config_from_args
+from tether.models import loading
 from tether.models.generation import Sampler, encode_prompts, position_ids_from_mask, resolve_rollout_dtype, sample
 from tether.models.loading import autocast_dtype, load_causal_lm, resolve_device
 from tether.ppo import rollout as ppo_rollout
@@ -122,7 +124,8 @@ def main() -> None:
     parser.add_argument(
         "--baseline",
         action="store_true",
-        help="also run, last, the trainer before issue 12 (old sampling loop, no shared trunk) as the ratios' base",
+        help="also run, last, the trainer before issue 12 (old sampling loop, no shared trunk, frozen weights "
+        "re-cast by autocast at every call) as the ratios' base",
     )
     args = parser.parse_args()
     cfg = config_from_args(PPOConfig, "ppo", args)
@@ -138,7 +141,11 @@ def main() -> None:
             print(f"\n== rollout engine {engine}, trunk kept from sampling {keep}")
             run_cfg = dataclasses.replace(cfg, share_trunk=False) if keep == "unshared" else cfg
             rates[engine, keep] = run_trainer(
-                run_cfg, args.iterations, engine=engine == "on", sampling_trunk=keep == "on"
+                run_cfg,
+                args.iterations,
+                engine=engine == "on",
+                sampling_trunk=keep == "on",
+                cast_cache=keep != "unshared",
             )
         base = variants[-1]
         for variant in variants[:-1]:
@@ -160,9 +167,15 @@ def _old_loop(model, *args, generator=None, capture=None, **kwargs):
     return old_sample(model.module if isinstance(model, Sampler) else model, *args, generator=generator, **kwargs)
 
 
-def run_trainer(cfg: PPOConfig, iterations: int, *, engine: bool = True, sampling_trunk: bool = True) -> float:
-    """Run and report the trainer; returns the episodes/s of the timed iterations."""
+def run_trainer(
+    cfg: PPOConfig, iterations: int, *, engine: bool = True, sampling_trunk: bool = True, cast_cache: bool = True
+) -> float:
+    """Run and report the trainer; returns the episodes/s of the timed iterations. ``cast_cache``
+    False loads every model with plain ``nn.Linear`` layers (autocast re-casts frozen weights at
+    every call, as before :mod:`tether.models.precision`)."""
     with tempfile.TemporaryDirectory(prefix="bench-ppo-") as tmp, contextlib.ExitStack() as stack:
+        if not cast_cache:
+            stack.enter_context(mock.patch.object(loading, "cache_frozen_casts", lambda model: model))
         if not engine:
             stack.enter_context(mock.patch.object(ppo_rollout, "sample", _old_loop))
         if not engine or not sampling_trunk:

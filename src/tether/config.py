@@ -350,7 +350,10 @@ class PPOConfig:
     """Precision rollouts are sampled in: None samples the policy itself under policy.autocast;
     'float32' or 'bfloat16' sample (autocast off) from the policy or a copy of it in that dtype,
     synced after every optimiser step; 'auto' is bfloat16 on an Ampere or later GPU or a CPU with native bf16
-    (AVX512-BF16 / AMX), else float32. PPO's old log-probs always come from the policy itself."""
+    (AVX512-BF16 / AMX), else float32, and when the policy itself already runs under a bfloat16
+    autocast there, it samples the policy under it (no copy: frozen weights' casts are cached, so
+    it is as fast, and sampling can keep the shared trunk's output for scoring). PPO's old
+    log-probs always come from the policy itself."""
     rollout_compile: bool = False
     """torch.compile the rollouts' decode step (falls back to eager if compilation fails). Off by
     default: on a 2-core AVX2 CPU compiling took minutes and the step was no faster."""

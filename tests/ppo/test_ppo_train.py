@@ -536,6 +536,47 @@ def test_an_update_that_makes_weights_non_finite_is_never_saved(tmp_path, ppo_da
     assert not (tmp_path / "run" / "state").exists()
 
 
+@pytest.mark.parametrize(
+    ("rollout_dtype", "native_bf16", "kept"),
+    [
+        ("auto", True, True),  # native bf16: the policy itself under its bf16 autocast, trunk kept
+        ("auto", False, False),  # emulated bf16: 'auto' samples without autocast, so never kept
+        ("bfloat16", True, False),  # a copy asked for: its trunk output is not the policy's
+        ("float32", True, False),  # float32 sampling, bf16-autocast scoring: other numbers
+    ],
+)
+def test_the_trunk_is_kept_from_sampling_only_when_sampling_computes_it_as_scoring_does(
+    tmp_path, ppo_data, eos_policy, tiny_rm, monkeypatch, rollout_dtype, native_bf16, kept
+):
+    """A bf16-autocast policy: sampling hands its trunk output to scoring only when it ran the
+    trunk's own modules under the same autocast (never a copy's, never another precision's)."""
+    import tether.ppo.rollout as ppo_rollout
+    import tether.ppo.train as ppo_train
+    from tether.models.generation import Sampler
+
+    monkeypatch.setattr(ppo_train, "fast_bf16", lambda device: native_bf16)
+    hidden, copies, logs = [], [], []
+    real_score, real_init = ppo_rollout.score_episodes, Sampler.__init__
+    monkeypatch.setattr(
+        ppo_rollout,
+        "score_episodes",
+        lambda gen, *a, **k: hidden.append(gen.hidden is not None) or real_score(gen, *a, **k),
+    )
+    monkeypatch.setattr(
+        Sampler, "__init__", lambda self, *a, **k: real_init(self, *a, **k) or copies.append(self.is_copy)
+    )
+    overrides = {"policy.autocast": "bfloat16", "policy.trainable_layers": 1, "reward_model": str(tiny_rm)}
+    cfg = ppo_cfg(
+        tmp_path, ppo_data, eos_policy, rollout_dtype=rollout_dtype, total_episodes=8, sample_every=0, **overrides
+    )
+    train_ppo(cfg, log=logs.append)
+    assert any("models share 1 of 2 blocks" in line for line in logs)
+    assert hidden and set(hidden) == {kept}
+    assert any("sampling keeps the shared blocks' output" in line for line in logs) == kept
+    if rollout_dtype == "auto" and native_bf16:
+        assert copies == [False]  # no bf16 copy of the policy: its frozen weights' casts are cached
+
+
 def test_bf16_rollouts_sample_a_copy_synced_after_every_optimiser_step(tmp_path, ppo_data, eos_policy, monkeypatch):
     """rollout_dtype: the copy is refreshed after each step; old log-probs stay the policy's own."""
     from tether.models.generation import Sampler

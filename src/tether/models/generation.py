@@ -396,7 +396,9 @@ def _decode_loop(
     next_pos = lengths.clone()
     steps = 0
     for t in range(max_new_tokens):
-        scaled = logits.float() / (temperature if temperature > 0 else 1.0)
+        # (Dividing by a temperature of 1 is the identity: skipped, like every [B, V] temporary
+        # below that an in-place op can spare. The same numbers, bit for bit.)
+        scaled = logits.float() if temperature in (0, 1) else logits.float() / temperature
         # z - logsumexp(z), as tether.ops.token_logprobs computes it: F.log_softmax's float32 CPU
         # kernel is off by ~1e-4 near p = 1 on some CPUs (AVX2), logsumexp is not.
         logp = scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
@@ -408,9 +410,11 @@ def _decode_loop(
                     [torch.rand(logp.shape[-1], generator=generator[i], device=device) for i in alive.tolist()]
                 )
             else:
-                u = torch.rand((batch, logp.shape[-1]), generator=generator, device=device)[alive]
-            u.clamp_(min=1e-20)
-            tok = (logp - torch.log(-torch.log(u))).argmax(-1)
+                u = torch.rand((batch, logp.shape[-1]), generator=generator, device=device)
+                if len(alive) < batch:
+                    u = u[alive]
+            gumbel = u.clamp_(min=1e-20).log_().neg_().log_()  # log(-log(u)), in place
+            tok = torch.sub(logp, gumbel, out=gumbel).argmax(-1)
         else:
             tok = logp.argmax(-1)
         tok_logp = logp.gather(-1, tok[:, None]).squeeze(-1)

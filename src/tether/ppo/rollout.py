@@ -379,13 +379,15 @@ def sample_responses(
     )
 
 
-def sampling_trunk(sampler: Sampler, trunk: SharedTrunk | None) -> torch.nn.Module | None:
+def sampling_trunk(sampler: Sampler, trunk: SharedTrunk | None, autocast: bool) -> torch.nn.Module | None:
     """The block to capture while sampling so that scoring skips the shared trunk, or None.
 
-    Only when the sampler runs the trunk's very modules eagerly: not a low-precision copy (its
-    output is not the trunk's) and not compiled decode steps (hooks may not fire there).
+    Only when the sampler runs the trunk's very modules eagerly and in the precision scoring runs
+    them in (``autocast``: whether scoring runs under an autocast): not a low-precision copy (its
+    output is not the trunk's), not a fixed sampling dtype that turns that autocast off, and not
+    compiled decode steps (hooks may not fire there).
     """
-    if trunk is None or sampler.is_copy or sampler.compiled:
+    if trunk is None or sampler.is_copy or sampler.compiled or (autocast and sampler.dtype is not None):
         return None
     return trunk.last_block(sampler.module)
 
@@ -419,7 +421,8 @@ def collect_rollout(
     in a full forward over prompt ⊕ response, up to float round-off).
     """
     device = next(policy.parameters()).device
-    capture = sampling_trunk(sampler, trunk)
+    with precision:
+        capture = sampling_trunk(sampler, trunk, torch.is_autocast_enabled(device.type))
     parts: list[Rollout] = []
     timing = RolloutTime()
     for s in range(0, len(prompts), cfg.generation_batch_size):

@@ -63,7 +63,14 @@ from tether.distributed import (
 from tether.metrics import MetricsLogger, progress_bar, read_metrics
 from tether.models.generation import Sampler, decode_responses, row_generators
 from tether.models.heads import load_scalar_model, save_scalar_model
-from tether.models.loading import autocast, load_causal_lm, remove_partial_dirs, save_model
+from tether.models.loading import (
+    autocast,
+    autocast_dtype,
+    fast_bf16,
+    load_causal_lm,
+    remove_partial_dirs,
+    save_model,
+)
 from tether.models.trunk import SharedTrunk, backbone
 from tether.ops import lm_loss, masked_mean
 from tether.optim import build_optimizer, build_scheduler, clip_grad
@@ -369,6 +376,20 @@ def add_advantages(
         rollout.advantages = whiten_advantages(rollout.advantages, rollout.response_mask, all_reduce=all_reduce)
 
 
+def sampling_dtype(cfg: PPOConfig, device: torch.device) -> str | None:
+    """What the rollouts' :class:`Sampler` gets for ``cfg.rollout_dtype``.
+
+    'auto' becomes None (the policy itself, under its autocast) when the policy already runs
+    under a bfloat16 autocast on hardware with native bf16: its frozen weights' casts are cached
+    (:mod:`tether.models.precision`), so a bf16 copy would be no faster, would cost memory and
+    a sync after every step, and would keep sampling from handing the shared trunk's output to
+    scoring. Otherwise ``cfg.rollout_dtype`` as it is.
+    """
+    if cfg.rollout_dtype == "auto" and autocast_dtype(cfg.policy, device) == "bfloat16" and fast_bf16(device):
+        return None
+    return cfg.rollout_dtype
+
+
 def _share_trunk(cfg: PPOConfig, models: Sequence[Any], log: Callable[[str], None]) -> SharedTrunk | None:
     """The frozen bottom blocks the roles share bit for bit (``cfg.share_trunk``), or None."""
     if not cfg.share_trunk:
@@ -459,10 +480,19 @@ def train_ppo(
     value_par = ParallelModel(value_model, cfg.policy.parallel, d)
     # Rollouts sample from `sampler`: the policy itself, or an inference copy of it in
     # cfg.rollout_dtype, synced after every optimiser step (old log-probs still come from the policy).
-    sampler = Sampler(policy, cfg.rollout_dtype, compile=cfg.rollout_compile)
+    sampler = Sampler(policy, sampling_dtype(cfg, device), compile=cfg.rollout_compile)
     if trunk is not None:
-        kept = sampling_trunk(sampler, trunk) is not None
-        why = "a low-precision copy" if sampler.is_copy else "compiled decode" if sampler.compiled else "off"
+        under_autocast = autocast_dtype(cfg.policy, device) is not None
+        kept = sampling_trunk(sampler, trunk, under_autocast) is not None
+        why = (
+            "a low-precision copy"
+            if sampler.is_copy
+            else "compiled decode"
+            if sampler.compiled
+            else f"sampled in {sampler.dtype}, scored under autocast"
+            if under_autocast and sampler.dtype is not None
+            else "off"
+        )
         log(
             "ppo: sampling keeps the shared blocks' output for scoring (no second pass through them)"
             if kept
