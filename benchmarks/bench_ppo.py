@@ -17,8 +17,10 @@ included). The first iteration is reported apart: it pays for allocator and kern
 (``bench_generation.old_sample``); ``--engine both`` runs the trainer with and without the engine,
 one after the other, and prints the ratio of episodes/s. ``--sampling-trunk off`` makes scoring
 recompute the shared trunk instead of taking the output sampling kept (``both``: each in turn).
-``--baseline`` adds a last run with the old loop, no shared trunk and no cached casts of frozen
-weights under autocast (tether before issue 12), the base of every ratio.
+``--baseline`` adds a first run with the old loop, no shared trunk, no cached casts of frozen
+weights under autocast and glibc's default allocator behaviour (tether before issue 12), the
+base of every ratio; the other runs keep freed memory in the process as the ``tether`` command
+does (:mod:`tether.allocator`).
 
 ``--compare-no-cache`` also times :func:`tether.models.generation.sample` against the naive loop
 that re-runs the whole sequence through the model for every new token.
@@ -40,13 +42,14 @@ import torch
 import torch.nn.functional as F
 from bench_generation import NoEOS, old_sample  # this script's folder is on sys.path
 
+from tether.allocator import keep_freed_memory
 from tether.config import PPOConfig, add_config_args, config_from_args
 from tether.models import loading
 from tether.models.generation import Sampler, encode_prompts, position_ids_from_mask, resolve_rollout_dtype, sample
 from tether.models.loading import autocast_dtype, load_causal_lm, resolve_device
 from tether.ppo import rollout as ppo_rollout
 from tether.ppo import train as ppo_train
-from tether.ppo.train import load_prompts, train_ppo
+from tether.ppo.train import load_prompts, sampling_dtype, train_ppo
 
 
 def toy_reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
@@ -124,7 +127,7 @@ def main() -> None:
     parser.add_argument(
         "--baseline",
         action="store_true",
-        help="also run, last, the trainer before issue 12 (old sampling loop, no shared trunk, frozen weights "
+        help="also run, first, the trainer before issue 12 (old sampling loop, no shared trunk, frozen weights "
         "re-cast by autocast at every call) as the ratios' base",
     )
     args = parser.parse_args()
@@ -135,10 +138,17 @@ def main() -> None:
         # (The old loop keeps nothing: it runs once, with the trunk recomputed.)
         variants = [(e, k) for e in engines for k in (keeps if e == "on" else ("off",))]
         if args.baseline:
-            variants.append(("off", "unshared"))
+            # First: glibc's own allocator behaviour can be had only before anything changed it.
+            variants.insert(0, ("off", "unshared"))
         rates = {}
         for engine, keep in variants:
+            # As the `tether` command runs; the baseline as tether did before issue 12.
+            keep_memory = keep != "unshared"
+            memory = "kept in the process" if keep_memory else "given back to the OS (glibc's default)"
+            if not keep_freed_memory(keep_memory):
+                memory = "as the C library does it (not glibc, or TETHER_KEEP_FREED_MEMORY=0)"
             print(f"\n== rollout engine {engine}, trunk kept from sampling {keep}")
+            print(f"freed memory     {memory}")
             run_cfg = dataclasses.replace(cfg, share_trunk=False) if keep == "unshared" else cfg
             rates[engine, keep] = run_trainer(
                 run_cfg,
@@ -147,8 +157,8 @@ def main() -> None:
                 sampling_trunk=keep == "on",
                 cast_cache=keep != "unshared",
             )
-        base = variants[-1]
-        for variant in variants[:-1]:
+        base = variants[0] if args.baseline else variants[-1]
+        for variant in (v for v in variants if v != base):
             print(
                 f"engine {variant[0]} / trunk kept {variant[1]} against engine {base[0]} / trunk kept {base[1]}: "
                 f"{rates[variant] / rates[base]:.2f}x the episodes/s"
@@ -204,7 +214,7 @@ def run_trainer(
     print(
         f"device           {device}{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}; "
         f"autocast {autocast_dtype(cfg.policy, device) or 'none'}; rollouts sampled in "
-        f"{resolve_rollout_dtype(cfg.rollout_dtype, device) or 'the policy under that autocast'}; "
+        f"{resolve_rollout_dtype(sampling_dtype(cfg, device), device) or 'the policy under that autocast'}; "
         f"shared trunk {'on' if cfg.share_trunk else 'off'}; rollout engine {'on' if engine else 'off'}"
     )
     for note in trunk:

@@ -13,6 +13,7 @@ import os
 import sys
 
 from tether import pipeline_cli
+from tether.allocator import keep_freed_memory
 from tether.cluster import StageFailed
 from tether.data import cli as data_cli
 from tether.data.formats import DataError
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    keep_freed_memory()  # large tensors reuse freed memory instead of faulting in fresh pages
     try:
         return int(args.func(args) or 0)
     except Exception as e:

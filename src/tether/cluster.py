@@ -23,6 +23,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
+from tether.allocator import keep_freed_memory
+
 T = TypeVar("T")
 
 
@@ -116,6 +118,7 @@ def local_init_kwargs(num_cpus: int) -> dict[str, Any]:
 
 
 def _call(fn: Callable[[], T]) -> T:
+    keep_freed_memory()  # a Ray worker process, as the `tether` command does for itself
     return fn()
 
 
@@ -125,6 +128,7 @@ def _train_loop(config: dict) -> dict:
 
     from tether.distributed import init_from_env
 
+    keep_freed_memory()
     log = Console().print if init_from_env().is_main else (lambda *_a, **_k: None)
     return config["fn"](*config["args"], log=log)
 
