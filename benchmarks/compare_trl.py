@@ -22,6 +22,9 @@ read from ``os.wait4`` of that child, is its own):
   to forbid EOS, so in both processes each GPT-2 LM head gets a forward hook that sets the EOS
   logit to -1e9 (effectively -inf; finite so that TRL's p·log p entropy stays 0, not NaN).
 
+tether's side keeps freed memory in the process as the ``tether`` command does
+(:mod:`tether.allocator`; ``TETHER_KEEP_FREED_MEMORY=0`` runs it with glibc's default, as TRL runs).
+
 Throughput is timed the same way on both sides: from the end of the first optimiser step (PPO:
 iteration) to the end of the last, so loading, warm-up, evaluation and saving are not counted
 (tether: each step's metrics record; TRL: ``on_step_end``). SFT counts prompt + response tokens,
@@ -452,6 +455,10 @@ def child(args) -> None:
     work = Path(args.work)
     paths = json.loads((work / "paths.json").read_text())
     run = run_tether if args.child == "tether" else run_trl
+    if args.child == "tether":  # as the `tether` command runs (TETHER_KEEP_FREED_MEMORY=0: glibc's default)
+        from tether.allocator import keep_freed_memory
+
+        keep_freed_memory()
     # A fresh run directory: tether would resume a finished run from the previous repeat's state.
     shutil.rmtree(work / f"{args.child}-{args.stage}", ignore_errors=True)
     timing = run(args.stage, paths, work, args)
