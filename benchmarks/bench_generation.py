@@ -21,8 +21,9 @@ the work done, much less sensitive than wall time to other jobs on a shared mach
   itself / on a bfloat16 inference copy (:class:`~tether.models.generation.Sampler`);
 - ``engine bf16 autocast``: the engine on the model itself under ``torch.autocast(bfloat16)``,
   its frozen weights' casts kept between steps (:mod:`tether.models.precision`): how PPO samples
-  a bf16-autocast policy (``rollout_dtype: auto``) and how evaluation samples. The old loop's
-  variants run on a copy with plain ``nn.Linear`` layers, as before that cache existed;
+  a bf16-autocast policy (``rollout_dtype: auto``) and how evaluation samples; ``..., casts
+  re-made``: the same on a copy with plain ``nn.Linear`` layers (every frozen weight re-cast at
+  every step, as before that cache existed), on which the old loop's variants run too;
 - ``HF generate``: ``model.generate(do_sample=True, top_k=0, top_p=1, min_new_tokens=N)``.
 
 These machines are shared: compare the ratios within one run, and read the load averages
@@ -206,6 +207,9 @@ def variants(model, tokenizer, new_tokens: int, *, compile: bool = False) -> dic
         "old loop bf16 autocast": Variant(lambda p, g: old(p, g, autocast=True), before, bf16_autocast),
         "engine fp32": Variant(engine, model, plain),
         "engine bf16 autocast": Variant(lambda p, g: engine(p, g, autocast=True), model, bf16_autocast),
+        "engine bf16 autocast, casts re-made": Variant(
+            lambda p, g: engine(p, g, sampler=before, autocast=True), before, bf16_autocast
+        ),
         "engine bf16 copy": Variant(lambda p, g: engine(p, g, sampler=bf16), bf16.module, plain),
         "HF generate": Variant(hf, model, plain),
     }
@@ -344,6 +348,7 @@ def main() -> None:
             parser.error(f"--only: no variant named {', '.join(sorted(unknown))} (there are: {', '.join(fns)})")
         fns = {k: v for k, v in fns.items() if k in args.only}
     prompts = load_prompts(None)
+    width = max(24, *(len(name) for name in fns))
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"model {args.model} ({n_params / 1e6:.1f}M parameters, {model.dtype}) on {device}; "
@@ -361,13 +366,13 @@ def main() -> None:
     if peak:
         for name, v in fns.items():
             print(
-                f"  {name:<24} weights read per forward {weight_bytes(v.module) / 1e6:7.1f} MB, "
+                f"  {name:<{width}} weights read per forward {weight_bytes(v.module) / 1e6:7.1f} MB, "
                 f"K+V per position {kv_per_token[name] / 1e3:5.1f} kB"
             )
     for name, v in fns.items():  # warm-up: allocator, kernels, the bf16 copy's first use, compilation
         t0 = time.perf_counter()
         v.run(prompts[:2], torch.Generator(device=device).manual_seed(0))
-        print(f"  warm-up {name:<24} {time.perf_counter() - t0:7.2f} s")
+        print(f"  warm-up {name:<{width}} {time.perf_counter() - t0:7.2f} s")
     for batch in args.batch_sizes:
         chunk = [prompts[i % len(prompts)] for i in range(batch)]
         lengths = encode_prompts(tokenizer, chunk)[1].sum(1).tolist()
@@ -392,7 +397,7 @@ def main() -> None:
             header += ["CPU s", "tok/CPU-s", "ratio"]
         if peak:
             header += ["w GB/s", "w %peak", "w+KV GB/s", "w+KV %"]
-        print(f"  {header[0]:<24}" + "".join(f" {h:>10}" for h in header[1:]))
+        print(f"  {header[0]:<{width}}" + "".join(f" {h:>10}" for h in header[1:]))
         # Ratios against the old fp32 loop, or the first variant when --only leaves it out.
         reference = "old loop fp32" if "old loop fp32" in fns else next(iter(fns))
         t_ref, c_ref = statistics.median(wall[reference]), statistics.median(cpu[reference])
@@ -408,7 +413,7 @@ def main() -> None:
                 w_gbps, w_share = roofline_share(w, t, peak)
                 all_gbps, all_share = roofline_share(w + kv, t, peak)
                 cells += [f"{w_gbps:,.1f}", f"{w_share:.1%}", f"{all_gbps:,.1f}", f"{all_share:.1%}"]
-            print(f"  {name:<24}" + "".join(f" {cell:>10}" for cell in cells))
+            print(f"  {name:<{width}}" + "".join(f" {cell:>10}" for cell in cells))
         print(f"  (ratios: against {reference})")
         if peak:  # one forward yields a token per row, so the weights alone allow batch × peak / bytes
             sizes = sorted({weight_bytes(v.module) for v in fns.values()})
