@@ -5,8 +5,9 @@ every call. PyTorch caches that cast inside one autocast region, but only for we
 require grad: a frozen weight (the shared trunk under ``trainable_layers``, the reference policy,
 the reward model, an evaluated policy, a LoRA base) is cast again by every forward, and in a
 decode loop that is every sampled token. With the default model at batch 16 on a CPU with
-AVX512-BF16, the casts made sampling 1.47x slower than a bfloat16 copy of the model (measured
-2026-12-01, ``benchmarks/bench_generation.py``).
+AVX512-BF16, sampling under bf16 autocast took 7.46 s with the casts re-made and 5.10 s with them
+kept (1.46x; a bfloat16 copy of the model: 5.39 s), measured 2026-12-01 with
+``benchmarks/bench_generation.py``.
 
 :func:`cache_frozen_casts` makes every plain ``nn.Linear`` of a model keep the cast of its frozen
 weight from one call to the next. The result is bit for bit what autocast computes (the same
@@ -33,13 +34,10 @@ class CastCachedLinear(nn.Linear):
     """An ``nn.Linear`` whose frozen weight is cast for autocast once, not at every call."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's own name
-        weight = self.weight
-        kind = input.device.type
-        if weight.requires_grad or not torch.is_autocast_enabled(kind):
-            return F.linear(input, weight, self.bias)
-        dtype = torch.get_autocast_dtype(kind)
-        if weight.dtype == dtype or not weight.is_floating_point():
-            return F.linear(input, weight, self.bias)
+        weight, kind = self.weight, input.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        if dtype is None or weight.requires_grad or weight.dtype == dtype or not weight.is_floating_point():
+            return F.linear(input, weight, self.bias)  # nothing to cast, or autocast's own cache
         key = (weight.data_ptr(), weight._version, weight.device, dtype)
         cached = _CASTS.get(self)
         if cached is None or cached[0] != key:

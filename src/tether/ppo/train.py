@@ -484,15 +484,13 @@ def train_ppo(
     if trunk is not None:
         under_autocast = autocast_dtype(cfg.policy, device) is not None
         kept = sampling_trunk(sampler, trunk, under_autocast) is not None
-        why = (
-            "a low-precision copy"
-            if sampler.is_copy
-            else "compiled decode"
-            if sampler.compiled
-            else f"sampled in {sampler.dtype}, scored under autocast"
-            if under_autocast and sampler.dtype is not None
-            else "off"
-        )
+        why = "off"
+        if sampler.is_copy:
+            why = "a low-precision copy"
+        elif sampler.compiled:
+            why = "compiled decode"
+        elif under_autocast and sampler.dtype is not None:
+            why = f"sampled in {sampler.dtype}, scored under autocast"
         log(
             "ppo: sampling keeps the shared blocks' output for scoring (no second pass through them)"
             if kept
