@@ -25,7 +25,8 @@ def naive_sample(model, tokenizer, prompts, *, max_new_tokens, temperature, gene
     """The oracle: no KV cache, the whole sequence through the model for every token.
 
     It draws the Gumbel noise as the sampler always has (one ``[B, V]`` uniform per step, every
-    row, finished or not), so the same seed must give the same tokens. Returns
+    row, finished or not; with one generator per row, a ``[V]`` uniform from each row's own while
+    the row has not finished), so the same seed must give the same tokens. Returns
     ``(response_ids [B, T], logprobs [B, T])`` with pad / 0 after EOS.
     """
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -37,7 +38,13 @@ def naive_sample(model, tokenizer, prompts, *, max_new_tokens, temperature, gene
         scaled = logits.float() / (temperature or 1.0)
         logp = scaled - torch.logsumexp(scaled, -1, keepdim=True)
         if temperature > 0:
-            u = torch.rand(logp.shape, generator=generator).clamp_(min=1e-20)
+            if isinstance(generator, list):
+                u = torch.ones(logp.shape)  # a finished row's noise is never used
+                for i in (~finished).nonzero().flatten().tolist():
+                    u[i] = torch.rand(logp.shape[-1], generator=generator[i])
+            else:
+                u = torch.rand(logp.shape, generator=generator)
+            u = u.clamp_(min=1e-20)
             tok = (logp - torch.log(-torch.log(u))).argmax(-1)
         else:
             tok = logp.argmax(-1)
@@ -80,6 +87,22 @@ def test_same_seed_same_tokens_as_the_uncached_oracle(tiny_dir, temperature):
     )
     if temperature > 0:
         assert len(set(gen.lengths.tolist())) > 1  # ragged: the shrinking batch was exercised
+    assert torch.equal(gen.response_ids, ids)
+    assert torch.allclose(gen.logprobs, logps, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_one_generator_per_row_gives_the_oracles_tokens(tiny_dir, temperature):
+    """Each row's noise is its own stream's, drawn while the row is in the batch, bit for bit."""
+    model, tok = eos_boosted(tiny_dir, 10.0 * temperature)
+    rows = range(len(PROMPTS))
+    gen = sample(
+        model, tok, PROMPTS, max_new_tokens=24, temperature=temperature, generator=row_generators(7, rows, "cpu")
+    )
+    ids, logps = naive_sample(
+        model, tok, PROMPTS, max_new_tokens=24, temperature=temperature, generator=row_generators(7, rows, "cpu")
+    )
+    assert len(set(gen.lengths.tolist())) > 1  # the batch shrank while rows kept drawing
     assert torch.equal(gen.response_ids, ids)
     assert torch.allclose(gen.logprobs, logps, atol=1e-5, rtol=0)
 

@@ -394,21 +394,26 @@ def _decode_loop(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     alive = torch.arange(batch, device=device)
     next_pos = lengths.clone()
+    noise: torch.Tensor | None = None  # per-row generators: the [B, V] uniforms, drawn into one buffer
     steps = 0
     for t in range(max_new_tokens):
         # (Dividing by a temperature of 1 is the identity: skipped, like every [B, V] temporary
         # below that an in-place op can spare. The same numbers, bit for bit.)
+        # (`logits` is read nowhere after this, so `scaled` may be it, in place.)
         scaled = logits.float() if temperature in (0, 1) else logits.float() / temperature
         # z - logsumexp(z), as tether.ops.token_logprobs computes it: F.log_softmax's float32 CPU
         # kernel is off by ~1e-4 near p = 1 on some CPUs (AVX2), logsumexp is not.
-        logp = scaled - torch.logsumexp(scaled, dim=-1, keepdim=True)
+        logp = scaled.sub_(torch.logsumexp(scaled, dim=-1, keepdim=True))
         if temperature > 0:
             # Gumbel-max: an exact draw from softmax(logp), ~3x faster than torch.multinomial
             # over a 49k vocabulary on a CPU.
             if isinstance(generator, Sequence):
-                u = torch.stack(
-                    [torch.rand(logp.shape[-1], generator=generator[i], device=device) for i in alive.tolist()]
-                )
+                # Each row's draw straight into its row of one buffer (no stack, no copy).
+                if noise is None:
+                    noise = logp.new_empty(batch, logp.shape[-1])
+                u = noise[: len(alive)]
+                for j, i in enumerate(alive.tolist()):
+                    torch.rand(logp.shape[-1], generator=generator[i], device=device, out=u[j])
             else:
                 u = torch.rand((batch, logp.shape[-1]), generator=generator, device=device)
                 if len(alive) < batch:
