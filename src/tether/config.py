@@ -364,6 +364,11 @@ class PPOConfig:
     (frozen, e.g. under trainable_layers) once per batch, and keep their output for the update:
     the same numbers, less compute and one copy in memory. Found from the weights; false runs
     every model whole."""
+    fuse_first_forward: bool = True
+    """With one minibatch of one micro-batch (batch_size == mini_batch_size == micro_batch_size,
+    one process), take PPO's old log-probs and values from the update's first forward, which runs
+    at the rollout's weights on the whole batch, instead of a separate scoring pass: the same
+    numbers (to float round-off), a policy and a value forward fewer per iteration."""
     total_episodes: int = 1024
     """Episodes in the whole run; iterations = total_episodes // batch_size (paper: 256k)."""
     ema_decay: float | None = None

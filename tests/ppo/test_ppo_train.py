@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -575,6 +576,44 @@ def test_the_trunk_is_kept_from_sampling_only_when_sampling_computes_it_as_scori
     assert any("sampling keeps the shared blocks' output" in line for line in logs) == kept
     if rollout_dtype == "auto" and native_bf16:
         assert copies == [False]  # no bf16 copy of the policy: its frozen weights' casts are cached
+
+
+@pytest.mark.parametrize("share_trunk", [False, True])
+def test_a_fused_first_forward_trains_as_separate_scoring_does_with_two_forwards_fewer(
+    tmp_path, ppo_data, eos_policy, tiny_rm, monkeypatch, share_trunk
+):
+    """One minibatch of one micro-batch: old log-probs and values from the update's first forward.
+
+    The same run as with the policy and value model scored separately (to float round-off), over
+    two iterations of two PPO epochs with ptx; scoring then runs neither of the two.
+    """
+    import tether.ppo.rollout as ppo_rollout
+
+    scored = []
+    real_values = ppo_rollout.response_values
+    monkeypatch.setattr(ppo_rollout, "response_values", lambda *a, **k: scored.append(1) or real_values(*a, **k))
+    overrides = {"reward_model": str(tiny_rm), "policy.trainable_layers": 1, "share_trunk": share_trunk}
+    runs, logs = {}, []
+    for fuse in (False, True):
+        scored.clear()
+        cfg = ppo_cfg(
+            tmp_path / str(fuse), ppo_data, eos_policy, total_episodes=16, batch_size=8, mini_batch_size=8,
+            micro_batch_size=8, ppo_epochs=2, sample_every=0, fuse_first_forward=fuse, **overrides,
+        )  # fmt: skip
+        runs[fuse] = train_ppo(cfg, log=logs.append)
+        assert len(scored) == (0 if fuse else 2)  # a value forward per iteration in scoring, or none
+    assert sum("from the update's first forward" in line for line in logs) == 1
+    separate, fused = runs[False], runs[True]
+    for a, b in zip(separate.metrics, fused.metrics, strict=True):
+        for key in ("score", "kl", "entropy", "value_mean", "return_mean", "policy_loss", "value_loss", "ptx_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+        assert math.isfinite(b["logprob_gap"]) and b["logprob_gap"] < 1e-4
+    for kind in ("policy_dir", "value_dir"):
+        wa, wb = weights(getattr(separate, kind)), weights(getattr(fused, kind))
+        for name in wa:
+            assert torch.allclose(wa[name], wb[name], atol=1e-6, rtol=0), name
+    trained, start = weights(separate.policy_dir), weights(Path(eos_policy))
+    assert any(not torch.equal(trained[n], start[n]) for n in start)  # it did train
 
 
 def test_bf16_rollouts_sample_a_copy_synced_after_every_optimiser_step(tmp_path, ppo_data, eos_policy, monkeypatch):

@@ -14,6 +14,7 @@ the positions they had while sampling.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -196,8 +197,9 @@ def response_logprobs(
     keep = response_mask.bool()
     logprobs = torch.where(keep, token_logprobs(logits, response_ids, temperature), 0.0)
     entropy = None
-    if with_entropy:
-        entropy = torch.where(keep, entropy_from_logits(logits, temperature), 0.0)
+    if with_entropy:  # a statistic, never differentiated
+        with torch.no_grad():
+            entropy = torch.where(keep, entropy_from_logits(logits, temperature), 0.0)
     return logprobs, entropy
 
 
@@ -283,6 +285,7 @@ def score_episodes(
     temperature: float,
     missing_eos_penalty: float | None,
     trunk: SharedTrunk | None = None,
+    policy_and_value: bool = True,
 ) -> Rollout:
     """Step 1b of the rollout: score sampled episodes with every model, in eval mode.
 
@@ -298,6 +301,9 @@ def score_episodes(
         trunk: the bottom blocks the models share (:class:`SharedTrunk`): their output is the one
             sampling kept (``gen.hidden``) or else computed once here, and is kept in the rollout
             for the update; None runs every model whole.
+        policy_and_value: False skips the policy's and the value model's forwards: ``logprobs``,
+            ``entropy`` and ``values`` are then NaN, for the update's first forward to fill
+            (``PPOConfig.fuse_first_forward``); anything that read them first would fail loudly.
 
     Returns:
         A :class:`Rollout` whose ``kl`` … ``returns`` are zeros (steps 2–3 fill them).
@@ -311,13 +317,16 @@ def score_episodes(
     if trunk is not None:
         hidden = gen.hidden if gen.hidden is not None else trunk.hidden(*_joined(q_ids, q_mask, r_ids, r_mask))
     shared: dict[str, Any] = {"trunk": trunk, "hidden": hidden}
-    logprobs, entropy = response_logprobs(
-        policy, q_ids, q_mask, r_ids, r_mask, temperature, with_entropy=True, **shared
-    )
     ref_model, ref_context = _reference(policy, ref_policy)
     with ref_context:
         ref_logprobs, _ = response_logprobs(ref_model, q_ids, q_mask, r_ids, r_mask, temperature, **shared)
-    values = response_values(value_model, q_ids, q_mask, r_ids, r_mask, **shared)
+    if policy_and_value:
+        logprobs, entropy = response_logprobs(
+            policy, q_ids, q_mask, r_ids, r_mask, temperature, with_entropy=True, **shared
+        )
+        values = response_values(value_model, q_ids, q_mask, r_ids, r_mask, **shared)
+    else:
+        logprobs, entropy, values = (torch.full_like(ref_logprobs, math.nan) for _ in range(3))
     scores = episode_scores(gen, prompts, responses, reward, missing_eos_penalty, **shared)
     zeros = torch.zeros_like(logprobs)
     assert entropy is not None
@@ -405,6 +414,7 @@ def collect_rollout(
     generator: torch.Generator | Sequence[torch.Generator],
     precision: contextlib.AbstractContextManager,
     trunk: SharedTrunk | None = None,
+    policy_and_value: bool = True,
 ) -> tuple[Rollout, RolloutTime]:
     """Step 1 of an iteration: one sampled response per prompt, scored by every model.
 
@@ -418,7 +428,8 @@ def collect_rollout(
     With a shared ``trunk`` that the sampler itself runs (:func:`sampling_trunk`), sampling keeps
     the trunk's output at every position it feeds and scoring starts from it: the trunk's blocks
     then run once per token for the whole rollout, not twice (the same numbers as recomputing it
-    in a full forward over prompt ⊕ response, up to float round-off).
+    in a full forward over prompt ⊕ response, up to float round-off). ``policy_and_value=False``:
+    see :func:`score_episodes`.
     """
     device = next(policy.parameters()).device
     with precision:
@@ -445,6 +456,7 @@ def collect_rollout(
                     temperature=cfg.temperature,
                     missing_eos_penalty=cfg.missing_eos_penalty,
                     trunk=trunk,
+                    policy_and_value=policy_and_value,
                 )
             )
         timing.generation += t1 - t0

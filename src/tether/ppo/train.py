@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -267,6 +268,7 @@ def ppo_step(
     *,
     n_tokens: int | None = None,
     filler: bool = False,
+    complete: Callable[[Rollout, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict[str, float]:
     """Gradients of one optimiser step (the caller clips and steps); returns its stats.
 
@@ -282,6 +284,11 @@ def ppo_step(
     with none passes one episode as a ``filler`` (weight 0: it only joins the all-reduce). The
     pretraining examples ``ptx`` are the minibatch's (every rank's): each rank takes its share.
     The returned stats are the whole minibatch's on every rank.
+
+    ``complete(micro, logprobs, values, entropy)``: the minibatch is the rollout's whole batch in one
+    micro-batch whose old log-probs and values were not scored (``PPOConfig.fuse_first_forward``);
+    this first forward runs at the rollout's weights, so its detached outputs are those, and
+    ``complete`` fills them into ``micro`` with the rewards and advantages before the losses.
     """
     policy, value_model = as_parallel(policy), as_parallel(value_model)
     d = policy.dist
@@ -305,8 +312,13 @@ def ppo_step(
         last = start + cfg.micro_batch_size >= n_episodes
         with policy.sync(last), value_model.sync(last):
             with precision:
-                logprobs, _ = policy.run(response_logprobs, *inputs, cfg.temperature, **shared)
+                logprobs, entropy = policy.run(
+                    response_logprobs, *inputs, cfg.temperature, with_entropy=complete is not None, **shared
+                )
                 values = value_model.run(response_values, *inputs, **shared)
+            if complete is not None:
+                assert entropy is not None and micro.batch_size == n_episodes
+                complete(micro, logprobs.detach(), values.detach(), entropy)
             pg_loss, pg_stats = policy_loss(
                 logprobs, micro.logprobs, micro.advantages, micro.response_mask, cfg.cliprange
             )
@@ -374,6 +386,22 @@ def add_advantages(
     )
     if cfg.whiten_advantages:
         rollout.advantages = whiten_advantages(rollout.advantages, rollout.response_mask, all_reduce=all_reduce)
+
+
+def _complete_batch(
+    completed: list[Rollout],
+    cfg: PPOConfig,
+    kl_coef: float,
+    batch: Rollout,
+    logprobs: torch.Tensor,
+    values: torch.Tensor,
+    entropy: torch.Tensor,
+) -> None:
+    """``ppo_step``'s ``complete`` for a fused first forward: the batch's old log-probs, values and
+    entropy from it, then steps 2-3 (:func:`add_advantages`); the batch goes into ``completed``."""
+    batch.logprobs, batch.values, batch.entropy = logprobs, values, entropy
+    add_advantages(batch, cfg, kl_coef)
+    completed.append(batch)
 
 
 def sampling_dtype(cfg: PPOConfig, device: torch.device) -> str | None:
@@ -496,6 +524,13 @@ def train_ppo(
             if kept
             else f"ppo: the shared blocks run again in scoring (sampling keeps no output of theirs: {why})"
         )
+    # One minibatch of one micro-batch: the update's first forward is the rollout's scoring forward
+    # of the policy and the value model (same weights, same episodes), so it is done only there.
+    fuse_first = (
+        cfg.fuse_first_forward and cfg.batch_size == cfg.mini_batch_size == cfg.micro_batch_size and not d.enabled
+    )
+    if fuse_first:
+        log("ppo: old log-probs and values from the update's first forward (one minibatch of one micro-batch)")
     # Sampling, scoring and the update all run under the same precision, so the rollout's
     # log-probs and the update's describe the same distribution.
     precision = autocast(cfg.policy, device)
@@ -639,6 +674,7 @@ def train_ppo(
                 generator=row_generators(cfg.seed, [episodes + j for j in my_episodes], device),
                 precision=precision,
                 trunk=trunk,
+                policy_and_value=not fuse_first,
             )
             if not bool(all_reduce_sum(torch.isfinite(rollout.scores).all().long()) == d.world_size):
                 raise FloatingPointError(
@@ -650,7 +686,11 @@ def train_ppo(
             #    with a leave-one-out baseline) added at the last real token.
             # 3. Advantages: GAE(γ, λ) over the response tokens, whitened over the batch (every
             #    rank's tokens: the statistics are all-reduced).
-            add_advantages(rollout, cfg, kl_coef, all_reduce=all_reduce_sum if d.enabled else None)
+            #    (Fused: at the first update forward, which gives the old log-probs and values.)
+            completed: list[Rollout] = []
+            complete = functools.partial(_complete_batch, completed, cfg, kl_coef)
+            if not fuse_first:
+                add_advantages(rollout, cfg, kl_coef, all_reduce=all_reduce_sum if d.enabled else None)
             # The whole batch (every rank's episodes, without the trunk's hidden states) for the
             # minibatches' token counts and the metrics: the same on every rank.
             whole = _gather_rollout(rollout, pad) if d.enabled else rollout
@@ -660,17 +700,21 @@ def train_ppo(
             t0 = device_time(device)
             ptx_slices, ptx_pos = _ptx_slices(pretrain, tokenizer, ptx_pos, cfg)
             steps: list[dict[str, float]] = []
-            for _ in range(cfg.ppo_epochs):
+            for epoch in range(cfg.ppo_epochs):
                 order = torch.randperm(cfg.batch_size, generator=minibatch_rng)
                 for m, s in enumerate(range(0, cfg.batch_size, cfg.mini_batch_size)):
                     picked = order[s : s + cfg.mini_batch_size]
                     local = [int(i) - my_episodes.start for i in picked if int(i) in my_episodes]
-                    minibatch = rollout.select(local or [0])  # (a rank with none: one, as a filler)
+                    fused = fuse_first and epoch == 0
+                    # (Fused: the batch in its own order; one minibatch, so the same token mean.)
+                    minibatch = rollout if fused else rollout.select(local or [0])  # (none here: a filler)
                     n_tokens = int(whole.response_mask[picked].sum())
                     stats = ppo_step(
                         policy_par, value_par, minibatch, ptx_slices[m], cfg, pad, precision, trunk,
-                        n_tokens=n_tokens, filler=not local,
+                        n_tokens=n_tokens, filler=not local, complete=complete if fused else None,
                     )  # fmt: skip
+                    if fused:  # the batch with its old log-probs, values, rewards and advantages
+                        rollout = whole = completed.pop()
                     steps.append(apply_step(stats, iteration))
             policy_sched.step()
             value_sched.step()
