@@ -398,8 +398,8 @@ def _decode_loop(
     steps = 0
     for t in range(max_new_tokens):
         # (Dividing by a temperature of 1 is the identity: skipped, like every [B, V] temporary
-        # below that an in-place op can spare. The same numbers, bit for bit.)
-        # (`logits` is read nowhere after this, so `scaled` may be it, in place.)
+        # below that an in-place op can spare, `logits` included: it is read nowhere after this.
+        # The same numbers, bit for bit.)
         scaled = logits.float() if temperature in (0, 1) else logits.float() / temperature
         # z - logsumexp(z), as tether.ops.token_logprobs computes it: F.log_softmax's float32 CPU
         # kernel is off by ~1e-4 near p = 1 on some CPUs (AVX2), logsumexp is not.

@@ -509,8 +509,12 @@ def train_ppo(
     # Rollouts sample from `sampler`: the policy itself, or an inference copy of it in
     # cfg.rollout_dtype, synced after every optimiser step (old log-probs still come from the policy).
     sampler = Sampler(policy, sampling_dtype(cfg, device), compile=cfg.rollout_compile)
+    # Sampling, scoring and the update all run under the same precision, so the rollout's
+    # log-probs and the update's describe the same distribution.
+    precision = autocast(cfg.policy, device)
     if trunk is not None:
-        under_autocast = autocast_dtype(cfg.policy, device) is not None
+        with precision:  # asked of torch, as collect_rollout asks it
+            under_autocast = torch.is_autocast_enabled(device.type)
         kept = sampling_trunk(sampler, trunk, under_autocast) is not None
         why = "off"
         if sampler.is_copy:
@@ -531,9 +535,6 @@ def train_ppo(
     )
     if fuse_first:
         log("ppo: old log-probs and values from the update's first forward (one minibatch of one micro-batch)")
-    # Sampling, scoring and the update all run under the same precision, so the rollout's
-    # log-probs and the update's describe the same distribution.
-    precision = autocast(cfg.policy, device)
     pad = tokenizer.pad_token_id
     sample_prompts = prompts[: cfg.n_sample_prompts]
     policy_opt = build_optimizer(policy.parameters(), cfg.optim)
