@@ -25,11 +25,12 @@ import time
 import torch
 
 from tether.config import SFTConfig, add_config_args, config_from_args
+from tether.models.lm_batch import collate, count_target_tokens, encode_demonstrations, forward_logits
 from tether.models.loading import autocast, load_causal_lm
 from tether.models.trunk import TrunkCache
 from tether.ops import lm_loss
 from tether.optim import build_optimizer
-from tether.sft.data import collate, count_target_tokens, encode_demonstrations, forward_logits, load_demonstrations
+from tether.sft.data import load_demonstrations
 
 
 def main() -> None:

@@ -59,17 +59,24 @@ GRAPH = import_graph()
 FORBIDDEN = [
     # The SFT stage's library precedes the reward model: `tether sft` (sft/cli.py) builds the RM
     # scorer for the paper's checkpoint selection and passes it in.
-    (["tether.sft.train", "tether.sft.data"], ("tether.reward",), "transitive", "SFT precedes the reward model"),
-    # The RM trainer is told its held-out labelers by its caller. (Direct only: the RM's
-    # evaluation reports the labelers' agreement with the panel's function.)
-    (["tether.reward.train"], ("tether.labelers",), "direct", "the caller passes the held-out labeler ids"),
+    (
+        ["tether.sft.train", "tether.sft.data", "tether.models.lm_batch"],
+        ("tether.reward",),
+        "transitive",
+        "SFT precedes the reward model",
+    ),
+    # The RM trainer is told its held-out labelers by its caller; agreement lives below both
+    # (tether.data.agreement), so the trainer reaches the simulated panel by no path.
+    (["tether.reward.train"], ("tether.labelers",), "transitive", "the caller passes the held-out labeler ids"),
+    # The labeling app's store and the simulated panel share agreement from below, not each other.
+    (["tether.labeling.store"], ("tether.labelers",), "transitive", "agreement lives in tether.data"),
     # The evaluation measures trained models with the math and data code the trainers use, never
     # with a trainer (eval/cli.py, an entry point, may run the pipeline).
     (
         ["tether.eval.evaluate", "tether.eval.report"],
         ("tether.sft.train", "tether.reward.train", "tether.ppo.train"),
         "transitive",
-        "eval uses ops / sft.data / ppo.rollout, not a training loop",
+        "eval uses ops / models.lm_batch / ppo.rollout, not a training loop",
     ),
     # The math is pure tensor functions.
     (
@@ -83,11 +90,11 @@ FORBIDDEN = [
 
 def test_the_graph_is_read():
     """The walker sees real edges (else every assertion below would pass vacuously)."""
-    assert "tether.ops" in GRAPH["tether.sft.data"]
+    assert "tether.ops" in GRAPH["tether.models.lm_batch"]
     assert "tether.ppo.rollout" in GRAPH["tether.ppo.train"]
     assert "tether.reward.score" in GRAPH["tether.sft.cli"]  # a function-level import
     assert "tether.sft.train" in reachable(GRAPH, "tether.pipeline")
-    assert "tether.labelers.panel" in reachable(GRAPH, "tether.reward.train")  # through reward.evaluate
+    assert "tether.data.agreement" in reachable(GRAPH, "tether.reward.train")  # through reward.evaluate
 
 
 @pytest.mark.parametrize(("sources", "forbidden", "how", "why"), FORBIDDEN, ids=[r[3] for r in FORBIDDEN])

@@ -27,12 +27,13 @@ from typing import Any
 
 from tether.cluster import Executor, Local
 from tether.config import EvalConfig, PPOConfig, RMConfig, RunConfig, SFTConfig, save_config, to_dict
+from tether.data.agreement import pairwise_agreement
 from tether.data.formats import Comparison, Sample, read_records, write_records
 from tether.data.preprocess import PreprocessConfig, preprocess_prompts
 from tether.data.task import build_default_task
 from tether.eval.evaluate import CURVE_PREFIX, compute_curve, evaluate_policies, save_curve, save_eval
 from tether.eval.report import write_report
-from tether.labelers.panel import Panel, pairwise_agreement
+from tether.labelers.panel import Panel
 from tether.metrics import percent
 from tether.models.generation import sample_k
 from tether.models.loading import autocast, load_causal_lm

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 
+from tether.data.agreement import pairwise_agreement
 from tether.data.constraints import split_sentences
 from tether.data.formats import FLAGS, Comparison, Sample, parse_record, to_json
 from tether.data.task import build_default_task, load_topics, quoted_source
@@ -16,7 +17,6 @@ from tether.labelers.panel import (
     Panel,
     PanelConfig,
     _tied_ranks,
-    pairwise_agreement,
     read_response,
 )
 from tether.labelers.synthetic import break_constraint, sentences_of, synthetic_responses

@@ -13,8 +13,8 @@ import pytest
 from labeling_support import FAST_HASHER, PASSWORD, Clock, make_prompts, make_samples
 from sqlalchemy import select
 
+from tether.data.agreement import agreement_of
 from tether.data.formats import FLAGS, Sample, read_records, write_records
-from tether.labelers.panel import agreement_of
 from tether.labeling.store import (
     AlreadyDone,
     Conflict,

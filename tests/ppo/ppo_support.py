@@ -8,9 +8,9 @@ import torch
 
 from tether.models.generation import decode_responses, sample
 from tether.models.heads import load_scalar_model
+from tether.models.lm_batch import encode_pretrain
 from tether.models.loading import load_causal_lm
 from tether.ppo.rollout import score_episodes
-from tether.sft.data import encode_pretrain
 
 
 def length_reward(prompts: list[str], responses: list[str]) -> torch.Tensor:

@@ -13,12 +13,12 @@ import torch
 from ppo_support import length_reward, update_fixture  # this folder is on sys.path
 
 from tether.config import PPOConfig, resolve
+from tether.models.lm_batch import collate, encode_pretrain, forward_logits
 from tether.ops import lm_loss
 from tether.ppo.calibrate import PAPER_PTX_COEF, calibrate_ptx_coef, measure_gradients
 from tether.ppo.loss import policy_loss
 from tether.ppo.rollout import response_logprobs
 from tether.ppo.train import ppo_step
-from tether.sft.data import collate, encode_pretrain, forward_logits
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -19,9 +19,9 @@ from tether import cli
 from tether.checkpoint import StopAfter
 from tether.config import SFTConfig, resolve
 from tether.metrics import read_metrics
+from tether.models.lm_batch import collate, count_target_tokens, encode_demonstration
 from tether.models.loading import load_causal_lm
 from tether.ops import IGNORE_INDEX, lm_loss
-from tether.sft.data import collate, count_target_tokens, encode_demonstration
 from tether.sft.train import train_sft
 
 

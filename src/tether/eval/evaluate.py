@@ -31,9 +31,9 @@ from tether.data.formats import Comparison, PretrainText, Prompt
 from tether.labelers.panel import Panel
 from tether.models.generation import Generation, decode_responses, row_generators, sample
 from tether.models.heads import load_scalar_model
+from tether.models.lm_batch import encode_pretrain, evaluate_loss
 from tether.models.loading import autocast, load_causal_lm, resolve_device
 from tether.ppo.rollout import episode_scores, response_logprobs
-from tether.sft.data import encode_pretrain, evaluate_loss
 
 # The evaluation's name of a PPO-ptx checkpoint after N episodes (``run.curve_every``): ppo_ptx@N.
 CURVE_PREFIX = "ppo_ptx@"

@@ -39,7 +39,8 @@ def add_label_commands(sub: argparse._SubParsersAction) -> None:
 
 def _simulate(args: argparse.Namespace) -> int:
     # Imported here, not at the top: the panel (numpy), which `tether --help` must not load.
-    from tether.labelers.panel import Panel, pairwise_agreement
+    from tether.data.agreement import pairwise_agreement
+    from tether.labelers.panel import Panel
 
     samples = read_records(args.samples, "sample")
     panel = Panel()

@@ -57,6 +57,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.sql.dml import Update
 
+from tether.data.agreement import AgreementReport, agreement_of
 from tether.data.formats import (
     FLAGS,
     LIKERT_MAX,
@@ -67,7 +68,6 @@ from tether.data.formats import (
     Sample,
     read_records,
 )
-from tether.labelers.panel import AgreementReport, agreement_of
 
 Role = Literal["admin", "labeler"]
 ROLES: tuple[str, ...] = ("admin", "labeler")

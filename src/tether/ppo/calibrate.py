@@ -34,6 +34,7 @@ from transformers import PreTrainedModel
 
 from tether.config import PPOConfig
 from tether.models.generation import Sampler, row_generators
+from tether.models.lm_batch import SFTExample, target_tokens
 from tether.models.loading import autocast
 from tether.models.trunk import SharedTrunk
 from tether.ppo.rollout import RewardFn, Rollout, collect_rollout
@@ -47,7 +48,6 @@ from tether.ppo.train import (
     ppo_step,
     take_cyclic,
 )
-from tether.sft.data import SFTExample, target_tokens
 
 __all__ = ["PAPER_PTX_COEF", "PtxCalibration", "PtxGradients", "calibrate_ptx_coef", "measure_gradients"]
 

@@ -64,6 +64,14 @@ from tether.distributed import (
 from tether.metrics import MetricsLogger, progress_bar, read_metrics
 from tether.models.generation import Sampler, decode_responses, row_generators
 from tether.models.heads import load_scalar_model, save_scalar_model
+from tether.models.lm_batch import (
+    SFTExample,
+    collate,
+    count_target_tokens,
+    encode_pretrain,
+    forward_logits,
+    target_tokens,
+)
 from tether.models.loading import (
     autocast,
     autocast_dtype,
@@ -90,15 +98,7 @@ from tether.ppo.rollout import (
     sample_responses,
     sampling_trunk,
 )
-from tether.sft.data import (
-    SFTExample,
-    collate,
-    count_target_tokens,
-    encode_pretrain,
-    forward_logits,
-    load_pretrain,
-    target_tokens,
-)
+from tether.sft.data import load_pretrain
 
 __all__ = ["EMA", "PPOResult", "add_advantages", "check_same_tokenizer", "take_cyclic", "train_ppo"]
 

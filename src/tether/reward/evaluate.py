@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from tether.data.agreement import pairwise_agreement
 from tether.data.formats import Comparison
-from tether.labelers.panel import pairwise_agreement
 from tether.metrics import percent
 from tether.reward.data import RankedExample, unique_sequences
 from tether.reward.score import score_sequences

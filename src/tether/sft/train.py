@@ -45,21 +45,20 @@ from tether.distributed import (
 )
 from tether.metrics import MetricsLogger, progress_bar, read_metrics
 from tether.models.generation import generate_texts
-from tether.models.loading import autocast, load_causal_lm, save_model
-from tether.models.trunk import TrunkCache
-from tether.ops import lm_loss
-from tether.optim import build_optimizer, build_scheduler, optimizer_step
-from tether.sft.data import (
+from tether.models.lm_batch import (
     SFTExample,
     collate,
     encode_demonstrations,
     encode_pretrain,
     evaluate_loss,
     forward_logits,
-    load_demonstrations,
-    load_pretrain,
     target_tokens,
 )
+from tether.models.loading import autocast, load_causal_lm, save_model
+from tether.models.trunk import TrunkCache
+from tether.ops import lm_loss
+from tether.optim import build_optimizer, build_scheduler, optimizer_step
+from tether.sft.data import load_demonstrations, load_pretrain
 
 # A checkpoint scorer: (HF model directory, validation prompts) → score, higher is better (the
 # paper: the mean RM score of its samples; tether.reward.score.rm_scorer, built by the caller).
