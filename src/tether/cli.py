@@ -9,6 +9,7 @@ fast and the training commands never import the web app.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 
@@ -31,11 +32,20 @@ COMMANDS = (data_cli, sft_cli, models_cli, reward_cli, ppo_cli, eval_cli, pipeli
 LABEL_COMMANDS = (labelers_cli, labeling_cli)
 
 
+def _version() -> str:
+    """The installed distribution's version (pyproject's), not a second copy kept in the code."""
+    try:
+        return importlib.metadata.version("tether")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tether",
         description="InstructGPT-style RLHF: SFT, K-wise reward model, PPO-ptx, labeling, evaluation.",
     )
+    parser.add_argument("--version", action="version", version=f"tether {_version()}")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of any error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS:
