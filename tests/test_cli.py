@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
+import re
 import tomllib
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from tether.cli import main
+from tether.cli import build_parser, main
+from tether.config import (
+    PRESETS,
+    EvalConfig,
+    PPOConfig,
+    RMConfig,
+    RunConfig,
+    SFTConfig,
+    config_from_args,
+    from_dict,
+    resolve,
+    set_dotted,
+    to_dict,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,3 +48,78 @@ def test_version(capsys):
         main(["--version"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.strip() == f"tether {importlib.metadata.version('tether')}"
+
+
+COMMANDS = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "eval": EvalConfig, "run": RunConfig}
+
+
+def help_text(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+def help_defaults(text: str) -> dict[str, str]:
+    """``{dotted.name: shown default}`` from a --help page printed without wrapping."""
+    out, flag, lines = {}, None, []
+    for line in [*text.splitlines(), ""]:
+        if (m := re.match(r"  (--[\w.-]+)", line)) or not line.strip():
+            found = re.search(r"\(default: (.*)\)$", " ".join(" ".join(lines).split()))
+            if flag and found:
+                out[flag[2:].replace("-", "_")] = found.group(1)
+            flag, lines = (m.group(1) if m else None), [line]
+        else:
+            lines.append(line)
+    return out
+
+
+def leaf_names(data: dict, prefix: str = "") -> set[str]:
+    """The dotted names of a to_dict config's values."""
+    names = set()
+    for key, value in data.items():
+        names |= leaf_names(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key}
+    return names
+
+
+@pytest.mark.parametrize(
+    ("command", "preset"),
+    [(c, p) for c in COMMANDS for p in [None, *PRESETS.get(c, {})]],
+)
+def test_help_shows_the_values_the_run_uses(capsys, monkeypatch, command, preset):
+    """Every flag's --help default, typed back on the command line, is the config the command
+    resolves and saves as config.yaml: with no preset (a nested config's defaults come from its
+    parent, e.g. sft's optim.lr 9.65e-6) and with each preset (``--preset P --help``, and
+    ``--help --preset P``)."""
+    monkeypatch.setenv("COLUMNS", "1000")  # one help text per line: no wrapping inside a value
+    cls = COMMANDS[command]
+    chosen = ["--preset", preset] if preset else []
+    shown = help_defaults(help_text(capsys, [command, *chosen, "--help"]))
+    assert shown == help_defaults(help_text(capsys, [command, "--help", *chosen]))
+    assert set(shown) == leaf_names(to_dict(cls()))  # every field has a flag showing its default
+    typed_back: dict = {}
+    for name, value in shown.items():
+        set_dotted(typed_back, name, "" if value == '""' else value)
+    expected = resolve(cls, command, preset, validate=False)  # sft's paper preset alone needs an RM
+    assert from_dict(cls, typed_back) == expected
+    if preset != "paper" or command != "sft":  # what the command itself builds and saves
+        args = build_parser().parse_args([command, *chosen])
+        saved = yaml.safe_load(yaml.safe_dump(to_dict(config_from_args(cls, command, args))))
+        assert saved == yaml.safe_load(yaml.safe_dump(to_dict(from_dict(cls, typed_back))))
+
+
+def test_help_defaults_of_nested_configs_are_their_parents():
+    """The figures the help got wrong: a nested config's default comes from its parent's factory."""
+    for argv, flag, value in [
+        (["sft"], "optim.lr", "9.65e-06"),
+        (["rm"], "optim.lr", "9e-06"),
+        (["ppo"], "optim.schedule", "constant"),
+        (["ppo"], "optim.warmup_steps", "10"),
+        (["ppo"], "value_optim.lr", "9e-06"),
+        (["ppo"], "value_optim.schedule", "constant"),
+        (["run"], "sft.pretrain_fraction", "0.1"),
+    ]:
+        parser = build_parser()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
+        action = next(a for a in sub._actions if a.dest == "cfg__" + flag)
+        assert action.help.endswith(f"(default: {value})"), (argv, flag, action.help)

@@ -57,12 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _normalised(argv: list[str]) -> list[str]:
+    """``--debug`` anywhere on the line (it is the top-level flag argparse knows), and a
+    command's ``-h``/``--help`` last, so that the help shows the values of the ``--preset`` and
+    ``--config`` typed after it."""
+    tokens = [a for a in argv if a != "--debug"]
+    debug = ["--debug"] if len(tokens) < len(argv) else []
+    command = next((i for i, a in enumerate(tokens) if not a.startswith("-")), len(tokens))
+    helps = [a for a in tokens[command:] if a in ("-h", "--help")]
+    rest = tokens[:command] + [a for a in tokens[command:] if a not in ("-h", "--help")]
+    return debug + rest + helps[:1]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit codes: 0 done, 1 the run stopped (non-finite training, an OS error, a
     cluster worker died),
     2 bad input (data, config, arguments), 130 interrupted. Tracebacks are for bugs (and --debug)."""
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_normalised(sys.argv[1:] if argv is None else argv))
     if args.command in ("run", "sample", "eval", "label", "data") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Only the trainers are data parallel; the rest would run once per rank, writing the same files.
         print(

@@ -532,7 +532,7 @@ def check_fields(cfg: Any, prefix: str = "") -> None:
 class EvalConfig:
     baseline: str = "sft"
     """The policy every other is compared with (win rates against it)."""
-    prompts: str | None = None
+    prompts_file: str | None = None
     """Held-out prompt records. None: the run's test split (``tether eval --run``, ``tether run``),
     else the default task's (prompts of users never seen in training)."""
     limit: int = 0
@@ -552,7 +552,7 @@ class EvalConfig:
     PPO against (0 = off; needs a reward model)."""
     base: bool = True
     """Also evaluate the base model (the model SFT started from) when evaluating a run."""
-    pretrain: str | None = None
+    pretrain_file: str | None = None
     """Held-out pretraining text for the alignment-tax perplexity. None: the run's held-out split,
     else the default task's."""
     pretrain_texts: int = 0
@@ -944,6 +944,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
+        key = RENAMED_FIELDS.get((cls.__name__, key), key)
         full = prefix + key
         if key not in names:
             raise ValueError(f"unknown config field '{full}' (known: {', '.join(sorted(names))})")
@@ -991,8 +992,11 @@ def resolve(
     preset: str | None = None,
     yaml_path: str | None = None,
     overrides: dict[str, Any] | None = None,
+    *,
+    validate: bool = True,
 ) -> Any:
-    """defaults → preset → YAML → overrides; returns a validated config of type ``cls``."""
+    """defaults → preset → YAML → overrides; returns a config of type ``cls``, validated unless
+    ``validate=False`` (``--help`` shows a preset's values even where the preset alone does not run)."""
     data = to_dict(cls())
     if preset:
         presets = PRESETS.get(stage, {})
@@ -1018,7 +1022,7 @@ def resolve(
     for k, v in (overrides or {}).items():
         set_dotted(data, k, v)
     cfg = from_dict(cls, data)
-    if hasattr(cfg, "validate"):
+    if validate and hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
 
@@ -1032,34 +1036,120 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     return path
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
-    """One ``--dotted.name`` flag per (nested) field, help from the field docstring.
+def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--dotted.name`` flag per (nested) field, help from the field docstring, and the
+    ``--preset`` / ``--config`` flags.
 
-    Defaults are suppressed so only flags the user typed override the preset and YAML.
+    Defaults are suppressed so only flags the user typed override the preset and YAML. The help's
+    defaults are the config ``cls()`` resolves to (a nested config's from its parent's
+    default_factory), and ``--help`` after ``--preset P`` / ``--config F`` shows P's / F's values.
+    A boolean takes ``--flag``, ``--no-flag`` or ``--flag true|false``.
     """
-    if not prefix:
-        stage = next((stage for stage, c in STAGE_CONFIGS.items() if c is cls), "")
-        described = "; ".join(f"{name} ({PRESET_HELP.get(name, '')})" for name in PRESETS.get(stage, {}))
-        parser.add_argument("--preset", help=f"start from a preset: {described}")
-        parser.add_argument("--config", help="YAML file with config fields (nested mappings)")
+    stage = next((stage for stage, c in STAGE_CONFIGS.items() if c is cls), "")
+    described = "; ".join(f"{name} ({PRESET_HELP.get(name, '')})" for name in PRESETS.get(stage, {}))
+    parser.formatter_class = _ConfigHelpFormatter
+    flags: list[tuple[argparse.Action, str, str]] = []
+    common: dict[str, Any] = {"action": _PresetOrConfig, "cls": cls, "stage": stage, "flags": flags}
+    parser.add_argument("--preset", help=f"start from a preset: {described}", **common)
+    parser.add_argument("--config", help="YAML file with config fields (nested mappings)", **common)
+    _add_fields(parser, cls, "", flags)
+    _show_defaults(flags, to_dict(cls()))
+
+
+# Fields renamed so that one thing has one name across commands (eval's prompts are a file like
+# run's prompts_file): (class, old name) -> new name. A YAML file or a saved config.yaml with the
+# old name still loads, and the old flag (--prompts, --eval.prompts) is still accepted, not shown.
+RENAMED_FIELDS: dict[tuple[str, str], str] = {
+    ("EvalConfig", "prompts"): "prompts_file",
+    ("EvalConfig", "pretrain"): "pretrain_file",
+}
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str, flags: list) -> None:
     docs = field_docs(cls)
     hints = _hints(cls)
-    defaults = cls()
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         name = prefix + f.name
         if _is_dataclass_type(tp):
-            add_config_args(parser, tp, name + ".")
+            _add_fields(parser, tp, name + ".", flags)
             continue
         flag = "--" + name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        parser.add_argument(
-            flag,
-            dest="cfg__" + name,
-            default=argparse.SUPPRESS,
-            metavar=_metavar(tp),
-            help=f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%"),
-        )
+        dest = "cfg__" + name
+        if tp is bool:
+            names = [flag, "--no-" + name.replace("_", "-")]
+            action = parser.add_argument(*names, dest=dest, action=_BoolFlag, default=argparse.SUPPRESS)
+        else:
+            action = parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=_metavar(tp))
+        for (owner, old), new in RENAMED_FIELDS.items():
+            if owner == cls.__name__ and new == f.name:
+                alias = "--" + (prefix + old).replace("_", "-")
+                parser.add_argument(alias, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        flags.append((action, name, docs.get(f.name, "")))
+
+
+def _show_defaults(flags: list[tuple[argparse.Action, str, str]], values: dict[str, Any]) -> None:
+    """Write each flag's help as its docstring plus ``(default: V)``, V from ``values`` (a
+    ``to_dict`` config) in the form the flag takes it back."""
+    for action, name, doc in flags:
+        value: Any = values
+        for part in name.split("."):
+            value = value[part]
+        action.help = f"{doc} (default: {_shown(value)})".replace("%", "%%")
+
+
+def _shown(value: Any) -> str:
+    """A config value as it is typed on the command line: true/false, A,B, None, "" (empty list)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return ",".join(map(str, value)) if value else '""'
+    return str(value)
+
+
+class _BoolFlag(argparse.Action):
+    """``--flag`` (true), ``--no-flag`` (false) or ``--flag true|false`` (the value is coerced
+    with the config's other values, so yes/no/1/0 work too)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs="?", metavar="BOOL", **kwargs)
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None
+    ) -> None:
+        if option is not None and option.startswith("--no-"):
+            if values is not None:
+                parser.error(f"{option} takes no value (it sets false)")
+            values = False
+        setattr(namespace, self.dest, True if values is None else values)
+
+
+class _ConfigHelpFormatter(argparse.HelpFormatter):
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if isinstance(action, _BoolFlag) and len(action.option_strings) == 2:
+            return f"{action.option_strings[0]} [true|false], {action.option_strings[1]}"
+        return super()._format_action_invocation(action)
+
+
+class _PresetOrConfig(argparse.Action):
+    """``--preset`` / ``--config``: stores the value and makes the help's defaults the values
+    they resolve to, so that ``--preset P --help`` shows P's (``tether`` moves ``--help`` last).
+    A preset or file that does not resolve leaves the help as it was: the command itself reports it."""
+
+    def __init__(self, option_strings: list[str], dest: str, *, cls: type, stage: str, flags: list, **kw: Any):
+        super().__init__(option_strings, dest, **kw)
+        self.cls, self.stage, self.flags = cls, stage, flags
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        try:
+            preset, yaml_path = getattr(namespace, "preset", None), getattr(namespace, "config", None)
+            cfg = resolve(self.cls, self.stage, preset, yaml_path, validate=False)
+        except (ValueError, FileNotFoundError):
+            return
+        _show_defaults(self.flags, to_dict(cfg))
 
 
 def _metavar(tp: Any) -> str:

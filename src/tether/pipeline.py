@@ -192,7 +192,7 @@ def run_pipeline(cfg: RunConfig, log: Log = print, executor: Executor | None = N
     ev = manifest.run(
         "eval",
         partial(evaluate_run, cfg, manifest.data["stages"], out, out / "eval", out / "report", log, executor=executor),
-        {"policies": policies, "reward_model": reward_model, "prompts": cfg.eval.prompts or data["prompts_test"]},
+        {"policies": policies, "reward_model": reward_model, "prompts": cfg.eval.prompts_file or data["prompts_test"]},
         log,
     )
     return RunResult(out_dir=out, report=Path(ev["report"]), manifest=manifest.data)
@@ -525,8 +525,8 @@ def evaluate_run(
     ecfg = run_eval_config(cfg, eval_cfg)
     data = stages["data"]["outputs"]
     policies, reward_model, sft = run_eval_policies(dataclasses.replace(cfg, eval=ecfg), stages)
-    prompts = read_records(ecfg.prompts or data["prompts_test"], "prompt")[: ecfg.limit or None]
-    pretrain = read_records(ecfg.pretrain or data["pretrain_heldout"], "pretrain")[: ecfg.pretrain_texts or None]
+    prompts = read_records(ecfg.prompts_file or data["prompts_test"], "prompt")[: ecfg.limit or None]
+    pretrain = read_records(ecfg.pretrain_file or data["pretrain_heldout"], "pretrain")[: ecfg.pretrain_texts or None]
     report = evaluate_policies(
         policies,
         prompts,

@@ -51,9 +51,9 @@ def bad(kind: str, **changes) -> dict:
 
 
 CASES = [
-    ("prompt", bad("prompt", id=...), "id", "missing"),
+    ("prompt", bad("prompt", id=[1]), "id", "must be a string"),
     ("prompt", bad("prompt", text=""), "text", "empty"),
-    ("prompt", bad("prompt", user_id=...), "user_id", "missing"),
+    ("prompt", bad("prompt", user_id=True), "user_id", "must be a string"),
     ("demonstration", bad("demonstration", response=...), "response", "missing"),
     ("demonstration", bad("demonstration", prompt=3), "prompt", "must be a string"),
     ("sample", bad("sample", responses=["only one"]), "responses", "K=1"),
@@ -65,7 +65,7 @@ CASES = [
     ("comparison", bad("comparison", ranking=[0, 1, 2]), "ranking", ">= 1"),
     ("comparison", bad("comparison", ranking=[1, 1, 1]), "ranking", "all responses tie"),
     ("comparison", bad("comparison", ranking=...), "ranking", "missing"),
-    ("comparison", bad("comparison", labeler_id=...), "labeler_id", "missing"),
+    ("comparison", bad("comparison", labeler_id=""), "labeler_id", "empty"),
     ("comparison", bad("comparison", likert=[6, 3, 9]), "likert[2]", "1..7"),
     ("comparison", bad("comparison", flags=[{}, {"rude": True}, {}]), "flags[1].rude", "unknown flag"),
     (

@@ -104,6 +104,8 @@ def pairwise_agreement(comparisons: Sequence[Comparison]) -> AgreementReport:
     """
     tasks: dict[tuple[str, tuple[str, ...]], list[tuple[str, list[int]]]] = defaultdict(list)
     for c in comparisons:
+        if c.labeler_id is None:  # a pair from elsewhere, without who ranked it: no agreement to measure
+            continue
         texts = tuple(sorted(set(c.responses)))
         ranks: dict[str, int] = {}
         for text, rank in zip(c.responses, c.ranking, strict=True):

@@ -1,11 +1,22 @@
-"""``tether data``: validate and preprocess data files."""
+"""``tether data``: validate, convert and preprocess data files."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
 from typing import get_args
 
-from tether.data.formats import read_records, validate_file
+from tether.data.formats import (
+    KINDS,
+    RECORD_TYPES,
+    kind_of,
+    read_records,
+    read_rows,
+    to_json,
+    validate_file,
+    write_records,
+)
 from tether.data.preprocess import PiiMode, PreprocessConfig, preprocess_prompts
 
 
@@ -13,10 +24,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="validate and preprocess data files")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
-    v = dsub.add_parser("validate", help="check a data file against its record contract")
-    v.add_argument("files", nargs="+", help="JSONL / Parquet file or datasets directory")
-    v.add_argument("--kind", choices=["prompt", "demonstration", "sample", "comparison", "pretrain"])
+    v = dsub.add_parser(
+        "validate",
+        help="check data files against their record contract: every bad line of every file, exit 2 if any",
+    )
+    v.add_argument("files", nargs="+", help="JSONL / Parquet file, datasets directory, or datasets NAME[:SPLIT]")
+    v.add_argument("--kind", choices=KINDS, help="read the files as this kind (default: guessed from the fields)")
+    v.add_argument(
+        "--max-errors", type=int, default=50, help="list at most this many bad lines per file (all are counted)"
+    )
     v.set_defaults(func=_validate)
+
+    c = dsub.add_parser(
+        "convert",
+        help="write a file of any shape tether reads as tether's own JSONL records, each with its source",
+    )
+    c.add_argument("input", help="JSONL / Parquet file, datasets directory, or datasets NAME[:SPLIT]")
+    c.add_argument("output", help="JSONL file to write")
+    c.add_argument("--kind", choices=KINDS, help="the record kind to write (default: guessed from the fields)")
+    c.set_defaults(func=_convert)
 
     # Defaults are SUPPRESSed so that PreprocessConfig stays the one place they are set.
     keep = argparse.SUPPRESS
@@ -72,10 +98,45 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    if args.max_errors < 1:
+        raise ValueError(f"--max-errors must be at least 1, got {args.max_errors}")
+    bad_files = 0
     for f in args.files:
-        report = validate_file(f, args.kind)
+        report = validate_file(f, args.kind, max_errors=args.max_errors)
         extra = "".join(f", {k}={v}" for k, v in report.stats.items())
-        print(f"ok: {report.path}: {report.count} {report.kind} records{extra}")
+        if not report.bad_rows:
+            print(f"ok: {report.path}: {report.count} {report.kind} records{extra}")
+            continue
+        bad_files += 1
+        for e in report.errors:
+            print(f"error: {e}", file=sys.stderr)
+        more = report.bad_rows - len(report.errors)
+        listed = f" ({more} more not listed: --max-errors {args.max_errors})" if more > 0 else ""
+        print(f"bad: {report.path}: {report.bad_rows} bad, {report.count} good {report.kind or ''} records{listed}")
+    if bad_files:
+        print(f"{bad_files} of {len(args.files)} files have bad records")
+        return 2
+    return 0
+
+
+# The fields the shapes tether reads are made of; a converted record keeps any other column in "meta".
+_SHAPE_FIELDS = frozenset({"messages", "completion", "chosen", "rejected", "prompt", "text", "id", "prompt_id"})
+
+
+def _convert(args: argparse.Namespace) -> int:
+    records, kind = [], args.kind
+    for row in read_rows(args.input, args.kind):
+        if row.error is not None or row.record is None:
+            raise row.error or ValueError(f"{args.input}:{row.line}: unreadable")
+        kind = kind_of(row.record)
+        own = {f.name for f in dataclasses.fields(RECORD_TYPES[kind])} | _SHAPE_FIELDS | {"source", "meta"}
+        meta = {k: v for k, v in row.raw.items() if k not in own}
+        out = to_json(row.record) | {"source": f"{args.input}:{row.line}"}
+        records.append(out | ({"meta": meta} if meta else {}))
+    if not records:
+        raise ValueError(f"{args.input}: holds no records")
+    write_records(args.output, records)
+    print(f"wrote {len(records)} {kind} records to {args.output} (each with its source: {args.input}:LINE)")
     return 0
 
 
@@ -91,7 +152,7 @@ def _preprocess(args: argparse.Namespace) -> int:
         print(f"  removed {n:>7}  {step}")
     if r.pii_redacted:
         print(f"  redacted {r.pii_redacted:>6}  pii ({', '.join(r.pii_kinds)})")
-    print(f"kept {r.kept} prompts")
+    print(f"kept {r.kept} prompts; split by {r.split_by}")
     for name, n in r.split_prompts.items():
         print(f"  {name:<6} {n:>7} prompts  {r.split_users[name]:>6} users")
     print(f"wrote {args.out}/{{train,valid,test}}.jsonl, dropped.jsonl, report.json")

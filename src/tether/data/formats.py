@@ -1,19 +1,29 @@
-"""The data contracts that cross tether's stage boundaries.
+"""The data contracts that cross tether's stage boundaries, and the shapes users bring.
 
-Every file tether reads or writes is one of these record kinds, stored one JSON object per line
-(JSONL); Parquet files and ``datasets`` directories (``save_to_disk``) with the same columns are
-read too. Field by field:
+Every file tether writes is one of these record kinds, stored one JSON object per line (JSONL);
+Parquet files, ``datasets`` directories (``save_to_disk``) and ``datasets`` names found in the
+local cache (``NAME`` or ``NAME:SPLIT``, read offline) are read too. Field by field:
 
-``prompt``         {"id": str, "text": str, "user_id": str, "category": str?}
-``demonstration``  {"prompt": str, "response": str, "prompt_id": str?, "labeler_id": str?}
-``sample``         {"prompt": str, "responses": [str] (K = 2..9), "prompt_id": str?,
+``prompt``         {"id": str?, "text": prompt, "user_id": str?, "category": str?}
+``demonstration``  {"prompt": prompt, "response": str, "prompt_id": str?, "labeler_id": str?}
+``sample``         {"prompt": prompt, "responses": [str] (K = 2..9), "prompt_id": str?,
                     "policies": [str]? (one per response), "ended": [bool]? (one per response),
                     "user_id": str?, "category": str?}
-``comparison``     {"prompt": str, "responses": [str] (K = 2..9), "ranking": [int] (one rank per
-                    response, 1 = best, equal ranks = a tie), "labeler_id": str,
+``comparison``     {"prompt": prompt, "responses": [str] (K = 2..9), "ranking": [int] (one rank per
+                    response, 1 = best, equal ranks = a tie), "labeler_id": str?,
                     "prompt_id": str?, "likert": [int 1..7]?, "flags": [{flag: bool}]?,
                     "policies": [str]?, "ended": [bool]?}
 ``pretrain``       {"text": str}
+
+A *prompt* is a string or a conversation: a list of {"role": "system" | "user" | "assistant",
+"content": str} turns ending with a user turn. A conversation of one user turn is read as its text.
+
+The shapes the ecosystem's datasets come in are read as they are (:func:`tether_shape`):
+``messages`` (a conversation whose last assistant turn is the response), ``prompt`` /
+``completion``, ``prompt`` / ``chosen`` / ``rejected`` (a comparison of K = 2), ``chosen`` /
+``rejected`` whole conversations whose shared leading turns are the prompt (HH-RLHF, as turn
+lists or as "\\n\\nHuman: … \\n\\nAssistant: …" text), and ``prompt`` alone; a prompt without
+``id`` gets a stable hash of its content. Any file with a prompt can be read as prompts.
 
 Bad input raises :class:`DataError` naming the file, the line (1-based; the row for Parquet) and
 the field. ``ended[i]`` is false for a sampled response that ran out of tokens before the model
@@ -25,10 +35,13 @@ is validated whole before anything trains on it.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 import sys
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -62,11 +75,54 @@ class DataError(ValueError):
         super().__init__(f"{where}:{what} {message}")
 
 
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One turn of a conversation."""
+
+    role: str  # one of ROLES
+    content: str
+
+
+class Conversation(str):
+    """A prompt of several turns (a system prompt, earlier turns, the last user turn).
+
+    It is a ``str`` whose value is the turns as plain text ("system: …\n\nuser: …"): what PII
+    filtering, deduplication, the simulated labelers and logs read, so every stage that carries
+    prompts carries it unchanged. :attr:`turns` is what the chat template renders
+    (:func:`tether.models.generation.chat_prompt`) and what files store (a list of {role,
+    content}). String operations return plain text without the turns, so code that rewrites a
+    prompt must rebuild the Conversation.
+    """
+
+    turns: tuple[Turn, ...]
+
+    def __new__(cls, turns: Iterable[Turn]) -> Conversation:
+        turns = tuple(turns)
+        self = super().__new__(cls, "\n\n".join(f"{t.role}: {t.content}" for t in turns))
+        self.turns = turns
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:  # copy, deepcopy (dataclasses.asdict) and pickle keep the turns
+        return (Conversation, (self.turns,))
+
+    def messages(self) -> list[dict[str, str]]:
+        """The turns as chat-template messages: [{"role", "content"}]."""
+        return [{"role": t.role, "content": t.content} for t in self.turns]
+
+
+def prompt_json(prompt: str) -> str | list[dict[str, str]]:
+    """A prompt as files store it: its text, or its turns when it is a Conversation."""
+    return prompt.messages() if isinstance(prompt, Conversation) else str(prompt)
+
+
 @dataclass(frozen=True)
 class Prompt:
     id: str
-    text: str
-    user_id: str
+    text: str  # a plain string or a Conversation
+    user_id: str | None = None  # None: the split by user falls back to a split by prompt
     category: str | None = None
 
 
@@ -98,7 +154,7 @@ class Comparison:
     prompt: str
     responses: list[str]
     ranking: list[int]  # ranking[i] = rank of responses[i]; 1 = best; equal = tie
-    labeler_id: str
+    labeler_id: str | None = None  # None: figures that need labelers (agreement, held-out) skip it
     prompt_id: str | None = None
     likert: list[int] | None = None
     flags: list[dict[str, bool]] | None = None
@@ -256,7 +312,7 @@ def parse_record(obj: Any, kind: str, path: str | Path = "<memory>", line: int |
         return Prompt(
             id=_require_id(obj, "id", where),
             text=_require_str(obj, "text", where),
-            user_id=_require_id(obj, "user_id", where),
+            user_id=_require_id(obj, "user_id", where, optional=True),
             category=_require_str(obj, "category", where, optional=True),
         )
     if kind == "demonstration":
@@ -311,7 +367,7 @@ def parse_record(obj: Any, kind: str, path: str | Path = "<memory>", line: int |
             prompt=prompt,
             responses=responses,
             ranking=list(ranking),
-            labeler_id=_require_id(obj, "labeler_id", where),
+            labeler_id=_require_id(obj, "labeler_id", where, optional=True),
             prompt_id=_require_id(obj, "prompt_id", where, optional=True),
             likert=likert,
             flags=flags,
@@ -321,19 +377,186 @@ def parse_record(obj: Any, kind: str, path: str | Path = "<memory>", line: int |
     raise ValueError(f"unknown record kind {kind!r}; known: {', '.join(KINDS)}")
 
 
+# --------------------------------------------------------------------------------------------
+# The shapes users bring, read as they are: each row is put in tether's own fields first.
+
+# ShareGPT-style turns ({"from": "human", "value": …}) name their roles this way.
+_ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+# HH-RLHF stores a conversation as text: "\n\nHuman: …\n\nAssistant: …".
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def _parse_turns(value: Any, name: str, where: Where) -> list[Turn]:
+    """A conversation (a list of {role, content} objects) as turns, every fault naming its turn."""
+    if not isinstance(value, list) or not value:
+        raise DataError(*where, name, f"must be a non-empty list of {{role, content}} turns, got {_json_type(value)}")
+    turns = []
+    for i, t in enumerate(value):
+        here = f"{name}[{i}]"
+        if not isinstance(t, dict):
+            raise DataError(*where, here, f"must be an object {{role, content}}, got {_json_type(t)}")
+        role, content = t.get("role", t.get("from")), t.get("content", t.get("value"))
+        role = _ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
+        if role not in ROLES:
+            raise DataError(*where, f"{here}.role", f"must be one of {', '.join(ROLES)}, got {role!r}")
+        if role == "system" and i > 0:
+            raise DataError(*where, f"{here}.role", "a system turn may only come first")
+        if not isinstance(content, str):
+            raise DataError(*where, f"{here}.content", f"must be a string, got {_json_type(content)}")
+        if not content.strip():
+            raise DataError(*where, f"{here}.content", "is empty")
+        turns.append(Turn(role, _check_text(content, f"{here}.content", where)))
+    return turns
+
+
+def _hh_turns(text: str) -> list[Turn] | None:
+    """HH-RLHF text ("\\n\\nHuman: …\\n\\nAssistant: …") as turns; None for text of another shape."""
+    parts = _HH_TURN.split("\n\n" + text.lstrip("\n"))
+    if len(parts) < 3 or parts[0].strip():
+        return None
+    roles, contents = parts[1::2], parts[2::2]
+    return [Turn("user" if r == "Human" else "assistant", c.strip()) for r, c in zip(roles, contents, strict=True)]
+
+
+def _prompt_of(turns: Sequence[Turn], name: str, where: Where) -> str:
+    """The prompt the turns make: the text of a lone user turn, else a Conversation."""
+    if not turns:
+        raise DataError(*where, name, "holds no turns before the response: no prompt")
+    if turns[-1].role != "user":
+        raise DataError(*where, name, f"the prompt must end with a user turn, not {turns[-1].role}")
+    if len(turns) == 1:
+        return turns[0].content
+    return Conversation(turns)
+
+
+def _response_of(value: Any, name: str, where: Where) -> Any:
+    """A response given as text, or as a conversation of one assistant turn (TRL's conversational shape)."""
+    if not isinstance(value, list):
+        return value  # parse_record checks it is a non-empty string
+    turns = _parse_turns(value, name, where)
+    if len(turns) != 1 or turns[0].role != "assistant":
+        raise DataError(*where, name, "must be one assistant turn (the response), got " + _roles(turns))
+    return turns[0].content
+
+
+def _roles(turns: Sequence[Turn]) -> str:
+    return "turns " + ", ".join(t.role for t in turns)
+
+
+def _preference(obj: dict, where: Where) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) from ``prompt``/``chosen``/``rejected`` or, without a prompt, from
+    two whole conversations whose shared leading turns are the prompt (HH-RLHF)."""
+    for name in ("chosen", "rejected"):
+        if obj.get(name) is None:
+            raise DataError(*where, name, "is missing (a preference pair has both chosen and rejected)")
+    if obj.get("prompt") is not None:
+        prompt = obj["prompt"]
+        if isinstance(prompt, list):
+            prompt = _prompt_of(_parse_turns(prompt, "prompt", where), "prompt", where)
+        chosen, rejected = (_response_of(obj[n], n, where) for n in ("chosen", "rejected"))
+        return prompt, chosen, rejected
+    whole = []
+    for name in ("chosen", "rejected"):
+        value = obj[name]
+        turns = _hh_turns(value) if isinstance(value, str) else _parse_turns(value, name, where)
+        if turns is None:
+            raise DataError(
+                *where,
+                name,
+                "is plain text without a prompt field: give 'prompt', or whole conversations "
+                "(lists of {role, content}, or HH-RLHF text with '\\n\\nHuman:' / '\\n\\nAssistant:' turns)",
+            )
+        whole.append(turns)
+    chosen_turns, rejected_turns = whole
+    shared = 0
+    while shared < min(len(chosen_turns), len(rejected_turns)) and chosen_turns[shared] == rejected_turns[shared]:
+        shared += 1
+    # The prompt is the shared turns up to the last user turn; each answer is the one assistant turn after it.
+    while shared and chosen_turns[shared - 1].role != "user":
+        shared -= 1
+    answers = []
+    for name, turns in (("chosen", chosen_turns), ("rejected", rejected_turns)):
+        rest = turns[shared:]
+        if len(rest) != 1 or rest[0].role != "assistant":
+            raise DataError(
+                *where,
+                name,
+                "chosen and rejected must share every turn but a last assistant one; after the shared "
+                f"turns this has {_roles(rest) if rest else 'no turns'}",
+            )
+        answers.append(rest[0].content)
+    return _prompt_of(chosen_turns[:shared], "chosen", where), answers[0], answers[1]
+
+
+def content_id(prompt: str) -> str:
+    """A stable id for a prompt without one: a hash of its content (its turns for a Conversation)."""
+    body = json.dumps(prompt_json(prompt), ensure_ascii=False, sort_keys=True)
+    return "p-" + hashlib.sha256(body.encode("utf-8")).hexdigest()[:16]
+
+
+def tether_shape(obj: dict, kind: str, where: Where = ("<memory>", None)) -> dict:
+    """A row of any shape :func:`guess_kind` knows, in tether's own fields for ``kind``.
+
+    Fields already in tether's shape pass through; extra fields stay (and are ignored). Reading a
+    file of demonstrations, samples or comparisons as prompts takes each row's prompt.
+    """
+    out = dict(obj)
+    if kind == "pretrain":
+        return out
+    if obj.get("messages") is not None:
+        turns = _parse_turns(obj["messages"], "messages", where)
+        if turns[-1].role == "assistant":
+            out["prompt"], out["response"] = _prompt_of(turns[:-1], "messages", where), turns[-1].content
+        elif kind == "demonstration":
+            raise DataError(*where, "messages", "must end with an assistant turn (the response), not " + turns[-1].role)
+        else:
+            out["prompt"] = _prompt_of(turns, "messages", where)
+    elif kind in ("comparison", "prompt") and "ranking" not in obj and ("chosen" in obj or "rejected" in obj):
+        out["prompt"], chosen, rejected = _preference(obj, where)
+        out["responses"], out["ranking"] = [chosen, rejected], [1, 2]
+    else:
+        for name in ("prompt", "text") if kind == "prompt" else ("prompt",):
+            if isinstance(obj.get(name), list):
+                out[name] = _prompt_of(_parse_turns(obj[name], name, where), name, where)
+        if obj.get("completion") is not None and obj.get("response") is None:
+            out["response"] = _response_of(obj["completion"], "completion", where)
+    if kind == "prompt":
+        if out.get("text") is None:
+            out["text"] = out.get("prompt")
+        if out.get("id") is None:
+            out["id"] = out.get("prompt_id")
+        if out.get("id") is None and isinstance(out["text"], str) and out["text"].strip():
+            out["id"] = content_id(out["text"])
+    return out
+
+
 def guess_kind(obj: dict) -> str:
-    """The record kind a JSON object most likely is, from its fields."""
-    if "ranking" in obj:
+    """The record kind a JSON object most likely is, from its fields (tether's or another shape's)."""
+    if "ranking" in obj or ("chosen" in obj and "rejected" in obj):
         return "comparison"
     if "responses" in obj:
         return "sample"
-    if "response" in obj:
+    if "response" in obj or "completion" in obj:
         return "demonstration"
-    if "user_id" in obj or "id" in obj:
+    if "messages" in obj:
+        messages = obj["messages"]
+        last = messages[-1] if isinstance(messages, list) and messages else None
+        role = last.get("role", last.get("from")) if isinstance(last, dict) else None
+        return (
+            "demonstration"
+            if role in ("assistant", *(a for a, r in _ROLE_ALIASES.items() if r == "assistant"))
+            else "prompt"
+        )
+    if "user_id" in obj or "id" in obj or "prompt" in obj:
         return "prompt"
     if "text" in obj:
         return "pretrain"
-    raise ValueError("cannot tell the record kind from fields " + ", ".join(sorted(obj)))
+    raise ValueError(
+        "cannot tell the record kind from fields "
+        + ", ".join(sorted(obj))
+        + "; known shapes: messages; prompt + completion; prompt + chosen + rejected; chosen + rejected; "
+        "prompt; text; and tether's own (docs/data-formats.md)"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,6 +619,8 @@ def _decode_line(text: str, path: str | Path, line: int) -> Any:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line, decoded object) per non-blank line; a line that cannot be decoded gives a DataError
+    in place of its object, so that a reader may go on to the next line."""
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed below; binary so a bad byte is found per line
     except OSError as e:
@@ -410,21 +635,83 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(
-                    path,
+                yield (
                     i,
-                    None,
-                    f"is not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the "
-                    "line); tether reads JSONL as UTF-8: convert the file, e.g. `iconv -f latin1 -t utf-8`",
-                ) from None
+                    DataError(
+                        path,
+                        i,
+                        None,
+                        f"is not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the "
+                        "line); tether reads JSONL as UTF-8: convert the file, e.g. `iconv -f latin1 -t utf-8`",
+                    ),
+                )
+                continue
             if "\x00" in text:
-                raise DataError(path, i, None, "holds NUL bytes: is it UTF-16 or binary? tether reads JSONL as UTF-8")
+                error = DataError(path, i, None, "holds NUL bytes: is it UTF-16 or binary? tether reads JSONL as UTF-8")
+                if i == 1:  # the whole file is of another encoding: one error, not one per line
+                    raise error
+                yield i, error
+                continue
             if text.strip():
-                yield i, _decode_line(text.rstrip("\r\n"), path, i)
+                try:
+                    yield i, _decode_line(text.rstrip("\r\n"), path, i)
+                except DataError as e:
+                    yield i, e
 
 
-def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, decoded object) from JSONL, Parquet or a datasets directory."""
+def _dataset_rows(source: str, ds: Any, split: str | None) -> Iterator[tuple[int, Any]]:
+    """Rows of a ``datasets`` Dataset, or of one split of a DatasetDict."""
+    import datasets
+
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None and len(ds) == 1:
+            split = next(iter(ds))
+        if split not in ds:
+            raise DataError(source, None, None, f"holds splits {list(ds)}; name one as {source}:SPLIT")
+        ds = ds[split]
+    elif split is not None:
+        raise DataError(source, None, None, f"holds one dataset, not splits: leave out ':{split}'")
+    for i, row in enumerate(ds):
+        yield i + 1, row
+
+
+def _cached_dataset(name: str, split: str | None) -> Any:
+    """A ``datasets`` name from the local cache, offline: never a download."""
+    os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+    try:  # datasets (seconds to import) loads only for the inputs that need it
+        import datasets
+    except ImportError as e:  # pragma: no cover - datasets is a dependency
+        raise DataError(name, None, None, "reading a datasets name needs `datasets`") from e
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True  # imported before the variable was set
+    cache_dir = os.environ.get("HF_DATASETS_CACHE")  # read now, not at datasets' import
+    try:
+        return datasets.load_dataset(name, split=split, cache_dir=cache_dir)
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds for "not cached"; each becomes one DataError
+        raise DataError(
+            name,
+            None,
+            None,
+            "is neither a file nor a dataset in the local datasets cache "
+            f"({cache_dir or datasets.config.HF_DATASETS_CACHE}); tether reads datasets offline, never "
+            f"downloading: load it once with `datasets.load_dataset` where there is a network ({type(e).__name__})",
+        ) from None
+
+
+def _raw_rows(source: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, decoded object or DataError) from JSONL, Parquet, a datasets directory (DIR
+    or DIR:SPLIT) or a datasets name in the local cache (NAME or NAME:SPLIT)."""
+    path = Path(source)
+    if not path.exists():
+        name, _, split = str(source).rpartition(":") if ":" in str(source) else (str(source), "", "")
+        if Path(name).is_dir():
+            path = Path(name)
+        elif re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) and not Path(name).suffix:
+            yield from _dataset_rows(str(source), _cached_dataset(name, split or None), None)
+            return
+        else:
+            raise DataError(source, None, None, "does not exist")
+    else:
+        split = ""
     if path.is_dir():
         try:  # datasets (seconds to import) and pyarrow load only for the inputs that need them
             import datasets
@@ -434,10 +721,7 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
             ds = datasets.load_from_disk(str(path))
         except FileNotFoundError:
             raise DataError(path, None, None, "is a directory but not a `datasets` one (save_to_disk)") from None
-        if isinstance(ds, datasets.DatasetDict):
-            raise DataError(path, None, None, f"holds splits {list(ds)}; pass one split's folder")
-        for i, row in enumerate(ds):
-            yield i + 1, row
+        yield from _dataset_rows(str(source), ds, split or None)
         return
     if path.suffix == ".parquet":
         import pyarrow as pa
@@ -453,32 +737,69 @@ def _raw_rows(path: Path) -> Iterator[tuple[int, Any]]:
     yield from _jsonl_rows(path)
 
 
-def read_records(path: str | Path, kind: str | None = None) -> list:
-    """Read and validate a whole file; raises DataError at the first bad record.
+@dataclass(frozen=True)
+class Row:
+    """One row of a file as read: its record, or what is wrong with it, and where it came from."""
+
+    line: int
+    record: Record | None
+    error: DataError | None
+    raw: Any  # the decoded object as the file holds it (None where it could not be decoded)
+
+
+def read_rows(source: str | Path, kind: str | None = None) -> Iterator[Row]:
+    """Every row of a file, a bad one with its error in place of a record (the reader goes on).
+
+    ``kind`` is guessed from the first row whose kind can be told when not given. A fault of the
+    whole file (missing, not UTF-8 but UTF-16, not Parquet) raises DataError.
+    """
+    generated: dict[str, int] = {}  # content-hash ids given so far, to number repeated prompts
+    for line, obj in _raw_rows(source):
+        if isinstance(obj, DataError):
+            yield Row(line, None, obj, None)
+            continue
+        try:
+            if not isinstance(obj, dict):
+                raise DataError(source, line, None, f"expected a JSON object, got {_json_type(obj)}")
+            if kind is None:
+                try:
+                    kind = guess_kind(obj)
+                except ValueError as e:
+                    raise DataError(source, line, None, str(e)) from None
+            where = (source, line)
+            record = parse_record(tether_shape(obj, kind, where), kind, *where)
+            if isinstance(record, Prompt) and obj.get("id") is None and obj.get("prompt_id") is None:
+                # A repeated prompt without an id gets its hash numbered: an id names one prompt.
+                seen = generated[record.id] = generated.get(record.id, 0) + 1
+                record = record if seen == 1 else replace(record, id=f"{record.id}-{seen}")
+            yield Row(line, record, None, obj)
+        except DataError as e:
+            yield Row(line, None, e, obj)
+
+
+def read_records(source: str | Path, kind: str | None = None) -> list:
+    """Read and validate a whole file (or datasets name); raises DataError at the first bad record.
 
     ``kind`` is guessed from the first record when not given.
     """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(path, None, None, "does not exist")
     records = []
-    for line, obj in _raw_rows(path):
-        if kind is None:
-            if not isinstance(obj, dict):
-                raise DataError(path, line, None, f"expected a JSON object, got {_json_type(obj)}")
-            try:
-                kind = guess_kind(obj)
-            except ValueError as e:
-                raise DataError(path, line, None, str(e)) from None
-        records.append(parse_record(obj, kind, path, line))
+    for row in read_rows(source, kind):
+        if row.error is not None:
+            raise row.error
+        records.append(row.record)
     if not records:
-        raise DataError(path, None, None, "holds no records")
+        raise DataError(source, None, None, "holds no records")
     return records
 
 
 def to_json(record: Record) -> dict:
-    """A record as a JSON-ready dict, dropping optional fields that are None."""
-    return {k: v for k, v in asdict(record).items() if v is not None}
+    """A record as a JSON-ready dict, dropping optional fields that are None; a Conversation
+    prompt is written as its turns."""
+    out = {k: v for k, v in asdict(record).items() if v is not None}
+    for name in ("prompt", "text"):
+        if isinstance(out.get(name), Conversation):
+            out[name] = out[name].messages()
+    return out
 
 
 def write_records(path: str | Path, records: Iterable) -> Path:
@@ -489,31 +810,56 @@ def write_records(path: str | Path, records: Iterable) -> Path:
     with open(tmp, "w", encoding="utf-8") as fh:
         for r in records:
             obj = r if isinstance(r, dict) else to_json(r)
-            fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            fh.write(json.dumps(obj, ensure_ascii=False, default=str) + "\n")
     tmp.replace(path)
     return path
+
+
+def kind_of(record: Record) -> str:
+    return next(k for k, t in RECORD_TYPES.items() if isinstance(record, t))
 
 
 @dataclass
 class ValidationReport:
     path: str
-    kind: str
-    count: int
+    kind: str | None  # None when no row could be read
+    count: int  # good records
     stats: dict = field(default_factory=dict)
+    errors: list[DataError] = field(default_factory=list)  # the first max_errors bad rows
+    bad_rows: int = 0  # every bad row, also those past max_errors
 
 
-def validate_file(path: str | Path, kind: str | None = None) -> ValidationReport:
-    """Validate a file whole and summarise it (used by ``tether data validate``)."""
-    records = read_records(path, kind)
-    kind = next(k for k, t in RECORD_TYPES.items() if isinstance(records[0], t))
-    stats: dict = {}
-    if kind == "comparison":
+def validate_file(path: str | Path, kind: str | None = None, max_errors: int = 50) -> ValidationReport:
+    """Check every row of a file and summarise it (``tether data validate``): each bad row is
+    counted and the first ``max_errors`` kept, so that one run lists what to fix."""
+    records: list = []
+    report = ValidationReport(str(path), kind, 0)
+    try:
+        for row in read_rows(path, kind):
+            if row.error is not None:
+                report.bad_rows += 1
+                if len(report.errors) < max_errors:
+                    report.errors.append(row.error)
+            else:
+                records.append(row.record)
+    except DataError as e:  # the whole file: nothing more to read in it
+        report.bad_rows += 1
+        report.errors.append(e)
+    if not records and not report.errors:
+        report.errors.append(DataError(path, None, None, "holds no records"))
+        report.bad_rows = 1
+    if not records:
+        return report
+    report.kind, report.count = kind_of(records[0]), len(records)
+    if report.kind == "comparison":
         ks = [r.k for r in records]
-        stats = {
+        labelers = {r.labeler_id for r in records if r.labeler_id is not None}
+        report.stats = {
             "K": f"{min(ks)}..{max(ks)}",
             "pairs": sum(len(r.pairs()) for r in records),
-            "labelers": len({r.labeler_id for r in records}),
+            "labelers": len(labelers) if labelers else "none (no labeler_id)",
         }
-    elif kind == "prompt":
-        stats = {"users": len({r.user_id for r in records})}
-    return ValidationReport(str(path), kind, len(records), stats)
+    elif report.kind == "prompt":
+        users = {r.user_id for r in records if r.user_id is not None}
+        report.stats = {"users": len(users) if users else "none (no user_id)"}
+    return report

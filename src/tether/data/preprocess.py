@@ -324,7 +324,7 @@ def cap_per_user(
         raise ValueError(f"max_per_user must be at least 1, got {max_per_user}")
     by_user: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
-        by_user.setdefault(p.user_id, []).append(i)
+        by_user.setdefault(user_key(p), []).append(i)
     keep: set[int] = set()
     for idxs in by_user.values():
         ranked = sorted(idxs, key=lambda i: (_unit_hash(seed, "cap", prompts[i].id), i))
@@ -339,6 +339,12 @@ def cap_per_user(
 # Split by user
 
 
+def user_key(prompt: Prompt) -> str:
+    """Whose prompt it is, for the cap and the split: its user id, or, without one, the prompt
+    itself (a split by prompt: valid and test then hold unseen prompts, not unseen users)."""
+    return prompt.user_id if prompt.user_id is not None else "\x00prompt " + prompt.id
+
+
 def split_by_user(
     prompts: Sequence[Prompt],
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
@@ -351,10 +357,11 @@ def split_by_user(
     split with a positive fraction is non-empty: in the rare case the hash leaves one empty
     (only likely with a handful of users), the user whose hash lies nearest to that split's
     interval is moved in. Raises ValueError when there are fewer users than such splits.
-    Prompts keep their input order within a split.
+    Prompts keep their input order within a split. A prompt without a user id is its own user
+    (:func:`user_key`).
     """
     fractions = check_fractions(fractions)
-    users = sorted({p.user_id for p in prompts})
+    users = sorted({user_key(p) for p in prompts})
     needed = sum(f > 0 for f in fractions)
     if len(users) < needed:
         names = "/".join(s for s, f in zip(SPLITS, fractions, strict=True) if f > 0)
@@ -380,7 +387,7 @@ def split_by_user(
 
     splits: dict[str, list[Prompt]] = {name: [] for name in SPLITS}
     for p in prompts:
-        splits[SPLITS[assign[p.user_id]]].append(p)
+        splits[SPLITS[assign[user_key(p)]]].append(p)
     return splits
 
 
@@ -439,7 +446,17 @@ class PreprocessReport:
     pii_kinds: dict[str, int]  # PII kind -> prompts containing it (a prompt may count twice)
     kept: int
     split_prompts: dict[str, int]  # split -> prompts
-    split_users: dict[str, int]  # split -> distinct users
+    split_users: dict[str, int]  # split -> distinct users (a prompt without user_id counts as one)
+    without_user: int = 0  # input prompts with no user_id: split by prompt, each its own user
+
+    @property
+    def split_by(self) -> str:
+        """What the split keeps apart, in words for the log."""
+        if not self.without_user:
+            return "user"
+        if self.without_user == self.input:
+            return "prompt (no user_id in the prompts: valid and test hold unseen prompts, not unseen users)"
+        return f"user, and by prompt for the {self.without_user} prompts without user_id"
 
     @property
     def total_removed(self) -> int:
@@ -525,18 +542,19 @@ def preprocess_prompts(
     removed["user_cap"] = len(gone)
     dropped += gone
 
-    # 5. Split by user id.
+    # 5. Split by user id (by prompt for prompts without one: PreprocessReport.split_by says so).
     splits = split_by_user(kept, config.fractions, config.seed)
 
     report = PreprocessReport(
         input=len(prompts),
-        input_users=len({p.user_id for p in prompts}),
+        input_users=len({user_key(p) for p in prompts}),
         removed=removed,
         pii_redacted=pii_redacted,
         pii_kinds={k: pii_kinds[k] for k in PII_KINDS if pii_kinds[k]},
         kept=len(kept),
         split_prompts={name: len(splits[name]) for name in SPLITS},
-        split_users={name: len({p.user_id for p in splits[name]}) for name in SPLITS},
+        split_users={name: len({user_key(p) for p in splits[name]}) for name in SPLITS},
+        without_user=sum(p.user_id is None for p in prompts),
     )
     # Nothing leaves silently: every prompt is either in a split or in `dropped`.
     assert report.input == report.total_removed + report.kept == len(dropped) + len(kept)

@@ -100,14 +100,14 @@ def _run(args: argparse.Namespace) -> int:
         if not policies:
             raise ValueError("tether eval needs --run DIR or at least one --policy NAME=PATH")
         cfg = config_from_args(EvalConfig, "eval", args)
-        if cfg.prompts:
-            prompts = read_records(cfg.prompts, "prompt")
+        if cfg.prompts_file:
+            prompts = read_records(cfg.prompts_file, "prompt")
         else:
             from tether.data.task import default_splits
 
             prompts = default_splits(seed=cfg.seed)["test"]
-        if cfg.pretrain:
-            pretrain = read_records(cfg.pretrain, "pretrain")
+        if cfg.pretrain_file:
+            pretrain = read_records(cfg.pretrain_file, "pretrain")
         else:
             from tether.data.task import build_default_task
 

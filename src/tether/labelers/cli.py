@@ -50,7 +50,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
     expected = len(samples) * args.labelers_per_sample
     pairs = sum(len(c.pairs()) for c in comparisons)
-    used = sorted({c.labeler_id for c in comparisons})
+    used = sorted({c.labeler_id for c in comparisons if c.labeler_id is not None})
     print(
         f"labeled {len(samples)} samples: {len(comparisons)} comparisons, {pairs} ranked pairs, "
         f"by {len(used)} labelers ({', '.join(used)})"

@@ -35,7 +35,7 @@ class RankedExample:
 
     sequences: list[list[int]]  # K token-id lists: chat prompt + response (+ EOS unless cut)
     ranks: list[int]  # [K] 1 = best, equal = tie
-    labeler_id: str
+    labeler_id: str | None  # None: the comparison names no labeler (per-labeler figures skip it)
     truncated: int = 0  # how many of the K responses were cut to max_length
 
     @property
@@ -193,7 +193,7 @@ class RankingBatch:
     sequence_index: torch.Tensor  # [N] long, 0..U-1: the row of input_ids of each entry
     prompt_index: torch.Tensor  # [N] long, 0..P-1: which ranking each entry belongs to
     ranks: torch.Tensor  # [N] long, rank within its ranking (1 = best, equal = tie)
-    labeler_ids: list[str]  # [P] who made each ranking
+    labeler_ids: list[str | None]  # [P] who made each ranking (None: not named)
 
     @property
     def n_prompts(self) -> int:

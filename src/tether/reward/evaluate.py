@@ -137,7 +137,7 @@ def evaluate_rm(
     per_example = scores[torch.tensor(index, dtype=torch.long)].split([ex.k for ex in examples]) if distinct else []
     outcomes = [pair_outcomes(s, ex.ranks) for s, ex in zip(per_example, examples, strict=True)]
 
-    by_labeler: dict[str, list[torch.Tensor]] = defaultdict(list)
+    by_labeler: dict[str | None, list[torch.Tensor]] = defaultdict(list)
     for ex, (correct, _) in zip(examples, outcomes, strict=True):
         by_labeler[ex.labeler_id].append(correct)
     margins = torch.cat([m for _, m in outcomes]) if outcomes else torch.zeros(0)
@@ -145,7 +145,7 @@ def evaluate_rm(
     return RMEval(
         overall=_accuracy(c for c, _ in outcomes),
         margin=float(margins.mean()) if margins.numel() else None,
-        by_labeler={name: _accuracy(v) for name, v in sorted(by_labeler.items())},
+        by_labeler={name: _accuracy(by_labeler[name]) for name in sorted(n for n in by_labeler if n is not None)},
         train_labelers=_accuracy(c for name, v in by_labeler.items() if name not in heldout for c in v),
         heldout_labelers=_accuracy(c for name, v in by_labeler.items() if name in heldout for c in v),
         labeler_agreement=labeler_agreement(comparisons or []),

@@ -1,0 +1,171 @@
+"""Users' own data: the ecosystem's shapes read as they are, every bad line reported, and no
+silent fall-back to the built-in task once a stage is given data of its own."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tether.cli import main
+from tether.data.formats import Comparison, Conversation, DataError, Demonstration, Prompt, read_records, write_records
+from tether.data.preprocess import preprocess_prompts
+
+SYSTEM = {"role": "system", "content": "You answer in one short sentence."}
+USER1 = {"role": "user", "content": "Name a colour."}
+ASSISTANT1 = {"role": "assistant", "content": "Blue."}
+USER2 = {"role": "user", "content": "Another one?"}
+
+
+def jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# 1. The shapes users have
+
+
+def test_messages_are_demonstrations_whose_last_assistant_turn_is_the_response(tmp_path):
+    rows = [
+        {"messages": [SYSTEM, USER1, ASSISTANT1, USER2, {"role": "assistant", "content": "Red."}], "source": "x"},
+        {"messages": [USER1, ASSISTANT1]},
+    ]
+    first, second = read_records(jsonl(tmp_path / "sft.jsonl", rows), "demonstration")
+    assert first.response == "Red." and isinstance(first.prompt, Conversation)
+    assert [t.role for t in first.prompt.turns] == ["system", "user", "assistant", "user"]
+    assert second == Demonstration(prompt="Name a colour.", response="Blue.")  # one user turn: plain text
+    # The conversation survives writing and reading tether's own file.
+    again = read_records(write_records(tmp_path / "own.jsonl", [first]), "demonstration")[0]
+    assert again.prompt.turns == first.prompt.turns and again == first
+
+
+def test_prompt_completion_with_strings_or_turns(tmp_path):
+    rows = [
+        {"prompt": "Say hi.", "completion": "Hi!"},
+        {"prompt": [SYSTEM, USER1], "completion": [ASSISTANT1], "score": 0.5},
+    ]
+    a, b = read_records(jsonl(tmp_path / "pc.jsonl", rows))
+    assert a == Demonstration(prompt="Say hi.", response="Hi!")
+    assert b.response == "Blue." and b.prompt.messages() == [SYSTEM, USER1]
+
+
+def test_prompt_chosen_rejected_is_a_comparison_of_two_without_labeler(tmp_path):
+    rows = [{"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No.", "score_chosen": 8.0}]
+    (c,) = read_records(jsonl(tmp_path / "prefs.jsonl", rows))
+    assert c == Comparison(prompt="Say hi.", responses=["Hi!", "No."], ranking=[1, 2])
+    assert c.labeler_id is None and c.pairs() == [(0, 1)]
+    conv = {"prompt": [USER1], "chosen": [ASSISTANT1], "rejected": [{"role": "assistant", "content": "Dunno."}]}
+    (c2,) = read_records(jsonl(tmp_path / "prefs2.jsonl", [conv]), "comparison")
+    assert c2.prompt == "Name a colour." and c2.responses == ["Blue.", "Dunno."]
+
+
+def test_implicit_prompt_conversations_share_their_leading_turns(tmp_path):
+    rows = [
+        {
+            "chosen": [SYSTEM, USER1, ASSISTANT1, USER2, {"role": "assistant", "content": "Red."}],
+            "rejected": [SYSTEM, USER1, ASSISTANT1, USER2, {"role": "assistant", "content": "No."}],
+        },
+        # HH-RLHF stores the conversation as text.
+        {
+            "chosen": "\n\nHuman: Name a colour.\n\nAssistant: Blue.\n\nHuman: Another one?\n\nAssistant: Red.",
+            "rejected": "\n\nHuman: Name a colour.\n\nAssistant: Blue.\n\nHuman: Another one?\n\nAssistant: No.",
+        },
+    ]
+    a, b = read_records(jsonl(tmp_path / "hh.jsonl", rows), "comparison")
+    assert a.responses == b.responses == ["Red.", "No."]
+    assert a.prompt.messages() == [SYSTEM, USER1, ASSISTANT1, USER2]
+    assert b.prompt.messages() == [USER1, ASSISTANT1, USER2]
+    bad = {"chosen": [USER1, ASSISTANT1, USER2, ASSISTANT1], "rejected": [USER1, {"role": "assistant", "content": "x"}]}
+    with pytest.raises(DataError, match=r"hh2.jsonl:1: field 'chosen' chosen and rejected must share"):
+        read_records(jsonl(tmp_path / "hh2.jsonl", [bad]), "comparison")
+
+
+def test_prompts_without_ids_or_users_and_from_any_file_with_a_prompt(tmp_path):
+    prompts = read_records(jsonl(tmp_path / "p.jsonl", [{"prompt": "A?"}, {"prompt": "B?"}, {"prompt": "A?"}]))
+    assert [type(p) for p in prompts] == [Prompt] * 3 and all(p.user_id is None for p in prompts)
+    ids = [p.id for p in prompts]
+    assert len(set(ids)) == 3 and ids[2] == ids[0] + "-2"  # a repeated prompt is numbered
+    assert ids == [p.id for p in read_records(tmp_path / "p.jsonl")]  # stable: a hash of the content
+    # A demonstrations file (messages) and a preference file are read as prompts too.
+    demos = read_records(jsonl(tmp_path / "d.jsonl", [{"messages": [SYSTEM, USER1, ASSISTANT1]}]), "prompt")
+    assert demos[0].text.messages() == [SYSTEM, USER1]
+    prefs = read_records(jsonl(tmp_path / "c.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"}]), "prompt")
+    assert prefs[0].text == "Q"
+
+
+def test_the_split_by_user_falls_back_to_a_split_by_prompt_and_says_so(tmp_path, capsys):
+    jsonl(tmp_path / "p.jsonl", [{"prompt": f"Question number {i} about something?"} for i in range(20)])
+    result = preprocess_prompts(read_records(tmp_path / "p.jsonl", "prompt"))
+    assert result.report.without_user == 20 and result.report.split_by.startswith("prompt")
+    assert sum(map(len, result.splits.values())) == 20 and all(result.splits.values())
+    assert main(["data", "preprocess", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "out")]) == 0
+    assert "split by prompt (no user_id" in capsys.readouterr().out
+
+
+def test_parquet_and_datasets_directory_and_split(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"messages": [USER1, ASSISTANT1], "lang": "en"}, {"messages": [SYSTEM, USER2, ASSISTANT1], "lang": "fr"}]
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "dd"))
+    from_parquet = read_records(tmp_path / "d.parquet", "demonstration")
+    from_dir = read_records(f"{tmp_path / 'dd'}:test", "demonstration")
+    assert from_parquet == from_dir and from_dir[1].prompt.messages() == [SYSTEM, USER2]
+    with pytest.raises(DataError, match=r"holds splits \['train', 'test'\]"):
+        read_records(tmp_path / "dd", "demonstration")
+
+
+def test_a_datasets_name_is_read_from_the_local_cache_offline(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    src = jsonl(tmp_path / "x.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"}])
+    datasets.load_dataset("json", data_files=str(src), cache_dir=str(tmp_path / "build"))
+    # Lay the built files out as the cache holds a hub dataset: NAMESPACE___NAME/CONFIG/VERSION/HASH.
+    built = next((tmp_path / "build" / "json").glob("default-*/0.0.0/*/"))
+    cached = tmp_path / "cache" / "someone___prefs" / "default" / "0.0.0" / "abc"
+    shutil.copytree(built, cached)
+    (cached / "json-train.arrow").rename(cached / "prefs-train.arrow")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    expected = [Comparison(prompt="Q", responses=["a", "b"], ranking=[1, 2])]
+    assert read_records("someone/prefs", "comparison") == expected
+    assert read_records("someone/prefs:train", "comparison") == expected
+    with pytest.raises(DataError, match="neither a file nor a dataset in the local datasets cache"):
+        read_records("someone/absent", "comparison")
+
+
+def test_convert_writes_tether_records_with_their_source(tmp_path, capsys):
+    src = jsonl(tmp_path / "prefs.jsonl", [{"prompt": [SYSTEM, USER1], "chosen": "a", "rejected": "b", "score": 3}])
+    assert main(["data", "convert", str(src), str(tmp_path / "out.jsonl")]) == 0
+    (row,) = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert row == {
+        "prompt": [SYSTEM, USER1],
+        "responses": ["a", "b"],
+        "ranking": [1, 2],
+        "source": f"{src}:1",
+        "meta": {"score": 3},
+    }
+    assert read_records(tmp_path / "out.jsonl") == read_records(src)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. tether data validate: every bad line of every file
+
+
+def test_validate_reports_every_bad_line_of_every_file(tmp_path, capsys):
+    good = {"prompt": "Q", "chosen": "a", "rejected": "b"}
+    one = jsonl(tmp_path / "one.jsonl", [good, {"prompt": "Q", "chosen": "a"}, good, {"prompt": "Q", "chosen": 3}])
+    two = tmp_path / "two.jsonl"
+    two.write_text(json.dumps(good) + "\n{not json\n" + json.dumps({**good, "rejected": ""}) + "\n")
+    assert main(["data", "validate", str(one), str(two), "--kind", "comparison"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"error: {one}:2: field 'rejected' is missing (a preference pair has both chosen and rejected)",
+        f"error: {one}:4: field 'rejected' is missing (a preference pair has both chosen and rejected)",
+        f"error: {two}:2: is not valid JSON (Expecting property name enclosed in double quotes at column 2)",
+        f"error: {two}:3: field 'responses[1]' is empty",
+    ]
+    assert main(["data", "validate", str(one), "--max-errors", "1"]) == 2
+    out = capsys.readouterr()
+    assert out.err.count("error:") == 1 and "2 bad, 2 good comparison records (1 more not listed" in out.out
