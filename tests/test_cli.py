@@ -28,6 +28,7 @@ from tether.config import (
     set_dotted,
     to_dict,
 )
+from tether.data.formats import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,3 +124,74 @@ def test_help_defaults_of_nested_configs_are_their_parents():
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[argv[0]]
         action = next(a for a in sub._actions if a.dest == "cfg__" + flag)
         assert action.help.endswith(f"(default: {value})"), (argv, flag, action.help)
+
+
+def sft_config(argv: list[str]) -> SFTConfig:
+    args = build_parser().parse_args(["sft", *argv])
+    return config_from_args(SFTConfig, "sft", args)
+
+
+def test_booleans_take_a_bare_flag_a_no_flag_or_a_value():
+    assert sft_config(["--model.lora.enabled"]).model.lora.enabled is True
+    assert sft_config(["--model.lora.enabled", "false"]).model.lora.enabled is False
+    assert sft_config(["--model.lora.enabled", "true"]).model.lora.enabled is True
+    cfg = sft_config(["--model.lora.enabled", "--no-model.lora.enabled", "--epochs", "3"])  # later wins
+    assert cfg.model.lora.enabled is False and cfg.epochs == 3
+    assert sft_config(["--no-keep-epoch-checkpoints"]).keep_epoch_checkpoints is False
+    assert sft_config(["--keep-epoch-checkpoints"]).keep_epoch_checkpoints is True
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["sft", "--no-model.lora.enabled", "true"])
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_anywhere_on_the_line_shows_the_traceback(tmp_path, capsys, where):
+    missing = str(tmp_path / "missing.jsonl")
+    argv = ["data", "preprocess", missing, "--out-dir", str(tmp_path / "out")]
+    assert main(argv) == 2 and "missing.jsonl" in capsys.readouterr().err  # without --debug: one line
+    with pytest.raises(DataError, match="missing.jsonl"):  # with --debug: the exception itself
+        main(["--debug", *argv] if where == "before" else [*argv, "--debug"])
+
+
+def subparsers(parser: argparse.ArgumentParser, path: str = "tether"):
+    """(command line, parser) for every command and subcommand."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield f"{path} {name}", sub
+                yield from subparsers(sub, f"{path} {name}")
+
+
+# Spellings replaced by one spelling per thing: a directory is --out-dir, a file written --out-file,
+# prompt records --prompts-file, a policy --policy [NAME=]PATH.
+OLD_SPELLINGS = {"--out", "--prompts", "--policy-name", "--pretrain"}
+
+
+def test_one_spelling_per_thing_and_the_old_ones_still_work(tmp_path):
+    for command, parser in subparsers(build_parser()):
+        shown = {s for a in parser._actions if a.help != argparse.SUPPRESS for s in a.option_strings}
+        assert not shown & OLD_SPELLINGS, (command, shown & OLD_SPELLINGS)
+        assert not {"--output", "--output-dir", "--prompt-file", "--out_dir"} & shown, command
+    parse = build_parser().parse_args
+    new = parse(["sample", "--policy", "tiny", "--prompts-file", "p.jsonl", "--out-file", "s.jsonl"])
+    old = parse(["sample", "--policy", "tiny", "--prompts", "p.jsonl", "--out", "s.jsonl"])
+    assert vars(new) == vars(old) and new.out == "s.jsonl" and new.prompts == "p.jsonl"
+    for argv in (["data", "default-task"], ["label", "simulate", "--samples", "s"]):
+        assert (
+            parse([*argv, "--out", "x"]).out
+            == parse([*argv, "--out-dir" if argv[0] == "data" else "--out-file", "x"]).out
+        )
+    assert parse(["eval", "--out", "x"]).out == parse(["eval", "--out-dir", "x"]).out == "x"
+    cfg = config_from_args(EvalConfig, "eval", parse(["eval", "--prompts", "p.jsonl", "--pretrain", "t.jsonl"]))
+    assert (cfg.prompts_file, cfg.pretrain_file) == ("p.jsonl", "t.jsonl")
+    saved = tmp_path / "config.yaml"  # a run directory's config.yaml from before the rename still loads
+    saved.write_text(yaml.safe_dump({"eval": {"prompts": "p.jsonl", "pretrain": "t.jsonl"}}))
+    run = resolve(RunConfig, "run", yaml_path=str(saved))
+    assert (run.eval.prompts_file, run.eval.pretrain_file) == ("p.jsonl", "t.jsonl")
+
+
+def test_sample_names_its_policy_like_eval():
+    from tether.models.cli import policy_name_and_path
+
+    assert policy_name_and_path("sft=runs/sft/final") == ("sft", "runs/sft/final")
+    assert policy_name_and_path("runs/sft/final") == ("runs/sft/final", "runs/sft/final")
+    assert policy_name_and_path("runs/lr=1e-4/final") == ("runs/lr=1e-4/final", "runs/lr=1e-4/final")

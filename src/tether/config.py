@@ -1107,6 +1107,19 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
+def add_renamed_flag(parser: argparse.ArgumentParser, flag: str, *old: str, **kwargs: Any) -> argparse.Action:
+    """``flag``, shown in the help, with its former spellings ``old`` still accepted but not shown
+    (one spelling for one thing across commands: --out-dir, --out-file, --prompts-file)."""
+    required = kwargs.pop("required", False)
+    kwargs.setdefault("metavar", flag.rsplit("-", 1)[-1].upper())  # DIR, FILE
+    container: Any = parser.add_mutually_exclusive_group(required=True) if required else parser
+    action = container.add_argument(flag, **kwargs)
+    hidden = {k: v for k, v in kwargs.items() if k not in ("help", "dest", "metavar")}
+    for spelling in old:
+        container.add_argument(spelling, dest=action.dest, help=argparse.SUPPRESS, **hidden)
+    return action
+
+
 class _BoolFlag(argparse.Action):
     """``--flag`` (true), ``--no-flag`` (false) or ``--flag true|false`` (the value is coerced
     with the config's other values, so yes/no/1/0 work too)."""

@@ -7,6 +7,7 @@ import dataclasses
 import sys
 from typing import get_args
 
+from tether.config import add_renamed_flag
 from tether.data.formats import (
     KINDS,
     RECORD_TYPES,
@@ -51,8 +52,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="PII filter, length filter, dedup, per-user cap and train/valid/test split by user",
     )
     pp.add_argument("prompts", help="prompt records: JSONL / Parquet file or datasets directory")
-    pp.add_argument(
+    add_renamed_flag(
+        pp,
+        "--out-dir",
         "--out",
+        dest="out",
         required=True,
         help="directory for train/valid/test.jsonl, dropped.jsonl (ids and reasons), report.json",
     )
@@ -92,7 +96,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "default-task",
         help="write the built-in task: prompts, demonstrations and pretraining text",
     )
-    dt.add_argument("--out", required=True, help="directory for the four JSONL files")
+    add_renamed_flag(dt, "--out-dir", "--out", dest="out", required=True, help="directory for the four JSONL files")
     dt.add_argument("--seed", type=int, default=0, help="generation seed (default: 0)")
     dt.set_defaults(func=_default_task)
 

@@ -14,7 +14,16 @@ from pathlib import Path
 
 import yaml
 
-from tether.config import EvalConfig, RunConfig, add_config_args, config_from_args, from_dict, set_dotted, to_dict
+from tether.config import (
+    EvalConfig,
+    RunConfig,
+    add_config_args,
+    add_renamed_flag,
+    config_from_args,
+    from_dict,
+    set_dotted,
+    to_dict,
+)
 from tether.data.formats import read_records
 
 
@@ -42,7 +51,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="make policy NAME best-of-N: keep the response the --reward-model scores highest of N samples "
         "(repeat; e.g. --policy sft_bo4=runs/sft/final --best-of sft_bo4=4)",
     )
-    p.add_argument("--out", help="output directory (eval.json, report.html, PNGs); default runs/eval, or RUN/eval-cli")
+    add_renamed_flag(
+        p,
+        "--out-dir",
+        "--out",
+        dest="out",
+        help="output directory (eval.json, report.html, PNGs); default runs/eval, or RUN/eval-cli",
+    )
     add_config_args(p, EvalConfig)
     p.set_defaults(func=_run)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from tether.config import add_renamed_flag
 from tether.data.formats import read_records, write_records
 
 
@@ -20,7 +21,7 @@ def add_label_commands(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--samples", required=True, help="sample records (K responses per prompt)")
-    p.add_argument("--out", required=True, help="comparison records to write (JSONL)")
+    add_renamed_flag(p, "--out-file", "--out", dest="out", required=True, help="comparison records to write (JSONL)")
     p.add_argument(
         "--labelers-per-sample",
         type=int,

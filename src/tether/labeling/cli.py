@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tether.config import add_renamed_flag
 from tether.data.formats import write_records
 
 if TYPE_CHECKING:  # the web stack is imported inside the handlers, never by `tether --help`
@@ -200,7 +201,10 @@ def add_label_commands(label_sub: argparse._SubParsersAction) -> None:
     _db(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", help="sample JSONL (from `tether sample`): a ranking project")
-    src.add_argument("--prompts", help="prompt JSONL: a demonstration-writing project")
+    src.add_argument(
+        "--prompts-file", dest="prompts", metavar="FILE", help="prompt JSONL: a demonstration-writing project"
+    )
+    src.add_argument("--prompts", dest="prompts", help=argparse.SUPPRESS)  # the former spelling
     p.add_argument("--name", help="project name (default: the file's stem)")
     p.add_argument("--overlap", type=int, default=1, help="labelers per task")
     p.set_defaults(func=cmd_create_project)
@@ -208,7 +212,7 @@ def add_label_commands(label_sub: argparse._SubParsersAction) -> None:
     p = label_sub.add_parser("export", help="write a project's comparisons / demonstrations JSONL and a summary")
     _db(p)
     p.add_argument("--project", required=True, help="project name or id")
-    p.add_argument("--out", required=True, help="output JSONL path")
+    add_renamed_flag(p, "--out-file", "--out", dest="out", required=True, help="output JSONL path")
     p.add_argument("--summary", help="summary JSON path (default: OUT with .summary.json)")
     p.set_defaults(func=cmd_export)
 
