@@ -3,11 +3,13 @@ silent fall-back to the built-in task once a stage is given data of its own."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tether.cli import main
 from tether.data.formats import Comparison, Conversation, DataError, Demonstration, Prompt, read_records, write_records
@@ -169,3 +171,68 @@ def test_validate_reports_every_bad_line_of_every_file(tmp_path, capsys):
     assert main(["data", "validate", str(one), "--max-errors", "1"]) == 2
     out = capsys.readouterr()
     assert out.err.count("error:") == 1 and "2 bad, 2 good comparison records (1 more not listed" in out.out
+
+
+# --------------------------------------------------------------------------------------------
+# 3. No silent fall-back to the built-in task
+
+
+@pytest.fixture
+def own_files(tmp_path):
+    return {
+        "demos": jsonl(tmp_path / "demos.jsonl", [{"messages": [SYSTEM, USER1, ASSISTANT1]}] * 4),
+        "prefs": jsonl(tmp_path / "prefs.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"}] * 4),
+        "prompts": jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Q"}, {"prompt": "R"}]),
+        "pretrain": jsonl(tmp_path / "pretrain.jsonl", [{"text": "Some text."}]),
+    }
+
+
+def test_rm_on_own_comparisons_needs_own_demonstrations(tmp_path, own_files, capsys):
+    argv = ["rm", "--preset", "tiny", "--train-file", str(own_files["prefs"]), "--out-dir", str(tmp_path / "rm")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--demonstrations-file is required with --train-file" in err and "built-in task" in err
+    assert not (tmp_path / "rm" / "final").exists()
+
+
+def test_rm_is_normalised_on_the_demonstrations_its_sft_model_trained_on(tmp_path, own_files):
+    from tether.config import RMConfig, SFTConfig, save_config
+    from tether.data.sources import rm_sources
+
+    save_config(SFTConfig(train_file=str(own_files["demos"])), tmp_path / "sft" / "config.yaml")
+    cfg = RMConfig(train_file=str(own_files["prefs"]))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=str(tmp_path / "sft" / "final")))
+    logged: list[str] = []
+    assert rm_sources(cfg, logged.append).demonstrations_file == str(own_files["demos"])
+    assert "normalising on the SFT model's demonstrations" in logged[0]
+
+
+def test_ppo_and_sft_turn_off_built_in_pretraining_text_and_say_why(own_files):
+    from tether.config import PPOConfig, SFTConfig, input_sources
+    from tether.data.sources import ppo_sources, sft_sources
+
+    logged: list[str] = []
+    ppo = ppo_sources(PPOConfig(prompts_file=str(own_files["prompts"])), logged.append)
+    assert ppo.ptx_coef == 0 and "ptx_coef 27.8 -> 0" in logged[0] and "no --pretrain-file" in logged[0]
+    assert input_sources(ppo) == {"prompts_file": str(own_files["prompts"]), "pretrain_file": "off (ptx_coef 0)"}
+    sft = sft_sources(SFTConfig(train_file=str(own_files["demos"]), pretrain_fraction=0.1), logged.append)
+    assert sft.pretrain_fraction == 0 and "no --pretrain-file" in logged[1]
+    assert "built-in task" not in json.dumps(input_sources(sft))
+    # Nothing given: the built-in task, and config.yaml says so.
+    assert input_sources(PPOConfig())["prompts_file"] == "built-in task"
+    with pytest.raises(ValueError, match="--prompts-file is required with --pretrain-file"):
+        ppo_sources(PPOConfig(pretrain_file=str(own_files["pretrain"])), logged.append)
+    with pytest.raises(ValueError, match="--train-file is required with --valid-file"):
+        sft_sources(SFTConfig(valid_file=str(own_files["demos"])), logged.append)
+
+
+def test_saved_config_records_inputs_and_loads_back(tmp_path, own_files):
+    from tether.config import PPOConfig, resolve, save_config
+
+    cfg = PPOConfig(prompts_file=str(own_files["prompts"]), pretrain_file=str(own_files["pretrain"]))
+    path = save_config(cfg, tmp_path / "config.yaml")
+    assert yaml.safe_load(path.read_text())["inputs"] == {
+        "prompts_file": str(own_files["prompts"]),
+        "pretrain_file": str(own_files["pretrain"]),
+    }
+    assert resolve(PPOConfig, "ppo", yaml_path=str(path)) == cfg

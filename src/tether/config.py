@@ -946,6 +946,8 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for key, value in data.items():
         key = RENAMED_FIELDS.get((cls.__name__, key), key)
         full = prefix + key
+        if full == "inputs" and "inputs" not in names:  # what save_config records for the reader
+            continue
         if key not in names:
             raise ValueError(f"unknown config field '{full}' (known: {', '.join(sorted(names))})")
         tp = hints[key]
@@ -1027,11 +1029,58 @@ def resolve(
     return cfg
 
 
+BUILTIN_TASK = "built-in task"
+
+
+def input_sources(cfg: Any) -> dict[str, str]:
+    """Where each data input of a stage's config comes from: its path, the built-in task, or off
+    (and why). save_config writes it as ``inputs`` so that a reader of config.yaml sees which, if
+    any, came from the built-in task (tether.data.sources decides them); loading ignores it."""
+
+    def source(path: str | None, used: bool = True, off: str = "") -> str:
+        return path if path else (BUILTIN_TASK if used else f"off ({off})")
+
+    if isinstance(cfg, SFTConfig):
+        return {
+            "train_file": source(cfg.train_file),
+            "valid_file": cfg.valid_file or f"{cfg.valid_fraction:g} of train_file, held out",
+            "pretrain_file": source(cfg.pretrain_file, cfg.pretrain_fraction > 0, "pretrain_fraction 0"),
+        }
+    if isinstance(cfg, RMConfig):
+        return {
+            "train_file": source(cfg.train_file, False, "none given"),
+            "valid_file": cfg.valid_file or f"{cfg.valid_fraction:g} of train_file's prompts, held out",
+            "demonstrations_file": source(cfg.demonstrations_file),
+        }
+    if isinstance(cfg, PPOConfig):
+        ptx = cfg.ptx_coef > 0 and cfg.ptx_examples_per_episode > 0
+        return {
+            "prompts_file": source(cfg.prompts_file),
+            "pretrain_file": source(cfg.pretrain_file, ptx, "ptx_coef 0"),
+        }
+    if isinstance(cfg, EvalConfig):
+        own_prompts = bool(cfg.prompts_file)
+        return {
+            "prompts_file": source(cfg.prompts_file),
+            "pretrain_file": source(cfg.pretrain_file, not own_prompts, "own prompts without held-out text"),
+        }
+    if isinstance(cfg, RunConfig):
+        return {
+            "prompts_file": source(cfg.prompts_file),
+            "demonstrations_file": source(cfg.demonstrations_file),
+            "pretrain_file": source(cfg.pretrain_file),
+            "pretrain_heldout_file": source(cfg.pretrain_heldout_file),
+            "comparisons_file": cfg.comparisons_file or "none (the simulated labelers rank every sample)",
+        }
+    return {}
+
+
 def save_config(cfg: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    inputs = input_sources(cfg)
+    tmp.write_text(yaml.safe_dump(to_dict(cfg) | ({"inputs": inputs} if inputs else {}), sort_keys=False))
     tmp.replace(path)
     return path
 

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -25,6 +26,10 @@ from tether.config import (
     to_dict,
 )
 from tether.data.formats import read_records
+from tether.data.sources import alignment_tax_off, eval_sources, record_inputs
+
+if TYPE_CHECKING:
+    from tether.eval.evaluate import EvalReport
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +48,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reward-model", help="RM directory: report mean RM score (default with --run: the run's)")
     p.add_argument("--ref-policy", help="reference (SFT) policy: report KL to it (default with --run: the run's)")
     p.add_argument("--human", help="comparisons ranked by people (with per-response policies): human win rates")
+    p.add_argument(
+        "--simulated-labelers",
+        action="store_true",
+        help="on prompts of your own, also print the simulated panel's win rates and Likert (their rubric is "
+        "written for the built-in task's prompts; on the built-in task they are always printed)",
+    )
     p.add_argument(
         "--best-of",
         action="append",
@@ -114,7 +125,8 @@ def _run(args: argparse.Namespace) -> int:
         policies = _pairs(args.policy, "--policy", "PATH")
         if not policies:
             raise ValueError("tether eval needs --run DIR or at least one --policy NAME=PATH")
-        cfg = config_from_args(EvalConfig, "eval", args)
+        cfg = eval_sources(config_from_args(EvalConfig, "eval", args), print)
+        own_prompts = bool(cfg.prompts_file)
         if cfg.prompts_file:
             prompts = read_records(cfg.prompts_file, "prompt")
         else:
@@ -123,6 +135,8 @@ def _run(args: argparse.Namespace) -> int:
             prompts = default_splits(seed=cfg.seed)["test"]
         if cfg.pretrain_file:
             pretrain = read_records(cfg.pretrain_file, "pretrain")
+        elif alignment_tax_off(cfg):
+            pretrain = []
         else:
             from tether.data.task import build_default_task
 
@@ -142,15 +156,36 @@ def _run(args: argparse.Namespace) -> int:
         )
         out = Path(args.out or "runs/eval")
         save_eval(report, out / "eval.json")
+        record_inputs(cfg, out)
         path = write_report(report, out)
-    for p in report.policies:
-        print(
-            f"{p.name:>10}: expected win {_ci(p.expected_win_rate, p.expected_win_ci)}  "
-            f"sampled win {_ci(p.win_rate, p.win_ci)}  likert {p.likert:.2f}  len {p.length:.1f}  "
-            f"ppl {p.pretrain_ppl if p.pretrain_ppl is None else round(p.pretrain_ppl, 2)}"
-        )
+    if args.run:
+        own_prompts = bool(run_cfg.prompts_file or eval_cfg.prompts_file)
+    _print_summary(report, own_prompts, args.simulated_labelers)
     print(f"report: {path}")
     return 0
+
+
+def _print_summary(report: EvalReport, own_prompts: bool, simulated: bool) -> None:
+    """One line per policy. On prompts of the user's own, people's rankings (--human) and the RM
+    lead; the simulated panel (its rubric written for the built-in task's constraint prompts) is
+    printed only when asked for, and labelled so."""
+    for p in report.policies:
+        ppl = "off" if p.pretrain_ppl is None else f"{p.pretrain_ppl:.2f}"
+        panel = (
+            f"expected win {_ci(p.expected_win_rate, p.expected_win_ci)}  sampled win {_ci(p.win_rate, p.win_ci)}  "
+            f"likert {p.likert:.2f}"
+        )
+        if not own_prompts:
+            print(f"{p.name:>10}: {panel}  len {p.length:.1f}  ppl {ppl}")
+            continue
+        human = "–" if p.human_win_rate is None else f"{p.human_win_rate:.3f} (n {p.human_n})"
+        rm = "–" if p.rm_score is None else f"{p.rm_score:+.3f}"
+        kl = "–" if p.kl_to_ref is None else f"{p.kl_to_ref:.3f}"
+        print(f"{p.name:>10}: human win {human}  RM score {rm}  KL {kl}  len {p.length:.1f}  ppl {ppl}")
+        if simulated:
+            print(f"{'':>10}  simulated labelers written for the built-in task: {panel}")
+    if own_prompts and not simulated:
+        print("(the simulated labelers' figures are left out on your prompts: --simulated-labelers shows them)")
 
 
 def _ci(rate: float | None, ci: tuple[float, float] | None) -> str:

@@ -23,10 +23,12 @@ def _run(args: argparse.Namespace) -> int:
     # Imported here, not at the top: the trainer (torch, transformers) and rich, which `tether --help` must not load.
     from rich.console import Console
 
+    from tether.data.sources import ppo_sources
     from tether.ppo.train import train_ppo
 
     cfg = config_from_args(PPOConfig, "ppo", args)
     console = Console()
+    cfg = ppo_sources(cfg, console.print)  # own prompts: no built-in prompts or pretraining text mixed in
     result = train_ppo(cfg, log=console.print)
     first, last = result.metrics[0], result.metrics[-1]
     console.print(

@@ -26,12 +26,14 @@ def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from tether.data.sources import rm_sources
     from tether.labelers.panel import Panel
     from tether.metrics import percent
     from tether.reward.train import train_reward_model
 
     cfg = config_from_args(RMConfig, "rm", args)
     console = Console()
+    cfg = rm_sources(cfg, console.print)  # own data: normalised on own demonstrations, never the built-in task's
     panel_heldout = [lab.id for lab in Panel().heldout_labelers] if cfg.heldout_panel_labelers else None
     result = train_reward_model(cfg, panel_heldout_labelers=panel_heldout, log=console.print)
     before, after = result.eval_before, result.eval_after
@@ -52,6 +54,11 @@ def _run(args: argparse.Namespace) -> int:
     for name, was, now, labelers in rows:
         table.add_row(name, percent(was.get("accuracy")), percent(now.accuracy), str(now.pairs), labelers)
     console.print(table)
+    if not after.by_labeler:
+        console.print(
+            "no labeler_id in the comparisons: per-labeler and held-out-labeler accuracy and "
+            "inter-labeler agreement skipped"
+        )
     s = after.scores
     console.print(
         f"[bold green]rm done[/]: mean margin {after.margin:.3f}; held-out scores mean "

@@ -23,12 +23,14 @@ def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from tether.data.sources import sft_sources
     from tether.reward.score import rm_scorer
     from tether.sft.train import train_sft
 
     cfg = config_from_args(SFTConfig, "sft", args)
     cfg.validate()  # before the scorer is built from it
     console = Console()
+    cfg = sft_sources(cfg, console.print)  # own data: nothing more from the built-in task
     # The paper's checkpoint selection by RM score: the scorer is built here, so that the SFT
     # trainer does not depend on the reward stage.
     scorer = rm_scorer(cfg.reward_model, cfg.max_new_tokens, cfg.seed) if cfg.select_by == "rm_score" else None
