@@ -314,11 +314,13 @@ class PPOConfig:
     temperature: float = 1.0
     """Sampling temperature; log-probs are taken from the same logits / temperature (paper: 1)."""
     max_new_tokens: int = 64
-    """Longest response; a response that reaches it without EOS gets missing_eos_penalty."""
+    """Longest response; one that reaches it without EOS is scored by the RM as cut off."""
     max_prompt_length: int = 256
     """Prompts keep their last this many tokens (the assistant header must stay)."""
-    missing_eos_penalty: float | None = -1.0
-    """Added to the score of a response that never produced EOS. None disables."""
+    missing_eos_penalty: float | None = None
+    """Added to the score of a response that never produced EOS (None: nothing, as in the paper).
+    Off by default: the RM already trains on cut-off answers as cut off and the labelers mark
+    them down, so a fixed penalty would count truncation a second time."""
     gamma: float = 1.0
     """GAE discount (paper: 1, no discount within a response)."""
     lam: float = 0.95
