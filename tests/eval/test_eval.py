@@ -116,7 +116,8 @@ def test_pretrain_perplexity_is_exp_of_the_token_mean_nll(tiny_dir):
     nll, n = 0.0, 0
     with torch.no_grad():
         for t in texts:
-            ids = tok(t.text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+            # The text's own tokens: neither the turn end nor the document end is scored.
+            ids = tok(t.text, add_special_tokens=False).input_ids
             logits = model(torch.tensor([ids])).logits[0, :-1]
             nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum"))
             n += len(ids) - 1

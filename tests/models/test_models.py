@@ -18,9 +18,12 @@ def test_tokenizer_pad_differs_from_eos(tiny_dir):
     assert tok.pad_token_id != tok.eos_token_id
 
 
-def test_missing_model_dir_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="never downloads"):
+def test_missing_model_dir_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match="downloads only when asked"):
         resolve_model_dir("HuggingFaceTB/SmolLM2-135M-Instruct")
+    with pytest.raises(FileNotFoundError, match="not a local directory nor a hub id"):
+        resolve_model_dir(str(tmp_path / "no" / "such" / "dir"))
     with pytest.raises(FileNotFoundError, match="no config.json"):
         resolve_model_dir(str(tmp_path))
 

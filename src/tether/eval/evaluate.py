@@ -106,9 +106,10 @@ def best_of_n_kl_bound(n: int) -> float:
 def pretrain_perplexity(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[PretrainText], max_length: int = 256
 ) -> float:
-    """exp(mean NLL per token) on plain text: the alignment-tax measure."""
+    """exp(mean NLL per token) on plain text: the alignment-tax measure (the document-end token
+    appended to each text is not scored)."""
 
-    examples = [encode_pretrain(tokenizer, t.text, max_length) for t in texts]
+    examples = [encode_pretrain(tokenizer, t.text, max_length, score_document_end=False) for t in texts]
     return math.exp(evaluate_loss(model, examples, tokenizer.pad_token_id))
 
 

@@ -19,8 +19,9 @@ The value model starts as a copy of the RM and is read through the same map at e
 first predictions are in the units of the scores it must predict (tested: at initialisation the
 value at the last token of a finished response is that response's normalised score).
 
-(transformers finds the last non-pad token itself; tether's pad token differs from EOS, so this
-is correct under left and right padding.)
+(transformers finds the last non-pad token itself, which is right under any padding when the pad
+token differs from the turn end; where they are one token (Mistral: docs/your-own-model.md) read
+the scalar at the last position the attention mask keeps, as tether does.)
 """
 
 from __future__ import annotations
@@ -32,7 +33,15 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 
 from tether.config import ModelConfig
 from tether.models.generation import position_ids_from_mask
-from tether.models.loading import DTYPES, load_tokenizer, prepare, resolve_device, resolve_model_dir, save_model
+from tether.models.loading import (
+    DTYPES,
+    load_tokenizer,
+    prepare,
+    record_token_roles,
+    resolve_device,
+    resolve_model_dir,
+    save_model,
+)
 from tether.ops import last_token_index
 
 REWARD_BIAS_KEY = "tether_reward_bias"
@@ -49,10 +58,10 @@ def load_scalar_model(
     """
     if isinstance(cfg, str):
         cfg = ModelConfig(name_or_path=cfg)
-    path = resolve_model_dir(cfg.name_or_path)
-    tokenizer = load_tokenizer(path)
+    path = resolve_model_dir(cfg.name_or_path, allow_download=cfg.allow_download)
+    tokenizer = load_tokenizer(path, cfg)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[cfg.dtype])
-    model.config.pad_token_id = tokenizer.pad_token_id
+    record_token_roles(model, tokenizer)
     # A fresh head (or an RM from before the gain existed) starts with the identity map.
     for key, identity in ((REWARD_BIAS_KEY, 0.0), (REWARD_GAIN_KEY, 1.0)):
         if not hasattr(model.config, key):

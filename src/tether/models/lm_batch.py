@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tether.data.formats import Demonstration
 from tether.distributed import ParallelModel, as_parallel, micro_batches, sum_floats
 from tether.models.generation import chat_prompt
+from tether.models.tokens import document_end_id
 from tether.models.trunk import TrunkCache
 from tether.ops import IGNORE_INDEX, lm_loss
 
@@ -59,10 +60,24 @@ def encode_demonstration(
     )
 
 
-def encode_pretrain(tokenizer: PreTrainedTokenizerBase, text: str, max_length: int) -> SFTExample:
-    """Plain text, every token trained (the pretraining / PPO-ptx objective), EOS appended."""
-    ids = (tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id])[:max_length]
-    return SFTExample(input_ids=ids, labels=list(ids), truncated=len(ids) == max_length)
+def encode_pretrain(
+    tokenizer: PreTrainedTokenizerBase, text: str, max_length: int, *, score_document_end: bool = True
+) -> SFTExample:
+    """Plain text, every token trained (the pretraining / PPO-ptx objective), ended with the
+    tokenizer's end-of-document token where it has one other than the turn end (SmolLM2's
+    ``<|endoftext|>``, Llama-3's ``<|end_of_text|>``), else with nothing.
+
+    Never with the turn end (``eos_token``): the pretraining loss would train "end the turn here"
+    at the end of every paragraph. ``score_document_end=False`` (the held-out perplexity) keeps
+    that token's label out of the loss: a measure of the text, not of where documents end.
+    """
+    text_ids = tokenizer(text, add_special_tokens=False).input_ids
+    end = document_end_id(tokenizer)
+    ids = (text_ids + ([] if end is None else [end]))[:max_length]
+    labels = list(ids)
+    if end is not None and not score_document_end and len(text_ids) < max_length:
+        labels[len(text_ids)] = IGNORE_INDEX
+    return SFTExample(input_ids=ids, labels=labels, truncated=len(text_ids) + (end is not None) > max_length)
 
 
 def encode_demonstrations(

