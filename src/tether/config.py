@@ -76,8 +76,20 @@ class LoraConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = "default"
-    """A Hugging Face model directory, 'default' (the embedded SmolLM2-135M-Instruct) or 'tiny'
-    (a random tiny Llama for tests)."""
+    """A Hugging Face model directory, a hub id (org/name) already in the local Hugging Face cache,
+    'default' (the embedded SmolLM2-135M-Instruct), 'tiny' (a random tiny Llama for tests) or
+    'tiny-llama3' / 'tiny-mistral' / 'tiny-gemma' / 'tiny-gpt2' (the same with that family's tokenizer)."""
+    allow_download: bool = False
+    """Download a hub id missing from the local Hugging Face cache. Off: the error names the command
+    that fetches it (tether never downloads unasked)."""
+    eos_token: str | None = None
+    """The token that ends an assistant turn: SFT appends it, the RM's score is read at it, PPO's
+    reward lands on it, sampling stops on it. None: the one the chat template puts after an
+    assistant message (<|eot_id|>, <end_of_turn>, ...), else the tokenizer's eos_token."""
+    pad_token: str | None = None
+    """The padding token. None: the tokenizer's own unless it is the turn end, else a token the
+    vocabulary reserves (<|finetune_right_pad_id|>, <|reserved_special_token_0|>), else the
+    end-of-document token or the turn end (safe: tether builds every mask from lengths)."""
     dtype: Dtype = "float32"
     """Weights dtype: float32, bfloat16 or float16."""
     residual_dropout: float = 0.0
