@@ -71,6 +71,9 @@ class LoraConfig:
     """Dropout on the LoRA path."""
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     """Module names that get adapters."""
+    save_merged: bool = False
+    """Also save a merged full model (in merged/ beside the adapters, which are peft's format) in
+    each SFT checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -169,8 +172,9 @@ class SFTConfig:
     """Run directory: checkpoints, metrics.jsonl, config.yaml."""
     save_every_steps: int = 50
     """Write a resumable checkpoint every N optimiser steps (and at every epoch end)."""
-    keep_epoch_checkpoints: bool = True
-    """Keep a Hugging Face model directory for every epoch (for checkpoint selection)."""
+    keep_epoch_checkpoints: bool = False
+    """Keep every epoch's Hugging Face directory. Off: each epoch is scored as it ends and only the
+    best so far and the last are on disk (the selected one after training)."""
     select_by: SelectBy = "valid_loss"
     """Pick the final checkpoint by 'last', 'valid_loss' or 'rm_score' (paper: RM score; needs reward_model)."""
     reward_model: str | None = None

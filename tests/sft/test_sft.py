@@ -324,3 +324,68 @@ def test_resume_with_the_trunk_cache_equals_uninterrupted(tmp_path, demos_file):
     assert any(line.startswith("sft: resuming at epoch 2, step 1/5") for line in logs), logs
     assert any(line.startswith("sft: trunk cache on") for line in logs)
     _assert_close_weights(final_weights(tmp_path / "broken" / "run"), final_weights(tmp_path / "full" / "run"))
+
+
+def test_at_most_the_best_and_the_last_epoch_are_on_disk(tmp_path, demos_file, monkeypatch):
+    """A 7B run cannot keep 16 full checkpoints: while training, only the best epoch so far and
+    the last exist; afterwards only the selected one (``final`` links to it)."""
+    import tether.sft.train as sft_train
+
+    seen: list[set[str]] = []
+    save = sft_train.save_model
+
+    def watching(*args, **kwargs):
+        path = save(*args, **kwargs)
+        seen.append({p.name for p in (tmp_path / "run").glob("epoch-*")})
+        return path
+
+    monkeypatch.setattr(sft_train, "save_model", watching)
+    # Validation losses that rise and fall (before training, then epochs 1-4): the best is not the last.
+    losses = iter([5.0, 3.0, 4.0, 2.5, 3.5])
+    monkeypatch.setattr(sft_train, "evaluate_loss", lambda *args, **kwargs: next(losses))
+    cfg = tiny_cfg(tmp_path, demos_file, epochs=4, batch_size=8, select_by="valid_loss")
+    result = train_sft(cfg, log=lambda _: None)
+    # After each epoch's save: the best before it (if another) and itself.
+    assert seen == [{"epoch-1"}, {"epoch-1", "epoch-2"}, {"epoch-1", "epoch-3"}, {"epoch-3", "epoch-4"}]
+    assert result.selected_epoch == 3 and result.valid_loss_after == 2.5
+    assert {p.name for p in (tmp_path / "run").glob("epoch-*")} == {"epoch-3"}
+    assert (tmp_path / "run" / "final").resolve().name == "epoch-3"
+
+
+def test_keep_epoch_checkpoints_keeps_every_epoch(tmp_path, demos_file):
+    cfg = tiny_cfg(tmp_path, demos_file, epochs=3, batch_size=8, keep_epoch_checkpoints=True)
+    train_sft(cfg, log=lambda _: None)
+    assert {p.name for p in (tmp_path / "run").glob("epoch-*")} == {"epoch-1", "epoch-2", "epoch-3"}
+
+
+def test_lora_saves_peft_adapters_and_a_merged_copy_only_on_request(tmp_path, demos_file, tiny_dir):
+    """The checkpoint is peft's adapter format (PeftModel.from_pretrained reads it); a merged
+    model is written (in merged/) only with model.lora.save_merged; the RM stage starts from it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tether.models.heads import load_scalar_model
+
+    lora = {"model.lora.enabled": True, "model.lora.r": 4, "epochs": 1, "batch_size": 8}
+    train_sft(tiny_cfg(tmp_path / "a", demos_file, **lora), log=lambda _: None)
+    final = tmp_path / "a" / "run" / "final"
+    assert (final / "adapter_config.json").exists() and not (final / "config.json").exists()
+    ids = torch.tensor([[1, 5, 9, 12, 7]])
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), final).eval()
+    ours, _ = load_causal_lm(str(final))
+    base, _ = load_causal_lm(str(tiny_dir))
+    with torch.no_grad():
+        expected = peft(input_ids=ids).logits
+        torch.testing.assert_close(ours(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(base(input_ids=ids).logits, expected, atol=1e-4)  # the adapters trained
+    rm, _ = load_scalar_model(str(final))  # the RM stage's start: the adapters merged, a fresh head
+    torch.testing.assert_close(rm.model.layers[0].self_attn.q_proj.weight, ours.model.layers[0].self_attn.q_proj.weight)
+
+    train_sft(tiny_cfg(tmp_path / "b", demos_file, **lora, **{"model.lora.save_merged": True}), log=lambda _: None)
+    final = tmp_path / "b" / "run" / "final"
+    assert (final / "adapter_config.json").exists() and not (final / "config.json").exists()
+    plain = AutoModelForCausalLM.from_pretrained(final / "merged").eval()
+    assert not (final / "merged" / "adapter_config.json").exists()  # (transformers would apply it twice)
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), final).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, peft(input_ids=ids).logits, atol=1e-5, rtol=1e-5)

@@ -60,7 +60,17 @@ def load_scalar_model(
         cfg = ModelConfig(name_or_path=cfg)
     path = resolve_model_dir(cfg.name_or_path, allow_download=cfg.allow_download)
     tokenizer = load_tokenizer(path, cfg)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[cfg.dtype])
+    if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        # An SFT checkpoint saved as LoRA adapters: the same blocks under a scalar head, merged.
+        from peft import PeftConfig, PeftModel
+
+        adapter = PeftConfig.from_pretrained(path)
+        adapter.task_type = None  # (a causal LM's adapters, read into the blocks they were trained on)
+        base = adapter.base_model_name_or_path
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=DTYPES[cfg.dtype])
+        model = PeftModel.from_pretrained(model, path, config=adapter).merge_and_unload()
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[cfg.dtype])
     record_token_roles(model, tokenizer)
     # A fresh head (or an RM from before the gain existed) starts with the identity map.
     for key, identity in ((REWARD_BIAS_KEY, 0.0), (REWARD_GAIN_KEY, 1.0)):

@@ -416,20 +416,29 @@ def save_model(
     out: Path,
     *,
     merge_lora: bool = True,
+    adapters: bool = False,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save as a plain HF directory (LoRA merged into a copy so the live model keeps its adapters).
 
+    ``adapters``: a LoRA model writes its adapters in peft's format (``PeftModel.from_pretrained``
+    and :func:`load_causal_lm` read them) and a merged copy in ``out/merged`` only with
+    ``merge_lora`` (not beside them: transformers would apply adapters found there a second time).
     ``state_dict``: the weights to write instead of the model's own (a sharded model's, gathered).
     """
     out = Path(out)
+    lora = hasattr(model, "merge_and_unload")
 
     def build(tmp: Path) -> None:
-        to_save = model
-        if merge_lora and hasattr(model, "merge_and_unload"):
-            to_save = copy.deepcopy(model).merge_and_unload()
-        to_save.save_pretrained(tmp, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
+        full = tmp
+        if adapters and lora:
+            model.save_pretrained(tmp, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+            full = tmp / "merged"
+        if full == tmp or merge_lora:
+            to_save = copy.deepcopy(model).merge_and_unload() if merge_lora and lora else model
+            to_save.save_pretrained(full, state_dict=state_dict)
+            tokenizer.save_pretrained(full)
 
     if out.exists():
         shutil.rmtree(out)

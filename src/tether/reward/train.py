@@ -17,12 +17,13 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.checkpoint import (
     NonFiniteError,
@@ -36,6 +37,7 @@ from tether.checkpoint import (
 from tether.config import RMConfig, RMLoss, save_config
 from tether.data.formats import Comparison
 from tether.distributed import (
+    Dist,
     ParallelModel,
     as_parallel,
     barrier,
@@ -179,6 +181,16 @@ class RMResult:
     heldout_labelers: list[str] = field(default_factory=list)
 
 
+@dataclass
+class RMSplit:
+    """The encoded comparisons a run trains and validates on, and what went into them."""
+
+    train: list[RankedExample]  # rankings (kwise) or pairs (pairwise)
+    valid: list[RankedExample]
+    valid_comparisons: list[Comparison]
+    data: RMData
+
+
 def train_reward_model(
     cfg: RMConfig,
     *,
@@ -219,91 +231,39 @@ def train_reward_model(
     model, tokenizer = load_scalar_model(cfg.model, trainable=True)
     precision = autocast(cfg.model, next(model.parameters()).device)  # the training forwards only
     pad = tokenizer.pad_token_id
-    n_excluded = sum(c.labeler_id in heldout for c in train_c)
-    train_c = [c for c in train_c if c.labeler_id not in heldout]
-    train_ex, report = encode_comparisons(tokenizer, train_c, cfg.max_length, cfg.overlength)
-    valid_ex, valid_report = encode_comparisons(tokenizer, valid_c, cfg.max_length, cfg.overlength)
-    for line in report.describe(cfg.max_length):
-        log(f"rm: train: {line}")
-    for line in valid_report.describe(cfg.max_length):
-        log(f"rm: valid: {line}")
-    if n_excluded:
-        log(f"rm: left {n_excluded} training-side comparisons by held-out labelers {heldout} out")
-    if not train_ex or not valid_ex:
-        raise ValueError("rm: no training or validation comparisons left after the split and encoding")
-    n_pairs = sum(len(c.pairs()) for c in train_c)
-    if cfg.loss == "pairwise":
-        if any(ex.k > 2 for ex in train_ex):
-            log(
-                "rm: loss='pairwise' expands K > 2 rankings into independent pairs (2 forwards "
-                "each); the paper found this overfits (use loss='kwise')"
-            )
-        train_ex = expand_to_pairs(train_ex)
-    data = RMData(
-        train_comparisons=len(train_c),
-        valid_comparisons=len(valid_c),
-        heldout_labeler_comparisons_excluded=n_excluded,
-        train_examples=len(train_ex),
-        train_pairs=n_pairs,
-        truncated_responses=report.truncated_responses,
-        skipped=report.skipped,
-        skipped_valid=valid_report.skipped,
-    )
-
+    split = encode_rm_data(cfg, tokenizer, train_c, valid_c, heldout, log)
     # A step takes batch_size prompts with every ranking of their responses (one per labeler).
-    train_groups = group_rankings(train_ex)
+    train_groups = group_rankings(split.train)
     steps_per_epoch = math.ceil(len(train_groups) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
     seed_rank(cfg.seed, d)  # every rank built the same model; from here each has its own stream
     par = ParallelModel(model, cfg.model.parallel, d)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-    metrics_path = out / "metrics.jsonl"
-
-    def evaluate() -> RMEval:
-        return evaluate_rm(
-            par,
-            valid_ex,
-            pad,
-            heldout_labelers=heldout,
-            comparisons=valid_c,
-            batch_size=cfg.eval_batch_size,
-        )
-
-    # 2. Resume from the last state, if any; else evaluate the untrained head once.
-    epoch0, step0 = 0, 0
-    # Rank 0 finds the state (and removes a killed save's leftovers); every rank loads that one.
-    state_dir = broadcast_object(find_state(out / "state") if d.is_main else None)
-    if state_dir is not None:
-        models, stateful = par.checkpoint_parts("reward_model", optimizer, gather=False)
-        counters = load_state(state_dir, models, stateful | {"scheduler": scheduler}, rank=d.rank)
-        epoch0, step0 = counters["epoch"], counters["step_in_epoch"]
-        if d.is_main:
-            truncate_metrics(metrics_path, counters["global_step"])
-        log(f"rm: resuming at epoch {epoch0 + 1}, step {step0}/{steps_per_epoch} from {state_dir}")
-    elif d.is_main:
-        metrics_path.unlink(missing_ok=True)  # lines of an attempt that never saved a state
-    logger = MetricsLogger(metrics_path, out / "tensorboard" if cfg.tensorboard else None, enabled=d.is_main)
-    if state_dir is None:
-        eval_before = evaluate().to_json()
-        if d.is_main:
-            (out / "eval_before.json").write_text(json.dumps(eval_before, indent=1))
-        logger.log({"step": 0, "epoch": 0, **_eval_metrics(eval_before)})
-    else:
-        saved: dict[str, Any] | None = json.loads((out / "eval_before.json").read_text()) if d.is_main else None
-        eval_before = cast(dict[str, Any], broadcast_object(saved))
-    log(
-        f"rm: {data.train_comparisons} training comparisons ({data.train_pairs} pairs) as "
-        f"{len(train_ex)} {'rankings' if cfg.loss == 'kwise' else 'pairs'} of {len(train_groups)} response sets, "
-        f"{steps_per_epoch} steps/epoch x {cfg.epochs}; {len(valid_ex)} held-out comparisons"
-        + (f"; {d.world_size} data-parallel ranks ({par.strategy})" if d.enabled else "")
+    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch * cfg.epochs)
+    evaluate = partial(
+        evaluate_rm,
+        par,
+        split.valid,
+        pad,
+        heldout_labelers=heldout,
+        comparisons=split.valid_comparisons,
+        batch_size=cfg.eval_batch_size,
     )
 
+    # 2. Resume from the last state, if any; else evaluate the untrained head once.
+    epoch0, step0, resumed = _resume(out, par, optimizer, scheduler, d, log, steps_per_epoch)
+    logger = MetricsLogger(out / "metrics.jsonl", cfg, enabled=d.is_main)
+    eval_before = _eval_before(out, evaluate, logger, fresh=not resumed, d=d)
+    log(
+        f"rm: {split.data.train_comparisons} training comparisons ({split.data.train_pairs} pairs) as "
+        f"{len(split.train)} {'rankings' if cfg.loss == 'kwise' else 'pairs'} of {len(train_groups)} response "
+        f"sets, {steps_per_epoch} steps/epoch x {cfg.epochs}; {len(split.valid)} held-out comparisons"
+        + (f"; {d.world_size} data-parallel ranks ({par.strategy})" if d.enabled else "")
+    )
     # The frozen trunk's output for a training sequence is the same in every epoch: keep it (in
     # memory only, so a resumed run rebuilds it).
     trunk_cache, how = TrunkCache.plan(
         model,
-        n_tokens=sum(len(s) for s in {tuple(s) for ex in train_ex for s in ex.sequences}),
+        n_tokens=sum(len(s) for s in {tuple(s) for ex in split.train for s in ex.sequences}),
         epochs_left=cfg.epochs - epoch0,
         limit_mib=cfg.trunk_cache_mib,
         parallel=par.strategy,
@@ -315,7 +275,7 @@ def train_reward_model(
     global_step = epoch0 * steps_per_epoch + step0
     steps_this_process = 0
     with progress_bar("rm", enabled=d.is_main) as bar:
-        task = bar.add_task("rm", total=total_steps, completed=global_step, stats="")
+        task = bar.add_task("rm", total=steps_per_epoch * cfg.epochs, completed=global_step, stats="")
         for epoch in range(epoch0, cfg.epochs):
             order = epoch_order(len(train_groups), cfg.seed, epoch)
             for step in range(step0 if epoch == epoch0 else 0, steps_per_epoch):
@@ -353,29 +313,13 @@ def train_reward_model(
 
     # 4. Normalise (demonstrations score mean 0, paper §3.5), evaluate, save the final RM.
     norm = normalize_reward_model(
-        par,
-        tokenizer,
-        demos,
-        max_length=cfg.max_length,
-        batch_size=cfg.eval_batch_size,
-        scale=cfg.normalize_scale,
+        par, tokenizer, demos, max_length=cfg.max_length, batch_size=cfg.eval_batch_size, scale=cfg.normalize_scale
     )
-    cut = f", {norm.truncated} cut to max_length" if norm.truncated else ""
-    log(
-        f"rm: score = {norm.gain:.4f} · raw {norm.bias:+.4f}: the {norm.n} demonstrations score mean 0"
-        + (" and std 1" if norm.scaled else "")
-        + (" (no spread among them to scale by: gain 1)" if cfg.normalize_scale and not norm.scaled else "")
-        + f" (raw mean {norm.raw_mean:.3f}, std {norm.raw_std:.3f}{cut})"
-    )
+    log(_describe_normalization(norm, cfg.normalize_scale))
     eval_after = evaluate()
     logger.log(
-        {
-            "step": global_step,
-            "epoch": cfg.epochs,
-            **_eval_metrics(eval_after.to_json()),
-            "bias": norm.bias,
-            "gain": norm.gain,
-        }
+        {"step": global_step, "epoch": cfg.epochs, **_eval_metrics(eval_after.to_json())}
+        | {"bias": norm.bias, "gain": norm.gain}
     )
     logger.close()
     final = out / "final"
@@ -386,13 +330,107 @@ def train_reward_model(
             "eval_before": eval_before,
             "eval_after": eval_after.to_json(),
             "normalization": norm.__dict__,
-            "data": data.__dict__,
+            "data": split.data.__dict__,
             "heldout_labelers": heldout,
         }
         (out / "eval.json").write_text(json.dumps(summary, indent=1))
     log(f"rm: held-out {eval_after.summary()}")
     barrier()  # every rank returns once the final RM is on disk
-    return RMResult(final, norm, eval_before, eval_after, data, heldout)
+    return RMResult(final, norm, eval_before, eval_after, split.data, heldout)
+
+
+def encode_rm_data(
+    cfg: RMConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    train_c: list[Comparison],
+    valid_c: list[Comparison],
+    heldout: list[str],
+    log: Callable[[str], None],
+) -> RMSplit:
+    """Leave held-out labelers' training-side comparisons out, tokenise (saying what was cut or
+    skipped), and expand rankings into pairs for ``loss = 'pairwise'``."""
+    n_excluded = sum(c.labeler_id in heldout for c in train_c)
+    train_c = [c for c in train_c if c.labeler_id not in heldout]
+    train_ex, report = encode_comparisons(tokenizer, train_c, cfg.max_length, cfg.overlength)
+    valid_ex, valid_report = encode_comparisons(tokenizer, valid_c, cfg.max_length, cfg.overlength)
+    for line in report.describe(cfg.max_length):
+        log(f"rm: train: {line}")
+    for line in valid_report.describe(cfg.max_length):
+        log(f"rm: valid: {line}")
+    if n_excluded:
+        log(f"rm: left {n_excluded} training-side comparisons by held-out labelers {heldout} out")
+    if not train_ex or not valid_ex:
+        raise ValueError("rm: no training or validation comparisons left after the split and encoding")
+    n_pairs = sum(len(c.pairs()) for c in train_c)
+    if cfg.loss == "pairwise":
+        if any(ex.k > 2 for ex in train_ex):
+            log(
+                "rm: loss='pairwise' expands K > 2 rankings into independent pairs (2 forwards "
+                "each); the paper found this overfits (use loss='kwise')"
+            )
+        train_ex = expand_to_pairs(train_ex)
+    data = RMData(
+        train_comparisons=len(train_c),
+        valid_comparisons=len(valid_c),
+        heldout_labeler_comparisons_excluded=n_excluded,
+        train_examples=len(train_ex),
+        train_pairs=n_pairs,
+        truncated_responses=report.truncated_responses,
+        skipped=report.skipped,
+        skipped_valid=valid_report.skipped,
+    )
+    return RMSplit(train_ex, valid_ex, list(valid_c), data)
+
+
+def _resume(
+    out: Path,
+    par: ParallelModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
+    d: Dist,
+    log: Callable[[str], None],
+    steps_per_epoch: int,
+) -> tuple[int, int, bool]:
+    """Load the last state, if any (weights, optimiser, scheduler, RNG); returns (epoch, step in
+    epoch) to start at and whether a state was loaded. A fresh run starts its metrics log anew."""
+    metrics_path = out / "metrics.jsonl"
+    # Rank 0 finds the state (and removes a killed save's leftovers); every rank loads that one.
+    state_dir = broadcast_object(find_state(out / "state") if d.is_main else None)
+    if state_dir is None:
+        if d.is_main:
+            metrics_path.unlink(missing_ok=True)  # lines of an attempt that never saved a state
+        return 0, 0, False
+    models, stateful = par.checkpoint_parts("reward_model", optimizer, gather=False)
+    counters = load_state(state_dir, models, stateful | {"scheduler": scheduler}, rank=d.rank)
+    if d.is_main:
+        truncate_metrics(metrics_path, counters["global_step"])
+    epoch0, step0 = counters["epoch"], counters["step_in_epoch"]
+    log(f"rm: resuming at epoch {epoch0 + 1}, step {step0}/{steps_per_epoch} from {state_dir}")
+    return epoch0, step0, True
+
+
+def _eval_before(
+    out: Path, evaluate: Callable[[], RMEval], logger: MetricsLogger, *, fresh: bool, d: Dist
+) -> dict[str, Any]:
+    """The untrained head's evaluation: run by a fresh run, read back by a resumed one."""
+    if fresh:
+        eval_before = evaluate().to_json()
+        if d.is_main:
+            (out / "eval_before.json").write_text(json.dumps(eval_before, indent=1))
+        logger.log({"step": 0, "epoch": 0, **_eval_metrics(eval_before)})
+        return eval_before
+    saved: dict[str, Any] | None = json.loads((out / "eval_before.json").read_text()) if d.is_main else None
+    return cast(dict[str, Any], broadcast_object(saved))
+
+
+def _describe_normalization(norm: Normalization, scale: bool) -> str:
+    cut = f", {norm.truncated} cut to max_length" if norm.truncated else ""
+    return (
+        f"rm: score = {norm.gain:.4f} · raw {norm.bias:+.4f}: the {norm.n} demonstrations score mean 0"
+        + (" and std 1" if norm.scaled else "")
+        + (" (no spread among them to scale by: gain 1)" if scale and not norm.scaled else "")
+        + f" (raw mean {norm.raw_mean:.3f}, std {norm.raw_std:.3f}{cut})"
+    )
 
 
 def _eval_metrics(ev: dict) -> dict[str, float | None]:
