@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+import tether
 from tether.config import (
+    PRESETS,
+    STAGE_CONFIGS,
     EvalConfig,
     LoraConfig,
     ModelConfig,
@@ -26,6 +29,7 @@ from tether.config import (
     literal_choices,
     resolve,
     save_config,
+    to_dict,
 )
 from tether.data.preprocess import PreprocessConfig
 
@@ -85,23 +89,68 @@ def test_field_docstrings_are_help():
     assert "Training epochs" in field_docs(SFTConfig)["epochs"]
 
 
-@pytest.mark.parametrize("stage,cls", [("sft", SFTConfig), ("rm", RMConfig), ("ppo", PPOConfig)])
-@pytest.mark.parametrize("preset", ["demo", "paper"])
+# Where a `run` preset's stage differs from that stage's own preset, on purpose (each file's comment
+# says why): (run preset, stage) -> the stage preset it repeats and the fields it sets otherwise.
+RUN_PRESET_CHANGES: dict[tuple[str, str], tuple[str, dict]] = {
+    ("tiny", "sft"): ("tiny", {"epochs": 1}),
+    ("full", "sft"): ("demo", {}),
+    ("full", "rm"): ("demo", {}),
+    ("full", "ppo"): ("demo", {"total_episodes": 960}),
+    ("full", "eval"): ("demo", {"sft_best_of": 0, "base": False}),
+}
+
+
+@pytest.mark.parametrize("stage,cls", [("sft", SFTConfig), ("rm", RMConfig), ("ppo", PPOConfig), ("eval", EvalConfig)])
+@pytest.mark.parametrize("preset", ["tiny", "demo", "paper", "full"])
 def test_stage_presets_are_the_run_presets_stages(stage, cls, preset):
-    """`tether ppo --preset demo` trains as `tether run --preset demo` does (one set of settings).
+    """`tether ppo --preset demo` trains as `tether run --preset demo` does (one set of settings):
+    each run preset file repeats its stages' own files, and a test (this one) holds them equal.
 
     By design the run's SFT is the PPO-init model (10 % pretraining mix) and selects its checkpoint
-    by validation loss (no RM exists yet when SFT runs); nothing else may differ.
+    by validation loss (no RM exists yet when SFT runs); beyond that only RUN_PRESET_CHANGES differ.
     """
     run = resolve(RunConfig, "run", preset)
     run.validate()  # the run preset itself must be valid (`tether run --preset paper` once was not)
     in_run = getattr(run, stage)
+    own, changed = RUN_PRESET_CHANGES.get((preset, stage), (preset, {}))
+    if own not in PRESETS[stage]:
+        pytest.skip(f"{stage} has no {own} preset")
     # The paper's SFT selection needs an RM to select with.
-    alone = resolve(cls, stage, preset, overrides={"reward_model": "rm"} if (stage, preset) == ("sft", "paper") else {})
+    alone = resolve(cls, stage, own, overrides={"reward_model": "rm"} if (stage, own) == ("sft", "paper") else {})
+    alone = dataclasses.replace(alone, **changed)
     if stage == "sft":
         fields = {k: getattr(alone, k) for k in ("select_by", "reward_model")}
         in_run = dataclasses.replace(in_run, pretrain_fraction=0.0, **fields)
     assert alone == in_run
+
+
+@pytest.mark.parametrize(("stage", "preset"), [(s, p) for s in STAGE_CONFIGS for p in PRESETS[s]])
+def test_a_preset_is_a_config_file(tmp_path, capsys, stage, preset):
+    """A preset is a YAML file shipped in the package, read by the --config loader; `tether config
+    show STAGE --preset P` prints the whole resolved config, which resolves to the same again."""
+    from tether.cli import main
+
+    cls = STAGE_CONFIGS[stage]
+    path = PRESETS[stage][preset]
+    assert path.parent.parent == Path(tether.__file__).parent / "presets" and path.suffix == ".yaml"
+    wanted = resolve(cls, stage, preset, validate=False)
+    assert resolve(cls, stage, yaml_path=str(path), validate=False) == wanted
+    assert main(["config", "show", stage, "--preset", preset]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith(f"# tether {stage} --preset {preset}: every field, resolved.")
+    (tmp_path / "mine.yaml").write_text(shown)
+    assert resolve(cls, stage, yaml_path=str(tmp_path / "mine.yaml"), validate=False) == wanted
+    assert yaml.safe_load(shown) == to_dict(wanted)  # every field, not only the preset's
+
+
+def test_config_show_defaults_to_the_run(capsys):
+    from tether.cli import main
+
+    assert main(["config", "show", "--preset", "demo"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown == to_dict(resolve(RunConfig, "run", "demo")) and shown["task_users"] == 80
+    assert main(["config", "show", "eval", "--preset", "paper"]) == 2  # eval has no paper preset
+    assert "unknown preset 'paper' for eval; known: tiny, demo" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import importlib.metadata
 import os
 import sys
 
-from tether import pipeline_cli
+from tether import config_cli, pipeline_cli
 from tether.allocator import keep_freed_memory
 from tether.cluster import StageFailed
 from tether.data import cli as data_cli
@@ -27,7 +27,7 @@ from tether.reward import cli as reward_cli
 from tether.sft import cli as sft_cli
 
 # In the order of `tether --help`.
-COMMANDS = (data_cli, sft_cli, models_cli, reward_cli, ppo_cli, eval_cli, pipeline_cli)
+COMMANDS = (data_cli, sft_cli, models_cli, reward_cli, ppo_cli, eval_cli, pipeline_cli, config_cli)
 # `tether label ...` gathers the simulated panel (labelers/) and the human app (labeling/).
 LABEL_COMMANDS = (labelers_cli, labeling_cli)
 

@@ -673,162 +673,6 @@ class RunConfig:
             stage.validate()
 
 
-# --------------------------------------------------------------------------------------------
-# Presets: overrides by dotted name, applied on top of the defaults.
-
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "sft": {
-        "tiny": {
-            "model.name_or_path": "tiny",
-            "optim.lr": 3e-3,
-            "epochs": 2,
-            "batch_size": 8,
-            "micro_batch_size": 4,
-            "max_length": 128,
-            "save_every_steps": 5,
-            "max_new_tokens": 16,
-            "select_prompts": 4,
-        },
-        # The `demo` presets of the three stages are exactly what `tether run --preset demo`
-        # uses (measured on a 2-core CPU): bf16 autocast and only the top blocks of the embedded
-        # 135M model trained.
-        "demo": {
-            "model.name_or_path": "default",
-            "model.autocast": "auto",
-            "model.trainable_layers": 8,
-            "optim.lr": 2e-4,
-            "epochs": 2,
-            "batch_size": 16,
-            "micro_batch_size": 8,
-            "max_length": 192,
-            "save_every_steps": 10,
-            "max_new_tokens": 64,
-        },
-        "paper": {
-            "optim.lr": 9.65e-6,
-            "epochs": 16,
-            "batch_size": 32,
-            "model.residual_dropout": 0.2,
-            "select_by": "rm_score",
-        },
-    },
-    "rm": {
-        "tiny": {
-            "model.name_or_path": "tiny",
-            "optim.lr": 3e-3,
-            "batch_size": 8,
-            "micro_batch_size": 4,
-            "max_length": 128,
-            "save_every_steps": 5,
-            "eval_batch_size": 16,
-        },
-        "demo": {
-            "model.autocast": "auto",
-            "model.trainable_layers": 6,
-            # 3 epochs, chosen on validation comparisons only (2026-12-01, the demo's data): held-out
-            # accuracy 58.6 -> 60.8 % (1 -> 3 epochs; 4 gave 60.9 %), and PPO-ptx against the 3-epoch
-            # RM won 0.534 [0.513, 0.554] (expected win rate vs SFT, 116 validation prompts x 4)
-            # where the 1-epoch RM's won 0.516 [0.493, 0.540]. The trunk cache makes epochs 2-3 cost
-            # 0.4x the first.
-            "epochs": 3,
-            "optim.lr": 3e-4,
-            "batch_size": 16,
-            "micro_batch_size": 4,
-            "max_length": 256,
-            "save_every_steps": 10,
-            "heldout_panel_labelers": True,
-        },
-        "paper": {
-            "optim.lr": 9e-6,
-            "epochs": 1,
-            "batch_size": 64,
-        },
-    },
-    "eval": {
-        "tiny": {"limit": 12, "sft_best_of": 2, "pretrain_texts": 8, "batch_size": 16},
-        # 192 test prompts (see the run preset) × 2 samples each: intervals of about ±0.04.
-        "demo": {"sft_best_of": 4, "samples_per_prompt": 2},
-    },
-    "ppo": {
-        "tiny": {
-            "policy.name_or_path": "tiny",
-            "optim.lr": 3e-4,
-            "optim.warmup_steps": 0,
-            "value_optim.lr": 1e-3,
-            "value_optim.warmup_steps": 0,
-            "kl_coef": 0.05,
-            "ptx_coef": 1.0,
-            "ptx_examples_per_episode": 0.5,
-            "ptx_max_length": 64,
-            "max_new_tokens": 8,
-            "max_prompt_length": 64,
-            "batch_size": 8,
-            "mini_batch_size": 4,
-            "micro_batch_size": 2,
-            "generation_batch_size": 8,
-            "total_episodes": 32,
-            "sample_every": 2,
-            "n_sample_prompts": 2,
-            "save_every": 2,
-        },
-        "demo": {
-            # Sized for a CPU: fewer, shorter episodes than the paper; γ and the pretraining
-            # examples per episode scaled down with them.
-            "policy.autocast": "auto",
-            "policy.trainable_layers": 8,
-            "optim.lr": 1e-4,
-            "value_optim.lr": 1e-4,
-            "optim.warmup_steps": 2,
-            "value_optim.warmup_steps": 2,
-            # A 135M RM trained on 160 prompts is easy to exploit (shorter answers score higher):
-            # a larger β than the paper's 0.02 keeps the policy where the RM was trained.
-            "kl_coef": 0.1,
-            "ptx_coef": 0.5,
-            "ptx_examples_per_episode": 0.25,
-            "ptx_max_length": 128,
-            "max_new_tokens": 80,
-            "batch_size": 16,
-            "mini_batch_size": 8,
-            "micro_batch_size": 4,
-            "generation_batch_size": 16,
-            # bf16 sampling only where the hardware has it: on AVX2 CPUs it is emulated and
-            # several times slower than float32 (benchmarks/bench_generation.py).
-            "rollout_dtype": "auto",
-            "ppo_epochs": 1,
-            "total_episodes": 320,
-            "sample_every": 5,
-            "save_every": 5,
-        },
-        "paper": {
-            "kl_coef": 0.02,
-            # The paper's γ = 27.8 (per-episode / per-sequence sums) in tether's token-mean units:
-            # 27.8 × 64 pretraining tokens per example / 43 response tokens per episode, measured
-            # on SmolLM2-135M-Instruct with the default corpus (median of 8 minibatches of 8
-            # episodes, range 28-58) by `OMP_NUM_THREADS=1 python benchmarks/calibrate_ptx.py
-            # --preset paper --batches 2 --batch-size 32 --mini-batch-size 8 --micro-batch-size 8
-            # --generation-batch-size 32` (1586 s). Another policy or corpus: measure again.
-            "ptx_coef": 42.0,
-            "ptx_examples_per_episode": 8.0,
-            "batch_size": 512,
-            "mini_batch_size": 64,
-            "generation_batch_size": 128,
-            "ppo_epochs": 1,
-            "total_episodes": 256000,
-            "optim.schedule": "constant",
-            "optim.warmup_steps": 10,
-            "optim.warmup_start_fraction": 0.1,
-            "value_optim.lr": 9e-6,
-            "value_optim.schedule": "constant",
-            "value_optim.warmup_steps": 10,
-            "value_optim.warmup_start_fraction": 0.1,
-            "ema_decay": 0.992,
-            "gamma": 1.0,
-            "cliprange": 0.2,
-        },
-    },
-}
-
-
 # Each command's config class, by the stage name its presets are kept under.
 STAGE_CONFIGS: dict[str, type] = {
     "sft": SFTConfig,
@@ -844,6 +688,27 @@ PRESET_HELP = {
     "full": "the demo with 3x its PPO-ptx episodes, the policy kept and evaluated every 240 episodes: the "
     "win rate against PPO episodes; estimated at 1.8 h on a quiet 2-core CPU",
 }
+
+
+# --------------------------------------------------------------------------------------------
+# Presets: YAML files shipped in the package (tether/presets/<stage>/<name>.yaml), each a partial
+# config read exactly as a --config file is. `tether config show STAGE --preset P` prints one
+# resolved, to copy and edit.
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def _preset_files() -> dict[str, dict[str, Path]]:
+    """Each stage's presets by name (the ones PRESET_HELP describes first, in its order)."""
+    order = list(PRESET_HELP)
+    out = {}
+    for stage in STAGE_CONFIGS:
+        files = sorted((PRESET_DIR / stage).glob("*.yaml"), key=lambda f: (order + [f.stem]).index(f.stem))
+        out[stage] = {f.stem: f for f in files}
+    return out
+
+
+PRESETS: dict[str, dict[str, Path]] = _preset_files()
 
 
 # --------------------------------------------------------------------------------------------
@@ -1022,23 +887,9 @@ def resolve(
         presets = PRESETS.get(stage, {})
         if preset not in presets:
             raise ValueError(f"unknown preset {preset!r} for {stage}; known: {', '.join(presets)}")
-        for k, v in presets[preset].items():
-            set_dotted(data, k, v)
+        data = _merge(data, read_config_file(presets[preset]))
     if yaml_path:
-        path = Path(yaml_path)
-        if not path.exists():
-            raise FileNotFoundError(f"config file {yaml_path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{yaml_path}:{mark.line + 1}" if mark else yaml_path
-            raise ValueError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"{yaml_path}: not UTF-8 text") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{yaml_path}: the config must be a YAML mapping")
-        data = _merge(data, loaded)
+        data = _merge(data, read_config_file(yaml_path))
     for k, v in (overrides or {}).items():
         set_dotted(data, k, v)
     cfg = from_dict(cls, data)
@@ -1091,6 +942,25 @@ def input_sources(cfg: Any) -> dict[str, str]:
             "comparisons_file": cfg.comparisons_file or "none (the simulated labelers rank every sample)",
         }
     return {}
+
+
+def read_config_file(yaml_path: str | Path) -> dict[str, Any]:
+    """A config file's mapping (a preset's or --config's), with errors naming the file and line;
+    the fields are checked when the merged mapping becomes a config."""
+    path = Path(yaml_path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {yaml_path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{yaml_path}:{mark.line + 1}" if mark else yaml_path
+        raise ValueError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{yaml_path}: not UTF-8 text") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{yaml_path}: the config must be a YAML mapping")
+    return loaded
 
 
 def save_config(cfg: Any, path: str | Path) -> Path:
@@ -1246,65 +1116,3 @@ def _metavar(tp: Any) -> str:
 def config_from_args(cls: type, stage: str, args: argparse.Namespace) -> Any:
     overrides = {k[len("cfg__") :]: v for k, v in vars(args).items() if k.startswith("cfg__")}
     return resolve(cls, stage, getattr(args, "preset", None), getattr(args, "config", None), overrides)
-
-
-def _run_presets() -> dict[str, dict[str, Any]]:
-    """`tether run` presets: each stage's preset (prefixed) plus pipeline-level settings."""
-    pipeline = {
-        "tiny": {
-            "out_dir": "runs/tiny",
-            "task_users": 12,
-            "task_prompts_per_user": 4,
-            "rm_prompts_per_round": 16,
-            "heldout_labeler_prompts": 8,
-            "curve_every": 2,
-            "sft.epochs": 1,
-        },
-        # The stages' own `demo` presets (above) plus these pipeline settings.
-        "demo": {
-            "out_dir": "runs/demo",
-            # 80 simulated users, a quarter of them held out for the test: 274 train / 116 valid /
-            # 192 test prompts (60 users at 80/10/10 gave 301 / 77 / 59), so the evaluation has
-            # the prompts to decide while SFT trains on as much as before.
-            "task_users": 80,
-            "split_fractions": (0.6, 0.15, 0.25),
-            "rm_prompts_per_round": 200,
-            # Every training labeler ranks every sample: the rankings share the RM's forwards, and
-            # six noisy judgements per set teach it more than one (held-out accuracy 60 -> 65 %).
-            "labelers_per_sample": 6,
-            "heldout_labeler_prompts": 40,
-        },
-        # The paper picks the SFT checkpoint by RM score, but in the pipeline SFT precedes the
-        # first RM: the run selects by validation loss instead.
-        "paper": {"k": 9, "rounds": 3, "sft.select_by": "valid_loss"},
-    }
-    out = {}
-    for name, extra in pipeline.items():
-        merged: dict[str, Any] = {}
-        for stage in ("sft", "rm", "ppo", "eval"):
-            merged.update({f"{stage}.{k}": v for k, v in PRESETS[stage].get(name, {}).items()})
-        merged.update(extra)
-        out[name] = merged
-    out["full"] = out["demo"] | FULL_RUN
-    return out
-
-
-# `tether run --preset full`: the compute curve (issue 13). The demo's data, SFT and RM, PPO-ptx
-# for 3x the demo's episodes with the policy kept every 15 iterations of 16 episodes, and each kept
-# policy evaluated like the final one: expected win rate against SFT after 0 (SFT itself), 240,
-# 480, 720 and 960 episodes. Plain PPO, the base model and SFT best-of-4 are left out (the demo
-# measures those); `--run-ppo-baseline true` etc. put them back.
-#
-# Time, estimated from the quiet demo run's stage times (README; 2-core AVX2, 2 threads): about
-# 1.8 hours, inside the issue's 2.5. Disk: each kept policy is a float32 copy (~0.54 GB).
-FULL_RUN: dict[str, Any] = {
-    "out_dir": "runs/full",
-    "ppo.total_episodes": 960,
-    "curve_every": 15,
-    "run_ppo_baseline": False,
-    "eval.base": False,
-    "eval.sft_best_of": 0,
-}
-
-
-PRESETS["run"] = _run_presets()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -157,3 +160,59 @@ def test_embedded_default_loads_and_generates():
     gen = sample(model, tok, ["What is the capital of France? Answer in one word."], max_new_tokens=12, temperature=0)
     text = decode_responses(tok, gen)[0]
     assert "Paris" in text, text
+
+
+# --------------------------------------------------------------------------------------------
+# Models by name: a hub id from the local Hugging Face cache, offline
+
+
+def _cached_hub_model(hub: Path, repo_id: str, files: Path) -> Path:
+    """The layout huggingface_hub writes: models--ORG--NAME/{refs/main, snapshots/REV/...}."""
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(files, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return repo / "snapshots" / revision
+
+
+def test_a_hub_id_loads_from_the_local_cache_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = _cached_hub_model(tmp_path / "hf" / "hub", "acme/tiny-chat", resolve_model_dir("tiny-llama3"))
+    assert resolve_model_dir("acme/tiny-chat") == snapshot
+    model, tok = load_causal_lm("acme/tiny-chat")
+    assert tok.eos_token == "<|eot_id|>" and model.config.vocab_size == len(tok)
+    # $HF_HUB_CACHE wins over $HF_HOME, as in huggingface_hub.
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
+    with pytest.raises(FileNotFoundError, match="acme/tiny-chat"):
+        resolve_model_dir("acme/tiny-chat")
+
+
+def test_a_hub_id_missing_from_the_cache_names_the_command_and_exits_2(tmp_path, monkeypatch, capsys):
+    from tether import cli
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    argv = ["sft", "--preset", "tiny", "--model.name-or-path", "acme/not-here", "--out-dir", str(tmp_path / "sft")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "hf download acme/not-here" in err and "--model.allow-download" in err
+
+
+def test_downloading_happens_only_when_allowed(tmp_path, monkeypatch):
+    """(No test downloads: the hub call is replaced, and records whether it was allowed to.)"""
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, *, cache_dir, local_files_only):
+        calls.append(local_files_only)
+        return str(_cached_hub_model(Path(cache_dir), repo_id, resolve_model_dir("tiny-gpt2")))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    resolve_model_dir("acme/a")
+    resolve_model_dir("acme/b", allow_download=True)
+    load_causal_lm(ModelConfig(name_or_path="acme/c", allow_download=True))
+    assert calls == [True, False, False]

@@ -202,8 +202,9 @@ def family_run(family, tmp_path_factory) -> tuple[str, Path, dict[str, int]]:
                 "--reward-model", str(rm / "final"), "--prompts-file", prompts, "--pretrain-file", pretrain,
                 "--total-episodes", "8", "--out-dir", str(ppo)],
         "eval": ["eval", "--preset", "tiny", "--policy", f"sft={sft / 'final'}", "--policy", f"ppo={ppo / 'policy'}",
-                 "--reward-model", str(rm / "final"), "--prompts", prompts, "--limit", "4",
-                 "--sft-best-of", "0", "--pretrain-texts", "4", "--out", str(root / "eval")],
+                 "--reward-model", str(rm / "final"), "--prompts-file", prompts, "--limit", "4",
+                 "--sft-best-of", "0", "--pretrain-file", pretrain, "--pretrain-texts", "4",
+                 "--out-dir", str(root / "eval")],
     }  # fmt: skip
     codes: dict[str, int] = {}
     for stage, argv in commands.items():
