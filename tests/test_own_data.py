@@ -187,8 +187,11 @@ def own_files(tmp_path):
     }
 
 
-def test_rm_on_own_comparisons_needs_own_demonstrations(tmp_path, own_files, capsys):
-    argv = ["rm", "--preset", "tiny", "--train-file", str(own_files["prefs"]), "--out-dir", str(tmp_path / "rm")]
+def test_rm_on_own_comparisons_needs_own_demonstrations(tmp_path, capsys):
+    # tether's own comparison shape, so that the code before this rule trains (on the built-in demonstrations).
+    rows = [{"prompt": f"Q{i}", "responses": ["a", "b"], "ranking": [1, 2], "labeler_id": "L1"} for i in range(10)]
+    comparisons = jsonl(tmp_path / "comparisons.jsonl", rows)
+    argv = ["rm", "--preset", "tiny", "--train-file", str(comparisons), "--out-dir", str(tmp_path / "rm")]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--demonstrations-file is required with --train-file" in err and "built-in task" in err
@@ -236,3 +239,20 @@ def test_saved_config_records_inputs_and_loads_back(tmp_path, own_files):
         "pretrain_file": str(own_files["pretrain"]),
     }
     assert resolve(PPOConfig, "ppo", yaml_path=str(path)) == cfg
+
+
+def test_tether_run_with_own_files_needs_the_rest_and_records_none_from_the_built_in_task(own_files):
+    from tether.config import RunConfig, input_sources
+    from tether.data.sources import run_sources
+
+    logged: list[str] = []
+    with pytest.raises(ValueError, match="--demonstrations-file is required with --prompts-file"):
+        run_sources(RunConfig(prompts_file=str(own_files["prompts"])), logged.append)
+    own = {"prompts_file": str(own_files["prompts"]), "demonstrations_file": str(own_files["demos"])}
+    with pytest.raises(ValueError, match="--pretrain-heldout-file is required"):
+        run_sources(RunConfig(**own), logged.append)
+    cfg = run_sources(RunConfig(**own, pretrain_heldout_file=str(own_files["pretrain"])), logged.append)
+    assert (cfg.sft.pretrain_fraction, cfg.ppo.ptx_coef, cfg.run_ppo_baseline) == (0, 0, False)
+    assert "no --pretrain-file" in logged[0]
+    assert "built-in task" not in json.dumps(input_sources(cfg))
+    assert input_sources(RunConfig())["prompts_file"] == "built-in task"

@@ -937,7 +937,9 @@ def input_sources(cfg: Any) -> dict[str, str]:
         return {
             "prompts_file": source(cfg.prompts_file),
             "demonstrations_file": source(cfg.demonstrations_file),
-            "pretrain_file": source(cfg.pretrain_file),
+            "pretrain_file": source(
+                cfg.pretrain_file, cfg.sft.pretrain_fraction > 0 or cfg.ppo.ptx_coef > 0, "no pretraining mix, γ = 0"
+            ),
             "pretrain_heldout_file": source(cfg.pretrain_heldout_file),
             "comparisons_file": cfg.comparisons_file or "none (the simulated labelers rank every sample)",
         }

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tether.cluster import Executor, Local
-from tether.config import EvalConfig, PPOConfig, RMConfig, RunConfig, SFTConfig, save_config, to_dict
+from tether.config import EvalConfig, PPOConfig, RMConfig, RunConfig, SFTConfig, input_sources, save_config, to_dict
 from tether.data.agreement import pairwise_agreement
 from tether.data.formats import Comparison, Sample, read_records, write_records
 from tether.data.preprocess import PreprocessConfig, preprocess_prompts
@@ -124,6 +124,7 @@ def run_pipeline(cfg: RunConfig, log: Log = print, executor: Executor | None = N
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     manifest = Manifest(out / "manifest.json", to_dict(cfg), executor.describe())
+    manifest.data["inputs"] = input_sources(cfg)  # each input's source: a path, the built-in task, or none
 
     # 1. Data: prompts preprocessed and split by user; demonstrations of train/valid users only.
     data = manifest.run(

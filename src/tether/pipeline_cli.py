@@ -49,10 +49,12 @@ def _run(args: argparse.Namespace) -> int:
     # Imported here, not at the top: the pipeline (torch, transformers) and rich, which `tether --help` must not load.
     from rich.console import Console
 
+    from tether.data.sources import run_sources
     from tether.pipeline import run_pipeline
 
     cfg = config_from_args(RunConfig, "run", args)
     console = Console()
+    cfg = run_sources(cfg, console.print)  # own data: nothing more from the built-in task
     cluster = _cluster(args, cfg)
     with cluster or contextlib.nullcontext():
         result = run_pipeline(cfg, log=console.print, executor=cluster)

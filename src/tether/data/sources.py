@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import yaml
 
-from tether.config import EvalConfig, PPOConfig, RMConfig, SFTConfig, save_config
+from tether.config import EvalConfig, PPOConfig, RMConfig, RunConfig, SFTConfig, save_config
 from tether.data.formats import read_records
 
 Log = Callable[[str], None]
@@ -132,3 +132,39 @@ def builtin_prompts(cfg: EvalConfig) -> bool:
 def record_inputs(cfg: EvalConfig, out_dir: str | Path) -> Path:
     """``OUT/config.yaml`` of an evaluation: its settings and the source of every input."""
     return save_config(cfg, Path(out_dir) / "config.yaml")
+
+
+def run_sources(cfg: RunConfig, log: Log) -> RunConfig:
+    """``tether run``: with any data file of the user's own, the prompts, demonstrations and held-out
+    pretraining text are required, and without a pretraining file SFT mixes none in and PPO-ptx is
+    plain PPO (γ = 0; the plain-PPO baseline, then the same run, is left out). Rankings from people
+    (comparisons_file) join the built-in task as well as the user's data, so they alone change nothing."""
+    kinds = {
+        "prompts_file": "prompt",
+        "demonstrations_file": "demonstration",
+        "pretrain_file": "pretrain",
+        "pretrain_heldout_file": "pretrain",
+    }
+    given = _check(cfg, kinds)
+    if not given:
+        return cfg
+    whys = {
+        "prompts_file": "without it the run would sample the built-in task's prompts",
+        "demonstrations_file": "without it SFT would train on the built-in task's demonstrations",
+        "pretrain_heldout_file": "without it the alignment tax would be measured on the built-in task's pydoc text",
+    }
+    for name, why in whys.items():
+        if not getattr(cfg, name):
+            raise _require("run", name, given, why)
+    if not cfg.pretrain_file:
+        log(
+            "run: no --pretrain-file: SFT mixes in no pretraining text (sft.pretrain_fraction 0) and PPO-ptx "
+            "is plain PPO (ppo.ptx_coef 0; the separate plain-PPO baseline is left out)"
+        )
+        cfg = dataclasses.replace(
+            cfg,
+            sft=dataclasses.replace(cfg.sft, pretrain_fraction=0.0),
+            ppo=dataclasses.replace(cfg.ppo, ptx_coef=0.0),
+            run_ppo_baseline=False,
+        )
+    return cfg
