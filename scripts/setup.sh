@@ -3,6 +3,8 @@
 #   bash scripts/setup.sh          # the package and the embedded default model
 #   bash scripts/setup.sh --test   # plus test tools, the docs tool (MkDocs), Ray, headless Chromium and PostgreSQL (Debian packages)
 # torch is installed first and pinned to 2.13.0: any other torch spec pulls GBs of CUDA wheels.
+# pyproject itself asks for a range (torch>=2.6,<3), so installing tether into an environment that
+# already has a (CUDA) torch keeps it: `pip install -e .` there, not this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -40,6 +40,7 @@ KLEstimator = Literal["k1", "k2", "k3", "abs"]
 ScoreBaseline = Literal["none", "leave_one_out"]
 RolloutDtype = Literal["float32", "bfloat16", "auto"]
 Parallel = Literal["ddp", "fsdp"]  # tether.distributed.ParallelModel's strategies
+ReportTo = Literal["jsonl", "tensorboard", "wandb"]  # tether.metrics.MetricsLogger's writers
 
 SPLITS: tuple[str, str, str] = ("train", "valid", "test")  # prompts are split by user into these
 
@@ -183,8 +184,12 @@ class SFTConfig:
     """Validation prompts sampled per checkpoint when selecting by RM score."""
     max_new_tokens: int = 64
     """Generation length for samples and RM-score selection."""
+    report_to: tuple[ReportTo, ...] = ("jsonl",)
+    """Where metrics go, e.g. jsonl,tensorboard: jsonl (metrics.jsonl in out_dir, always written),
+    tensorboard (out_dir/tensorboard) and wandb (pip install 'tether[wandb]'; offline, under
+    out_dir/wandb, when no API key is configured). A missing package is an error before anything loads."""
     tensorboard: bool = False
-    """Also log to TensorBoard (needs the tensorboard extra)."""
+    """Also log to TensorBoard: the same as adding tensorboard to report_to (the older spelling)."""
 
     @property
     def grad_accum(self) -> int:
@@ -257,8 +262,12 @@ class RMConfig:
     """Held-out accuracy every N steps (0 = only before and after training)."""
     eval_batch_size: int = 32
     """Sequences per forward pass when scoring (evaluation, normalisation)."""
+    report_to: tuple[ReportTo, ...] = ("jsonl",)
+    """Where metrics go, e.g. jsonl,tensorboard: jsonl (metrics.jsonl in out_dir, always written),
+    tensorboard (out_dir/tensorboard) and wandb (pip install 'tether[wandb]'; offline, under
+    out_dir/wandb, when no API key is configured). A missing package is an error before anything loads."""
     tensorboard: bool = False
-    """Also log to TensorBoard (needs the tensorboard extra)."""
+    """Also log to TensorBoard: the same as adding tensorboard to report_to (the older spelling)."""
 
     @property
     def grad_accum(self) -> int:
@@ -407,8 +416,12 @@ class PPOConfig:
     """Seed for sampling, data order, minibatch order and a fresh value head."""
     out_dir: str = "runs/ppo"
     """Run directory: policy/, value/, state/, metrics.jsonl, samples.jsonl, config.yaml."""
+    report_to: tuple[ReportTo, ...] = ("jsonl",)
+    """Where metrics go, e.g. jsonl,tensorboard: jsonl (metrics.jsonl in out_dir, always written),
+    tensorboard (out_dir/tensorboard) and wandb (pip install 'tether[wandb]'; offline, under
+    out_dir/wandb, when no API key is configured). A missing package is an error before anything loads."""
     tensorboard: bool = False
-    """Also log to TensorBoard (needs the tensorboard extra)."""
+    """Also log to TensorBoard: the same as adding tensorboard to report_to (the older spelling)."""
 
     @property
     def iterations(self) -> int:
@@ -529,6 +542,9 @@ def check_fields(cfg: Any, prefix: str = "") -> None:
             allowed = ", ".join(choices) + (" or None" if _optional(hints[f.name]) else "")
             raise ValueError(f"config field '{name}' must be one of {allowed}; got {_short(value)}")
         items = value if isinstance(value, list | tuple) else [value]
+        element = typing.get_args(hints[f.name])[:1] if isinstance(value, list | tuple) else ()
+        if element and (options := literal_choices(element[0])) and (wrong := [v for v in items if v not in options]):
+            raise ValueError(f"config field '{name}' takes {', '.join(options)}; got {_short(wrong[0])}")
         for v in items:
             if isinstance(v, bool) or not isinstance(v, int | float):
                 continue
@@ -540,6 +556,10 @@ def check_fields(cfg: Any, prefix: str = "") -> None:
                     low = f"{'[' if lo_in else '('}{lo:g}"
                     high = f"{hi:g}{']' if hi_in else ')'}" if hi is not None else "inf)"
                     raise ValueError(f"config field '{name}' must be in {low}, {high}, got {v}")
+    if hasattr(cfg, "report_to"):  # the packages of the metrics writers asked for, before anything loads
+        from tether.metrics import check_reporters, report_targets
+
+        check_reporters(report_targets(cfg), prefix + "report_to")
 
 
 # --------------------------------------------------------------------------------------------
@@ -1109,7 +1129,8 @@ def _metavar(tp: Any) -> str:
         return "{" + ",".join(choices) + "}"
     origin = typing.get_origin(tp)
     if origin in (list, tuple):
-        return "A,B"
+        element = literal_choices(typing.get_args(tp)[0]) if typing.get_args(tp) else ()
+        return ",".join(element[:2]) + ",..." if element else "A,B"
     if origin in (typing.Union, types.UnionType):
         return _metavar([a for a in typing.get_args(tp) if a is not type(None)][0])
     return getattr(tp, "__name__", "X").upper()

@@ -644,7 +644,7 @@ def train_ppo(
         f"KL penalty {cfg.kl_estimator}, β={kl_ctl.value:g} ({type(kl_ctl).__name__})"
         + (f"; {d.world_size} data-parallel ranks ({policy_par.strategy})" if d.enabled else "")
     )
-    logger = MetricsLogger(metrics_path, out / "tensorboard" if cfg.tensorboard else None, enabled=d.is_main)
+    logger = MetricsLogger(metrics_path, cfg, enabled=d.is_main)
     # This rank's share of every batch: a block of its prompts (a prompt's responses together).
     mine = shard_range(n_prompts, d)
     my_episodes = range(mine.start * cfg.samples_per_prompt, mine.stop * cfg.samples_per_prompt)
