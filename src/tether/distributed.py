@@ -6,7 +6,7 @@ from does not matter: ``torchrun --nproc-per-node N -m tether sft ...`` sets the
 the training function (:func:`init_from_env` then only reads it), and a single process has no
 group at all (every helper here is then the identity, at no cost).
 
-What each rank does (the trainers follow it; see the README, "Scaling out"):
+What each rank does (the trainers follow it; see docs/scaling.md):
 
 - every rank holds the whole model (DDP) or a shard of it (FSDP2, ``parallel: fsdp``) and the
   same optimiser state; the global batch is split over the ranks (:func:`shard_range`), each
