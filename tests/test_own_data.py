@@ -256,3 +256,38 @@ def test_tether_run_with_own_files_needs_the_rest_and_records_none_from_the_buil
     assert "no --pretrain-file" in logged[0]
     assert "built-in task" not in json.dumps(input_sources(cfg))
     assert input_sources(RunConfig())["prompts_file"] == "built-in task"
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Conversations as prompts
+
+
+def test_a_conversation_goes_through_the_chat_template_and_a_refused_system_turn_joins_the_first_user_turn(
+    tiny_dir, tmp_path, caplog
+):
+    from transformers import AutoTokenizer
+
+    from tether.models.generation import chat_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    conv = read_records(jsonl(tmp_path / "p.jsonl", [{"prompt": [SYSTEM, USER1, ASSISTANT1, USER2]}]), "prompt")[0].text
+    expected = tokenizer.apply_chat_template(conv.messages(), tokenize=False, add_generation_prompt=True)
+    assert chat_prompt(tokenizer, conv) == expected
+    assert SYSTEM["content"] in expected and "Blue." in expected and expected.count("<|im_start|>user") == 2
+    # A plain string stays one user turn.
+    assert chat_prompt(tokenizer, "Hi") == tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    # Gemma 2's and Mistral v0.1's templates raise on a system turn.
+    refusing = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+    tokenizer.chat_template = refusing + "[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant]"
+    with caplog.at_level("WARNING"):
+        once, twice = chat_prompt(tokenizer, conv), chat_prompt(tokenizer, conv)
+    assert (
+        once
+        == twice
+        == (f"[user] {SYSTEM['content']}\n\nName a colour.\n[assistant] Blue.\n[user] Another one?\n[assistant]")
+    )
+    said = f"{tokenizer.name_or_path}: the chat template refuses a system turn; the system prompt joins the first"
+    said += " user turn"
+    assert [r.message for r in caplog.records].count(said) == 1

@@ -63,9 +63,11 @@ from tether.data.formats import (
     LIKERT_MAX,
     LIKERT_MIN,
     Comparison,
+    Conversation,
     Demonstration,
     Prompt,
     Sample,
+    Turn,
     read_records,
 )
 
@@ -224,6 +226,18 @@ class Task(Base):
     # Per response: it ended with EOS (None: all did). Carried into the exported comparisons so
     # the reward model trains on a cut-off sample as cut off.
     ended: Mapped[list[bool] | None] = mapped_column(JSON)
+    # A conversation prompt's turns ([{role, content}]; None for a plain prompt): ``prompt`` holds
+    # them as plain text, these are what the labeler is shown and what the export hands back.
+    turns: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
+
+    @property
+    def full_prompt(self) -> str:
+        """The prompt as the records had it: a Conversation when it has turns."""
+        return Conversation(Turn(t["role"], t["content"]) for t in self.turns) if self.turns else self.prompt
+
+
+def _turns(prompt: str) -> list[dict[str, str]] | None:
+    return prompt.messages() if isinstance(prompt, Conversation) else None
 
 
 class Assignment(Base):
@@ -295,6 +309,7 @@ class TaskView:
     prompt: str
     responses: list[str]  # display order; [] for demonstration tasks
     category: str | None
+    turns: list[dict[str, str]] | None = None  # a conversation prompt: its turns, the last one the user's
 
 
 @dataclass(frozen=True)
@@ -657,6 +672,7 @@ class LabelStore:
                             project_id=project.id,
                             position=position,
                             prompt=r.prompt,
+                            turns=_turns(r.prompt),
                             prompt_id=r.prompt_id,
                             responses=list(r.responses),
                             policies=list(r.policies) if r.policies else None,
@@ -670,6 +686,7 @@ class LabelStore:
                             project_id=project.id,
                             position=position,
                             prompt=r.text,
+                            turns=_turns(r.text),
                             prompt_id=r.id,
                             user_id=r.user_id,
                             category=r.category,
@@ -930,6 +947,7 @@ class LabelStore:
                 prompt=task.prompt,
                 responses=responses,
                 category=task.category,
+                turns=task.turns,
             )
 
     def _finish(self, s: Session, task: Task, a: Assignment, status: str) -> None:
@@ -1094,7 +1112,7 @@ class LabelStore:
                 if lab.outcome == DEMONSTRATED and lab.response is not None:
                     records.append(
                         Demonstration(
-                            prompt=task.prompt,
+                            prompt=task.full_prompt,
                             response=lab.response,
                             prompt_id=task.prompt_id,
                             labeler_id=name,
@@ -1106,7 +1124,7 @@ class LabelStore:
                         continue
                     records.append(
                         Comparison(
-                            prompt=task.prompt,
+                            prompt=task.full_prompt,
                             responses=list(task.responses),
                             ranking=list(lab.ranking),
                             labeler_id=name,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,23 +24,44 @@ from typing import Any, get_args
 
 import numpy as np
 import torch
+from jinja2 import TemplateError
 from transformers import DynamicCache, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from tether.config import RolloutDtype
-from tether.data.formats import K_MAX, K_MIN, Sample
+from tether.data.formats import K_MAX, K_MIN, Conversation, Sample
 from tether.models.loading import fast_bf16
 
 ROLLOUT_DTYPES: tuple[str, ...] = get_args(RolloutDtype)
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
-    """The prompt as the model sees it: one user turn and the assistant header (chat template)."""
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    """The prompt as the model sees it: its turns and the assistant header (chat template).
+
+    A plain string is one user turn; a :class:`Conversation` gives its system prompt and earlier
+    turns. A template that refuses a system turn (Gemma 2, Mistral v0.1) gets the system text at
+    the head of the first user turn, and the log says so once per tokenizer.
+    """
+    messages = prompt.messages() if isinstance(prompt, Conversation) else [{"role": "user", "content": prompt}]
+    if not tokenizer.chat_template:
+        return "\n\n".join(m["content"] for m in messages) + "\n"
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError:
+        if messages[0]["role"] != "system":
+            raise
+    if tokenizer.name_or_path not in _SYSTEM_JOINED:
+        _SYSTEM_JOINED.add(tokenizer.name_or_path)
+        logging.getLogger(__name__).warning(
+            "%s: the chat template refuses a system turn; the system prompt joins the first user turn",
+            tokenizer.name_or_path,
         )
-    return prompt + "\n"
+    system, first, *rest = messages
+    joined = {"role": "user", "content": system["content"] + "\n\n" + first["content"]}
+    return tokenizer.apply_chat_template([joined, *rest], tokenize=False, add_generation_prompt=True)
+
+
+_SYSTEM_JOINED: set[str] = set()  # tokenizers whose template refused a system turn (logged once each)
 
 
 def encode_prompts(
