@@ -162,8 +162,9 @@ def subparsers(parser: argparse.ArgumentParser, path: str = "tether"):
 
 
 # Spellings replaced by one spelling per thing: a directory is --out-dir, a file written --out-file,
-# prompt records --prompts-file, a policy --policy [NAME=]PATH.
-OLD_SPELLINGS = {"--out", "--prompts", "--policy-name", "--pretrain"}
+# records read --prompts-file / --samples-file, a policy --policy [NAME=]PATH, split fractions
+# --split-fractions A,B,C.
+OLD_SPELLINGS = {"--out", "--prompts", "--policy-name", "--pretrain", "--samples", "--fractions"}
 
 
 def test_one_spelling_per_thing_and_the_old_ones_still_work(tmp_path):
@@ -175,12 +176,18 @@ def test_one_spelling_per_thing_and_the_old_ones_still_work(tmp_path):
     new = parse(["sample", "--policy", "tiny", "--prompts-file", "p.jsonl", "--out-file", "s.jsonl"])
     old = parse(["sample", "--policy", "tiny", "--prompts", "p.jsonl", "--out", "s.jsonl"])
     assert vars(new) == vars(old) and new.out == "s.jsonl" and new.prompts == "p.jsonl"
-    for argv in (["data", "default-task"], ["label", "simulate", "--samples", "s"]):
+    for argv in (["data", "default-task"], ["label", "simulate", "--samples-file", "s"]):
         assert (
             parse([*argv, "--out", "x"]).out
             == parse([*argv, "--out-dir" if argv[0] == "data" else "--out-file", "x"]).out
         )
     assert parse(["eval", "--out", "x"]).out == parse(["eval", "--out-dir", "x"]).out == "x"
+    simulate = ["label", "simulate", "--out-file", "c.jsonl"]
+    assert parse([*simulate, "--samples", "s"]).samples == parse([*simulate, "--samples-file", "s"]).samples == "s"
+    preprocess = ["data", "preprocess", "p.jsonl", "--out-dir", "d"]
+    fractions = [0.7, 0.2, 0.1]  # run's comma form, and the former three spaced numbers
+    assert parse([*preprocess, "--split-fractions", "0.7,0.2,0.1"]).fractions == fractions
+    assert parse([*preprocess, "--fractions", "0.7", "0.2", "0.1"]).fractions == fractions
     cfg = config_from_args(EvalConfig, "eval", parse(["eval", "--prompts", "p.jsonl", "--pretrain", "t.jsonl"]))
     assert (cfg.prompts_file, cfg.pretrain_file) == ("p.jsonl", "t.jsonl")
     saved = tmp_path / "config.yaml"  # a run directory's config.yaml from before the rename still loads

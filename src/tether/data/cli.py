@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import get_args
+from typing import Any, get_args
 
 from tether.config import add_renamed_flag
 from tether.data.formats import (
@@ -82,13 +82,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--max-per-user", type=int, default=keep, help="at most this many prompts per user id (default: 200)"
     )
     pp.add_argument(
-        "--fractions",
-        type=float,
-        nargs=3,
-        metavar=("TRAIN", "VALID", "TEST"),
+        "--split-fractions",
+        dest="fractions",
+        action=_Fractions,
+        metavar="TRAIN,VALID,TEST",
         default=keep,
-        help="fractions of users per split (default: 0.8 0.1 0.1)",
+        help="fractions of users per split, as `tether run --split-fractions` takes them (default: 0.8,0.1,0.1)",
     )
+    # The former spelling, three numbers spaced.
+    pp.add_argument("--fractions", dest="fractions", nargs=3, action=_Fractions, default=keep, help=keep)
     pp.add_argument("--seed", type=int, default=keep, help="seed for the cap and the split (default: 0)")
     pp.set_defaults(func=_preprocess)
 
@@ -99,6 +101,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_renamed_flag(dt, "--out-dir", "--out", dest="out", required=True, help="directory for the four JSONL files")
     dt.add_argument("--seed", type=int, default=0, help="generation seed (default: 0)")
     dt.set_defaults(func=_default_task)
+
+
+class _Fractions(argparse.Action):
+    """Three numbers, comma-separated as everywhere else (0.8,0.1,0.1) or, as before, spaced."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None
+    ) -> None:
+        values = [values] if isinstance(values, str) else values
+        parts = [p for v in values for p in v.split(",") if p]
+        try:
+            fractions = [float(p) for p in parts]
+        except ValueError:
+            parser.error(f"{option} takes three numbers, e.g. 0.8,0.1,0.1; got {' '.join(values)}")
+        if len(fractions) != 3:
+            parser.error(f"{option} takes three numbers (train, valid, test), got {len(fractions)}")
+        setattr(namespace, self.dest, fractions)
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -20,7 +20,9 @@ def add_label_commands(sub: argparse._SubParsersAction) -> None:
             "the inter-labeler agreement."
         ),
     )
-    p.add_argument("--samples", required=True, help="sample records (K responses per prompt)")
+    add_renamed_flag(
+        p, "--samples-file", "--samples", dest="samples", required=True, help="sample records (K responses per prompt)"
+    )
     add_renamed_flag(p, "--out-file", "--out", dest="out", required=True, help="comparison records to write (JSONL)")
     p.add_argument(
         "--labelers-per-sample",

@@ -200,7 +200,10 @@ def add_label_commands(label_sub: argparse._SubParsersAction) -> None:
     p = label_sub.add_parser("create-project", help="create a labeling project from a sample or prompt file")
     _db(p)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--samples", help="sample JSONL (from `tether sample`): a ranking project")
+    src.add_argument(
+        "--samples-file", dest="samples", metavar="FILE", help="sample JSONL (from `tether sample`): a ranking project"
+    )
+    src.add_argument("--samples", dest="samples", help=argparse.SUPPRESS)  # the former spelling
     src.add_argument(
         "--prompts-file", dest="prompts", metavar="FILE", help="prompt JSONL: a demonstration-writing project"
     )
