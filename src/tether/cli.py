@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="InstructGPT-style RLHF: SFT, K-wise reward model, PPO-ptx, labeling, evaluation.",
     )
     parser.add_argument("--version", action="version", version=f"tether {_version()}")
-    parser.add_argument("--debug", action="store_true", help="show the Python traceback of any error")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the Python traceback of any error (anywhere on the line)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS:
         module.add_commands(sub)
