@@ -190,3 +190,86 @@ def test_an_exact_score_tie_counts_half_in_training_accuracy_as_in_evaluation():
     assert float(stats["accuracy"]) == pytest.approx((0.5 + 1 + 1) / 3)
     _, stats = pairwise_loss(torch.tensor([2.0, 1.0]), torch.tensor([2.0, 0.0]))
     assert float(stats["accuracy"]) == pytest.approx(0.75)
+
+
+# --------------------------------------------------------------------------------------------
+# The RM's data: it trains on the token ids the policy sampled, the ids PPO scores.
+
+
+def _eos_often(model, tok) -> None:
+    """About half the tiny model's responses end within 4 tokens (the rest are cut off)."""
+
+    def boost_eos(_module, _inputs, logits):
+        logits[..., tok.eos_token_id] += 9.0
+        return logits
+
+    model.lm_head.register_forward_hook(boost_eos)
+
+
+def test_the_rm_reads_a_comparisons_sampled_ids_not_the_retokenised_text(tiny_dir):
+    """Ids that decode to the text but are not its canonical tokenisation are trained on as sampled."""
+    from tether.data.formats import Comparison
+    from tether.models.loading import load_tokenizer
+    from tether.reward.data import encode_comparisons, prompt_ids
+
+    tok = load_tokenizer(tiny_dir)
+    text = "hello world"
+    split = tok("hel", add_special_tokens=False).input_ids + tok("lo world", add_special_tokens=False).input_ids
+    assert tok.decode(split) == text and split != tok(text, add_special_tokens=False).input_ids
+    other = tok("bye", add_special_tokens=False).input_ids
+    c = Comparison("Greet.", [text, "bye"], [1, 2], "a", ended=[True, False], response_ids=[split, other])
+    (example,), _ = encode_comparisons(tok, [c], max_length=64)
+    head = prompt_ids(tok, "Greet.")
+    assert example.sequences == [head + split + [tok.eos_token_id], head + other]
+    # A text-only comparison (a user's file, the labeling app) is tokenised from its text, as before.
+    (plain,), _ = encode_comparisons(tok, [Comparison("Greet.", [text, "bye"], [1, 2], "a")], max_length=64)
+    assert plain.sequences[0] == head + tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    with pytest.raises(ValueError, match=r"comparison 0: response_ids\[1\] holds token id .* outside"):
+        encode_comparisons(tok, [Comparison("Greet.", [text, "bye"], [1, 2], "a", response_ids=[split, [10**9]])], 64)
+
+
+def test_sampled_ids_go_from_sampling_through_labels_and_jsonl_to_the_rm_as_ppo_scores_them(tiny_dir, tmp_path):
+    """sample_k keeps each response's ids; the panel's comparisons carry them; JSONL keeps them;
+    the RM's sequences are token for token what PPO scores (prompt ⊕ sampled ids ⊕ EOS when it came)."""
+    from tether.data.formats import DataError, Prompt, read_records, write_records
+    from tether.labelers.panel import Panel
+    from tether.models.generation import row_generators, sample, sample_k
+    from tether.models.loading import load_causal_lm
+    from tether.reward.data import encode_comparisons
+
+    model, tok = load_causal_lm(str(tiny_dir))
+    _eos_often(model, tok)
+    prompts = [Prompt(id=f"p{i}", text=f"Say something about {w}.", user_id="u") for i, w in enumerate("abcdef")]
+    samples = sample_k(model, tok, prompts, 4, policy_name="sft", max_new_tokens=4, seed=0)
+    # What PPO samples and scores for the same rows and seeds: prompt ⊕ response, EOS included when reached.
+    flat = [p.text for p in prompts for _ in range(4)]
+    gen = sample(
+        model,
+        tok,
+        flat,
+        max_new_tokens=4,
+        generator=row_generators(0, [(i, j) for i in range(6) for j in range(4)], "cpu"),
+    )
+    scored = [
+        torch.cat(
+            [gen.query_ids[r][gen.query_mask[r].bool()], gen.response_ids[r][gen.response_mask[r].bool()]]
+        ).tolist()
+        for r in range(len(flat))
+    ]
+    assert {False, True} == set(gen.finished.tolist())  # ended and cut-off responses both
+
+    write_records(tmp_path / "samples.jsonl", samples)
+    assert read_records(tmp_path / "samples.jsonl", "sample") == samples
+    comparisons = Panel().label(samples, seed=0)
+    write_records(tmp_path / "comparisons.jsonl", comparisons)
+    assert read_records(tmp_path / "comparisons.jsonl", "comparison") == comparisons
+    examples, _ = encode_comparisons(tok, comparisons, max_length=256)
+    assert len(examples) == len(comparisons) >= 4
+    for c, ex in zip(comparisons, examples, strict=True):
+        i = int(c.prompt_id[1:])
+        assert ex.sequences == scored[4 * i : 4 * i + 4]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "responses": ["a", "b"], "response_ids": [[1, 2], [3, -1]]}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:1: field .response_ids\[1\]. must be a list of token ids"):
+        read_records(bad, "sample")

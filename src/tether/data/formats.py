@@ -8,11 +8,11 @@ local cache (``NAME`` or ``NAME:SPLIT``, read offline) are read too. Field by fi
 ``demonstration``  {"prompt": prompt, "response": str, "prompt_id": str?, "labeler_id": str?}
 ``sample``         {"prompt": prompt, "responses": [str] (K = 2..9), "prompt_id": str?,
                     "policies": [str]? (one per response), "ended": [bool]? (one per response),
-                    "user_id": str?, "category": str?}
+                    "response_ids": [[int]]? (one per response), "user_id": str?, "category": str?}
 ``comparison``     {"prompt": prompt, "responses": [str] (K = 2..9), "ranking": [int] (one rank per
                     response, 1 = best, equal ranks = a tie), "labeler_id": str?,
                     "prompt_id": str?, "likert": [int 1..7]?, "flags": [{flag: bool}]?,
-                    "policies": [str]?, "ended": [bool]?}
+                    "policies": [str]?, "ended": [bool]?, "response_ids": [[int]]?}
 ``pretrain``       {"text": str}
 
 A *prompt* is a string or a conversation: a list of {"role": "system" | "user" | "assistant",
@@ -145,6 +145,9 @@ class Sample:
     user_id: str | None = None
     category: str | None = None
     ended: list[bool] | None = None  # per response: it ended with EOS (None: all did)
+    # per response: the token ids the policy sampled (EOS left out; ``ended`` says whether it came),
+    # so the RM trains on what PPO scores; None: text only, tokenised from the text
+    response_ids: list[list[int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,7 @@ class Comparison:
     flags: list[dict[str, bool]] | None = None
     policies: list[str] | None = None
     ended: list[bool] | None = None  # per response: it ended with EOS (None: all did)
+    response_ids: list[list[int]] | None = None  # per response: sampled token ids, as in Sample
 
     @property
     def k(self) -> int:
@@ -295,6 +299,17 @@ def _optional_ended(obj: dict, k: int, where: Where) -> list[bool] | None:
     return ended
 
 
+def _optional_response_ids(obj: dict, k: int, where: Where) -> list[list[int]] | None:
+    """Per-response sampled token ids: a list of non-negative integers for each response."""
+    ids = _optional_per_response(obj, "response_ids", k, where)
+    if ids is not None:
+        for i, row in enumerate(ids):
+            tokens = row if isinstance(row, list) else [None]
+            if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens):
+                raise DataError(*where, f"response_ids[{i}]", "must be a list of token ids (integers >= 0)")
+    return ids
+
+
 def _optional_policies(obj: dict, k: int, where: Where) -> list[str] | None:
     """Per-response policy names: ids (strings or integers), one per response."""
     policies = _optional_per_response(obj, "policies", k, where)
@@ -334,6 +349,7 @@ def parse_record(obj: Any, kind: str, path: str | Path = "<memory>", line: int |
             user_id=_require_id(obj, "user_id", where, optional=True),
             category=_require_str(obj, "category", where, optional=True),
             ended=_optional_ended(obj, len(responses), where),
+            response_ids=_optional_response_ids(obj, len(responses), where),
         )
     if kind == "comparison":
         prompt = _require_str(obj, "prompt", where)
@@ -373,6 +389,7 @@ def parse_record(obj: Any, kind: str, path: str | Path = "<memory>", line: int |
             flags=flags,
             policies=_optional_policies(obj, k, where),
             ended=_optional_ended(obj, k, where),
+            response_ids=_optional_response_ids(obj, k, where),
         )
     raise ValueError(f"unknown record kind {kind!r}; known: {', '.join(KINDS)}")
 

@@ -559,6 +559,7 @@ class Panel:
                         flags=[judged_flags(f) for f in feats],
                         policies=list(sample.policies) if sample.policies else None,
                         ended=list(sample.ended) if sample.ended is not None else None,
+                        response_ids=sample.response_ids,
                     )
                 )
         return out

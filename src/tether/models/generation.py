@@ -720,7 +720,10 @@ def sample_k(
 
     prompts: ``Prompt`` records. Each prompt's K copies share a batch, so the KV cache of a batch
     holds several prompts × K responses at once. ``ended`` records which responses reached EOS,
-    so the reward model later trains on a cut-off response as cut off (as PPO will score it).
+    so the reward model later trains on a cut-off response as cut off (as PPO will score it), and
+    ``response_ids`` the sampled tokens themselves (EOS left out), so it trains on the very ids PPO
+    scores rather than on a re-tokenisation of the decoded text (which can differ: non-canonical
+    BPE splits, whitespace dropped by the decoding).
     Response j of prompt i is drawn from its own stream, seeded by (seed, first_index + i, j):
     the same tokens whatever the batch size, and a shard of a prompt list (``prompts[a:b]`` with
     ``first_index=a``) gives exactly the samples the whole list gives for those prompts.
@@ -733,6 +736,7 @@ def sample_k(
     generators = row_generators(seed, [(first_index + i, j) for i in range(len(prompts)) for j in range(k)], device)
     texts: list[str] = []
     ended: list[bool] = []
+    ids: list[list[int]] = []
     for start in range(0, len(flat), batch_size):
         gen = sample(
             model,
@@ -744,6 +748,7 @@ def sample_k(
         )
         texts.extend(decode_responses(tokenizer, gen))
         ended.extend(gen.finished.tolist())
+        ids.extend(sampled_ids(gen))
         if progress is not None:
             progress(len(texts), len(flat))
     # An empty response cannot be ranked or stored (the sample contract); mark it visibly instead.
@@ -757,6 +762,13 @@ def sample_k(
             user_id=p.user_id,
             category=p.category,
             ended=ended[i * k : (i + 1) * k],
+            response_ids=ids[i * k : (i + 1) * k],
         )
         for i, p in enumerate(prompts)
     ]
+
+
+def sampled_ids(gen: Generation) -> list[list[int]]:
+    """Each response's sampled token ids without its EOS (``gen.finished`` says whether it came)."""
+    lengths = (gen.lengths - gen.finished.long()).tolist()
+    return [row[:n] for row, n in zip(gen.response_ids.tolist(), lengths, strict=True)]

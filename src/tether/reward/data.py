@@ -2,7 +2,11 @@
 
 A comparison (one labeler's ranking of K responses to one prompt) becomes K token sequences
 ``chat_prompt(prompt) ⊕ response ⊕ EOS``, tokenised exactly as the policy sees them (prompt and
-response tokenised separately, as in SFT and in sampling). A response the policy never ended
+response tokenised separately, as in SFT and in sampling). A sampled response carries the token
+ids the policy drew (``response_ids``): those are used, not a re-tokenisation of the decoded text,
+which can differ from them (non-canonical BPE splits, whitespace dropped by the decoding), so the
+RM trains on exactly the ids PPO scores; a text-only comparison (users' files, the labeling app) is
+tokenised from its text. A response the policy never ended
 (``ended[i]`` false: it ran out of tokens) gets no EOS, so the RM trains on the very sequence PPO
 scores, and learns what an unfinished answer is worth instead of reading it as finished. A
 :class:`RankingBatch` concatenates the sequences of several prompts and remembers which prompt
@@ -93,18 +97,22 @@ def check_comparison(c: Comparison) -> None:
 def encode_response(
     tokenizer: PreTrainedTokenizerBase,
     prompt_ids: list[int],
-    response: str,
+    response: str | list[int],
     max_length: int,
     *,
     ended: bool = True,
 ) -> tuple[list[int], bool]:
     """``prompt_ids ⊕ response ⊕ EOS``, cut to ``max_length`` keeping the prompt.
 
-    ``ended=False`` leaves EOS off: a sampled response that ran out of tokens never produced
+    ``response`` is a text (tokenised here) or the token ids the policy sampled (used as they
+    are). ``ended=False`` leaves EOS off: a sampled response that ran out of tokens never produced
     one, and the RM must see it as the policy wrote it. Returns ``(ids, truncated)``; a cut
     response loses its EOS, so the score is read at the last response token that fits.
     """
-    response_ids = tokenizer(response, add_special_tokens=False).input_ids
+    if isinstance(response, str):
+        response_ids = tokenizer(response, add_special_tokens=False).input_ids
+    else:
+        response_ids = list(response)
     if ended:
         response_ids = response_ids + [tokenizer.eos_token_id]
     room = max_length - len(prompt_ids)
@@ -114,6 +122,24 @@ def encode_response(
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     """The chat-formatted prompt's token ids (no special tokens added beyond the template)."""
     return tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
+
+
+def comparison_responses(tokenizer: PreTrainedTokenizerBase, c: Comparison, index: int) -> list[str | list[int]]:
+    """What the RM reads of a comparison's responses: the sampled ids when it carries them (checked
+    against ``tokenizer``'s vocabulary: ids of another tokenizer would be other words), else the texts."""
+    if c.response_ids is None:
+        return [*c.responses]
+    if len(c.response_ids) != c.k:
+        raise ValueError(f"comparison {index}: {len(c.response_ids)} response_ids lists for {c.k} responses")
+    vocab = len(tokenizer)
+    for j, ids in enumerate(c.response_ids):
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(
+                f"comparison {index}: response_ids[{j}] holds token id {bad[0]}, outside the tokenizer's "
+                f"vocabulary of {vocab}: sampled with another tokenizer? Drop response_ids to tokenise the text"
+            )
+    return [list(ids) for ids in c.response_ids]
 
 
 def encode_comparisons(
@@ -139,7 +165,8 @@ def encode_comparisons(
             continue
         ended = c.ended if c.ended is not None else [True] * c.k
         encoded = [
-            encode_response(tokenizer, p_ids, r, max_length, ended=e) for r, e in zip(c.responses, ended, strict=True)
+            encode_response(tokenizer, p_ids, r, max_length, ended=e)
+            for r, e in zip(comparison_responses(tokenizer, c, i), ended, strict=True)
         ]
         n_cut = sum(cut for _, cut in encoded)
         if n_cut and overlength == "skip":
