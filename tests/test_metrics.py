@@ -98,3 +98,5 @@ def test_wandb_logs_the_jsonl_scalars_offline_without_a_key(tmp_path, monkeypatc
     assert fake.logged == [(1, {"loss": 2.5, "lr": 1e-3}), (2, {"loss": 2.0, "lr": 1e-3})]
     assert fake.finished == 1
     assert read_metrics(tmp_path / "run" / "metrics.jsonl") == RECORDS  # jsonl too
+    MetricsLogger(tmp_path / "run" / "metrics.jsonl", cfg).close()  # a resumed stage: the same W&B run
+    assert fake.inits[1]["id"] == init["id"] and fake.inits[1]["resume"] == "allow"

@@ -1022,6 +1022,8 @@ RENAMED_FIELDS: dict[tuple[str, str], str] = {
     ("EvalConfig", "prompts"): "prompts_file",
     ("EvalConfig", "pretrain"): "pretrain_file",
 }
+# Fields whose flag is accepted but not shown, because another flag says the same thing.
+HIDDEN_FLAGS = {"tensorboard"}  # --report-to jsonl,tensorboard
 
 
 def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str, flags: list) -> None:
@@ -1035,6 +1037,10 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str, flags: 
             continue
         flag = "--" + name.replace("_", "-")
         dest = "cfg__" + name
+        if f.name in HIDDEN_FLAGS:
+            kind: Any = _BoolFlag if tp is bool else "store"
+            parser.add_argument(flag, dest=dest, action=kind, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            continue
         if tp is bool:
             names = [flag, "--no-" + name.replace("_", "-")]
             action = parser.add_argument(*names, dest=dest, action=_BoolFlag, default=argparse.SUPPRESS)

@@ -8,6 +8,7 @@ import math
 import netrc
 import os
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -65,7 +66,8 @@ class MetricsLogger:
     stage config ``cfg`` asks for them (report_to).
 
     W&B runs offline (``wandb sync`` uploads it later) unless an API key is configured or
-    WANDB_MODE says otherwise. ``enabled=False`` (every data-parallel rank but 0) writes nothing.
+    WANDB_MODE says otherwise; a resumed stage logs into the same W&B run. ``enabled=False``
+    (every data-parallel rank but 0) writes nothing.
     """
 
     def __init__(self, path: str | Path, cfg: Any = None, *, enabled: bool = True):
@@ -97,10 +99,17 @@ class MetricsLogger:
                 f"{self.path.parent / 'wandb'}; `wandb sync` uploads it later",
                 file=sys.stderr,
             )
+        # A rerun that resumes the stage continues the same W&B run: its id is kept in the run directory.
+        id_file = self.path.parent / "wandb" / "tether-run-id"
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:16]
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id + "\n")
         return wandb.init(
             project=os.environ.get("WANDB_PROJECT", "tether"),
             name=self.path.parent.name,
             dir=str(self.path.parent),
+            id=run_id,
+            resume="allow",
             config=dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type) else None,
             mode="offline" if offline else None,
         )
