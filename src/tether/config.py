@@ -30,7 +30,7 @@ import yaml
 # from typing.get_args, so a name is listed once); check_fields refuses any other value, naming
 # the field and the choices, and --help shows them.
 
-Dtype = Literal["float32", "bfloat16", "float16"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Autocast = Literal["auto", "bfloat16", "float16"]
 Schedule = Literal["cosine", "constant"]
 SelectBy = Literal["last", "valid_loss", "rm_score"]
@@ -94,8 +94,12 @@ class ModelConfig:
     """The padding token. None: the tokenizer's own unless it is the turn end, else a token the
     vocabulary reserves (<|finetune_right_pad_id|>, <|reserved_special_token_0|>), else the
     end-of-document token or the turn end (safe: tether builds every mask from lengths)."""
-    dtype: Dtype = "float32"
-    """Weights dtype: float32, bfloat16 or float16."""
+    dtype: Dtype = "auto"
+    """Weights dtype: float32, bfloat16, float16 or 'auto' (bfloat16 on a CUDA GPU that has it
+    natively, float32 elsewhere: CPUs, older GPUs)."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them (training
+    only): the same gradients, far less activation memory, about a third more compute."""
     residual_dropout: float = 0.0
     """Dropout on every attention/MLP sublayer output before the residual add (paper SFT: 0.2)."""
     autocast: Autocast | None = None

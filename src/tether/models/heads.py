@@ -34,13 +34,13 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 from tether.config import ModelConfig
 from tether.models.generation import position_ids_from_mask
 from tether.models.loading import (
-    DTYPES,
     load_tokenizer,
     prepare,
     record_token_roles,
     resolve_device,
     resolve_model_dir,
     save_model,
+    weights_dtype,
 )
 from tether.ops import last_token_index
 
@@ -60,6 +60,8 @@ def load_scalar_model(
         cfg = ModelConfig(name_or_path=cfg)
     path = resolve_model_dir(cfg.name_or_path, allow_download=cfg.allow_download)
     tokenizer = load_tokenizer(path, cfg)
+    device = resolve_device(cfg.device)
+    dtype = weights_dtype(cfg, device)
     if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
         # An SFT checkpoint saved as LoRA adapters: the same blocks under a scalar head, merged.
         from peft import PeftConfig, PeftModel
@@ -67,16 +69,16 @@ def load_scalar_model(
         adapter = PeftConfig.from_pretrained(path)
         adapter.task_type = None  # (a causal LM's adapters, read into the blocks they were trained on)
         base = adapter.base_model_name_or_path
-        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=DTYPES[cfg.dtype])
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype)
         model = PeftModel.from_pretrained(model, path, config=adapter).merge_and_unload()
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[cfg.dtype])
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
     record_token_roles(model, tokenizer)
     # A fresh head (or an RM from before the gain existed) starts with the identity map.
     for key, identity in ((REWARD_BIAS_KEY, 0.0), (REWARD_GAIN_KEY, 1.0)):
         if not hasattr(model.config, key):
             setattr(model.config, key, identity)
-    model.to(resolve_device(cfg.device))
+    model.to(device)
     return prepare(model, cfg, trainable=trainable, task_type="SEQ_CLS"), tokenizer
 
 

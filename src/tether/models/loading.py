@@ -51,7 +51,17 @@ TINY_CONFIG = dict(
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
 
-DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(Dtype)}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(Dtype) if name != "auto"}
+
+
+def weights_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """The dtype weights load in: ``cfg.dtype``; 'auto' is bfloat16 on a CUDA device that runs it
+    natively (Ampere on: half the memory of float32) and float32 elsewhere (CPUs, as always)."""
+    if cfg.dtype != "auto":
+        return DTYPES[cfg.dtype]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    return torch.float32
 
 
 def cache_dir() -> Path:
@@ -366,15 +376,16 @@ def load_causal_lm(
         cfg = ModelConfig(name_or_path=cfg)
     path = resolve_model_dir(cfg.name_or_path, allow_download=cfg.allow_download)
     tokenizer = load_tokenizer(path, cfg)
+    device = resolve_device(cfg.device)
     if (path / "adapter_config.json").exists() and not (path / "config.json").exists():
         from peft import AutoPeftModelForCausalLM  # only for adapter-only directories (see apply_lora)
 
-        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype])
+        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=weights_dtype(cfg, device))
         model = model.merge_and_unload()
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.dtype])
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=weights_dtype(cfg, device))
     record_token_roles(model, tokenizer)
-    model.to(resolve_device(cfg.device))
+    model.to(device)
     return prepare(model, cfg, trainable=trainable), tokenizer
 
 
@@ -402,6 +413,8 @@ def prepare(
         model.requires_grad_(False)
         return cache_frozen_casts(model)
     add_residual_dropout(model, cfg.residual_dropout)
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, task_type=task_type)
     elif cfg.trainable_layers:
