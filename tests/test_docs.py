@@ -195,6 +195,23 @@ RUN: dict[str, tuple[str, ...]] = {
     "tether label create-project --prompts-file prompts.jsonl --name writing": (),
     "tether label progress": (),
     "tether label export --project samples --out-file data/comparisons.jsonl": ("data/comparisons.jsonl",),
+    # your own model: a Llama-3-shaped tiny model through every stage
+    "tether data default-task --out-dir runs/task": ("runs/task/demonstrations.jsonl", "runs/task/prompts.jsonl"),
+    "tether sft --preset tiny --model.name-or-path tiny-llama3 --train-file runs/task/demonstrations.jsonl "
+    "--epochs 1 --out-dir runs/llama3/sft": ("runs/llama3/sft/final/config.json",),
+    "tether sample --policy runs/llama3/sft/final --prompts-file runs/task/prompts.jsonl --limit 16 --k 4 "
+    "--max-new-tokens 16 --out-file runs/llama3/samples.jsonl": ("runs/llama3/samples.jsonl",),
+    "tether label simulate --samples-file runs/llama3/samples.jsonl --out-file runs/llama3/comparisons.jsonl": (
+        "runs/llama3/comparisons.jsonl",
+    ),
+    "tether rm --preset tiny --model.name-or-path runs/llama3/sft/final --train-file runs/llama3/comparisons.jsonl "
+    "--max-length 512 --out-dir runs/llama3/rm": ("runs/llama3/rm/final/config.json",),
+    "tether ppo --preset tiny --policy.name-or-path runs/llama3/sft/final --reward-model runs/llama3/rm/final "
+    "--prompts-file runs/task/prompts.jsonl --pretrain-file runs/task/pretrain_train.jsonl "
+    "--out-dir runs/llama3/ppo": ("runs/llama3/ppo/policy/config.json",),
+    "tether eval --preset tiny --policy sft=runs/llama3/sft/final --policy ppo=runs/llama3/ppo/policy "
+    "--reward-model runs/llama3/rm/final --prompts-file runs/task/prompts.jsonl "
+    "--pretrain-file runs/task/pretrain_heldout.jsonl --out-dir runs/llama3/eval": ("runs/llama3/eval/eval.json",),
 }
 
 GPU = "sized for a GPU or a cluster"
@@ -215,6 +232,14 @@ HEAVY: dict[str, str] = {
         "a model of yours"
     ),
     "tether label serve --admin-user admin": "a server that runs until stopped",
+    "tether sft --model.name-or-path meta-llama/Meta-Llama-3-8B-Instruct --model.dtype bfloat16 --train-file "
+    "demos.jsonl --out-dir runs/l3/sft": "a model of yours",
+    "tether rm --model.name-or-path runs/l3/sft/final --model.dtype bfloat16 --train-file comparisons.jsonl "
+    "--out-dir runs/l3/rm": "a model of yours",
+    "tether ppo --policy.name-or-path runs/l3/sft/final --policy.dtype bfloat16 --reward-model runs/l3/rm/final "
+    "--prompts-file prompts.jsonl --out-dir runs/l3/ppo": "a model of yours",
+    "tether eval --policy sft=runs/l3/sft/final --policy ppo=runs/l3/ppo/policy --reward-model runs/l3/rm/final "
+    "--prompts-file heldout_prompts.jsonl --out-dir runs/l3/eval": "a model of yours",
     # scaling out
     "torchrun --nproc-per-node 8 -m tether sft --preset paper --train-file demos.jsonl --out-dir runs/sft": GPU,
     "torchrun --nproc-per-node 8 -m tether rm --model.name-or-path runs/sft/final --train-file comparisons.jsonl": GPU,
