@@ -204,3 +204,12 @@ def test_sample_names_its_policy_like_eval():
     assert policy_name_and_path("sft=runs/sft/final") == ("sft", "runs/sft/final")
     assert policy_name_and_path("runs/sft/final") == ("runs/sft/final", "runs/sft/final")
     assert policy_name_and_path("runs/lr=1e-4/final") == ("runs/lr=1e-4/final", "runs/lr=1e-4/final")
+
+
+def test_help_after_a_config_file_shows_its_values(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({"optim": {"lr": 0.5}, "model": {"lora": {"enabled": True}}}))
+    shown = help_defaults(help_text(capsys, ["sft", "--preset", "tiny", "--help", "--config", str(path)]))
+    assert shown["optim.lr"] == "0.5" and shown["model.lora.enabled"] == "true"  # the file over the preset
+    assert shown["model.name_or_path"] == "tiny"  # the preset where the file says nothing
