@@ -291,3 +291,55 @@ def test_a_conversation_goes_through_the_chat_template_and_a_refused_system_turn
     said = f"{tokenizer.name_or_path}: the chat template refuses a system turn; the system prompt joins the first"
     said += " user turn"
     assert [r.message for r in caplog.records].count(said) == 1
+
+
+def test_a_long_conversation_loses_its_oldest_whole_turns_never_the_system_prompt_or_the_last_user_turn():
+    from tether.data.formats import Turn
+    from tether.data.preprocess import fit_prompt, fit_prompts
+
+    def turn(role: str, content: str) -> Turn:
+        return Turn(role, content)
+
+    system, last = turn("system", "S" * 10), turn("user", "last?")
+    old = [turn("user", "u" * 30), turn("assistant", "a" * 30), turn("user", "v" * 5), turn("assistant", "b" * 5)]
+    conv = Conversation([system, *old, last])
+    count = len  # characters of the plain-text rendering stand in for tokens
+    assert fit_prompt(conv, 1000, count) == (conv, 0)
+    fitted, cut = fit_prompt(conv, 80, count)
+    assert cut == 2 and fitted.turns == (system, *old[2:], last)  # the first user turn and its answer
+    fitted, cut = fit_prompt(conv, 40, count)
+    assert cut == 4 and fitted.turns == (system, last)
+    assert fit_prompt(conv, 20, count) == (None, 4)  # the system prompt and the last turn alone are too long
+    assert fit_prompt("x" * 50, 20, count) == (None, 0)  # a plain prompt is one last turn
+    no_system, cut = fit_prompt(Conversation([*old, last]), 12, count)
+    assert (no_system, cut) == ("last?", 4)  # one user turn left: plain text
+    kept, fit = fit_prompts([conv, "short", "y" * 100], 80, count)
+    assert kept == [fit_prompt(conv, 80, count)[0], "short"]
+    assert (fit.prompts, fit.cut_prompts, fit.cut_turns, fit.dropped) == (3, 1, 2, 1)
+
+
+def test_ppo_fits_own_prompts_to_max_prompt_length_and_records_the_counts(tmp_path, tiny_dir):
+    from tether.config import PPOConfig
+    from tether.ppo.cli import _fit_prompts
+
+    long_history = [USER1, {"role": "assistant", "content": "word " * 400}]
+    rows = [{"prompt": [SYSTEM, *long_history, USER2]}, {"prompt": "word " * 300}, {"prompt": "Short?"}]
+    cfg = PPOConfig(prompts_file=str(jsonl(tmp_path / "p.jsonl", rows)), out_dir=str(tmp_path / "ppo"))
+    cfg = dataclasses.replace(cfg, policy=dataclasses.replace(cfg.policy, name_or_path=str(tiny_dir)))
+    logged: list[str] = []
+    fitted = _fit_prompts(cfg, logged.append)
+    prompts = read_records(fitted.prompts_file, "prompt")
+    assert [p.text.messages() if isinstance(p.text, Conversation) else p.text for p in prompts] == [
+        [SYSTEM, USER2],
+        "Short?",
+    ]
+    record = json.loads((tmp_path / "ppo" / "prompt_fit.json").read_text())
+    assert record == {
+        "prompts_file": cfg.prompts_file,
+        "max_tokens": 256,
+        "prompts": 3,
+        "cut_prompts": 1,
+        "cut_turns": 2,
+        "dropped": 1,
+    }
+    assert "1 of 3 lost their 2 oldest turns" in logged[0] and "1 were dropped" in logged[0]

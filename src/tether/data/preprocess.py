@@ -21,10 +21,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, TypeVar, get_args
 
 from tether.config import SPLITS, check_fractions
-from tether.data.formats import Prompt, write_records
+from tether.data.formats import Conversation, Prompt, write_records
 
 # The order preprocess_prompts runs its filters in; the keys of PreprocessReport.removed.
 STEPS: tuple[str, ...] = ("pii", "length", "dedup", "user_cap")
@@ -219,6 +219,9 @@ def _apply_pii(
         elif mode == "drop":
             kinds = ", ".join(sorted({m.kind for m in found}))
             dropped.append(Dropped(p, "pii", f"contains {kinds}"))
+        elif isinstance(p.text, Conversation):  # each turn redacted: the turns stay turns
+            turns = (replace(t, content=redact_pii(t.content)) for t in p.text.turns)
+            kept.append(replace(p, text=Conversation(turns)))
         else:
             kept.append(replace(p, text=redact_pii(p.text, found)))
     return kept, dropped
@@ -559,3 +562,68 @@ def preprocess_prompts(
     # Nothing leaves silently: every prompt is either in a split or in `dropped`.
     assert report.input == report.total_removed + report.kept == len(dropped) + len(kept)
     return PreprocessResult(splits=splits, dropped=dropped, report=report, config=config)
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts that fit the model's prompt length
+
+
+def fit_prompt(prompt: str, max_tokens: int, count_tokens: Callable[[str], int]) -> tuple[str | None, int]:
+    """``(prompt, turns cut)``: a prompt of at most ``max_tokens`` (``count_tokens`` counts it as
+    the model sees it, chat template included), or None when it cannot fit.
+
+    A conversation loses its oldest whole turns (with the assistant turns that answered them, so
+    that it still opens on a user turn), never its system prompt or its last user turn; a prompt
+    whose system prompt and last user turn alone are too long, or a plain prompt that is, cannot
+    fit: cutting into a turn would change what is asked.
+    """
+    if count_tokens(prompt) <= max_tokens:
+        return prompt, 0
+    if not isinstance(prompt, Conversation):
+        return None, 0
+    head = list(prompt.turns[:1]) if prompt.turns[0].role == "system" else []
+    body = list(prompt.turns[len(head) :])
+    cut = 0
+    while len(body) > 1:
+        body, cut = body[1:], cut + 1
+        while body[0].role != "user":  # the last turn is a user turn: the loop stops there
+            body, cut = body[1:], cut + 1
+        turns = head + body
+        fitted = Conversation(turns) if len(turns) > 1 else turns[0].content
+        if count_tokens(fitted) <= max_tokens:
+            return fitted, cut
+    return None, cut
+
+
+@dataclass(frozen=True)
+class PromptFit:
+    """What :func:`fit_prompts` did, for the log and the run directory."""
+
+    max_tokens: int
+    prompts: int  # prompts read
+    cut_prompts: int  # prompts that lost turns
+    cut_turns: int  # turns cut, in all
+    dropped: int  # prompts that could not fit
+
+    def describe(self) -> str:
+        return (
+            f"prompts: {self.cut_prompts} of {self.prompts} lost their {self.cut_turns} oldest turns in all and "
+            f"{self.dropped} were dropped (system prompt and last user turn alone over {self.max_tokens} tokens)"
+        )
+
+
+P = TypeVar("P", Prompt, str)
+
+
+def fit_prompts(prompts: Sequence[P], max_tokens: int, count_tokens: Callable[[str], int]) -> tuple[list[P], PromptFit]:
+    """Every prompt (a Prompt record or its text) made to fit, those that cannot dropped and counted."""
+    kept: list[P] = []
+    cut_prompts = cut_turns = dropped = 0
+    for p in prompts:
+        fitted, cut = fit_prompt(p.text if isinstance(p, Prompt) else p, max_tokens, count_tokens)
+        if fitted is None:
+            dropped += 1
+            continue
+        cut_prompts, cut_turns = cut_prompts + (cut > 0), cut_turns + cut
+        kept.append(replace(p, text=fitted) if isinstance(p, Prompt) else fitted)
+    return kept, PromptFit(max_tokens, len(prompts), cut_prompts, cut_turns, dropped)
