@@ -47,9 +47,9 @@ from tether.config import PPOConfig, add_config_args, config_from_args
 from tether.models import loading
 from tether.models.generation import Sampler, encode_prompts, position_ids_from_mask, resolve_rollout_dtype, sample
 from tether.models.loading import autocast_dtype, load_causal_lm, resolve_device
-from tether.ppo import rollout as ppo_rollout
-from tether.ppo import train as ppo_train
-from tether.ppo.train import load_prompts, sampling_dtype, train_ppo
+from tether.ppo import roles as ppo_roles
+from tether.ppo.roles import sampling_dtype
+from tether.ppo.train import load_prompts, train_ppo
 
 
 def toy_reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
@@ -187,10 +187,9 @@ def run_trainer(
         if not cast_cache:
             stack.enter_context(mock.patch.object(loading, "cache_frozen_casts", lambda model: model))
         if not engine:
-            stack.enter_context(mock.patch.object(ppo_rollout, "sample", _old_loop))
+            stack.enter_context(mock.patch.object(ppo_roles, "sample", _old_loop))
         if not engine or not sampling_trunk:
-            stack.enter_context(mock.patch.object(ppo_rollout, "sampling_trunk", lambda *a: None))
-            stack.enter_context(mock.patch.object(ppo_train, "sampling_trunk", lambda *a: None))
+            stack.enter_context(mock.patch.object(ppo_roles, "_sampling_capture", lambda *a: None))
         cfg = dataclasses.replace(
             cfg,
             out_dir=tmp,

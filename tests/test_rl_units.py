@@ -25,7 +25,7 @@ from tether.models.heads import (
     token_values,
 )
 from tether.models.loading import load_causal_lm
-from tether.ppo.rollout import _joined, episode_scores, response_values
+from tether.ppo.rollout import episode_scores, joined, response_values
 from tether.reward.data import encode_comparisons
 from tether.reward.normalize import normalize_reward_model
 
@@ -100,7 +100,7 @@ def test_the_rm_trains_on_the_token_sequence_ppo_scores(tiny_dir):
     for i, r in enumerate(rows):
         r_ids[i, : len(r)], r_mask[i, : len(r)] = torch.tensor(r), 1
     gen = Generation(q_ids, q_mask, r_ids, r_mask, torch.zeros(2, width), torch.tensor(ended))
-    ids, mask = _joined(gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask)
+    ids, mask = joined(gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask)
     scored = [ids[i][mask[i].bool()].tolist() for i in range(2)]  # what episode_scores reads
 
     comparison = Comparison(prompt=prompt, responses=responses, ranking=[1, 2], labeler_id="a", ended=ended)

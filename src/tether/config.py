@@ -395,11 +395,6 @@ class PPOConfig:
     (frozen, e.g. under trainable_layers) once per batch, and keep their output for the update:
     the same numbers, less compute and one copy in memory. Found from the weights; false runs
     every model whole."""
-    fuse_first_forward: bool = True
-    """With one minibatch of one micro-batch (batch_size == mini_batch_size == micro_batch_size,
-    one process), take PPO's old log-probs and values from the update's first forward, which runs
-    at the rollout's weights on the whole batch, instead of a separate scoring pass: the same
-    numbers (to float round-off), a policy and a value forward fewer per iteration."""
     total_episodes: int = 1024
     """Episodes in the whole run; iterations = total_episodes // batch_size (paper: 256k)."""
     ema_decay: float | None = None
@@ -845,6 +840,16 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+# Fields that are gone: (class, name) -> why, and what to do (delete the line).
+REMOVED_FIELDS: dict[tuple[str, str], str] = {
+    ("PPOConfig", "fuse_first_forward"): (
+        "it applied only with batch_size == mini_batch_size == micro_batch_size in one process and "
+        "saved part of the scoring time there; old log-probs and values now always come from scoring. "
+        "Delete the line."
+    ),
+}
+
+
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build a dataclass from a nested dict; unknown keys are an error naming the key."""
     hints = _hints(cls)
@@ -856,6 +861,8 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         if full == "inputs" and "inputs" not in names:  # what save_config records for the reader
             continue
         if key not in names:
+            if (cls.__name__, key) in REMOVED_FIELDS:
+                raise ValueError(f"config field '{full}' was removed: {REMOVED_FIELDS[cls.__name__, key]}")
             raise ValueError(f"unknown config field '{full}' (known: {', '.join(sorted(names))})")
         tp = hints[key]
         if _is_dataclass_type(tp):

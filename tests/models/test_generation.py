@@ -134,11 +134,11 @@ def test_the_fallback_cache_gives_the_same_tokens(tiny_dir, monkeypatch):
 
     from tether.models import generation
 
-    assert generation._buffers_fit(LlamaConfig(num_hidden_layers=2))
-    assert not generation._buffers_fit(MistralConfig(sliding_window=16, num_hidden_layers=2))
+    assert generation.buffers_fit(LlamaConfig(num_hidden_layers=2))
+    assert not generation.buffers_fit(MistralConfig(sliding_window=16, num_hidden_layers=2))
     model, tok = eos_boosted(tiny_dir, 10.0)
     fast = sample(model, tok, PROMPTS, max_new_tokens=16, generator=torch.Generator().manual_seed(2))
-    monkeypatch.setattr(generation, "_buffers_fit", lambda config: False)
+    monkeypatch.setattr(generation, "buffers_fit", lambda config: False)
     slow = sample(model, tok, PROMPTS, max_new_tokens=16, generator=torch.Generator().manual_seed(2))
     assert torch.equal(fast.response_ids, slow.response_ids) and torch.equal(fast.finished, slow.finished)
     assert torch.allclose(fast.logprobs, slow.logprobs, atol=1e-5, rtol=0)

@@ -7,12 +7,19 @@ import copy
 import pytest
 import torch
 
-from tether.config import ModelConfig
+from tether.config import ModelConfig, PPOConfig, resolve
 from tether.models.generation import sample
 from tether.models.heads import load_scalar_model, save_scalar_model, set_reward_normalization
 from tether.models.loading import load_causal_lm
 from tether.models.trunk import SharedTrunk, backbone, shared_depth
-from tether.ppo.rollout import Rollout, score_episodes
+from tether.ppo.roles import PPORoles
+from tether.ppo.rollout import Rollout, joined
+
+
+def scorer(policy, ref, value, reward, tok, trunk=None, missing_eos_penalty=-1.0) -> PPORoles:
+    """The roles scoring as PPO does (temperature 1), through ``trunk`` when given."""
+    cfg = resolve(PPOConfig, "ppo", "tiny", overrides={"missing_eos_penalty": missing_eos_penalty})
+    return PPORoles(cfg, policy, ref, value, reward, tok, trunk=trunk)
 
 
 def roles(tiny_dir, trainable_layers: int | None = 1):
@@ -47,14 +54,11 @@ def test_scoring_through_the_trunk_equals_every_model_run_whole(tiny_dir):
     policy, ref, value, reward, tok = roles(tiny_dir)
     prompts = ["hi", "a much longer prompt that forces left padding", "mid one"]
     gen = sample(policy, tok, prompts, max_new_tokens=6, generator=torch.Generator().manual_seed(0))
-    kwargs = dict(
-        policy=policy, ref_policy=ref, value_model=value, reward=reward, temperature=1.0, missing_eos_penalty=-1.0
-    )
     with torch.no_grad():
-        whole = score_episodes(gen, prompts, ["x"] * 3, **kwargs)
+        whole = scorer(policy, ref, value, reward, tok).score(gen, prompts)
         trunk = SharedTrunk.detect([policy, ref, value, reward])
         assert trunk is not None and trunk.depth == 1
-        shared = score_episodes(gen, prompts, ["x"] * 3, **kwargs, trunk=trunk)
+        shared = scorer(policy, ref, value, reward, tok, trunk).score(gen, prompts)
     for name in ("logprobs", "ref_logprobs", "values", "entropy", "scores"):
         torch.testing.assert_close(getattr(shared, name), getattr(whole, name), atol=1e-6, rtol=0), name
     assert whole.trunk_hidden is None and shared.trunk_hidden.shape[:2] == (3, gen.query_ids.shape[1] + 6)
@@ -70,28 +74,13 @@ def test_rollout_select_and_cat_keep_the_trunk_output_aligned(tiny_dir):
     for seed, prompts in enumerate((["hi", "a much longer prompt here"], ["mid one", "x"])):
         gen = sample(policy, tok, prompts, max_new_tokens=5, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
-            parts.append(
-                score_episodes(
-                    gen,
-                    prompts,
-                    ["x"] * 2,
-                    policy=policy,
-                    ref_policy=ref,
-                    value_model=value,
-                    reward=reward,
-                    temperature=1.0,
-                    missing_eos_penalty=None,
-                    trunk=trunk,
-                )
-            )
+            parts.append(scorer(policy, ref, value, reward, tok, trunk, missing_eos_penalty=None).score(gen, prompts))
     batch = Rollout.cat(parts, tok.pad_token_id)
     for rows in ([0, 3], [2], [1, 2, 3]):
         mb = batch.select(rows)
         assert mb.trunk_hidden.shape[1] == mb.query_ids.shape[1] + mb.response_ids.shape[1]
         # Recomputed on the re-padded minibatch, the real positions' trunk output is unchanged.
-        from tether.ppo.rollout import _joined
-
-        ids, mask = _joined(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask)
+        ids, mask = joined(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask)
         again = trunk.hidden(ids, mask)
         real = mask.bool()
         torch.testing.assert_close(mb.trunk_hidden[real], again[real], atol=1e-5, rtol=0)
@@ -104,7 +93,6 @@ def test_sampling_keeps_the_trunk_output_of_a_full_forward(eos_policy, ppo_data,
     import json
 
     from tether.models.generation import row_generators
-    from tether.ppo.rollout import _joined
 
     policy, tok = load_causal_lm(ModelConfig(name_or_path=str(eos_policy), trainable_layers=1), trainable=True)
     ref = copy.deepcopy(policy).requires_grad_(False)
@@ -129,7 +117,7 @@ def test_sampling_keeps_the_trunk_output_of_a_full_forward(eos_policy, ppo_data,
         lengths = kept.response_mask.sum(1)
         if max_new == 12:  # rows left the batch at different steps, and some ran to the limit
             assert kept.finished.any() and not kept.finished.all() and lengths.min() < lengths.max()
-        ids, mask = _joined(kept.query_ids, kept.query_mask, kept.response_ids, kept.response_mask)
+        ids, mask = joined(kept.query_ids, kept.query_mask, kept.response_ids, kept.response_mask)
         assert len(set(kept.query_mask.sum(1).tolist())) > 1  # prompts of several lengths
         full = trunk.hidden(ids, mask)
         real = mask.bool()
@@ -142,7 +130,6 @@ def test_ppo_with_the_shared_trunk_trains_the_same_weights(tmp_path, tiny_dir, p
     """The whole PPO update (rollout, 2 epochs × 2 minibatches, PPO-ptx) with and without sharing."""
     from safetensors.torch import load_file
 
-    from tether.config import PPOConfig, resolve
     from tether.ppo.train import train_ppo
 
     torch.manual_seed(0)

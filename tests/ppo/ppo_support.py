@@ -6,11 +6,13 @@ import json
 
 import torch
 
-from tether.models.generation import decode_responses, sample
+from tether.config import PPOConfig, resolve
+from tether.models.generation import sample
 from tether.models.heads import load_scalar_model
 from tether.models.lm_batch import encode_pretrain
 from tether.models.loading import load_causal_lm
-from tether.ppo.rollout import score_episodes
+from tether.ppo.roles import PPORoles, plain_roles
+from tether.ppo.rollout import Targets
 
 
 def length_reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
@@ -18,25 +20,24 @@ def length_reward(prompts: list[str], responses: list[str]) -> torch.Tensor:
     return torch.tensor([-len(r) / 10 for r in responses])
 
 
-def update_fixture(ppo_data, eos_policy):
-    """(policy, value model, tokenizer, a scored rollout with random advantages and returns, 3
-    encoded pretraining texts): the inputs of one ppo_step."""
+def scoring_roles(policy, value_model, tok, reward=length_reward, *, temperature=1.0, missing_eos_penalty=-1.0, **cfg):
+    """The tiny preset's roles of these models, the policy its own reference, each run whole."""
+    overrides = {"temperature": temperature, "missing_eos_penalty": missing_eos_penalty, **cfg}
+    return plain_roles(resolve(PPOConfig, "ppo", "tiny", overrides=overrides), policy, value_model, tok, reward=reward)
+
+
+def update_fixture(ppo_data, eos_policy, **cfg) -> tuple[PPORoles, object, Targets, list]:
+    """(roles of the tiny policy and value model, a scored rollout, random advantages and returns
+    for it, 3 encoded pretraining texts): the inputs of one ppo_step."""
     policy, tok = load_causal_lm(str(eos_policy), trainable=True)
     value_model, _ = load_scalar_model(str(eos_policy), trainable=True)
+    roles = scoring_roles(policy, value_model, tok, **cfg)
     prompts = ["hi", "a much longer prompt that forces left padding of the others", "mid", "x y"]
     gen = sample(policy, tok, prompts, max_new_tokens=8, generator=torch.Generator().manual_seed(3))
-    rollout = score_episodes(
-        gen,
-        prompts,
-        decode_responses(tok, gen),
-        policy=policy,
-        ref_policy=policy,
-        value_model=value_model,
-        reward=length_reward,
-        temperature=1.0,
-        missing_eos_penalty=-1.0,
-    )
-    rollout.advantages = torch.randn(rollout.response_mask.shape) * rollout.response_mask
-    rollout.returns = torch.randn(rollout.response_mask.shape) * rollout.response_mask
+    rollout = roles.score(gen, prompts)
+    mask = rollout.response_mask
+    noise = [torch.randn(mask.shape) * mask for _ in range(2)]
+    zeros = torch.zeros(mask.shape)
+    targets = Targets(kl=zeros, non_score_rewards=zeros, rewards=zeros, advantages=noise[0], returns=noise[1])
     texts = [json.loads(x)["text"] for x in ppo_data["pretrain"].read_text().splitlines()[:3]]
-    return policy, value_model, tok, rollout, [encode_pretrain(tok, t, 32) for t in texts]
+    return roles, rollout, targets, [encode_pretrain(tok, t, 32) for t in texts]

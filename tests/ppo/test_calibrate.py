@@ -38,13 +38,14 @@ def test_calibrated_coef_gives_tethers_step_the_papers_gradient_ratio(ppo_data, 
     ‖∇L_PPO‖ with the losses written as the paper's eq. (2) reads: the surrogate summed over each
     episode's response tokens, the LM loss summed over each pretraining sequence, both averaged.
     Swapping the two normalisations, or applying γ twice, misses it by the length ratio."""
-    policy, value_model, tok, mb, _ = update_fixture(ppo_data, eos_policy)
+    roles, mb, targets, _ = update_fixture(ppo_data, eos_policy)
+    policy, tok = roles.policy, roles.tokenizer
     # Pretraining texts of 16 to 31 tokens against responses of at most 8: the two length
     # factors differ from each other and from 1.
     texts = [json.loads(x)["text"] for x in ppo_data["pretrain"].read_text().splitlines()[:3]]
     ptx = [encode_pretrain(tok, t * (i + 1), 32) for i, t in enumerate(texts)]
-    cfg = resolve(PPOConfig, "ppo", "tiny")
-    measured = measure_gradients(policy, value_model, mb, ptx, cfg, tok.pad_token_id)
+    cfg = roles.cfg
+    measured = measure_gradients(roles, mb, targets, ptx)
     assert all(p.grad is None for p in policy.parameters())  # measured, then discarded
     gamma = measured.calibrated_coef(PAPER_PTX_COEF)
     response_len = mb.n_tokens / mb.batch_size
@@ -56,8 +57,9 @@ def test_calibrated_coef_gives_tethers_step_the_papers_gradient_ratio(ppo_data, 
     per_episode = []
     for e in range(mb.batch_size):
         ep = mb.select([e])
+        advantages = targets.select([e], ep.response_ids.shape[1]).advantages
         logprobs, _ = response_logprobs(policy, ep.query_ids, ep.query_mask, ep.response_ids, ep.response_mask, 1.0)
-        loss, _ = policy_loss(logprobs, ep.logprobs, ep.advantages, ep.response_mask, cfg.cliprange)
+        loss, _ = policy_loss(logprobs, ep.logprobs, advantages, ep.response_mask, cfg.cliprange)
         per_episode.append(loss * ep.response_mask.sum())
     (torch.stack(per_episode).mean()).backward()
     ppo_paper = grad_norm(policy)
@@ -73,7 +75,7 @@ def test_calibrated_coef_gives_tethers_step_the_papers_gradient_ratio(ppo_data, 
     assert measured.ptx_grad_norm_paper == pytest.approx(ptx_paper, rel=1e-4)
     assert measured.paper_ratio() == pytest.approx(paper_ratio, rel=1e-4)
     # tether's trainer step at the calibrated γ puts the gradients in the paper's ratio.
-    stats = ppo_step(policy, value_model, mb, ptx, dataclasses.replace(cfg, ptx_coef=gamma), tok.pad_token_id)
+    stats = ppo_step(dataclasses.replace(roles, cfg=dataclasses.replace(cfg, ptx_coef=gamma)), mb, targets, ptx)
     assert stats["ptx_grad_ratio"] == pytest.approx(paper_ratio, rel=1e-4)
     assert stats["ptx_grad_norm"] == pytest.approx(gamma * measured.ptx_grad_norm, rel=1e-4)
     # γ = 27.8 unchanged would leave tether's ratio short by the length factor.

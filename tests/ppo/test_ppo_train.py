@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import signal
@@ -16,16 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from ppo_support import length_reward, update_fixture  # this folder is on sys.path
+from ppo_support import length_reward, scoring_roles, update_fixture  # this folder is on sys.path
 from safetensors.torch import load_file
 
 from tether.checkpoint import StopAfter
 from tether.config import PPOConfig, resolve
-from tether.models.generation import decode_responses, sample
+from tether.models.generation import sample
 from tether.models.heads import load_scalar_model, reward_scores
 from tether.models.loading import load_causal_lm, save_model
 from tether.ops import last_token_index
-from tether.ppo.rollout import Rollout, score_episodes
+from tether.ppo.rollout import Rollout
 from tether.ppo.train import EMA, ppo_step, take_cyclic, train_ppo
 
 QUIET = {"log": lambda _: None}
@@ -84,17 +83,9 @@ def test_recomputed_logprobs_equal_sampling_logprobs_under_left_padding(eos_poli
             policy, tok, prompts, max_new_tokens=10, temperature=temperature, generator=torch.Generator().manual_seed(1)
         )
         assert len(set(gen.query_mask.sum(1).tolist())) == 3  # three prompt lengths
-        rollout = score_episodes(
-            gen,
-            prompts,
-            decode_responses(tok, gen),
-            policy=policy,
-            ref_policy=policy,
-            value_model=load_scalar_model(str(eos_policy))[0],
-            reward=length_reward,
-            temperature=temperature,
-            missing_eos_penalty=None,
-        )
+        value_model = load_scalar_model(str(eos_policy))[0]
+        roles = scoring_roles(policy, value_model, tok, temperature=temperature, missing_eos_penalty=None)
+        rollout = roles.score(gen, prompts)
         # The least-squares EOS row gives logits of large magnitude at some positions; there the
         # KV-cached and the full float32 forward differ by up to ~1e-4 in log-prob.
         assert torch.allclose(rollout.logprobs, gen.logprobs, atol=1e-4, rtol=0)
@@ -110,17 +101,7 @@ def test_score_lands_on_the_last_real_token_under_padding(eos_policy, tiny_rm):
     gen = sample(policy, tok, prompts, max_new_tokens=8, generator=torch.Generator().manual_seed(3))
     lengths = gen.response_mask.sum(1)
     assert len(set(lengths.tolist())) > 1 and gen.finished.any()  # ragged responses
-    rollout = score_episodes(
-        gen,
-        prompts,
-        decode_responses(tok, gen),
-        policy=policy,
-        ref_policy=policy,
-        value_model=value_model,
-        reward=rm,
-        temperature=1.0,
-        missing_eos_penalty=-1.0,
-    )
+    rollout = scoring_roles(policy, value_model, tok, rm).score(gen, prompts)
     for i in range(len(prompts)):
         # Each episode alone, no padding at all: prompt ⊕ response as sampled.
         q = gen.query_ids[i][gen.query_mask[i].bool()]
@@ -148,7 +129,7 @@ def test_rollout_select_trims_padding_and_cat_repads():
         qm = torch.tensor([[0] * (p - n) + [1] * n for n in qlen])
         rm = torch.tensor([[1] * n + [0] * (r - n) for n in rlen])
         f = torch.rand(b, r) * rm
-        return Rollout(qm * 7, qm, rm * 5, rm, f, f, f, f, f, torch.rand(b), rm[:, -1] == 0, f, f, f, f, f)
+        return Rollout(qm * 7, qm, rm * 5, rm, f, f, f, f, f, torch.rand(b), rm[:, -1] == 0)
 
     a, b = part(4, 3, [4, 2], [3, 1]), part(2, 5, [1], [5])
     both = Rollout.cat([a, b], pad_token_id=0)
@@ -235,12 +216,12 @@ def test_ptx_coef_zero_equals_plain_ppo_and_skips_the_pretraining_pass(tmp_path,
 
 def test_ptx_step_with_zero_coefficient_adds_no_gradient(ppo_data, eos_policy):
     """The ptx pass scaled by γ = 0 leaves ppo_step's gradients exactly as without it."""
-    policy, value_model, tok, rollout, ptx = update_fixture(ppo_data, eos_policy)
-    cfg = resolve(PPOConfig, "ppo", "tiny", overrides={"ptx_coef": 0.0})
+    roles, rollout, targets, ptx = update_fixture(ppo_data, eos_policy, ptx_coef=0.0)
+    policy = roles.policy
     grads = []
     for examples in ([], ptx):
         policy.zero_grad(set_to_none=True)
-        ppo_step(policy, value_model, rollout, examples, cfg, tok.pad_token_id)
+        ppo_step(roles, rollout, targets, examples)
         grads.append([p.grad.clone() for p in policy.parameters() if p.grad is not None])
     assert len(grads[0]) == len(grads[1]) > 0
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
@@ -248,7 +229,8 @@ def test_ptx_step_with_zero_coefficient_adds_no_gradient(ppo_data, eos_policy):
     ratios = []
     for coef in (1.0, 2.0):
         policy.zero_grad(set_to_none=True)
-        stats = ppo_step(policy, value_model, rollout, ptx, dataclasses.replace(cfg, ptx_coef=coef), tok.pad_token_id)
+        with_coef = dataclasses.replace(roles, cfg=dataclasses.replace(roles.cfg, ptx_coef=coef))
+        stats = ppo_step(with_coef, rollout, targets, ptx)
         ratios.append(stats["ptx_grad_ratio"])
     assert ratios[0] > 0 and ratios[1] == pytest.approx(2 * ratios[0], rel=1e-4)
 
@@ -270,11 +252,12 @@ def test_pretraining_examples_per_episode_do_not_multiply_with_ppo_epochs(tmp_pa
 
 def test_micro_batch_size_does_not_change_the_gradient(ppo_data, eos_policy):
     """Losses are token means over the minibatch, however it is split into micro-batches."""
-    policy, value_model, tok, rollout, ptx = update_fixture(ppo_data, eos_policy)
+    roles, rollout, targets, ptx = update_fixture(ppo_data, eos_policy)
+    policy, value_model = roles.policy, roles.value_model
     grads = []
     for micro in (1, 4):
-        cfg = resolve(PPOConfig, "ppo", "tiny", overrides={"micro_batch_size": micro})
-        ppo_step(policy, value_model, rollout, ptx, cfg, tok.pad_token_id)
+        cfg = dataclasses.replace(roles.cfg, micro_batch_size=micro)
+        ppo_step(dataclasses.replace(roles, cfg=cfg), rollout, targets, ptx)
         grads.append({n: p.grad.clone() for n, p in [*policy.named_parameters(), *value_model.named_parameters()]})
         policy.zero_grad()
         value_model.zero_grad()
@@ -551,17 +534,16 @@ def test_the_trunk_is_kept_from_sampling_only_when_sampling_computes_it_as_scori
 ):
     """A bf16-autocast policy: sampling hands its trunk output to scoring only when it ran the
     trunk's own modules under the same autocast (never a copy's, never another precision's)."""
-    import tether.ppo.rollout as ppo_rollout
-    import tether.ppo.train as ppo_train
+    import tether.ppo.roles as ppo_roles
     from tether.models.generation import Sampler
 
-    monkeypatch.setattr(ppo_train, "fast_bf16", lambda device: native_bf16)
+    monkeypatch.setattr(ppo_roles, "fast_bf16", lambda device: native_bf16)
     hidden, copies, logs = [], [], []
-    real_score, real_init = ppo_rollout.score_episodes, Sampler.__init__
+    real_score, real_init = ppo_roles.PPORoles.score, Sampler.__init__
     monkeypatch.setattr(
-        ppo_rollout,
-        "score_episodes",
-        lambda gen, *a, **k: hidden.append(gen.hidden is not None) or real_score(gen, *a, **k),
+        ppo_roles.PPORoles,
+        "score",
+        lambda self, gen, *a, **k: hidden.append(gen.hidden is not None) or real_score(self, gen, *a, **k),
     )
     monkeypatch.setattr(
         Sampler, "__init__", lambda self, *a, **k: real_init(self, *a, **k) or copies.append(self.is_copy)
@@ -578,42 +560,10 @@ def test_the_trunk_is_kept_from_sampling_only_when_sampling_computes_it_as_scori
         assert copies == [False]  # no bf16 copy of the policy: its frozen weights' casts are cached
 
 
-@pytest.mark.parametrize("share_trunk", [False, True])
-def test_a_fused_first_forward_trains_as_separate_scoring_does_with_two_forwards_fewer(
-    tmp_path, ppo_data, eos_policy, tiny_rm, monkeypatch, share_trunk
-):
-    """One minibatch of one micro-batch: old log-probs and values from the update's first forward.
-
-    The same run as with the policy and value model scored separately (to float round-off), over
-    two iterations of two PPO epochs with ptx; scoring then runs neither of the two.
-    """
-    import tether.ppo.rollout as ppo_rollout
-
-    scored = []
-    real_values = ppo_rollout.response_values
-    monkeypatch.setattr(ppo_rollout, "response_values", lambda *a, **k: scored.append(1) or real_values(*a, **k))
-    overrides = {"reward_model": str(tiny_rm), "policy.trainable_layers": 1, "share_trunk": share_trunk}
-    runs, logs = {}, []
-    for fuse in (False, True):
-        scored.clear()
-        cfg = ppo_cfg(
-            tmp_path / str(fuse), ppo_data, eos_policy, total_episodes=16, batch_size=8, mini_batch_size=8,
-            micro_batch_size=8, ppo_epochs=2, sample_every=0, fuse_first_forward=fuse, **overrides,
-        )  # fmt: skip
-        runs[fuse] = train_ppo(cfg, log=logs.append)
-        assert len(scored) == (0 if fuse else 2)  # a value forward per iteration in scoring, or none
-    assert sum("from the update's first forward" in line for line in logs) == 1
-    separate, fused = runs[False], runs[True]
-    for a, b in zip(separate.metrics, fused.metrics, strict=True):
-        for key in ("score", "kl", "entropy", "value_mean", "return_mean", "policy_loss", "value_loss", "ptx_loss"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
-        assert math.isfinite(b["logprob_gap"]) and b["logprob_gap"] < 1e-4
-    for kind in ("policy_dir", "value_dir"):
-        wa, wb = weights(getattr(separate, kind)), weights(getattr(fused, kind))
-        for name in wa:
-            assert torch.allclose(wa[name], wb[name], atol=1e-6, rtol=0), name
-    trained, start = weights(separate.policy_dir), weights(Path(eos_policy))
-    assert any(not torch.equal(trained[n], start[n]) for n in start)  # it did train
+def test_the_removed_fuse_first_forward_field_is_a_readable_error(tmp_path, ppo_data, eos_policy):
+    """A config that still sets ``fuse_first_forward`` is told it was removed and what to do."""
+    with pytest.raises(ValueError, match=r"config field 'fuse_first_forward' was removed: .*Delete the line"):
+        ppo_cfg(tmp_path, ppo_data, eos_policy, fuse_first_forward=True)
 
 
 def test_bf16_rollouts_sample_a_copy_synced_after_every_optimiser_step(tmp_path, ppo_data, eos_policy, monkeypatch):

@@ -192,7 +192,7 @@ class _BufferCache(Cache):
             layer.rows, layer.length, layer.shared = rows, length, shared
 
 
-def _buffers_fit(config: PretrainedConfig) -> bool:
+def buffers_fit(config: PretrainedConfig) -> bool:
     """Whether every layer is plain full attention (what :class:`_BufferLayer` implements).
 
     Sliding-window, chunked, linear-attention and KV-sharing models keep HF's DynamicCache.
@@ -249,20 +249,43 @@ def _shrink_at(n_rows: int) -> int:
 
 
 class _StopForward(Exception):
-    """Raised by :class:`_Capture` to end a forward once the captured block has run."""
+    """Raised by :class:`_BlockCapture`'s hook to end a forward once the captured block has run."""
 
 
-class _Capture:
+class _NoCapture:
+    """What the decode loop captures when nothing is asked for: every call a no-op."""
+
+    feeds_last_token = False  # rows leave the batch at EOS; no forward after the last step
+
+    def put(self, rows: torch.Tensor, columns: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Keep the last forward's output of the block at ``hidden[rows[:, None], columns]``."""
+
+    def run(self, forward: Callable[..., Any], *, stop: bool, **inputs: Any) -> Any:
+        """``forward(**inputs)``; ``stop``: only the block's output is needed (None returned)."""
+        return forward(**inputs)
+
+    def hidden(self, width: int) -> torch.Tensor | None:
+        """What was kept, ``[B, width, H]`` (None: nothing)."""
+        return None
+
+    def close(self) -> None:
+        """Remove the hook."""
+
+
+class _BlockCapture(_NoCapture):
     """Keeps one block's output at every position sampling feeds, in prompt ⊕ response layout.
 
     A forward hook on ``block`` stores its output ``[n, q, H]`` for the forward's rows into
-    ``hidden [B, width + max_new_tokens, H]``; :func:`_generate` says where each forward goes.
-    ``stop`` makes the hook end the forward after the block (the last pass, which only needs it).
+    ``[B, width + max_new_tokens, H]``; the loop says where each forward goes (:meth:`put`). A
+    row stays in the batch until its last token has been fed (``feeds_last_token``), and the last
+    pass, which only needs the block, ends right after it (:meth:`run` with ``stop``).
     """
+
+    feeds_last_token = True
 
     def __init__(self, block: torch.nn.Module, batch: int, capacity: int) -> None:
         self.batch, self.capacity = batch, capacity
-        self.hidden: torch.Tensor | None = None
+        self.kept: torch.Tensor | None = None
         self.out: torch.Tensor | None = None
         self.stop = False
         self.handle = block.register_forward_hook(self._hook)
@@ -270,20 +293,36 @@ class _Capture:
     def _hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         out = output[0] if isinstance(output, tuple) else output
         self.out = out.detach()
-        if self.hidden is None:
-            self.hidden = out.new_zeros(self.batch, self.capacity, out.shape[-1])
+        if self.kept is None:
+            self.kept = out.new_zeros(self.batch, self.capacity, out.shape[-1])
         if self.stop:
             raise _StopForward
 
     def put(self, rows: torch.Tensor, columns: torch.Tensor, keep: torch.Tensor | None = None) -> None:
-        """The last forward's output ``[n or 1, q, H]`` to ``hidden[rows[:, None], columns]`` (only where
+        """The last forward's output ``[n or 1, q, H]`` to ``kept[rows[:, None], columns]`` (only where
         ``keep``, if given). Padding positions may get values: :func:`sample` zeroes them."""
-        assert self.out is not None and self.hidden is not None, "no forward ran through the captured block"
-        out = self.out.to(self.hidden.dtype)
+        assert self.out is not None and self.kept is not None, "no forward ran through the captured block"
+        out = self.out.to(self.kept.dtype)
         if keep is not None:
-            out = torch.where(keep[..., None], out, self.hidden[rows[:, None], columns])
-        self.hidden[rows[:, None], columns] = out
+            out = torch.where(keep[..., None], out, self.kept[rows[:, None], columns])
+        self.kept[rows[:, None], columns] = out
         self.out = None
+
+    def run(self, forward: Callable[..., Any], *, stop: bool, **inputs: Any) -> Any:
+        self.stop = stop
+        try:
+            return forward(**inputs)
+        except _StopForward:
+            return None
+        finally:
+            self.stop = False
+
+    def hidden(self, width: int) -> torch.Tensor | None:
+        assert self.kept is not None
+        return self.kept[:, :width]
+
+    def close(self) -> None:
+        self.handle.remove()
 
 
 @torch.no_grad()
@@ -307,8 +346,8 @@ def _generate(
     never stops a row. ``decode`` runs the decode-step forwards (default: ``model``).
 
     ``capture`` (a block of ``model``) keeps that block's output at every real position of
-    prompt ⊕ response: ``hidden [B, P + T, H]``, 0 on padding; None without ``capture`` or for
-    a model the KV buffers do not fit (sliding-window attention and the like). The
+    prompt ⊕ response: ``hidden [B, P + T, H]``, 0 on padding; None without ``capture``. It needs
+    the KV buffers (:func:`buffers_fit`: plain full attention), else a ValueError. The
     prompt's come from the prefill, each sampled token's from the step that feeds it; a row stays
     in the batch until its last token has been fed, and one last pass, stopped after the block,
     feeds the tokens sampled at the final step. The same samples as without it (rows leave the
@@ -321,26 +360,26 @@ def _generate(
     """
     batch, width = query_ids.shape
     capacity = width + max_new_tokens
-    buffers = _buffers_fit(model.config)
+    buffers = buffers_fit(model.config)
     cache: Cache = (
         _BufferCache(model.config.get_text_config(decoder=True).num_hidden_layers, batch, capacity)
         if buffers
         else DynamicCache(config=model.config)
     )
-    grab = _Capture(capture, batch, capacity) if capture is not None and buffers else None
+    if capture is not None and not buffers:
+        raise ValueError(
+            "sample(capture=...) needs the KV buffers (plain full attention in every layer); "
+            f"{type(model).__name__} keeps HF's own cache"
+        )
+    grab = _BlockCapture(capture, batch, capacity) if capture is not None else _NoCapture()
     try:
         tokens, logprobs, finished = _decode_loop(
-            model, query_ids, query_mask, cache, buffers, grab, max_new_tokens, temperature, generator,
-            eos_token_id, pad_token_id, decode,
+            model, query_ids, query_mask, cache, grab, max_new_tokens=max_new_tokens, temperature=temperature,
+            generator=generator, eos_token_id=eos_token_id, pad_token_id=pad_token_id, decode=decode,
         )  # fmt: skip
     finally:
-        if grab is not None:
-            grab.handle.remove()
-    hidden = None
-    if grab is not None:
-        assert grab.hidden is not None
-        hidden = grab.hidden[:, : width + tokens.shape[1]]
-    return tokens, logprobs, finished, hidden
+        grab.close()
+    return tokens, logprobs, finished, grab.hidden(width + tokens.shape[1])
 
 
 def _decode_loop(
@@ -348,8 +387,8 @@ def _decode_loop(
     query_ids: torch.Tensor,
     query_mask: torch.Tensor,
     cache: Cache,
-    buffers: bool,
-    grab: _Capture | None,
+    grab: _NoCapture,
+    *,
     max_new_tokens: int,
     temperature: float,
     generator: torch.Generator | Sequence[torch.Generator] | None,
@@ -357,8 +396,10 @@ def _decode_loop(
     pad_token_id: int,
     decode: Callable[..., Any] | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_generate`'s prefill and decode steps (its docstring says what they do)."""
+    """:func:`_generate`'s prefill and decode steps (its docstring says what they do). ``cache``:
+    the KV buffers or HF's own cache; ``grab``: what keeps the captured block's output."""
     device = query_ids.device
+    buffers = isinstance(cache, _BufferCache)
     batch, width = query_ids.shape
     capacity = width + max_new_tokens
     lengths = query_mask.sum(-1)
@@ -380,9 +421,8 @@ def _decode_loop(
             use_cache=True,
             logits_to_keep=1,
         )
-        if grab is not None:  # the shared prefix: row i's columns width - lengths[i] … + c
-            cols = (width - lengths)[:, None] + torch.arange(c, device=device)
-            grab.put(torch.arange(batch, device=device), cols)  # the batch-1 output, broadcast
+        # The shared prefix: row i's columns width - lengths[i] … + c (the batch-1 output, broadcast).
+        grab.put(torch.arange(batch, device=device), (width - lengths)[:, None] + torch.arange(c, device=device))
     logits = torch.empty(0, device=device)
     buckets = _prefill_buckets((lengths - c).tolist()) if buffers else [list(range(batch))]
     for bucket in buckets:
@@ -404,9 +444,9 @@ def _decode_loop(
         if not len(logits):
             logits = out.logits.new_empty(batch, out.logits.shape[-1])
         logits[rows] = out.logits[:, -1]
-        if grab is not None:  # a shorter row's first columns here are its padding or its shared prefix
-            cols = torch.arange(width - w, width, device=device)
-            grab.put(rows, cols.expand(len(rows), -1), cols >= (width - lengths[rows] + c)[:, None])
+        # (A shorter row's first columns here are its padding or its shared prefix.)
+        cols = torch.arange(width - w, width, device=device)
+        grab.put(rows, cols.expand(len(rows), -1), cols >= (width - lengths[rows] + c)[:, None])
     if buffers:
         cache.route(None, width)
 
@@ -453,12 +493,12 @@ def _decode_loop(
             finished[alive] = done | (tok == eos_token_id)
         steps = t + 1
         last = t + 1 == max_new_tokens or bool(finished.all())
-        if last and grab is None:
+        if last and not grab.feeds_last_token:
             break  # no forward for a token nobody will sample
         if not last:
             # A row leaves the batch once it has finished; when capturing, once its last token
             # (EOS) has also been fed.
-            still = ~done if grab is not None else ~finished[alive]
+            still = ~done if grab.feeds_last_token else ~finished[alive]
             if int(still.sum()) <= _shrink_at(len(alive)):
                 keep = still.nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
@@ -467,20 +507,17 @@ def _decode_loop(
                 alive, tok, next_pos, done = alive[keep], tok[keep], next_pos[keep], done[keep]
         n = len(alive)
         mask[:n, width + t] = (~done).long()
-        if grab is not None:
-            grab.stop = last  # the final step's tokens only need the captured block's output
-        try:
-            out = (model if last else decode or model)(
-                input_ids=tok[:, None],
-                attention_mask=mask[:n, : width + t + 1],
-                position_ids=next_pos[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            )
-        except _StopForward:
-            pass
-        if grab is not None:
-            grab.put(alive, torch.full((n, 1), width + t, device=device))
+        # The final step's tokens (fed only when capturing) need only the captured block's output.
+        out = grab.run(
+            model if last else decode or model,
+            stop=last,
+            input_ids=tok[:, None],
+            attention_mask=mask[:n, : width + t + 1],
+            position_ids=next_pos[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        grab.put(alive, torch.full((n, 1), width + t, device=device))
         if last:
             break
         logits = out.logits[:, -1]

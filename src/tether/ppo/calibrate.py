@@ -23,26 +23,21 @@ gradient norms, measured too, say how large the pretraining gradient is against 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
 
 from tether.config import PPOConfig
-from tether.models.generation import Sampler, row_generators
+from tether.models.generation import row_generators
 from tether.models.lm_batch import SFTExample, target_tokens
-from tether.models.loading import autocast
-from tether.models.trunk import SharedTrunk
-from tether.ppo.rollout import RewardFn, Rollout, collect_rollout
+from tether.ppo.roles import PPORoles, build_roles
+from tether.ppo.rollout import RewardFn, Rollout, Targets
 from tether.ppo.train import (
-    _load_models,
     _ptx_slices,
-    _share_trunk,
-    add_advantages,
+    compute_targets,
     load_pretrain_texts,
     load_prompts,
     ppo_step,
@@ -134,25 +129,16 @@ class PtxCalibration:
         )
 
 
-def measure_gradients(
-    policy: PreTrainedModel,
-    value_model: PreTrainedModel,
-    minibatch: Rollout,
-    ptx: Sequence[SFTExample],
-    cfg: PPOConfig,
-    pad_token_id: int,
-    precision: contextlib.AbstractContextManager | None = None,
-    trunk: SharedTrunk | None = None,
-) -> PtxGradients:
+def measure_gradients(roles: PPORoles, minibatch: Rollout, targets: Targets, ptx: Sequence[SFTExample]) -> PtxGradients:
     """One optimiser step's gradients (:func:`~tether.ppo.train.ppo_step` at γ = 1, the trainer's
     own code) measured, then discarded: both models' gradients are None afterwards."""
     if not ptx:
         raise ValueError("measure_gradients: no pretraining examples")
     stats = ppo_step(
-        policy, value_model, minibatch, ptx, dataclasses.replace(cfg, ptx_coef=1.0), pad_token_id, precision, trunk
+        dataclasses.replace(roles, cfg=dataclasses.replace(roles.cfg, ptx_coef=1.0)), minibatch, targets, ptx
     )
-    policy.zero_grad(set_to_none=True)
-    value_model.zero_grad(set_to_none=True)
+    roles.policy.zero_grad(set_to_none=True)
+    roles.value_model.zero_grad(set_to_none=True)
     return PtxGradients(
         ppo_grad_norm=stats["ppo_grad_norm"],
         ptx_grad_norm=stats["ptx_grad_norm"],
@@ -192,11 +178,10 @@ def calibrate_ptx_coef(
     cfg.validate()
     prompts = load_prompts(cfg.prompts_file)
     pretrain = load_pretrain_texts(cfg.pretrain_file)
-    policy, ref_policy, value_model, reward, tokenizer = _load_models(cfg, reward_fn, log)
-    device = next(policy.parameters()).device
-    trunk = _share_trunk(cfg, (policy, ref_policy, value_model, reward), log)
-    sampler = Sampler(policy, cfg.rollout_dtype, compile=cfg.rollout_compile)
-    precision = autocast(cfg.policy, device)
+    roles = build_roles(cfg, reward_fn)
+    for line in roles.describe():
+        log(line)
+    device = roles.device
     n_prompts = cfg.batch_size // cfg.samples_per_prompt
     prompt_pos, ptx_pos = (0, 0), (0, 0)
     # As the trainer's minibatch order. CPU: it drives randperm there.
@@ -205,27 +190,18 @@ def calibrate_ptx_coef(
     for b in range(n_batches):
         idx, prompt_pos = take_cyclic(len(prompts), n_prompts, prompt_pos, cfg.seed)
         batch_prompts = [prompts[i] for i in idx for _ in range(cfg.samples_per_prompt)]
-        rollout, _ = collect_rollout(
-            batch_prompts,
-            sampler=sampler,
-            tokenizer=tokenizer,
-            policy=policy,
-            ref_policy=ref_policy,
-            value_model=value_model,
-            reward=reward,
-            cfg=cfg,
-            generator=row_generators(cfg.seed, [b * cfg.batch_size + j for j in range(cfg.batch_size)], device),
-            precision=precision,
-            trunk=trunk,
-        )
-        add_advantages(rollout, cfg, cfg.kl_coef)
-        ptx_slices, ptx_pos = _ptx_slices(pretrain, tokenizer, ptx_pos, cfg)
+        generators = row_generators(cfg.seed, [b * cfg.batch_size + j for j in range(cfg.batch_size)], device)
+        rollout, _ = roles.rollout(batch_prompts, generators)
+        targets = compute_targets(rollout, cfg, cfg.kl_coef)
+        ptx_slices, ptx_pos = _ptx_slices(pretrain, roles.tokenizer, ptx_pos, cfg)
         order = torch.randperm(cfg.batch_size, generator=minibatch_rng)
         for m, s in enumerate(range(0, cfg.batch_size, cfg.mini_batch_size)):
-            minibatch = rollout.select(order[s : s + cfg.mini_batch_size].tolist())
-            pad = tokenizer.pad_token_id
+            rows = order[s : s + cfg.mini_batch_size].tolist()
+            minibatch = rollout.select(rows)
             measured.append(
-                measure_gradients(policy, value_model, minibatch, ptx_slices[m], cfg, pad, precision, trunk)
+                measure_gradients(
+                    roles, minibatch, targets.select(rows, minibatch.response_ids.shape[1]), ptx_slices[m]
+                )
             )
         last = measured[-1]
         log(

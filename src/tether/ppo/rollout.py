@@ -1,20 +1,23 @@
-"""The PPO rollout: sampled episodes scored by the policy, reference, value and reward models.
+"""The PPO rollout's records and the forward passes that fill them.
 
-An episode is a bandit one (InstructGPT §3.5): a prompt, one sampled response, one RM score. The
-:class:`Rollout` record carries a batch of them from the rollout to the PPO update; every
-per-token field is aligned with ``response_ids`` (position ``t`` is response token ``t``).
+An episode is a bandit one (InstructGPT §3.5): a prompt, one sampled response, one RM score. Two
+records carry a batch of them, one per phase, each computed from the one before and never
+changed after: :class:`Rollout` (what was sampled and scored: step 1) and :class:`Targets` (the
+per-token rewards, advantages and returns computed from it: steps 2 and 3). Every per-token field
+is aligned with ``response_ids`` (position ``t`` is response token ``t``).
 
-:func:`collect_rollout` is step 1 of the trainer: sample a batch in chunks, score each chunk.
-Two forward-pass helpers are shared by the rollout (no gradient) and the update (gradient):
-:func:`response_logprobs` and :func:`response_values`. Both run prompt ⊕ response through the
-model with position ids counted over real tokens, so left-padded prompts of different lengths get
-the positions they had while sampling.
+The forward helpers are shared by the rollout (no gradient), the update (gradient) and the
+evaluation: :func:`response_logprobs`, :func:`response_values` and :func:`episode_scores` run a
+model whole; :func:`logprobs_from_logits`, :func:`values_from_scalars` and
+:func:`scores_with_penalty` are their second halves, for a caller that computed the model's
+output another way (:class:`tether.ppo.roles.PPORoles` with a shared trunk). Positions are
+counted over real tokens, so left-padded prompts of different lengths get the positions they had
+while sampling.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -22,25 +25,20 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
-from tether.config import PPOConfig
-from tether.models.generation import Generation, Sampler, decode_responses, position_ids_from_mask, sample
-from tether.models.heads import apply_normalization, reward_scores, score_at_last_token, token_values
-from tether.models.trunk import SharedTrunk
+from tether.models.generation import Generation, position_ids_from_mask
+from tether.models.heads import reward_scores, token_values
 from tether.ops import entropy_from_logits, token_logprobs
 
 # A reward source other than a reward model (tests, toy tasks): (prompts, responses) -> [B].
 RewardFn = Callable[[list[str], list[str]], Tensor]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Rollout:
-    """A batch of scored episodes. ``B`` episodes, ``P`` prompt and ``R`` response tokens.
-
-    Steps 1 (sampling and scoring) fill everything up to ``finished``; steps 2 and 3 of the
-    trainer fill ``kl`` … ``returns`` (created as zeros until then).
-    """
+    """A batch of sampled and scored episodes (step 1). ``B`` episodes, ``P`` prompt and ``R``
+    response tokens."""
 
     query_ids: Tensor  # [B, P] chat-formatted prompt tokens, LEFT-padded
     query_mask: Tensor  # [B, P] 1 on real prompt tokens
@@ -53,11 +51,6 @@ class Rollout:
     entropy: Tensor  # [B, R] entropy of π(· | s_t) at temperature T (nats)
     scores: Tensor  # [B] RM score (normalised) plus the missing-EOS penalty where it applies
     finished: Tensor  # [B] bool: the response ended with EOS
-    kl: Tensor  # [B, R] per-token KL estimate (the configured estimator); 0 on padding
-    non_score_rewards: Tensor  # [B, R] −β·kl
-    rewards: Tensor  # [B, R] non_score_rewards plus the score at the last response token
-    advantages: Tensor  # [B, R] GAE advantages (whitened if configured)
-    returns: Tensor  # [B, R] GAE returns: value targets
     # [B, P + R, H] the shared frozen trunk's output on prompt ⊕ response (None without sharing):
     # frozen, so the update's forwards start from it instead of recomputing the shared blocks.
     trunk_hidden: Tensor | None = None
@@ -70,6 +63,11 @@ class Rollout:
     def n_tokens(self) -> int:
         """Real response tokens in the batch."""
         return int(self.response_mask.sum())
+
+    @property
+    def inputs(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(query_ids, query_mask, response_ids, response_mask)``: what every forward reads."""
+        return self.query_ids, self.query_mask, self.response_ids, self.response_mask
 
     def select(self, index: Tensor | Sequence[int]) -> Rollout:
         """The episodes at ``index``, with columns that are padding in every row trimmed away.
@@ -134,6 +132,34 @@ class Rollout:
         return Rollout(**out)
 
 
+@dataclass(frozen=True)
+class Targets:
+    """What the update trains towards, computed from a :class:`Rollout` (steps 2 and 3): every
+    field ``[B, R]``, aligned with the rollout's responses, 0 on padding."""
+
+    kl: Tensor  # per-token KL estimate (the configured estimator)
+    non_score_rewards: Tensor  # −β·kl
+    rewards: Tensor  # non_score_rewards plus the score at the last response token
+    advantages: Tensor  # GAE advantages (whitened if configured)
+    returns: Tensor  # GAE returns: value targets
+
+    def select(self, index: Tensor | Sequence[int], width: int) -> Targets:
+        """The episodes at ``index``, ``width`` response columns (a :meth:`Rollout.select`'s)."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.kl.device)
+        return Targets(**{f.name: getattr(self, f.name)[index][:, :width] for f in fields(self)})
+
+    @staticmethod
+    def cat(parts: Sequence[Targets]) -> Targets:
+        """Concatenate batches, re-padded on the right with zeros."""
+        width = max(p.kl.shape[1] for p in parts)
+        return Targets(
+            **{
+                f.name: torch.cat([_pad(getattr(p, f.name), width, 0.0, left=False) for p in parts])
+                for f in fields(Targets)
+            }
+        )
+
+
 def _pad(x: Tensor, width: int, fill: float, *, left: bool) -> Tensor:
     """``[B, T, ...]`` → ``[B, width, ...]`` with ``fill`` on the left or the right."""
     extra = width - x.shape[1]
@@ -143,9 +169,7 @@ def _pad(x: Tensor, width: int, fill: float, *, left: bool) -> Tensor:
     return torch.cat([pad, x] if left else [x, pad], dim=1)
 
 
-def _joined(
-    query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor
-) -> tuple[Tensor, Tensor]:
+def joined(query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
     """Prompt ⊕ response ids and attention mask, ``[B, P + R]`` each."""
     ids = torch.cat([query_ids, response_ids], dim=1)
     mask = torch.cat([query_mask, response_mask], dim=1).long()
@@ -161,8 +185,6 @@ def response_logprobs(
     temperature: float,
     *,
     with_entropy: bool = False,
-    trunk: SharedTrunk | None = None,
-    hidden: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """log π(a_t | s_t) of every response token under ``softmax(logits / temperature)``.
 
@@ -175,25 +197,25 @@ def response_logprobs(
         query_ids, query_mask: ``[B, P]``, left-padded (every row's last prompt token is real).
         response_ids, response_mask: ``[B, R]``, right-padded.
 
-        trunk, hidden: a :class:`SharedTrunk` and its output ``[B, P + R, H]`` on these ids: only
-            the model's own blocks run (the same computation as the full forward).
-
     Returns:
         ``(logprobs [B, R], entropy [B, R] or None)``, fp32, 0 on padding; differentiable
         unless called under ``no_grad``.
     """
-    ids, mask = _joined(query_ids, query_mask, response_ids, response_mask)
-    r = response_ids.shape[1]
-    if trunk is not None and hidden is not None:  # the shared blocks' output is given: run the rest
-        logits = trunk.logits(model, hidden, mask, r + 1)[:, :-1]
-    else:
-        logits = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids_from_mask(mask),
-            logits_to_keep=r + 1,
-            use_cache=False,
-        ).logits[:, :-1]
+    ids, mask = joined(query_ids, query_mask, response_ids, response_mask)
+    logits = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=position_ids_from_mask(mask),
+        logits_to_keep=response_ids.shape[1] + 1,
+        use_cache=False,
+    ).logits[:, :-1]
+    return logprobs_from_logits(logits, response_ids, response_mask, temperature, with_entropy=with_entropy)
+
+
+def logprobs_from_logits(
+    logits: Tensor, response_ids: Tensor, response_mask: Tensor, temperature: float, *, with_entropy: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`response_logprobs` from the logits that predict each response token, ``[B, R, V]``."""
     keep = response_mask.bool()
     logprobs = torch.where(keep, token_logprobs(logits, response_ids, temperature), 0.0)
     entropy = None
@@ -204,30 +226,20 @@ def response_logprobs(
 
 
 def response_values(
-    value_model: PreTrainedModel,
-    query_ids: Tensor,
-    query_mask: Tensor,
-    response_ids: Tensor,
-    response_mask: Tensor,
-    *,
-    trunk: SharedTrunk | None = None,
-    hidden: Tensor | None = None,
+    value_model: PreTrainedModel, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor
 ) -> Tensor:
-    """V(s_t) for every response token: the scalar head at the position before it. ``[B, R]``.
+    """V(s_t) for every response token: the scalar head at the position before it. ``[B, R]``."""
+    ids, mask = joined(query_ids, query_mask, response_ids, response_mask)
+    return values_from_scalars(token_values(value_model, ids, mask), query_ids.shape[1], response_mask)
 
-    With ``trunk`` and its ``hidden`` output, only the value model's own blocks run.
-    """
-    ids, mask = _joined(query_ids, query_mask, response_ids, response_mask)
-    p = query_ids.shape[1]
-    if trunk is not None and hidden is not None:
-        per_token = apply_normalization(value_model, trunk.scalars(value_model, hidden, mask))
-    else:
-        per_token = token_values(value_model, ids, mask)
-    values = per_token[:, p - 1 : -1]
+
+def values_from_scalars(per_token: Tensor, prompt_width: int, response_mask: Tensor) -> Tensor:
+    """:func:`response_values` from the (normalised) head's output at every position ``[B, P + R]``."""
+    values = per_token[:, prompt_width - 1 : -1]
     return torch.where(response_mask.bool(), values, 0.0)
 
 
-def _reference(
+def reference(
     policy: PreTrainedModel, ref_policy: PreTrainedModel | None
 ) -> tuple[PreTrainedModel, contextlib.AbstractContextManager]:
     """(model, context) computing π_SFT: a frozen copy, or the LoRA policy with adapters off."""
@@ -245,9 +257,6 @@ def episode_scores(
     responses: Sequence[str],
     reward: PreTrainedModel | RewardFn,
     missing_eos_penalty: float | None,
-    *,
-    trunk: SharedTrunk | None = None,
-    hidden: Tensor | None = None,
 ) -> Tensor:
     """The score of each episode: ``[B]`` float32 on the generation's device.
 
@@ -257,98 +266,22 @@ def episode_scores(
     """
     if isinstance(reward, torch.nn.Module):
         reward.eval()
-        ids, mask = _joined(gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask)
-        if trunk is not None and hidden is not None:
-            scores = score_at_last_token(reward, trunk.scalars(reward, hidden, mask), mask)
-        else:
-            scores = reward_scores(reward, ids, mask)
+        scores = reward_scores(reward, *joined(gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask))
     else:
         scores = torch.as_tensor(reward(list(prompts), list(responses)), dtype=torch.float32)
-    if scores.shape != (len(prompts),):
-        raise ValueError(f"the reward gave shape {tuple(scores.shape)} for {len(prompts)} episodes")
+    return scores_with_penalty(scores, gen, missing_eos_penalty)
+
+
+def scores_with_penalty(scores: Tensor, gen: Generation, missing_eos_penalty: float | None) -> Tensor:
+    """:func:`episode_scores` from the reward's raw output ``[B]``: checked, float32 on the
+    generation's device, the penalty added to the responses that never reached EOS."""
+    n = gen.response_ids.shape[0]
+    if scores.shape != (n,):
+        raise ValueError(f"the reward gave shape {tuple(scores.shape)} for {n} episodes")
     scores = scores.float().to(gen.response_ids.device)
     if missing_eos_penalty is not None:
         scores = torch.where(gen.finished, scores, scores + missing_eos_penalty)
     return scores
-
-
-@torch.no_grad()
-def score_episodes(
-    gen: Generation,
-    prompts: Sequence[str],
-    responses: Sequence[str],
-    *,
-    policy: PreTrainedModel,
-    ref_policy: PreTrainedModel | None,
-    value_model: PreTrainedModel,
-    reward: PreTrainedModel | RewardFn,
-    temperature: float,
-    missing_eos_penalty: float | None,
-    trunk: SharedTrunk | None = None,
-    policy_and_value: bool = True,
-) -> Rollout:
-    """Step 1b of the rollout: score sampled episodes with every model, in eval mode.
-
-    The policy and the reference go through the same forward procedure (:func:`response_logprobs`)
-    on the same ids, so when their weights are equal their log-probs are bitwise equal and the KL
-    is exactly 0. Scores come from :func:`episode_scores`.
-
-    Args:
-        gen: the sampled batch (``B`` episodes).
-        prompts, responses: the prompt texts and decoded responses, ``B`` each.
-        ref_policy: the frozen SFT model, or None for a LoRA policy (adapters disabled).
-        reward: a reward model (scalar head, normalised) or a ``RewardFn``.
-        trunk: the bottom blocks the models share (:class:`SharedTrunk`): their output is the one
-            sampling kept (``gen.hidden``) or else computed once here, and is kept in the rollout
-            for the update; None runs every model whole.
-        policy_and_value: False skips the policy's and the value model's forwards: ``logprobs``,
-            ``entropy`` and ``values`` are then NaN, for the update's first forward to fill
-            (``PPOConfig.fuse_first_forward``); anything that read them first would fail loudly.
-
-    Returns:
-        A :class:`Rollout` whose ``kl`` … ``returns`` are zeros (steps 2–3 fill them).
-    """
-    for model in (policy, ref_policy, value_model, reward):
-        if isinstance(model, torch.nn.Module):
-            model.eval()  # dropout off in every model: RL must score what it sampled
-    q_ids, q_mask = gen.query_ids, gen.query_mask
-    r_ids, r_mask = gen.response_ids, gen.response_mask
-    hidden = None
-    if trunk is not None:
-        hidden = gen.hidden if gen.hidden is not None else trunk.hidden(*_joined(q_ids, q_mask, r_ids, r_mask))
-    shared: dict[str, Any] = {"trunk": trunk, "hidden": hidden}
-    ref_model, ref_context = _reference(policy, ref_policy)
-    with ref_context:
-        ref_logprobs, _ = response_logprobs(ref_model, q_ids, q_mask, r_ids, r_mask, temperature, **shared)
-    if policy_and_value:
-        logprobs, entropy = response_logprobs(
-            policy, q_ids, q_mask, r_ids, r_mask, temperature, with_entropy=True, **shared
-        )
-        values = response_values(value_model, q_ids, q_mask, r_ids, r_mask, **shared)
-    else:
-        logprobs, entropy, values = (torch.full_like(ref_logprobs, math.nan) for _ in range(3))
-    scores = episode_scores(gen, prompts, responses, reward, missing_eos_penalty, **shared)
-    zeros = torch.zeros_like(logprobs)
-    assert entropy is not None
-    return Rollout(
-        query_ids=q_ids,
-        query_mask=q_mask,
-        response_ids=r_ids,
-        response_mask=r_mask,
-        sample_logprobs=gen.logprobs.float(),
-        logprobs=logprobs,
-        ref_logprobs=ref_logprobs,
-        values=values,
-        entropy=entropy,
-        scores=scores,
-        finished=gen.finished,
-        kl=zeros,
-        non_score_rewards=zeros.clone(),
-        rewards=zeros.clone(),
-        advantages=zeros.clone(),
-        returns=zeros.clone(),
-        trunk_hidden=hidden,
-    )
 
 
 @dataclass
@@ -364,101 +297,3 @@ def device_time(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-def sample_responses(
-    sampler: Sampler,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    cfg: PPOConfig,
-    generator: torch.Generator | Sequence[torch.Generator],
-    capture: torch.nn.Module | None = None,
-) -> Generation:
-    """One response per prompt, sampled as the rollout samples (temperature, prompt and response
-    lengths); ``generator``: one stream, or one per prompt; ``capture``: see :func:`sample`."""
-    return sample(
-        sampler,
-        tokenizer,
-        prompts,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        generator=generator,
-        max_prompt_length=cfg.max_prompt_length,
-        capture=capture,
-    )
-
-
-def sampling_trunk(sampler: Sampler, trunk: SharedTrunk | None, autocast: bool) -> torch.nn.Module | None:
-    """The block to capture while sampling so that scoring skips the shared trunk, or None.
-
-    Only when the sampler runs the trunk's very modules eagerly and in the precision scoring runs
-    them in (``autocast``: whether scoring runs under an autocast): not a low-precision copy (its
-    output is not the trunk's), not a fixed sampling dtype that turns that autocast off, and not
-    compiled decode steps (hooks may not fire there).
-    """
-    if trunk is None or sampler.is_copy or sampler.compiled or (autocast and sampler.dtype is not None):
-        return None
-    return trunk.last_block(sampler.module)
-
-
-def collect_rollout(
-    prompts: Sequence[str],
-    *,
-    sampler: Sampler,
-    tokenizer: PreTrainedTokenizerBase,
-    policy: PreTrainedModel,
-    ref_policy: PreTrainedModel | None,
-    value_model: PreTrainedModel,
-    reward: PreTrainedModel | RewardFn,
-    cfg: PPOConfig,
-    generator: torch.Generator | Sequence[torch.Generator],
-    precision: contextlib.AbstractContextManager,
-    trunk: SharedTrunk | None = None,
-    policy_and_value: bool = True,
-) -> tuple[Rollout, RolloutTime]:
-    """Step 1 of an iteration: one sampled response per prompt, scored by every model.
-
-    The prompts go in chunks of ``cfg.generation_batch_size``: each chunk is sampled from
-    ``sampler`` (KV cache, temperature ``cfg.temperature``, drawing from ``generator``, or from
-    each prompt's own generator when it is a list), then
-    scored (:func:`score_episodes`) before the next one is sampled, so no more than a chunk's
-    activations are alive at once. Returns the ``B = len(prompts)`` episodes as one
-    :class:`Rollout` (``kl`` … ``returns`` zeros) and the time spent sampling and scoring.
-
-    With a shared ``trunk`` that the sampler itself runs (:func:`sampling_trunk`), sampling keeps
-    the trunk's output at every position it feeds and scoring starts from it: the trunk's blocks
-    then run once per token for the whole rollout, not twice (the same numbers as recomputing it
-    in a full forward over prompt ⊕ response, up to float round-off). ``policy_and_value=False``:
-    see :func:`score_episodes`.
-    """
-    device = next(policy.parameters()).device
-    with precision:
-        capture = sampling_trunk(sampler, trunk, torch.is_autocast_enabled(device.type))
-    parts: list[Rollout] = []
-    timing = RolloutTime()
-    for s in range(0, len(prompts), cfg.generation_batch_size):
-        chunk = list(prompts[s : s + cfg.generation_batch_size])
-        streams = generator[s : s + len(chunk)] if isinstance(generator, Sequence) else generator
-        t0 = device_time(device)
-        with precision:
-            gen = sample_responses(sampler, tokenizer, chunk, cfg, streams, capture)
-        t1 = device_time(device)
-        with precision:
-            parts.append(
-                score_episodes(
-                    gen,
-                    chunk,
-                    decode_responses(tokenizer, gen),
-                    policy=policy,
-                    ref_policy=ref_policy,
-                    value_model=value_model,
-                    reward=reward,
-                    temperature=cfg.temperature,
-                    missing_eos_penalty=cfg.missing_eos_penalty,
-                    trunk=trunk,
-                    policy_and_value=policy_and_value,
-                )
-            )
-        timing.generation += t1 - t0
-        timing.scoring += device_time(device) - t1
-    return Rollout.cat(parts, tokenizer.pad_token_id), timing
