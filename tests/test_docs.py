@@ -212,6 +212,21 @@ RUN: dict[str, tuple[str, ...]] = {
     "tether eval --preset tiny --policy sft=runs/llama3/sft/final --policy ppo=runs/llama3/ppo/policy "
     "--reward-model runs/llama3/rm/final --prompts-file runs/task/prompts.jsonl "
     "--pretrain-file runs/task/pretrain_heldout.jsonl --out-dir runs/llama3/eval": ("runs/llama3/eval/eval.json",),
+    # your own data: the user's files in the ecosystem's shapes (seed_files' my/) through every stage
+    "tether data validate my/sft.jsonl my/prefs.jsonl my/prompts.jsonl": (),
+    "tether sft --preset tiny --train-file my/sft.jsonl --epochs 1 --out-dir runs/my/sft": ("runs/my/sft/config.yaml",),
+    "tether sample --policy runs/my/sft/final --prompts-file my/prompts.jsonl --k 2 --max-new-tokens 16 "
+    "--out-file runs/my/samples.jsonl": ("runs/my/samples.jsonl",),
+    "tether label create-project --samples-file runs/my/samples.jsonl --name my-samples": (),
+    "tether label export --project my-samples --out-file runs/my/ranked.jsonl": ("runs/my/ranked.jsonl",),
+    "tether data convert my/prefs.jsonl runs/my/ranked.jsonl runs/my/comparisons.jsonl": ("runs/my/comparisons.jsonl",),
+    "tether rm --preset tiny --model.name-or-path runs/my/sft/final --train-file runs/my/comparisons.jsonl "
+    "--out-dir runs/my/rm": ("runs/my/rm/final/config.json", "runs/my/rm/config.yaml"),
+    "tether ppo --preset tiny --policy.name-or-path runs/my/sft/final --reward-model runs/my/rm/final "
+    "--prompts-file my/prompts.jsonl --total-episodes 8 --out-dir runs/my/ppo": ("runs/my/ppo/policy/config.json",),
+    "tether eval --preset tiny --policy sft=runs/my/sft/final --policy ppo=runs/my/ppo/policy --reward-model "
+    "runs/my/rm/final --prompts-file my/prompts.jsonl --human my/human.jsonl --max-new-tokens 16 "
+    "--out-dir runs/my/eval": ("runs/my/eval/eval.json", "runs/my/eval/config.yaml"),
 }
 
 GPU = "sized for a GPU or a cluster"
@@ -274,6 +289,34 @@ def seed_files(folder: Path) -> None:
         ("comparisons.jsonl", comparisons),
     ):
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seed_own_data(folder / "my")
+
+
+def seed_own_data(folder: Path) -> None:
+    """docs/your-own-data.md's files, in the ecosystem's shapes: conversations with a system prompt
+    (messages), preference pairs (prompt/chosen/rejected), prompts without ids, and people's
+    rankings of the two policies' answers."""
+    folder.mkdir()
+    system = {"role": "system", "content": "You are a terse assistant. Answer in at most five words."}
+    fruit = {"red": "strawberry", "green": "lime", "blue": "blueberry", "yellow": "banana", "purple": "plum"}
+    sft = [
+        [system, {"role": "user", "content": f"Name a {c} fruit."}, {"role": "assistant", "content": f"A {f}."}]
+        for c, f in fruit.items()
+    ]
+    asks = [[system, {"role": "user", "content": f"Name a {c} thing."}] for c in fruit]
+    rows = {
+        "sft.jsonl": [{"messages": m} for m in sft],
+        "prefs.jsonl": [
+            {"prompt": f"Describe {c}.", "chosen": f"The colour of a {f}.", "rejected": "No."} for c, f in fruit.items()
+        ],
+        "prompts.jsonl": [{"prompt": a} for a in asks],
+        "human.jsonl": [
+            {"prompt": a, "responses": ["A red car.", "No."], "ranking": [1, 2], "policies": ["ppo", "sft"]}
+            for a in asks
+        ],
+    }
+    for name, records in rows.items():
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 # --------------------------------------------------------------------------------------------

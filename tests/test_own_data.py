@@ -149,6 +149,13 @@ def test_convert_writes_tether_records_with_their_source(tmp_path, capsys):
         "meta": {"score": 3},
     }
     assert read_records(tmp_path / "out.jsonl") == read_records(src)
+    # Several inputs, one kind: the user's pairs, the labeling app's export (tether's shape), an empty export.
+    ranked = jsonl(tmp_path / "ranked.jsonl", [{"prompt": "Q", "responses": ["x", "y"], "ranking": [2, 1]}])
+    (tmp_path / "none.jsonl").write_text("")
+    argv = ["data", "convert", str(src), str(tmp_path / "none.jsonl"), str(ranked), str(tmp_path / "all.jsonl")]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
+    assert [r["source"] for r in rows] == [f"{src}:1", f"{ranked}:1"] and rows[1]["ranking"] == [2, 1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,10 +38,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     c = dsub.add_parser(
         "convert",
-        help="write a file of any shape tether reads as tether's own JSONL records, each with its source",
+        help="write files of any shape tether reads as one JSONL file of tether's own records, each with its source",
     )
-    c.add_argument("input", help="JSONL / Parquet file, datasets directory, or datasets NAME[:SPLIT]")
-    c.add_argument("output", help="JSONL file to write")
+    c.add_argument(
+        "inputs", nargs="+", metavar="input", help="JSONL / Parquet file, datasets directory, or datasets NAME[:SPLIT]"
+    )
+    c.add_argument("output", help="JSONL file to write: the inputs' records in order (one kind)")
     c.add_argument("--kind", choices=KINDS, help="the record kind to write (default: guessed from the fields)")
     c.set_defaults(func=_convert)
 
@@ -148,18 +150,19 @@ _SHAPE_FIELDS = frozenset({"messages", "completion", "chosen", "rejected", "prom
 
 def _convert(args: argparse.Namespace) -> int:
     records, kind = [], args.kind
-    for row in read_rows(args.input, args.kind):
-        if row.error is not None or row.record is None:
-            raise row.error or ValueError(f"{args.input}:{row.line}: unreadable")
-        kind = kind_of(row.record)
-        own = {f.name for f in dataclasses.fields(RECORD_TYPES[kind])} | _SHAPE_FIELDS | {"source", "meta"}
-        meta = {k: v for k, v in row.raw.items() if k not in own}
-        out = to_json(row.record) | {"source": f"{args.input}:{row.line}"}
-        records.append(out | ({"meta": meta} if meta else {}))
+    for source in args.inputs:  # the first file's kind is every later file's (an empty file adds nothing)
+        for row in read_rows(source, kind):
+            if row.error is not None or row.record is None:
+                raise row.error or ValueError(f"{source}:{row.line}: unreadable")
+            kind = kind_of(row.record)
+            own = {f.name for f in dataclasses.fields(RECORD_TYPES[kind])} | _SHAPE_FIELDS | {"source", "meta"}
+            meta = {k: v for k, v in row.raw.items() if k not in own}
+            out = to_json(row.record) | {"source": f"{source}:{row.line}"}
+            records.append(out | ({"meta": meta} if meta else {}))
     if not records:
-        raise ValueError(f"{args.input}: holds no records")
+        raise ValueError(f"{', '.join(args.inputs)}: hold no records")
     write_records(args.output, records)
-    print(f"wrote {len(records)} {kind} records to {args.output} (each with its source: {args.input}:LINE)")
+    print(f"wrote {len(records)} {kind} records to {args.output}, each with its source (FILE:LINE)")
     return 0
 
 
