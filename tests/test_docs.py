@@ -38,9 +38,10 @@ PLACEHOLDER = "..."  # `torchrun ... -m tether sft ...`: words a reader fills in
 class Command:
     page: str  # path relative to the repository root
     line: int  # 1-based line of the command's first line
-    text: str  # the command as bash runs it (environment assignments included)
-    key: str  # what RUN and HEAVY list: the text without assignments, `.venv/bin/tether` as `tether`
-    argv: tuple[str, ...]  # the arguments after `tether` / `-m tether`
+    text: str  # what bash runs: the page's line as written, or its segment when the line chains several
+    key: str  # what RUN, HEAVY and STEPS list: words joined by spaces, `.venv/bin/tether` as `tether`
+    argv: tuple[str, ...]  # the arguments after `tether` / `-m tether`; () for another program
+    tether: bool
 
 
 def pages() -> list[Path]:
@@ -63,9 +64,14 @@ def pages() -> list[Path]:
     return [ROOT / "README.md", *ordered, *(p for p in found if p not in ordered)]
 
 
+# In a block that is not a shell block (```text, plain ```), a line that starts like a tether
+# command still counts: a command shown as text must parse too.
+TEXT_COMMAND = re.compile(r"(\.venv/bin/)?tether\s|torchrun\s")
+
+
 def shell_lines(path: Path) -> list[tuple[int, str]]:
-    """(line number, command) for each command of the page's shell blocks: continuation lines
-    joined, a console block's ``$ `` prompts only."""
+    """(line number, command) for each command of the page's shell blocks (continuation lines
+    joined, a console block's ``$ `` prompts only) and each tether command line of its other blocks."""
     out: list[tuple[int, str]] = []
     lang: str | None = None
     pending, start = "", 0
@@ -74,14 +80,16 @@ def shell_lines(path: Path) -> list[tuple[int, str]]:
         if fence:
             lang = None if lang is not None else fence.group(1).lower()
             continue
-        if lang not in SHELL:
+        if lang is None:
             continue
         line = raw.strip()
-        if lang == "console" and not pending:
-            if not line.startswith("$ "):
-                continue
-            line = line[2:]
         if not pending:
+            if lang == "console":
+                if not line.startswith("$ "):
+                    continue
+                line = line[2:]
+            elif lang not in SHELL and not TEXT_COMMAND.match(line):
+                continue
             start = number
         if line.endswith("\\"):
             pending += line[:-1] + " "
@@ -108,39 +116,42 @@ def is_assignment(word: str) -> bool:
     return re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", word) is not None
 
 
-def as_command(page: Path, number: int, words: list[str]) -> Command | None:
-    """The segment as a tether command, or None when it runs something else."""
+def as_command(page: Path, number: int, line: str, words: list[str], whole_line: bool) -> Command:
+    """The segment ``words`` of ``line`` as a command (tether's, or another program's)."""
     env = 0
     while env < len(words) and is_assignment(words[env]):
         env += 1
     body = words[env:]
-    if not body:
-        return None
-    if body[0] == "tether" or body[0].endswith("/tether"):
+    tether = bool(body) and (body[0] == "tether" or body[0].endswith("/tether"))
+    m = body.index("-m") if "-m" in body[:-1] else -1
+    if tether:
         argv, key_words = body[1:], ["tether", *body[1:]]
-    elif "-m" in body and body.index("-m") + 1 < len(body) and body[body.index("-m") + 1] == "tether":
-        m = body.index("-m")
-        argv, key_words = body[m + 2 :], body
+    elif m >= 0 and body[m + 1] == "tether":
+        tether, argv, key_words = True, body[m + 2 :], body
     else:
-        return None
+        argv, key_words = [], body
     return Command(
         page=str(page.relative_to(ROOT)),
         line=number,
-        text=shlex.join(words),
+        text=line if whole_line else shlex.join(words),
         key=" ".join(key_words),
         argv=tuple(a for a in argv if a != PLACEHOLDER),
+        tether=tether,
     )
 
 
-def docs_commands() -> list[Command]:
+def page_commands() -> list[Command]:
+    """Every command of every page, tether's and others', in reading order."""
     out = []
     for page in pages():
         for number, line in shell_lines(page):
-            for words in split_segments(line):
-                command = as_command(page, number, words)
-                if command is not None:
-                    out.append(command)
+            segments = split_segments(line)
+            out += [as_command(page, number, line, words, len(segments) == 1) for words in segments]
     return out
+
+
+def docs_commands() -> list[Command]:
+    return [c for c in page_commands() if c.tether]
 
 
 def exported_env() -> dict[str, str]:
@@ -178,9 +189,8 @@ RUN: dict[str, tuple[str, ...]] = {
     ),
     "tether sample --policy runs/sft/final --prompts-file runs/tiny/data/prompts_train.jsonl --limit 8 --k 4 "
     "--max-new-tokens 16 --out-file runs/samples.jsonl": ("runs/samples.jsonl",),
-    "tether label simulate --samples runs/samples.jsonl --out-file runs/comparisons.jsonl --labelers-per-sample 2": (
-        "runs/comparisons.jsonl",
-    ),
+    "tether label simulate --samples-file runs/samples.jsonl --out-file runs/comparisons.jsonl "
+    "--labelers-per-sample 2": ("runs/comparisons.jsonl",),
     "tether rm --preset tiny --model.name-or-path runs/sft/final --train-file runs/comparisons.jsonl "
     "--heldout-panel-labelers true --out-dir runs/rm": ("runs/rm/final/config.json", "runs/rm/eval.json"),
     "tether ppo --preset tiny --policy.name-or-path runs/sft/final --reward-model runs/rm/final "
@@ -191,7 +201,7 @@ RUN: dict[str, tuple[str, ...]] = {
     "--out-dir runs/eval": ("runs/eval/eval.json", "runs/eval/report.html"),
     # the labeling app's quick start (everything but the server)
     "tether label add-user alice": ("labeling.db",),
-    "tether label create-project --samples samples.jsonl --overlap 3": (),
+    "tether label create-project --samples-file samples.jsonl --overlap 3": (),
     "tether label create-project --prompts-file prompts.jsonl --name writing": (),
     "tether label progress": (),
     "tether label export --project samples --out-file data/comparisons.jsonl": ("data/comparisons.jsonl",),
@@ -228,6 +238,9 @@ RUN: dict[str, tuple[str, ...]] = {
     "runs/my/rm/final --prompts-file my/prompts.jsonl --human my/human.jsonl --max-new-tokens 16 "
     "--out-dir runs/my/eval": ("runs/my/eval/eval.json", "runs/my/eval/config.yaml"),
 }
+
+# Other programs' lines the walk-through needs between tether commands (run as written, in order).
+STEPS: set[str] = set()
 
 GPU = "sized for a GPU or a cluster"
 DEMO = "trains the embedded 135M model (tens of minutes on a CPU)"
@@ -330,8 +343,8 @@ def test_every_docs_command_is_run_or_listed_heavy() -> None:
         "commands in the docs that no test runs: add each to RUN in tests/test_docs.py (with the files the page "
         "says it writes) or, if it needs a GPU, a cluster or the demo, to HEAVY:\n" + "\n".join(unknown)
     )
-    shown = {c.key for c in commands}
-    stale = [key for key in [*RUN, *HEAVY] if key not in shown]
+    shown = {c.key for c in page_commands()}
+    stale = [key for key in [*RUN, *HEAVY, *STEPS] if key not in shown]
     assert not stale, "listed in tests/test_docs.py but on no page any more:\n" + "\n".join(stale)
     assert not set(RUN) & set(HEAVY)
 
@@ -447,8 +460,8 @@ def test_docs_commands_run(tmp_path: Path) -> None:
     env = {**os.environ, **exported_env()}
     env["PATH"] = f"{ROOT / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     done: set[str] = set()
-    for c in docs_commands():
-        if c.key not in RUN or c.key in done:
+    for c in page_commands():
+        if c.key in done or c.key not in (RUN if c.tether else STEPS):
             continue
         done.add(c.key)
         start = time.monotonic()
@@ -458,6 +471,6 @@ def test_docs_commands_run(tmp_path: Path) -> None:
         where = f"{c.page}:{c.line}: `{c.text}`"
         assert result.returncode == 0, f"{where} exited {result.returncode}:\n{result.stderr[-3000:]}"
         print(f"{time.monotonic() - start:6.1f} s  {c.key}")  # pytest -s shows where the time goes
-        missing = [p for p in RUN[c.key] if not (tmp_path / p).exists()]
+        missing = [p for p in RUN.get(c.key, ()) if not (tmp_path / p).exists()]
         assert not missing, f"{where} did not write {missing}"
-    assert done == set(RUN)
+    assert done == set(RUN) | STEPS
