@@ -693,13 +693,16 @@ def _dataset_rows(source: str, ds: Any, split: str | None) -> Iterator[tuple[int
 
 
 def _cached_dataset(name: str, split: str | None) -> Any:
-    """A ``datasets`` name from the local cache, offline: never a download."""
-    os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+    """A ``datasets`` name from the local cache, offline: never a download. Offline mode is set in
+    ``datasets`` for this call only, so that a model download asked for elsewhere in the same
+    command (``--model.allow-download``) is not turned off by it."""
     try:  # datasets (seconds to import) loads only for the inputs that need it
         import datasets
     except ImportError as e:  # pragma: no cover - datasets is a dependency
         raise DataError(name, None, None, "reading a datasets name needs `datasets`") from e
-    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True  # imported before the variable was set
+    config = datasets.config
+    was = config.HF_HUB_OFFLINE, config.HF_DATASETS_OFFLINE
+    config.HF_HUB_OFFLINE = config.HF_DATASETS_OFFLINE = True
     cache_dir = os.environ.get("HF_DATASETS_CACHE")  # read now, not at datasets' import
     try:
         return datasets.load_dataset(name, split=split, cache_dir=cache_dir)
@@ -709,9 +712,11 @@ def _cached_dataset(name: str, split: str | None) -> Any:
             None,
             None,
             "is neither a file nor a dataset in the local datasets cache "
-            f"({cache_dir or datasets.config.HF_DATASETS_CACHE}); tether reads datasets offline, never "
+            f"({cache_dir or config.HF_DATASETS_CACHE}); tether reads datasets offline, never "
             f"downloading: load it once with `datasets.load_dataset` where there is a network ({type(e).__name__})",
         ) from None
+    finally:
+        config.HF_HUB_OFFLINE, config.HF_DATASETS_OFFLINE = was
 
 
 def _raw_rows(source: str | Path) -> Iterator[tuple[int, Any]]:
