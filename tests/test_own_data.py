@@ -350,3 +350,14 @@ def test_ppo_fits_own_prompts_to_max_prompt_length_and_records_the_counts(tmp_pa
         "dropped": 1,
     }
     assert "1 of 3 lost their 2 oldest turns" in logged[0] and "1 were dropped" in logged[0]
+
+
+def test_conversations_sharing_a_system_prompt_are_not_duplicates(tmp_path):
+    from tether.data.preprocess import dedup_by_prefix
+
+    long_system = {"role": "system", "content": "You are a helpful assistant who answers every question. " * 3}
+    rows = [{"prompt": [long_system, {"role": "user", "content": q}]} for q in ("Name a colour.", "Name a fruit.")]
+    rows.append({"prompt": [long_system, {"role": "user", "content": "name a  COLOUR."}]})  # a duplicate
+    kept, dropped = dedup_by_prefix(read_records(jsonl(tmp_path / "p.jsonl", rows), "prompt"))
+    assert [p.text.turns[1].content for p in kept] == ["Name a colour.", "Name a fruit."]
+    assert len(dropped) == 1 and dropped[0].prompt.text.turns[1].content == "name a  COLOUR."

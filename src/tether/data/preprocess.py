@@ -290,7 +290,9 @@ def dedup_by_prefix(prompts: Sequence[Prompt], prefix_chars: int = 64) -> tuple[
 
     Two prompts are duplicates when their first ``prefix_chars`` normalised characters
     (:func:`normalize_prefix`) are equal; a prompt shorter than that is compared whole. One
-    hash lookup per prompt: O(n).
+    hash lookup per prompt: O(n). A conversation is compared from its first turn after the
+    system prompt: datasets often give every prompt the same system prompt, which says nothing
+    about what was asked.
     """
     if prefix_chars < 1:
         raise ValueError(f"prefix_chars must be at least 1, got {prefix_chars}")
@@ -298,7 +300,10 @@ def dedup_by_prefix(prompts: Sequence[Prompt], prefix_chars: int = 64) -> tuple[
     kept: list[Prompt] = []
     dropped: list[Dropped] = []
     for p in prompts:
-        key = normalize_prefix(p.text, prefix_chars)
+        asked = p.text
+        if isinstance(asked, Conversation) and asked.turns[0].role == "system":
+            asked = "\n\n".join(t.content for t in asked.turns[1:])
+        key = normalize_prefix(asked, prefix_chars)
         if key in first:
             reason = f"shares its first {prefix_chars} normalised characters with {first[key].id}"
             dropped.append(Dropped(p, "dedup", reason))
