@@ -209,7 +209,7 @@ def resolve_model_dir(name_or_path: str, *, allow_download: bool = False) -> Pat
         from tether.models.tiny_families import tiny_family_dir  # builds tokenizers: only when asked
 
         return tiny_family_dir(name_or_path.removeprefix("tiny-"))
-    if not path.is_dir() and HUB_ID.fullmatch(name_or_path) and not name_or_path.startswith("."):
+    if not path.is_dir() and HUB_ID.fullmatch(name_or_path):
         path = hub_snapshot(name_or_path, allow_download=allow_download)
     elif not path.is_dir():
         raise FileNotFoundError(
@@ -246,7 +246,8 @@ def hub_snapshot(repo_id: str, *, allow_download: bool = False) -> Path:
         raise FileNotFoundError(
             f"model {repo_id!r} is not in the Hugging Face cache ({cache}) and tether downloads only "
             f"when asked: fetch it with `hf download {repo_id}` (older huggingface_hub: "
-            f"`huggingface-cli download {repo_id}`), or pass --model.allow-download true"
+            f"`huggingface-cli download {repo_id}`), or pass --model.allow-download (in tether ppo: "
+            "--policy.allow-download)"
         ) from None
 
 
