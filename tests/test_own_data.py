@@ -361,3 +361,19 @@ def test_conversations_sharing_a_system_prompt_are_not_duplicates(tmp_path):
     kept, dropped = dedup_by_prefix(read_records(jsonl(tmp_path / "p.jsonl", rows), "prompt"))
     assert [p.text.turns[1].content for p in kept] == ["Name a colour.", "Name a fruit."]
     assert len(dropped) == 1 and dropped[0].prompt.text.turns[1].content == "name a  COLOUR."
+
+
+def test_every_stage_that_encodes_a_long_conversation_keeps_its_system_prompt_and_last_turn(tiny_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from tether.models.generation import encode_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    history = [USER1, {"role": "assistant", "content": "word " * 300}]
+    conv = read_records(jsonl(tmp_path / "p.jsonl", [{"prompt": [SYSTEM, *history, USER2]}]), "prompt")[0].text
+    ids, mask = encode_prompts(tokenizer, [conv, "short"], max_prompt_length=64)
+    seen = tokenizer.decode(ids[0][mask[0].bool()])
+    assert SYSTEM["content"] in seen and USER2["content"] in seen and "word" not in seen
+    # Before: the last 64 tokens, which cut the system prompt and kept the old answer's words.
+    plain = tokenizer(tokenizer.apply_chat_template(conv.messages(), tokenize=False, add_generation_prompt=True))
+    assert SYSTEM["content"] not in tokenizer.decode(plain.input_ids[-64:])

@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and
 
 from tether.config import RolloutDtype
 from tether.data.formats import K_MAX, K_MIN, Conversation, Sample
+from tether.data.preprocess import fit_prompt
 from tether.models.loading import fast_bf16
 
 ROLLOUT_DTYPES: tuple[str, ...] = get_args(RolloutDtype)
@@ -69,9 +70,18 @@ def encode_prompts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chat-formatted prompts, tokenised and LEFT-padded: (input_ids [B,P], attention_mask [B,P]).
 
-    A prompt longer than max_prompt_length keeps its last tokens (the assistant header must stay).
+    A conversation longer than max_prompt_length first loses its oldest whole turns, never the
+    system prompt or the last user turn (:func:`tether.data.preprocess.fit_prompt`); a prompt still
+    too long (its last turn alone is: ``tether ppo`` drops those before training, and counts them)
+    keeps its last tokens (the assistant header must stay).
     """
-    rows = [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False).input_ids for p in prompts]
+
+    def ids_of(prompt: str) -> list[int]:
+        return tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
+
+    if max_prompt_length:
+        prompts = [fit_prompt(p, max_prompt_length, lambda q: len(ids_of(q)))[0] or p for p in prompts]
+    rows = [ids_of(p) for p in prompts]
     if max_prompt_length:
         rows = [r[-max_prompt_length:] for r in rows]
     width = max(len(r) for r in rows)
