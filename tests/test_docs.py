@@ -180,7 +180,7 @@ RUN: dict[str, tuple[str, ...]] = {
         "runs/tiny/round-1/rm/final/config.json",
         "runs/tiny/round-1/ppo_ptx/policy/config.json",
     ),
-    "tether data validate prompts.jsonl": (),
+    "tether data validate prompts.jsonl demos.jsonl": (),
     # the stage pages, one after another
     "tether sft --preset tiny --train-file runs/tiny/data/demonstrations_train.jsonl --out-dir runs/sft": (
         "runs/sft/final/config.json",
@@ -253,9 +253,8 @@ HEAVY: dict[str, str] = {
     "--kl-coef 0.02": GPU,
     "tether eval --run runs/demo --samples-per-prompt 4": "needs the finished demo",
     "tether run --preset demo --sft.model.name-or-path my/hf-model --prompts-file prompts.jsonl "
-    "--demonstrations-file demos.jsonl --out-dir runs/mine": "a model of yours, the demo's budget",
-    "tether run --preset demo --sft.model.name-or-path my/hf-model --prompts-file prompts.jsonl "
-    "--demonstrations-file demos.jsonl": "a model of yours, the demo's budget",
+    "--demonstrations-file demos.jsonl --pretrain-file pretrain.jsonl --pretrain-heldout-file heldout.jsonl "
+    "--out-dir runs/mine": "a model of yours, the demo's budget",
     "tether sft --preset demo --model.name-or-path my/hf-model --train-file demos.jsonl --out-dir runs/my-sft": (
         "a model of yours"
     ),
