@@ -198,7 +198,10 @@ RUN: dict[str, tuple[str, ...]] = {
     "--out-dir runs/ppo": ("runs/ppo/policy/config.json", "runs/ppo/value/config.json", "runs/ppo/metrics.jsonl"),
     "tether eval --preset tiny --policy sft=runs/sft/final --policy ppo_ptx=runs/ppo/policy --baseline sft "
     "--reward-model runs/rm/final --ref-policy runs/sft/final --prompts-file runs/tiny/data/prompts_test.jsonl "
-    "--out-dir runs/eval": ("runs/eval/eval.json", "runs/eval/report.html"),
+    "--pretrain-file runs/tiny/data/pretrain_heldout.jsonl --simulated-labelers --out-dir runs/eval": (
+        "runs/eval/eval.json",
+        "runs/eval/report.html",
+    ),
     # the labeling app's quick start (everything but the server)
     "tether label add-user alice": ("labeling.db",),
     "tether label create-project --samples-file samples.jsonl --overlap 3": (),
