@@ -182,7 +182,7 @@ RUN: dict[str, tuple[str, ...]] = {
     ),
     "tether data validate prompts.jsonl demos.jsonl": (),
     # the stage pages, one after another
-    "tether sft --preset tiny --train-file runs/tiny/data/demonstrations_train.jsonl --out-dir runs/sft": (
+    "tether sft --preset tiny --train-file runs/tiny/data/demonstrations_train.jsonl --epochs 1 --out-dir runs/sft": (
         "runs/sft/final/config.json",
         "runs/sft/metrics.jsonl",
         "runs/sft/config.yaml",
