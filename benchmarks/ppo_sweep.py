@@ -31,6 +31,7 @@ from tether.config import EvalConfig, PPOConfig, resolve
 from tether.data.formats import read_records
 from tether.eval.evaluate import evaluate_policies
 from tether.labelers.panel import Panel, read_response
+from tether.pipeline import Manifest, RMOutputs, SFTOutputs
 
 
 def utilities(responses: list[str], prompts: list[str], n: int) -> tuple[np.ndarray, float]:
@@ -56,9 +57,9 @@ def main() -> None:
     args = parser.parse_args()
 
     run = Path(args.run)
-    manifest = json.loads((run / "manifest.json").read_text())
-    sft = manifest["stages"]["sft"]["outputs"]["policy"]
-    rm_dir = manifest["stages"]["round-1/rm"]["outputs"]["reward_model"]
+    manifest = Manifest(run / "manifest.json")
+    sft = str(manifest.outputs("sft", SFTOutputs).policy)
+    rm_dir = str(manifest.outputs("round-1/rm", RMOutputs).reward_model)
     run_ppo = yaml.safe_load((run / "round-1" / "ppo_ptx" / "config.yaml").read_text())
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     cfg = resolve(PPOConfig, "ppo", None, overrides={**_flatten(run_ppo), **overrides})

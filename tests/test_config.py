@@ -332,7 +332,7 @@ def test_run_split_fractions_reach_the_data_stage(tmp_path):
     for fractions in ((0.8, 0.1, 0.1), (0.5, 0.1, 0.4)):
         cfg = resolve(RunConfig, "run", "tiny", overrides={"split_fractions": list(fractions)})
         out = _stage_data(cfg, tmp_path / str(fractions[2]), lambda *_: None)
-        sizes[fractions[2]] = {s: len(Path(out[f"prompts_{s}"]).read_text().splitlines()) for s in ("train", "test")}
+        sizes[fractions[2]] = {s: len(getattr(out, f"prompts_{s}").read_text().splitlines()) for s in ("train", "test")}
     assert sizes[0.4]["test"] > 2 * sizes[0.1]["test"]
     assert sizes[0.4]["train"] < sizes[0.1]["train"]
 

@@ -1,9 +1,11 @@
-"""The whole pipeline on the tiny preset: two rounds, a kill -9 mid-run, and a resume."""
+"""The whole pipeline on the tiny preset: two rounds, a kill -9 mid-run, the run moved elsewhere, and a resume."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,20 +27,27 @@ def stages(run: Path) -> dict:
 
 @pytest.mark.long
 @pytest.mark.timeout(600)
-def test_two_rounds_killed_and_resumed(tmp_path, capsys):
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "tether.cli", "run", "--preset", "tiny", "--rounds", "2", "--out-dir", str(run)]
+def test_two_rounds_killed_moved_and_resumed(tmp_path, capsys):
+    first = tmp_path / "disk-a" / "run"
+    cmd = [sys.executable, "-m", "tether.cli", "run", "--preset", "tiny", "--rounds", "2", "--out-dir", str(first)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 400
     # Kill once round 1's RM has finished and its PPO-ptx stage is under way.
-    while time.time() < deadline and stages(run).get("round-1/ppo_ptx", {}).get("status") != "running":
+    while time.time() < deadline and stages(first).get("round-1/ppo_ptx", {}).get("status") != "running":
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.1)
     time.sleep(1.0)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    before = stages(run)
+    before = stages(first)
     assert before["round-1/rm"]["status"] == "done" and before["round-1/ppo_ptx"]["status"] == "running"
+    # The run moves to another place (another disk, another machine): nothing points back.
+    run = tmp_path / "disk-b" / "moved"
+    run.parent.mkdir()
+    shutil.move(first, run)
+    shutil.rmtree(tmp_path / "disk-a")
+    assert str(first) not in (run / "manifest.json").read_text()
+    cmd[-1] = str(run)
 
     # The rerun asserts on its way out that a run without --ray-address never imported Ray.
     no_ray = (
@@ -56,7 +65,7 @@ def test_two_rounds_killed_and_resumed(tmp_path, capsys):
     assert all(s["status"] == "done" for s in after.values())
 
     # Provenance: round 2 ranks samples of round 1's PPO-ptx policy; its RM saw both rounds.
-    r2 = read_records(after["round-2/sample"]["outputs"]["samples"], "sample")
+    r2 = read_records(run / after["round-2/sample"]["outputs"]["samples"], "sample")
     assert set(r2[0].policies) == {"ppo_ptx@round-1"}
     assert after["round-2/sample"]["inputs"]["policy"] == after["round-1/ppo_ptx"]["outputs"]["policy"]
     assert len(after["round-2/rm"]["outputs"]["trained_on"]) == 2
@@ -85,9 +94,9 @@ def test_two_rounds_killed_and_resumed(tmp_path, capsys):
     assert by_name["sft_bo2"]["pretrain_ppl"] is None and "is not a trained policy" in report
     assert all(p["pretrain_ppl"] > 0 for n, p in by_name.items() if n != "sft_bo2")
     # Samples record which responses ended (EOS) and the comparisons carry it to the RM.
-    r1 = read_records(after["round-1/sample"]["outputs"]["samples"], "sample")
+    r1 = read_records(run / after["round-1/sample"]["outputs"]["samples"], "sample")
     assert all(s.ended is not None and len(s.ended) == len(s.responses) for s in r1)
-    comparisons = read_records(after["round-1/label"]["outputs"]["comparisons"], "comparison")
+    comparisons = read_records(run / after["round-1/label"]["outputs"]["comparisons"], "comparison")
     assert all(c.ended is not None for c in comparisons)
     assert by_name["ppo_ptx"]["expected_win_rate"] is not None and by_name["ppo_ptx"]["expected_win_ci"]
     # The compute curve: SFT at 0 episodes, the checkpoint at 16, the final policy at 32.
@@ -96,7 +105,8 @@ def test_two_rounds_killed_and_resumed(tmp_path, capsys):
     for n in ("16", "32"):
         assert f"<tr><td>{n}</td>" in report
     # ... and its figures beside eval.json: each point its policy's own, the last the final policy's.
-    assert after["eval"]["outputs"]["curve"] == str(run / "eval" / "curve.json")
+    assert after["eval"]["outputs"]["curve"] == "eval/curve.json"  # relative to the run directory
+    assert str(tmp_path) not in (run / "manifest.json").read_text()  # no path names a place
     curve = json.loads((run / "eval" / "curve.json").read_text())["points"]
     assert [(p["episodes"], p["policy"]) for p in curve] == [(0, "sft"), (16, "ppo_ptx@16"), (32, "ppo_ptx")]
     for point in curve:
@@ -104,8 +114,8 @@ def test_two_rounds_killed_and_resumed(tmp_path, capsys):
             assert point[key] == by_name[point["policy"]][key], (point["policy"], key)
         assert point["expected_win_ci"][0] <= point["expected_win_rate"] <= point["expected_win_ci"][1]
     # The checkpoint is a Hugging Face model directory of its own: neither SFT nor the final policy.
-    checkpoint = after["round-2/ppo_ptx"]["outputs"]["checkpoints"]["16"]
-    assert by_name["ppo_ptx@16"]["path"] == checkpoint
+    checkpoint = run / after["round-2/ppo_ptx"]["outputs"]["checkpoints"]["16"]
+    assert by_name["ppo_ptx@16"]["path"] == str(checkpoint)
     kept = load_causal_lm(checkpoint)[0].state_dict()
     for other in (by_name["sft"]["path"], by_name["ppo_ptx"]["path"]):
         weights = load_causal_lm(other)[0].state_dict()
@@ -152,3 +162,34 @@ def test_run_facts_put_each_rms_accuracy_beside_the_labelers_agreement():
     )
     assert facts["stage seconds (last attempt)"] == "sft 12, round-1/rm 7"
     assert run_facts({}) == {}
+
+
+def test_a_moved_manifest_gives_each_stage_its_record_at_the_new_place(tmp_path):
+    """Stage outputs are typed records; manifest.json keeps their paths relative to the run
+    directory and names no place, so the run reads back wherever it was moved."""
+    from tether.config import RunConfig, resolve, to_dict
+    from tether.pipeline import Manifest, PPOOutputs, SFTOutputs
+
+    first = tmp_path / "a" / "run"
+    first.mkdir(parents=True)
+    cfg = resolve(RunConfig, "run", "tiny", overrides={"out_dir": str(first)})
+    manifest = Manifest(first / "manifest.json", to_dict(cfg))
+    sft = SFTOutputs(policy=first / "sft" / "epoch-1", selected_epoch=1, valid_loss_before=2.0, valid_loss_after=1.0)
+    ppo = PPOOutputs(policy=first / "round-1" / "ppo_ptx" / "policy", ptx_coef=1.0, episodes=32)
+    ppo.checkpoints = {"16": first / "round-1" / "ppo_ptx" / "iter-2"}
+    assert manifest.run("sft", SFTOutputs, lambda: sft, {"base": "tiny"}, log=lambda _: None) == sft
+    manifest.run("round-1/ppo_ptx", PPOOutputs, lambda: ppo, {"init": sft.policy}, log=lambda _: None)
+    text = (first / "manifest.json").read_text()
+    assert str(tmp_path) not in text and '"policy": "sft/epoch-1"' in text
+
+    moved = tmp_path / "b" / "elsewhere"
+    moved.parent.mkdir()
+    shutil.move(first, moved)
+    again = Manifest(moved / "manifest.json", to_dict(dataclasses.replace(cfg, out_dir=str(moved))))
+    assert again.outputs("sft", SFTOutputs).policy == moved / "sft" / "epoch-1"
+    back = again.outputs("round-1/ppo_ptx", PPOOutputs)
+    assert back.checkpoints == {"16": moved / "round-1" / "ppo_ptx" / "iter-2"} and back.episodes == 32
+    # Done stages are not run again; another config in the same place is still an error.
+    assert again.run("sft", SFTOutputs, lambda: pytest.fail("ran again"), {}, log=lambda _: None).selected_epoch == 1
+    with pytest.raises(ValueError, match=r"different config \(fields \['k'\]\)"):
+        Manifest(moved / "manifest.json", to_dict(dataclasses.replace(cfg, k=3)))

@@ -158,7 +158,8 @@ def test_tiny_run_on_a_local_ray_cluster_matches_one_process(tmp_path, ray_tmp):
     same_text = ["round-1/sample/samples", "round-1/label/comparisons", "round-1/label/valid_comparisons"]
     for key in same_text:
         stage, field = key.rsplit("/", 1)
-        assert Path(a[stage]["outputs"][field]).read_text() == Path(b[stage]["outputs"][field]).read_text(), key
+        # (paths relative to each run directory)
+        assert (one_dir / a[stage]["outputs"][field]).read_text() == (ray_dir / b[stage]["outputs"][field]).read_text()
     # Every trainer gives one process's update to float round-off on 2 ranks (the data-parallel
     # tests: max |dw| ~1e-6), and PPO's rollouts are seeded per episode, not per rank, so the
     # figures agree to float round-off too: measured on this machine, every response and verdict

@@ -57,7 +57,7 @@ class Executor(Protocol):
         order. ``what``: the stage, for error messages; ``on_done(i)`` is called here, in the
         driver, as call ``i`` finishes (for progress lines)."""
 
-    def train(self, name: str, fn: Callable[..., dict], *args: Any, log: Callable) -> dict:
+    def train(self, name: str, fn: Callable[..., T], *args: Any, log: Callable) -> T:
         """Run a training stage: ``fn(*args, log=...)`` on every rank; rank 0's return value."""
 
 
@@ -82,7 +82,7 @@ class Local:
                 on_done(i)
         return results
 
-    def train(self, name: str, fn: Callable[..., dict], *args: Any, log: Callable) -> dict:
+    def train(self, name: str, fn: Callable[..., T], *args: Any, log: Callable) -> T:
         return fn(*args, log=log)
 
 
@@ -237,7 +237,7 @@ class RayCluster:
                 f"{what or 'a stage'}: a Ray task died ({type(e).__name__}: {_first_line(e)}); rerun the same command"
             ) from None
 
-    def train(self, name: str, fn: Callable[..., dict], *args: Any, log: Callable) -> dict:
+    def train(self, name: str, fn: Callable[..., T], *args: Any, log: Callable) -> T:
         # Ray Train v2 (the default since Ray 2.50): rank 0's return value comes back in the result.
         os.environ["RAY_TRAIN_V2_ENABLED"] = "1"
         from ray.train import RunConfig, ScalingConfig, TrainingFailedError

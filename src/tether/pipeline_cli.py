@@ -58,10 +58,10 @@ def _run(args: argparse.Namespace) -> int:
     cluster = _cluster(args, cfg)
     with cluster or contextlib.nullcontext():
         result = run_pipeline(cfg, log=console.print, executor=cluster)
-    ev = result.manifest["stages"]["eval"]["outputs"]
+    ev = result.evaluation
     console.print(
         f"[bold green]run done[/]; win rates vs {cfg.eval.baseline} (held-out labelers, expected / sampled): "
-        + ", ".join(f"{k} {ev['expected_win_rates'][k]:.3f} / {v:.3f}" for k, v in ev["win_rates"].items())
+        + ", ".join(f"{k} {ev.expected_win_rates[k]:.3f} / {v:.3f}" for k, v in ev.win_rates.items())
     )
     console.print(f"report: [bold]{result.report}[/]")
     return 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -96,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--best-of expects NAME=N with N a whole number, got {name}={n}")
         best_of[name] = int(n)
     if args.run:
-        from tether.pipeline import evaluate_run
+        from tether.pipeline import Manifest, evaluate_run
 
         run = Path(args.run)
         if not (run / "manifest.json").exists() or not (run / "config.yaml").exists():
@@ -104,10 +103,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.policy or args.best_of or args.reward_model or args.ref_policy:
             raise ValueError("--run evaluates the run's own policies: leave out --policy, --best-of, --reward-model")
         run_cfg = from_dict(RunConfig, yaml.safe_load((run / "config.yaml").read_text()))
-        stages = json.loads((run / "manifest.json").read_text())["stages"]
-        missing = [
-            s for s in ("data", "sft", f"round-{run_cfg.rounds}/ppo_ptx") if stages.get(s, {}).get("status") != "done"
-        ]
+        manifest = Manifest(run / "manifest.json")
+        missing = [s for s in ("data", "sft", f"round-{run_cfg.rounds}/ppo_ptx") if not manifest.done(s)]
         if missing:
             raise ValueError(f"--run {run}: stages {missing} are not finished; rerun `tether run` first")
         # The run's own evaluation settings, with the flags given here on top.
@@ -118,9 +115,9 @@ def _run(args: argparse.Namespace) -> int:
         eval_cfg = from_dict(EvalConfig, data)
         eval_cfg.validate()
         out = Path(args.out) if args.out else run / "eval-cli"
-        res = evaluate_run(run_cfg, stages, run, out, out, print, eval_cfg=eval_cfg, human_comparisons=human)
-        report = load_eval(res["eval"])
-        path = Path(res["report"])
+        res = evaluate_run(run_cfg, manifest, out, out, print, eval_cfg=eval_cfg, human_comparisons=human)
+        report = load_eval(res.eval)
+        path = res.report
     else:
         policies = _pairs(args.policy, "--policy", "PATH")
         if not policies:

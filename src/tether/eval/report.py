@@ -243,54 +243,12 @@ def write_report(
         if data is not None:
             (out / name).write_bytes(data)
 
-    rows = "".join(
-        "<tr>"
-        + "".join(
-            f"<td>{c}</td>"
-            for c in (
-                f"<b>{html.escape(p.name)}</b>",
-                _rate(p.expected_win_rate, p.expected_win_ci),
-                _rate(p.win_rate, p.win_ci),
-                _fmt(p.likert, ".2f"),
-                _fmt(p.flag_rates.get("satisfies_constraint"), ".2f"),
-                _fmt(p.flag_rates.get("fails_instruction"), ".2f"),
-                _fmt(p.rm_score, ".3f"),
-                ("≤ " if p.best_of > 1 and p.kl_to_ref is not None else "") + _fmt(p.kl_to_ref, ".2f"),
-                f"{p.length:.1f}",
-                f"{p.eos_rate:.2f}",
-                _fmt(p.pretrain_ppl, ".2f"),
-            )
-        )
-        + "</tr>"
-        for p in report.policies
-    )
+    rows = _policy_rows(report)
     names = [p.name for p in report.policies]
     show = [n for n in (report.baseline, "ppo_ptx") if n in names] or names[:2]
-    sample_rows = []
-    challenger = report.by_name(show[-1])
-    n_per = report.samples_per_prompt
-    for i, prompt in enumerate(report.prompts[:n_samples]):
-        cells = [f"<td class=prompt>{html.escape(prompt)}</td>"]
-        cells += [f"<td><pre>{html.escape(report.by_name(n).responses[i * n_per])}</pre></td>" for n in show]
-        cells.append(f"<td>{html.escape(_verdict(challenger, i * n_per, report.baseline))}</td>")
-        sample_rows.append("<tr>" + "".join(cells) + "</tr>")
-    best_of_note = "".join(
-        f"<p class=note><b>{html.escape(p.name)}</b> is not a trained policy: each response is the one the "
-        f"reward model scores highest among {p.best_of} samples of {html.escape(p.path)}. It shows what the RM "
-        f"itself can buy at a KL of at most log {p.best_of} − {p.best_of - 1}/{p.best_of} nats, to set the RL "
-        "policies against.</p>"
-        for p in report.policies
-        if p.best_of > 1
-    )
-    extra_html = ""
-    if extra:
-        extra_html = (
-            "<h2>Run facts</h2><table>"
-            + "".join(
-                f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in extra.items()
-            )
-            + "</table>"
-        )
+    sample_rows = _sample_rows(report, show, n_samples)
+    best_of_note = _best_of_notes(report)
+    extra_html = _facts_html(extra) if extra else ""
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>tether report</title>
 <style>
@@ -338,3 +296,58 @@ give); it estimates the same quantity with more noise.</p>
     if curve:
         save_curve(curve, report, out / "curve.json")
     return path
+
+
+def _policy_rows(report: EvalReport) -> str:
+    """The headline table's rows, one per policy."""
+    return "".join(
+        "<tr>"
+        + "".join(
+            f"<td>{c}</td>"
+            for c in (
+                f"<b>{html.escape(p.name)}</b>",
+                _rate(p.expected_win_rate, p.expected_win_ci),
+                _rate(p.win_rate, p.win_ci),
+                _fmt(p.likert, ".2f"),
+                _fmt(p.flag_rates.get("satisfies_constraint"), ".2f"),
+                _fmt(p.flag_rates.get("fails_instruction"), ".2f"),
+                _fmt(p.rm_score, ".3f"),
+                ("≤ " if p.best_of > 1 and p.kl_to_ref is not None else "") + _fmt(p.kl_to_ref, ".2f"),
+                f"{p.length:.1f}",
+                f"{p.eos_rate:.2f}",
+                _fmt(p.pretrain_ppl, ".2f"),
+            )
+        )
+        + "</tr>"
+        for p in report.policies
+    )
+
+
+def _sample_rows(report: EvalReport, show: list[str], n_samples: int) -> list[str]:
+    """The first response of each of ``show`` to the first ``n_samples`` prompts, with the held-out
+    labelers' verdict on the last of them."""
+    rows = []
+    challenger = report.by_name(show[-1])
+    n_per = report.samples_per_prompt
+    for i, prompt in enumerate(report.prompts[:n_samples]):
+        cells = [f"<td class=prompt>{html.escape(prompt)}</td>"]
+        cells += [f"<td><pre>{html.escape(report.by_name(n).responses[i * n_per])}</pre></td>" for n in show]
+        cells.append(f"<td>{html.escape(_verdict(challenger, i * n_per, report.baseline))}</td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return rows
+
+
+def _best_of_notes(report: EvalReport) -> str:
+    return "".join(
+        f"<p class=note><b>{html.escape(p.name)}</b> is not a trained policy: each response is the one the "
+        f"reward model scores highest among {p.best_of} samples of {html.escape(p.path)}. It shows what the RM "
+        f"itself can buy at a KL of at most log {p.best_of} − {p.best_of - 1}/{p.best_of} nats, to set the RL "
+        "policies against.</p>"
+        for p in report.policies
+        if p.best_of > 1
+    )
+
+
+def _facts_html(extra: dict) -> str:
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in extra.items())
+    return "<h2>Run facts</h2><table>" + rows + "</table>"
