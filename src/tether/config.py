@@ -599,6 +599,11 @@ class EvalConfig:
     seed: int = 0
     """Seed for sampling (every policy gets the same stream) and the labelers' noise."""
 
+    @property
+    def response_length(self) -> int:
+        """The longest response sampled: ``max_new_tokens``, else 64 (a run fills it with its PPO length)."""
+        return self.max_new_tokens or 64
+
     def validate(self) -> None:
         check_fields(self)
         _check_positive(self, "samples_per_prompt", "batch_size", "n_bootstrap")

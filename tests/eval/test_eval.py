@@ -7,6 +7,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -351,3 +352,69 @@ def test_a_shard_that_cannot_be_kept_is_still_returned(tmp_path):
     missing = tmp_path / "not-on-this-node" / "shard.pkl"
     assert _kept_shard(str(missing), lambda: "result") == "result"
     assert not missing.parent.exists()
+
+
+def nudge_top(tiny_dir: Path, out: Path, scale: float) -> Path:
+    """The tiny model with only its top block and final norm nudged: a policy partial fine-tuning
+    could have trained from it (bottom block and embeddings bit for bit the tiny model's)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in tiny_dir.iterdir():
+        if f.name != "model.safetensors":
+            (out / f.name).write_bytes(f.read_bytes())
+    gen = torch.Generator().manual_seed(1)
+    weights = {
+        k: v + scale * torch.randn(v.shape, generator=gen) if (".layers.1." in k or k == "model.norm.weight") else v
+        for k, v in load_file(tiny_dir / "model.safetensors").items()
+    }
+    save_file(weights, out / "model.safetensors")
+    return out
+
+
+def test_shared_blocks_run_once_and_give_the_full_forwards_figures(tiny_dir, prompts, tmp_path, monkeypatch):
+    """The policy, the reference and the RM share the tiny model's bottom block, as partial
+    fine-tuning leaves them: the evaluation runs it once per batch for all three, each model is
+    loaded once, and the figures are the plain path's (the oracle below: the engine's samples in
+    the same batches, each model's full forward) to the bit: the same responses token for token,
+    RM scores and KL."""
+    import tether.eval.evaluate as ev
+    from tether.models.trunk import SharedTrunk
+    from tether.ppo.rollout import response_logprobs
+
+    ppo_dir = nudge_top(tiny_dir, tmp_path / "ppo", 0.05)
+    torch.manual_seed(0)
+    rm, tok = load_scalar_model(str(tiny_dir))
+    rm_dir = save_scalar_model(rm, tok, tmp_path / "rm")
+    runs, loads = [], []
+    monkeypatch.setattr(
+        SharedTrunk, "hidden", lambda self, *a, real=SharedTrunk.hidden: runs.append(1) or real(self, *a)
+    )
+    for name, real in (("load_causal_lm", ev.load_causal_lm), ("load_scalar_model", ev.load_scalar_model)):
+        monkeypatch.setattr(ev, name, lambda path, real=real: loads.append(path) or real(path))
+    cfg = EvalConfig(samples_per_prompt=2, max_new_tokens=10, batch_size=4)
+    pretrain = [PretrainText(text="The quick brown fox jumps over the lazy dog. " * 4)]
+    policies = {"sft": str(tiny_dir), "ppo": str(ppo_dir)}
+    common = dict(reward_model=str(rm_dir), ref_policy=str(tiny_dir), pretrain_heldout=pretrain, **QUIET)
+    report = evaluate_policies(policies, prompts, cfg, **common)
+    assert len(runs) == 3  # ppo's 3 batches of 4, 4 and 2 responses; sft is the reference: its KL is 0
+    assert sorted(loads) == sorted([str(tiny_dir), str(ppo_dir), str(rm_dir)])  # each model once
+
+    policy, _ = load_causal_lm(str(ppo_dir))
+    ref, _ = load_causal_lm(str(tiny_dir))
+    rm, _ = load_scalar_model(str(rm_dir))
+    texts = [p.text for p in prompts for _ in range(2)]
+    responses, scores, kls = [], [], []
+    for start in range(0, len(texts), 4):
+        batch = texts[start : start + 4]
+        generators = row_generators(0, [(start + i, 0) for i in range(len(batch))], "cpu")
+        gen = sample(policy, tok, batch, max_new_tokens=10, temperature=1.0, generator=generators)
+        inputs = (gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask)
+        responses += decode_responses(tok, gen)
+        scores += episode_scores(gen, batch, [], rm, None).tolist()
+        kls += (
+            response_logprobs(policy, *inputs, 1.0)[0].sum(-1) - response_logprobs(ref, *inputs, 1.0)[0].sum(-1)
+        ).tolist()
+    ppo = report.by_name("ppo")
+    assert ppo.responses == responses
+    assert (ppo.rm_score, ppo.kl_to_ref) == (float(np.mean(scores)), float(np.mean(kls)))
+    assert ppo.kl_to_ref > 0 and report.by_name("sft").kl_to_ref == 0.0
+    assert ppo.pretrain_ppl == pytest.approx(pretrain_perplexity(policy, tok, pretrain), rel=1e-6)

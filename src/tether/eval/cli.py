@@ -8,7 +8,6 @@ test split and held-out pretraining text, its evaluation settings unless flags o
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -144,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
         report = evaluate_policies(
             policies,
             prompts[: cfg.limit or None],
-            dataclasses.replace(cfg, max_new_tokens=cfg.max_new_tokens or 64),
+            cfg,
             reward_model=args.reward_model,
             ref_policy=args.ref_policy,
             pretrain_heldout=pretrain[: cfg.pretrain_texts or None],

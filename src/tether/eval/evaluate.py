@@ -30,10 +30,12 @@ from tether.config import Autocast, EvalConfig, ModelConfig, to_dict
 from tether.data.formats import Comparison, PretrainText, Prompt
 from tether.labelers.panel import Panel
 from tether.models.generation import Generation, decode_responses, row_generators, sample
-from tether.models.heads import load_scalar_model
+from tether.models.heads import load_scalar_model, score_at_last_token
 from tether.models.lm_batch import encode_pretrain, evaluate_loss
 from tether.models.loading import autocast, load_causal_lm, resolve_device
-from tether.ppo.rollout import episode_scores, response_logprobs
+from tether.models.trunk import SharedTrunk
+from tether.ppo.rollout import episode_scores, joined, logprobs_from_logits, response_logprobs
+from tether.reward.foreign import ForeignReward, reward_for
 
 # The evaluation's name of a PPO-ptx checkpoint after N episodes (``run.curve_every``): ppo_ptx@N.
 CURVE_PREFIX = "ppo_ptx@"
@@ -80,18 +82,6 @@ class EvalReport:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def response_logprob_sums(model: PreTrainedModel, gen: Generation) -> torch.Tensor:
-    """Σ_t log p(response token) under ``model`` (temperature 1) for a Generation's responses. [B]."""
-
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        q_ids, q_mask, r_ids, r_mask = (
-            t.to(device) for t in (gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask)
-        )
-        lp, _ = response_logprobs(model, q_ids, q_mask, r_ids, r_mask, 1.0)
-    return lp.sum(-1).cpu()
 
 
 def best_of_n_kl_bound(n: int) -> float:
@@ -173,6 +163,105 @@ def _kept_shard(path: str, call: Callable[[], PolicyShard]) -> PolicyShard:
     return result
 
 
+class _ModelCache:
+    """Models kept between the calls of one evaluation in this process, each under the stamp of its
+    directory's files, for the roles that use it (the policy, the reference, the reward model):
+    the reference and the RM are loaded once for every policy, a policy's perplexity reuses the
+    model its responses were sampled from, and the reference is the SFT policy already loaded.
+    A model no role uses any more is dropped before the next one loads."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+        self.roles: dict[str, str] = {}  # role -> key of self.models
+
+    def load(self, role: str, path: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        scalar = role == "reward_model"
+        key = json.dumps([scalar, _files_stamp(path)], default=str)
+        self.roles.pop(role, None)
+        for unused in set(self.models) - set(self.roles.values()) - {key}:
+            del self.models[unused]
+        if key not in self.models:
+            self.models[key] = load_scalar_model(path) if scalar else load_causal_lm(path)
+        self.roles[role] = key
+        return self.models[key]
+
+    def clear(self) -> None:
+        self.models.clear()
+        self.roles.clear()
+
+
+@dataclass
+class _Readers:
+    """What a shard measures its sampled responses with, on the sampled ids (prompt ⊕ response):
+    the reward model's score and Σ_t log π − log π_ref. The models' shared frozen bottom blocks
+    (:class:`SharedTrunk`, read from the weights: with ``trainable_layers`` the policy, the
+    reference and the RM hold the base model's bottom blocks bit for bit) run once per batch and
+    each model its own top: op for op the full forwards, so the same scores and KL."""
+
+    policy: PreTrainedModel
+    ref: PreTrainedModel | None  # None: no KL measured (or the policy is the reference: 0)
+    reward_model: PreTrainedModel | ForeignReward | None  # ForeignReward: another tokenizer's RM
+    kl_is_zero: bool  # the policy is the reference checkpoint itself
+
+    def __post_init__(self) -> None:
+        readers = [m for m in (self.policy, self.ref, self.reward_model) if isinstance(m, torch.nn.Module)]
+        self.trunk = SharedTrunk.detect(readers) if self.ref is not None and len(readers) > 2 else None
+
+    @torch.no_grad()
+    def measure(self, gen: Generation, prompts: Sequence[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(RM scores [B] or None, KL [B] or None)`` on the CPU."""
+        inputs = (gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask)
+        ids, mask = joined(*inputs)
+        hidden = self.trunk.hidden(ids, mask) if self.trunk is not None else None
+        scores = kls = None
+        if isinstance(self.reward_model, ForeignReward):  # its own tokens: decoded, re-encoded
+            scores = self.reward_model.score(gen, prompts)
+        elif self.reward_model is not None:
+            if hidden is None:  # the RM reads the sampled ids, as in PPO; no missing-EOS penalty
+                scores = episode_scores(gen, prompts, [], self.reward_model, None).cpu()
+            else:
+                assert self.trunk is not None
+                raw = self.trunk.scalars(self.reward_model, hidden, mask)
+                scores = score_at_last_token(self.reward_model, raw, mask).float().cpu()
+        if self.kl_is_zero:
+            kls = torch.zeros(len(prompts))
+        elif self.ref is not None:
+            kls = (self._logprob_sums(self.policy, inputs, hidden) - self._logprob_sums(self.ref, inputs, hidden)).cpu()
+        return scores, kls
+
+    def _logprob_sums(
+        self,
+        model: PreTrainedModel,
+        inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        hidden: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Σ_t log p(response token) under ``model`` at temperature 1: ``[B]``."""
+        if hidden is None:
+            return response_logprobs(model, *inputs, 1.0)[0].sum(-1)
+        assert self.trunk is not None
+        _, mask = joined(*inputs)
+        logits = self.trunk.logits(model, hidden, mask, inputs[2].shape[1] + 1)[:, :-1]
+        return logprobs_from_logits(logits, inputs[2], inputs[3], 1.0)[0].sum(-1)
+
+
+def _shard_readers(
+    path: str, cfg: EvalConfig, n_best: int, reward_model: str | None, ref_policy: str | None, cache: _ModelCache
+) -> tuple[_Readers, PreTrainedTokenizerBase]:
+    """The policy at ``path`` and what measures its responses: the RM, and the reference when the
+    KL is measured (temperature 1, one sample per response; the policy itself when it is one)."""
+    measure_kl = ref_policy is not None and cfg.temperature == 1.0 and n_best == 1
+    kl_is_zero = measure_kl and str(path) == str(ref_policy)
+    # The policy last: the one before it, no longer needed, is dropped before it loads.
+    ref = cache.load("ref", ref_policy)[0] if measure_kl and not kl_is_zero and ref_policy else None
+    rm = cache.load("reward_model", reward_model) if reward_model else None
+    policy, tokenizer = cache.load("policy", path)
+    notes: list[str] = []  # an RM of another tokenizer scores the decoded responses (reward.foreign)
+    reward = reward_for(*rm, tokenizer, reward_model, notes) if rm is not None else None
+    for line in notes:
+        print(f"eval: {line}", flush=True)
+    return _Readers(policy, ref, reward, kl_is_zero), tokenizer
+
+
 def sample_policy_shard(
     path: str,
     texts: Sequence[str],
@@ -185,10 +274,11 @@ def sample_policy_shard(
     panel: Panel | None = None,
     autocast_dtype: Autocast | None = None,
     progress: Callable[[int], None] | None = None,
+    cache: _ModelCache | None = None,
 ) -> PolicyShard:
     """A policy's responses to ``texts`` (responses ``first_index …`` of the evaluation, one entry
     per response), measured and judged by the held-out labelers. ``progress(n)`` is called after
-    each forward batch with the responses done so far.
+    each forward batch with the responses done so far; ``cache`` keeps the models for the next call.
 
     Candidate c of response i is sampled from a stream seeded by (seed, i, c), and labeler j's
     noise on it by (seed, i, j): the same for every policy (common random numbers), and a shard
@@ -196,15 +286,10 @@ def sample_policy_shard(
     n_best candidates (best-of-n by the reward model).
     """
 
-    if panel is None:
-        panel = Panel()
+    panel = panel or Panel()
     precision = autocast(ModelConfig(autocast=autocast_dtype), resolve_device("auto"))
-    model, tokenizer = load_causal_lm(path)
-    device = next(model.parameters()).device
-    ref = load_causal_lm(ref_policy)[0] if ref_policy and cfg.temperature == 1.0 and n_best == 1 else None
-    rm = None
-    if reward_model:
-        rm, _ = load_scalar_model(reward_model)
+    readers, tokenizer = _shard_readers(path, cfg, n_best, reward_model, ref_policy, cache or _ModelCache())
+    device = next(readers.policy.parameters()).device
     out = PolicyShard([], [], [], [], [], [])
     step = max(1, cfg.batch_size // n_best)  # responses per forward batch of n_best candidates each
     for start in range(0, len(texts), step):
@@ -214,28 +299,24 @@ def sample_policy_shard(
         generators = row_generators(cfg.seed, [(i, c) for i in rows for c in range(n_best)], device)
         with precision:
             gen = sample(
-                model,
+                readers.policy,
                 tokenizer,
                 candidates,
-                max_new_tokens=cfg.max_new_tokens or 64,
+                max_new_tokens=cfg.response_length,
                 temperature=cfg.temperature,
                 generator=generators,
             )
+            scores, kls = readers.measure(gen, candidates)
         batch_texts = decode_responses(tokenizer, gen)
-        if rm is not None:
-            with precision:  # the RM reads the sampled ids, as in PPO; no missing-EOS penalty
-                batch_scores = episode_scores(gen, candidates, batch_texts, rm, None).cpu()
-            if n_best > 1:  # keep each response's top-scored candidate
-                pick = batch_scores.view(-1, n_best).argmax(-1) + torch.arange(len(chunk)) * n_best
-                gen, batch_scores = gen.select(pick.to(gen.response_ids.device)), batch_scores[pick]
-                batch_texts = [batch_texts[i] for i in pick.tolist()]
-            out.scores += batch_scores.tolist()
+        if scores is not None and n_best > 1:  # keep each response's top-scored candidate
+            pick = scores.view(-1, n_best).argmax(-1) + torch.arange(len(chunk)) * n_best
+            gen, scores = gen.select(pick.to(gen.response_ids.device)), scores[pick]
+            batch_texts = [batch_texts[i] for i in pick.tolist()]
+        out.scores += scores.tolist() if scores is not None else []
+        out.kls += kls.tolist() if kls is not None else []
         out.responses += batch_texts
         out.lengths += gen.lengths.tolist()
         out.eos += gen.finished.tolist()
-        if ref is not None:
-            with precision:
-                out.kls += (response_logprob_sums(model, gen) - response_logprob_sums(ref, gen)).tolist()
         if progress is not None:
             progress(len(out.responses))
     out.judgements = [
@@ -246,11 +327,133 @@ def sample_policy_shard(
     return out
 
 
-def policy_perplexity(path: str, texts: Sequence[PretrainText], autocast_dtype: Autocast | None = None) -> float:
+def policy_perplexity(
+    path: str, texts: Sequence[PretrainText], autocast_dtype: Autocast | None = None, cache: _ModelCache | None = None
+) -> float:
     """A policy's held-out pretraining perplexity (its alignment tax), loading it from ``path``."""
-    model, tokenizer = load_causal_lm(path)
+    model, tokenizer = (cache or _ModelCache()).load("policy", path)
     with autocast(ModelConfig(autocast=autocast_dtype), resolve_device("auto")):
         return pretrain_perplexity(model, tokenizer, texts)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One call of an evaluation: a policy's shard of the responses, or its perplexity (``ppl``)."""
+
+    name: str
+    first: int  # responses first … last (a perplexity: 0 … 0)
+    last: int
+    ppl: bool = False
+
+
+def _check_policies(policies: dict[str, str], baseline: str, best_of: dict[str, int], reward_model: str | None) -> None:
+    if baseline not in policies:
+        raise ValueError(f"baseline {baseline!r} is not among the policies {list(policies)}")
+    for name, n in best_of.items():
+        if name not in policies:
+            raise ValueError(f"best_of names {name!r}, which is not among the policies {list(policies)}")
+        if n < 1:
+            raise ValueError(f"best_of[{name!r}] must be >= 1, got {n}")
+        if n > 1 and not reward_model:
+            raise ValueError(f"best_of[{name!r}] = {n} needs a reward model to pick with")
+
+
+def _plan_jobs(
+    policies: dict[str, str], best_of: dict[str, int], shards: Sequence[tuple[int, int]], taxed: Callable[[str], bool]
+) -> list[_Job]:
+    """Each policy's shards, then its perplexity when ``taxed(name)``: in this order a process
+    running them one after another computes the perplexity with the model it just sampled."""
+    return [
+        job
+        for name in policies
+        for job in [*(_Job(name, a, b) for a, b in shards), *([_Job(name, 0, 0, ppl=True)] if taxed(name) else [])]
+    ]
+
+
+def _keep_shards(
+    jobs: list[_Job], calls: list[Callable[[], Any]], stamps: dict[str, dict[str, Any]], texts: Sequence[str],
+    keep_dir: str | Path, log: Callable[[str], None],
+) -> dict[int, PolicyShard]:  # fmt: skip
+    """The shards an earlier, interrupted evaluation finished (read back, not redone); every other
+    shard's call is made to keep its result in ``keep_dir`` under its :func:`shard_key`."""
+    Path(keep_dir).mkdir(parents=True, exist_ok=True)
+    kept: dict[int, PolicyShard] = {}
+    for i, job in enumerate(jobs):
+        if job.ppl:
+            continue
+        shard_file = Path(keep_dir) / f"{shard_key(stamps[job.name], texts[job.first : job.last], job.first)}.pkl"
+        if shard_file.exists():
+            with open(shard_file, "rb") as f:
+                kept[i] = pickle.load(f)
+            span = f"responses {job.first}-{job.last}"
+            log(f"eval: {job.name}: {span} kept from an earlier run of this evaluation ({keep_dir})")
+        else:
+            calls[i] = functools.partial(_kept_shard, str(shard_file), calls[i])
+    return kept
+
+
+def _run_jobs(
+    jobs: list[_Job], calls: list[Callable[[], Any]], kept: dict[int, PolicyShard], executor: Executor,
+    progress: _Progress,
+) -> list[Any]:  # fmt: skip
+    """Every job's result in order: the kept ones as they are, the rest from one map (a cluster
+    runs the perplexities beside the sampling shards), with a progress line as each finishes."""
+    todo = [i for i in range(len(jobs)) if i not in kept]
+
+    def on_done(j: int) -> None:
+        job = jobs[todo[j]]
+        if job.ppl:
+            progress.perplexity_done(job.name)
+        else:
+            progress.shard_done(job.name, job.last - job.first)
+
+    fresh = iter(executor.map([calls[i] for i in todo], "eval", on_done))
+    return [kept[i] if i in kept else next(fresh) for i in range(len(jobs))]
+
+
+def _policy_eval(
+    name: str, path: str, parts: Sequence[PolicyShard], ppl: float | None, n_best: int, kl_bound: bool
+) -> PolicyEval:
+    """One policy's figures from its shards (in order) and its perplexity."""
+    whole = PolicyShard(*([x for part in parts for x in getattr(part, f.name)] for f in fields(PolicyShard)))
+    kls = [best_of_n_kl_bound(n_best)] if kl_bound else whole.kls
+    flag_names = sorted({k for jd in whole.judgements for k in jd.flags})
+    return PolicyEval(
+        name=name,
+        path=str(path),
+        responses=whole.responses,
+        likert=float(np.mean([jd.likert for jd in whole.judgements])),
+        flag_rates={k: float(np.mean([jd.flags.get(k, False) for jd in whole.judgements])) for k in flag_names},
+        rm_score=float(np.mean(whole.scores)) if whole.scores else None,
+        kl_to_ref=float(np.mean(kls)) if kls else None,
+        length=float(np.mean(whole.lengths)),
+        eos_rate=float(np.mean(whole.eos)),
+        pretrain_ppl=ppl,  # best-of-n leaves the model as it is: no tax of its own
+        best_of=n_best,
+    )
+
+
+def _add_win_rates(
+    results: list[PolicyEval], cfg: EvalConfig, panel: Panel, texts: list[str], clusters: list[int],
+    human_comparisons: Sequence[Comparison],
+) -> None:  # fmt: skip
+    """Each policy's sampled and expected win rates against the baseline (and people's, if any)."""
+    base = next(r for r in results if r.name == cfg.baseline)
+    common: dict[str, Any] = dict(
+        labelers=panel.heldout_labelers, seed=cfg.seed, clusters=clusters, n_bootstrap=cfg.n_bootstrap
+    )
+    for r in results:
+        if r.name != cfg.baseline:
+            wr = panel.win_rate(texts, r.responses, base.responses, **common)
+            r.win_rate, r.win_ci, r.preferences = wr.rate, (wr.ci_low, wr.ci_high), list(wr.preferences)
+            ex = panel.expected_win_rate(texts, r.responses, base.responses, **common)
+            r.expected_win_rate, r.expected_win_ci = ex.rate, (ex.ci_low, ex.ci_high)
+            r.expected_preferences = list(ex.preferences)
+        else:
+            r.win_rate, r.win_ci = 0.5, (0.5, 0.5)
+            r.expected_win_rate, r.expected_win_ci = 0.5, (0.5, 0.5)
+        if human_comparisons:
+            r.human_win_rate, r.human_n = human_win_rate(human_comparisons, r.name, cfg.baseline)
 
 
 def evaluate_policies(
@@ -286,54 +489,47 @@ def evaluate_policies(
     there under a fingerprint of its call (:func:`shard_key`), so an interrupted evaluation rerun
     with the same models, prompts and settings redoes only the shards that had not finished.
     """
+    # 1. Settings and inputs checked; one entry per response (a prompt's samples side by side).
     cfg = cfg or EvalConfig()
     cfg.validate()
-    baseline, seed, samples_per_prompt = cfg.baseline, cfg.seed, cfg.samples_per_prompt
-    temperature = cfg.temperature
-    max_new_tokens = cfg.max_new_tokens or 64
-    if baseline not in policies:
-        raise ValueError(f"baseline {baseline!r} is not among the policies {list(policies)}")
-    if panel is None:
-        panel = Panel()
+    panel = panel or Panel()
     best_of = best_of or {}
-    for name, n in best_of.items():
-        if name not in policies:
-            raise ValueError(f"best_of names {name!r}, which is not among the policies {list(policies)}")
-        if n < 1:
-            raise ValueError(f"best_of[{name!r}] must be >= 1, got {n}")
-        if n > 1 and not reward_model:
-            raise ValueError(f"best_of[{name!r}] = {n} needs a reward model to pick with")
-    judges = panel.heldout_labelers
+    _check_policies(policies, cfg.baseline, best_of, reward_model)
     prompt_texts = [p.text for p in prompts]
-    texts = [t for t in prompt_texts for _ in range(samples_per_prompt)]  # one entry per response
-    clusters = [i for i in range(len(prompt_texts)) for _ in range(samples_per_prompt)]
+    texts = [t for t in prompt_texts for _ in range(cfg.samples_per_prompt)]
+    clusters = [i for i in range(len(prompt_texts)) for _ in range(cfg.samples_per_prompt)]
     executor = executor or Local()
 
-    # 1. Every policy's responses, shard by shard (each response seeded by its own index, so
-    # shards on several workers give what one process gives), and its alignment tax.
-    shards = executor.shards(len(texts))
-    jobs = [(name, a, b) for name in policies for a, b in shards]
+    # 2. The jobs: every policy's responses, shard by shard (each response seeded by its own
+    # index, so shards on several workers give what one process gives), and its alignment tax
+    # (best-of-n leaves the model as it is: no tax of its own).
+    jobs = _plan_jobs(
+        policies,
+        best_of,
+        executor.shards(len(texts)),
+        lambda name: bool(pretrain_heldout) and best_of.get(name, 1) == 1,
+    )
+    here = isinstance(executor, Local)  # in this process: models kept between calls, a line per batch
+    cache = _ModelCache() if here else None
     progress = _Progress(len(texts), log)
-    calls = [
-        functools.partial(
+    calls: list[Callable[[], Any]] = [
+        functools.partial(policy_perplexity, policies[job.name], list(pretrain_heldout), autocast_dtype, cache)
+        if job.ppl
+        else functools.partial(
             sample_policy_shard,
-            policies[name],
-            texts[a:b],
-            a,
+            policies[job.name],
+            texts[job.first : job.last],
+            job.first,
             cfg,
-            n_best=best_of.get(name, 1),
+            n_best=best_of.get(job.name, 1),
             reward_model=reward_model,
             ref_policy=ref_policy,
             panel=panel,
             autocast_dtype=autocast_dtype,
-            # In this process, a line per forward batch; a cluster's tasks report as they finish.
-            progress=functools.partial(progress.partial, name, b - a) if isinstance(executor, Local) else None,
+            progress=functools.partial(progress.partial, job.name, job.last - job.first) if here else None,
+            cache=cache,
         )
-        for name, a, b in jobs
-    ]
-    taxed = [name for name in policies if pretrain_heldout and best_of.get(name, 1) == 1]
-    tax_calls = [
-        functools.partial(policy_perplexity, policies[name], list(pretrain_heldout), autocast_dtype) for name in taxed
+        for job in jobs
     ]
     for name, path in policies.items():
         n_best = best_of.get(name, 1)
@@ -342,95 +538,42 @@ def evaluate_policies(
             + (f", best of {n_best} by the RM" if n_best > 1 else "")
         )
 
-    def on_done(i: int) -> None:
-        if i < len(jobs):
-            name, a, b = jobs[i]
-            progress.shard_done(name, b - a)
-        else:
-            progress.perplexity_done(taxed[i - len(jobs)])
-
-    # Shards an earlier, interrupted evaluation finished (keep_dir) are read back, not redone.
+    # 3. Shards an earlier, interrupted evaluation finished (keep_dir) are read back, not redone.
     kept: dict[int, PolicyShard] = {}
     if keep_dir is not None:
-        Path(keep_dir).mkdir(parents=True, exist_ok=True)
         shared = {
             "cfg": to_dict(cfg),
             "reward_model": _files_stamp(reward_model),
             "ref_policy": _files_stamp(ref_policy),
-            "judges": repr(judges),
+            "judges": repr(panel.heldout_labelers),
             "autocast": autocast_dtype,
         }
         stamps = {
             name: {**shared, "policy": _files_stamp(path), "n_best": best_of.get(name, 1)}
             for name, path in policies.items()
         }
-        for i, (name, a, b) in enumerate(jobs):
-            shard_file = Path(keep_dir) / f"{shard_key(stamps[name], texts[a:b], a)}.pkl"
-            if shard_file.exists():
-                with open(shard_file, "rb") as f:
-                    kept[i] = pickle.load(f)
-                log(f"eval: {name}: responses {a}-{b} kept from an earlier run of this evaluation ({keep_dir})")
-            else:
-                calls[i] = functools.partial(_kept_shard, str(shard_file), calls[i])
-    todo = [i for i in range(len(calls)) if i not in kept]
+        kept = _keep_shards(jobs, calls, stamps, texts, keep_dir, log)
+    done = _run_jobs(jobs, calls, kept, executor, progress)
 
-    def on_todo_done(j: int) -> None:
-        on_done(todo[j] if j < len(todo) else len(calls) + j - len(todo))
-
-    # One map, so a cluster runs the perplexities beside the sampling shards.
-    pending: list[Callable[[], Any]] = [*(calls[i] for i in todo), *tax_calls]
-    fresh = iter(executor.map(pending, "eval", on_todo_done))
-    done: list[Any] = [kept[i] if i in kept else next(fresh) for i in range(len(calls))] + list(fresh)
-    ppl: dict[str, float] = dict(zip(taxed, done[len(calls) :], strict=True))
-
-    results: list[PolicyEval] = []
-    for k, (name, path) in enumerate(policies.items()):
+    # 4. Each policy's figures from its shards, then its win rates against the baseline.
+    results = []
+    for name, path in policies.items():
         n_best = best_of.get(name, 1)
-        parts: list[PolicyShard] = done[k * len(shards) : (k + 1) * len(shards)]
-        whole = PolicyShard(*([x for part in parts for x in getattr(part, f.name)] for f in fields(PolicyShard)))
-        kls = whole.kls
-        if n_best > 1 and ref_policy is not None and str(path) == str(ref_policy) and temperature == 1.0:
-            kls = [best_of_n_kl_bound(n_best)]
-        judgements = whole.judgements
-        flag_names = sorted({k for jd in judgements for k in jd.flags})
-        results.append(
-            PolicyEval(
-                name=name,
-                path=str(path),
-                responses=whole.responses,
-                likert=float(np.mean([jd.likert for jd in judgements])),
-                flag_rates={k: float(np.mean([jd.flags.get(k, False) for jd in judgements])) for k in flag_names},
-                rm_score=float(np.mean(whole.scores)) if whole.scores else None,
-                kl_to_ref=float(np.mean(kls)) if kls else None,
-                length=float(np.mean(whole.lengths)),
-                eos_rate=float(np.mean(whole.eos)),
-                pretrain_ppl=ppl.get(name),  # best-of-n leaves the model as it is: no tax of its own
-                best_of=n_best,
-            )
-        )
-
-    base = next(r for r in results if r.name == baseline)
-    for r in results:
-        if r.name != baseline:
-            common: dict[str, Any] = dict(labelers=judges, seed=seed, clusters=clusters, n_bootstrap=cfg.n_bootstrap)
-            wr = panel.win_rate(texts, r.responses, base.responses, **common)
-            r.win_rate, r.win_ci, r.preferences = wr.rate, (wr.ci_low, wr.ci_high), list(wr.preferences)
-            ex = panel.expected_win_rate(texts, r.responses, base.responses, **common)
-            r.expected_win_rate, r.expected_win_ci = ex.rate, (ex.ci_low, ex.ci_high)
-            r.expected_preferences = list(ex.preferences)
-        else:
-            r.win_rate, r.win_ci = 0.5, (0.5, 0.5)
-            r.expected_win_rate, r.expected_win_ci = 0.5, (0.5, 0.5)
-        if human_comparisons:
-            r.human_win_rate, r.human_n = human_win_rate(human_comparisons, r.name, baseline)
+        parts = [r for job, r in zip(jobs, done, strict=True) if job.name == name and not job.ppl]
+        ppl = next((r for job, r in zip(jobs, done, strict=True) if job.name == name and job.ppl), None)
+        kl_bound = n_best > 1 and ref_policy is not None and str(path) == str(ref_policy) and cfg.temperature == 1.0
+        results.append(_policy_eval(name, path, parts, ppl, n_best, kl_bound))
+    if cache is not None:
+        cache.clear()
+    _add_win_rates(results, cfg, panel, texts, clusters, human_comparisons)
     return EvalReport(
-        baseline=baseline,
+        baseline=cfg.baseline,
         prompts=prompt_texts,
-        labelers=[lab.id for lab in judges],
+        labelers=[lab.id for lab in panel.heldout_labelers],
         policies=results,
-        temperature=temperature,
-        max_new_tokens=max_new_tokens,
-        samples_per_prompt=samples_per_prompt,
+        temperature=cfg.temperature,
+        max_new_tokens=cfg.response_length,
+        samples_per_prompt=cfg.samples_per_prompt,
         config=to_dict(cfg),
     )
 
