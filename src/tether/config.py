@@ -297,11 +297,15 @@ class PPOConfig:
     policy: ModelConfig = field(default_factory=ModelConfig)
     """The PPO-init (SFT) checkpoint: the policy starts from it and the frozen reference is it."""
     reward_model: str | None = None
-    """Reward model directory (a normalised tether RM). Required unless a reward function is
-    passed to train_ppo in Python."""
+    """Reward model: a tether RM directory, or any sequence-classification model with one output
+    (its own tokenizer and chat template: responses are decoded and re-encoded for it). Required
+    unless a reward function is passed to train_ppo in Python."""
     value_model: str | None = None
-    """Value model initialisation. None = the reward model (paper); without an RM, the policy
-    checkpoint with a fresh scalar head."""
+    """Value model initialisation. None = the reward model (paper); without an RM, or with one of
+    another tokenizer, the policy checkpoint with a fresh scalar head."""
+    demonstrations_file: str | None = None
+    """Demonstrations a reward model without tether's normalisation is normalised on at the start
+    (they score mean 0, std 1). None = the default task's."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, schedule="constant", warmup_steps=10))
     """Policy optimiser. In PPO the LR schedule advances once per iteration (batch), so
     warmup_steps counts iterations (paper: constant LR, 10 iterations of warmup from 1/10)."""

@@ -50,6 +50,7 @@ from tether.ppo.rollout import (
     scores_with_penalty,
     values_from_scalars,
 )
+from tether.reward.foreign import ForeignReward, reward_for, tokenizer_differences
 
 Inputs = tuple[Tensor, Tensor, Tensor, Tensor]  # query_ids, query_mask, response_ids, response_mask
 
@@ -213,6 +214,8 @@ class PPORoles:
 
     def _scores(self, gen: Generation, prompts: Sequence[str], hidden: Tensor | None) -> Tensor:
         penalty = self.cfg.missing_eos_penalty
+        if isinstance(self.reward, ForeignReward):  # its own tokens: decoded and re-encoded
+            return scores_with_penalty(self.reward.score(gen, prompts), gen, penalty)
         if not isinstance(self.reward, nn.Module):
             return episode_scores(gen, prompts, decode_responses(self.tokenizer, gen), self.reward, penalty)
         if hidden is None or self.trunk is None:
@@ -267,12 +270,20 @@ def _load_models(
     if reward_fn is not None:
         reward: PreTrainedModel | RewardFn = reward_fn
     elif cfg.reward_model:
-        reward, rm_tokenizer = load_scalar_model(cfg.reward_model)
-        check_same_tokenizer(tokenizer, rm_tokenizer, "reward model")
+        rm, rm_tokenizer = load_scalar_model(cfg.reward_model)
+        reward = reward_for(rm, rm_tokenizer, tokenizer, cfg.reward_model, notes, cfg.demonstrations_file)
+        if isinstance(reward, ForeignReward):
+            notes.append("ppo: the reward model reads its own tokens: it runs whole, in no shared trunk")
     else:
         raise ValueError("ppo needs reward_model (a reward model directory) or a reward function")
-    value_init = cfg.value_model or cfg.reward_model or cfg.policy.name_or_path
-    if not (cfg.value_model or cfg.reward_model):
+    rm_init = cfg.reward_model if not isinstance(reward, ForeignReward) else None
+    value_init = cfg.value_model or rm_init or cfg.policy.name_or_path
+    if isinstance(reward, ForeignReward) and not cfg.value_model:
+        notes.append(
+            f"ppo: the value model starts from the policy's SFT checkpoint {cfg.policy.name_or_path} with a "
+            "fresh scalar head: a reward model with another tokenizer cannot be the critic"
+        )
+    elif not (cfg.value_model or cfg.reward_model):
         notes.append(
             "ppo: no reward model to initialise the value model from; using the policy "
             "checkpoint with a fresh scalar head"
@@ -294,13 +305,7 @@ def check_same_tokenizer(policy_tok: PreTrainedTokenizerBase, other_tok: PreTrai
     PPO feeds the sampled token ids straight to the reward and value models; a different
     tokenizer would read them as other words, and score text the policy never wrote.
     """
-    problems = []
-    if policy_tok.get_vocab() != other_tok.get_vocab():
-        problems.append(f"vocabularies differ ({len(policy_tok)} vs {len(other_tok)} tokens)")
-    for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
-        a, b = getattr(policy_tok, name), getattr(other_tok, name)
-        if a != b:
-            problems.append(f"{name} {a} vs {b}")
+    problems = tokenizer_differences(policy_tok, other_tok)
     if problems:
         raise ValueError(
             f"the {what}'s tokenizer differs from the policy's: {'; '.join(problems)}. PPO scores "
