@@ -219,7 +219,7 @@ RUN: dict[str, tuple[str, ...]] = {
         "runs/llama3/comparisons.jsonl",
     ),
     "tether rm --preset tiny --model.name-or-path runs/llama3/sft/final --train-file runs/llama3/comparisons.jsonl "
-    "--max-length 512 --out-dir runs/llama3/rm": ("runs/llama3/rm/final/config.json",),
+    "--out-dir runs/llama3/rm": ("runs/llama3/rm/final/config.json",),
     "tether ppo --preset tiny --policy.name-or-path runs/llama3/sft/final --reward-model runs/llama3/rm/final "
     "--prompts-file runs/task/prompts.jsonl --pretrain-file runs/task/pretrain_train.jsonl "
     "--out-dir runs/llama3/ppo": ("runs/llama3/ppo/policy/config.json",),

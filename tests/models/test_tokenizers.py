@@ -71,9 +71,9 @@ def test_overrides_win_and_are_recorded(tmp_path):
 
 def test_a_reserved_pad_token_is_preferred_to_reserved_specials():
     """Llama-3.1 names `<|finetune_right_pad_id|>` for padding: it wins over the reserved ones."""
-    from tether.models.tiny_families import family_tokenizer
+    from tether.models.tiny_families import tiny_family_dir
 
-    tok = family_tokenizer("llama3")
+    tok = AutoTokenizer.from_pretrained(tiny_family_dir("llama3"))
     tok.add_special_tokens({"additional_special_tokens": ["<|finetune_right_pad_id|>"]})
     assert decide_token_roles(tok)[0].pad == "<|finetune_right_pad_id|>"
 

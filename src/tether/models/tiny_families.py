@@ -1,10 +1,10 @@
 """Tiny random models whose tokenizers are shaped like the families people bring.
 
 ``tiny-llama3``, ``tiny-mistral``, ``tiny-gemma`` and ``tiny-gpt2`` are model names tether accepts
-like ``tiny``: a byte-level BPE trained on a few sentences, with the family's special tokens, its
-``bos`` / ``eos`` / ``pad`` / ``unk`` as the family's own ``tokenizer_config.json`` sets them, its
-chat template (Gemma's, Mistral v0.1's, Llama-3's; GPT-2 has none) and a 2-block Llama of the
-matching vocabulary size. Built offline in about a second, cached next to ``tiny``. They exist to
+like ``tiny``: a byte-level BPE learnt from the built-in task's text with the family's special
+tokens, ``bos`` / ``eos`` / ``pad`` / ``unk`` as the family's own ``tokenizer_config.json`` sets them, its
+chat template (Gemma's, Mistral v0.1's, Llama-3's; GPT-2 has none) and ``tiny``'s 2-block Llama.
+Built offline in a few seconds, cached next to ``tiny``. They exist to
 run every stage on each family's token roles (tests, docs), not to say anything about the models.
 """
 
@@ -21,7 +21,7 @@ from tether.models.loading import TINY_CONFIG, _atomic_dir, cache_dir
 
 @dataclass(frozen=True)
 class Family:
-    special_tokens: tuple[str, ...]  # in id order, first ids of the vocabulary
+    special_tokens: tuple[str, ...]  # in id order, from id 0
     eos: str
     bos: str | None = None
     pad: str | None = None
@@ -96,32 +96,35 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 
-# What the BPE learns its merges from: the words of the test data and the default task.
-CORPUS = [
-    "Describe a red apple in capitals. A RED APPLE. DONE.",
-    "Describe a blue car in capitals. A BLUE CAR. DONE.",
-    "Describe a green house, a yellow bird, a black boat, a white cup, an orange door, a purple lamp.",
-    "The quick brown fox jumps over the lazy dog. It is a plain sentence number one.",
-    "Write a short answer to the question. Explain why the sky is blue and the grass is green.",
-    "Summarize the text, list three ideas, rewrite the sentence, classify the review, extract the names.",
-]
-
 
 def family_tokenizer(name: str) -> PreTrainedTokenizerFast:
-    """A byte-level BPE (about 400 tokens) with family ``name``'s special tokens and template."""
+    """A byte-level BPE of 4,096 tokens learnt from the built-in task's text, with family ``name``'s
+    special tokens (ids 0, 1, ...), bos / eos / pad / unk and chat template.
+
+    Learnt from the text the docs and tests feed it, so a prompt costs about as many tokens as
+    with ``tiny``'s 49k-token tokenizer, and the LM head is 12 times smaller.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    from tether.data.task import build_default_task  # builds the task: only when a family is made
+
     family = FAMILIES[name]
+    task = build_default_task()
+    corpus = [
+        *(p.text for p in task.prompts),
+        *(d.response for d in task.demonstrations),
+        *(t.text for t in task.pretrain_train),
+    ]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400,
+        vocab_size=4096,
         special_tokens=list(family.special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(CORPUS, trainer)
+    bpe.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token=family.bos,
