@@ -298,6 +298,14 @@ def test_a_conversation_goes_through_the_chat_template_and_a_refused_system_turn
     said = f"{tokenizer.name_or_path}: the chat template refuses a system turn; the system prompt joins the first"
     said += " user turn"
     assert [r.message for r in caplog.records].count(said) == 1
+    # The families' own templates: Gemma 2's and Mistral v0.1's refuse a system turn, Llama-3's takes it.
+    from tether.models.tiny_families import family_tokenizer
+
+    joined = {"gemma": "<start_of_turn>user\n" + SYSTEM["content"] + "\n\nName a colour.", "mistral": "[INST] "}
+    joined["mistral"] += SYSTEM["content"] + "\n\nName a colour. [/INST]"
+    for family, head in joined.items():
+        assert head in chat_prompt(family_tokenizer(family), conv), family
+    assert "system<|end_header_id|>\n\n" + SYSTEM["content"] in chat_prompt(family_tokenizer("llama3"), conv)
 
 
 def test_a_long_conversation_loses_its_oldest_whole_turns_never_the_system_prompt_or_the_last_user_turn():

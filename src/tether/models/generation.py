@@ -51,18 +51,19 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     except TemplateError:
         if messages[0]["role"] != "system":
             raise
-    if tokenizer.name_or_path not in _SYSTEM_JOINED:
-        _SYSTEM_JOINED.add(tokenizer.name_or_path)
+    key = (tokenizer.name_or_path, tokenizer.chat_template)  # a tokenizer built in memory has no name
+    if key not in _SYSTEM_JOINED:
+        _SYSTEM_JOINED.add(key)
         logging.getLogger(__name__).warning(
             "%s: the chat template refuses a system turn; the system prompt joins the first user turn",
-            tokenizer.name_or_path,
+            tokenizer.name_or_path or type(tokenizer).__name__,
         )
     system, first, *rest = messages
     joined = {"role": "user", "content": system["content"] + "\n\n" + first["content"]}
     return tokenizer.apply_chat_template([joined, *rest], tokenize=False, add_generation_prompt=True)
 
 
-_SYSTEM_JOINED: set[str] = set()  # tokenizers whose template refused a system turn (logged once each)
+_SYSTEM_JOINED: set[tuple[str, str]] = set()  # (name, template) that refused a system turn: logged once each
 
 
 def encode_prompts(
