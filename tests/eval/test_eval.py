@@ -418,3 +418,7 @@ def test_shared_blocks_run_once_and_give_the_full_forwards_figures(tiny_dir, pro
     assert (ppo.rm_score, ppo.kl_to_ref) == (float(np.mean(scores)), float(np.mean(kls)))
     assert ppo.kl_to_ref > 0 and report.by_name("sft").kl_to_ref == 0.0
     assert ppo.pretrain_ppl == pytest.approx(pretrain_perplexity(policy, tok, pretrain), rel=1e-6)
+    # Without an RM the policy and the reference alone still share the block: the same KL.
+    runs.clear()
+    no_rm = evaluate_policies(policies, prompts, cfg, ref_policy=str(tiny_dir), **QUIET)
+    assert len(runs) == 3 and no_rm.by_name("ppo").kl_to_ref == ppo.kl_to_ref

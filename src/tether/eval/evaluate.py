@@ -204,8 +204,14 @@ class _Readers:
     kl_is_zero: bool  # the policy is the reference checkpoint itself
 
     def __post_init__(self) -> None:
-        readers = [m for m in (self.policy, self.ref, self.reward_model) if isinstance(m, torch.nn.Module)]
-        self.trunk = SharedTrunk.detect(readers) if self.ref is not None and len(readers) > 2 else None
+        # Worth it where two models or more read the batch: the policy and the reference (the
+        # KL), and the RM with them when it shares their blocks too.
+        self.trunk, self.rm_on_trunk = None, False
+        if self.ref is not None:
+            rm = [self.reward_model] if isinstance(self.reward_model, torch.nn.Module) else []
+            self.trunk = SharedTrunk.detect([self.policy, self.ref, *rm])
+            self.rm_on_trunk = bool(rm) and self.trunk is not None
+            self.trunk = self.trunk or SharedTrunk.detect([self.policy, self.ref])
 
     @torch.no_grad()
     def measure(self, gen: Generation, prompts: Sequence[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -217,7 +223,7 @@ class _Readers:
         if isinstance(self.reward_model, ForeignReward):  # its own tokens: decoded, re-encoded
             scores = self.reward_model.score(gen, prompts)
         elif self.reward_model is not None:
-            if hidden is None:  # the RM reads the sampled ids, as in PPO; no missing-EOS penalty
+            if hidden is None or not self.rm_on_trunk:  # the sampled ids, as in PPO; no missing-EOS penalty
                 scores = episode_scores(gen, prompts, [], self.reward_model, None).cpu()
             else:
                 assert self.trunk is not None
