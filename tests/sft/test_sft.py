@@ -364,6 +364,7 @@ def test_lora_saves_peft_adapters_and_a_merged_copy_only_on_request(tmp_path, de
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from tether.config import ModelConfig
     from tether.models.heads import load_scalar_model
 
     lora = {"model.lora.enabled": True, "model.lora.r": 4, "epochs": 1, "batch_size": 8}
@@ -380,6 +381,10 @@ def test_lora_saves_peft_adapters_and_a_merged_copy_only_on_request(tmp_path, de
         assert not torch.allclose(base(input_ids=ids).logits, expected, atol=1e-4)  # the adapters trained
     rm, _ = load_scalar_model(str(final))  # the RM stage's start: the adapters merged, a fresh head
     torch.testing.assert_close(rm.model.layers[0].self_attn.q_proj.weight, ours.model.layers[0].self_attn.q_proj.weight)
+    # ... and trained in full by the next stage (peft hands merged weights back frozen).
+    for load in (load_causal_lm, load_scalar_model):
+        model, _ = load(ModelConfig(name_or_path=str(final)), trainable=True)
+        assert all(p.requires_grad for p in model.parameters()), load.__name__
 
     train_sft(tiny_cfg(tmp_path / "b", demos_file, **lora, **{"model.lora.save_merged": True}), log=lambda _: None)
     final = tmp_path / "b" / "run" / "final"

@@ -413,6 +413,7 @@ def prepare(
         model.eval()
         model.requires_grad_(False)
         return cache_frozen_casts(model)
+    model.requires_grad_(True)  # (a model merged from LoRA adapters comes back frozen)
     add_residual_dropout(model, cfg.residual_dropout)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
