@@ -135,6 +135,7 @@ def test_a_user_with_their_own_files_goes_from_sft_to_eval(tmp_path: Path, capsy
     assert main([*argv, "--sft-best-of", "0", "--out-dir", str(root / "eval")]) == 0
     out = capsys.readouterr().out
     assert "human win" in out and "RM score" in out and "expected win" not in out
+    assert "rubric is written for the built-in task" in (root / "eval" / "report.html").read_text()
 
     # 8. Every stage's config.yaml names the source of each input: none is the built-in task.
     for stage in ("sft", "rm", "ppo", "eval"):

@@ -216,6 +216,18 @@ def _verdict(policy: PolicyEval, index: int, baseline: str) -> str:
     return f"{winner} preferred ({p:.2f} for {policy.name})"
 
 
+def _own_prompts_note(report: EvalReport) -> str:
+    """On prompts of the user's own, a warning above the simulated labelers' figures."""
+    if not (report.config or {}).get("prompts_file"):
+        return ""
+    return (
+        '<p class="note"><b>These are your own prompts.</b> The win rates, Likert scores and flags below are '
+        "the <b>simulated labelers</b>', whose rubric is written for the built-in task's constraint prompts "
+        "and means little on other prompts: read people's rankings (<code>tether eval --human</code>, printed "
+        "by the command) and the RM score first.</p>"
+    )
+
+
 def write_report(
     report: EvalReport,
     out_dir: str | Path,
@@ -262,6 +274,7 @@ img {{ max-width: 100%; }}
 .note {{ color: #555; font-size: 14px; }}
 </style></head><body>
 <h1>tether: InstructGPT pipeline report</h1>
+{_own_prompts_note(report)}
 <p class="note">Held-out prompts from users never seen in training; judged by held-out simulated labelers
 ({html.escape(", ".join(report.labelers))}), whose labels were never trained on. Sampling temperature
 {report.temperature}, at most {report.max_new_tokens} new tokens.
