@@ -16,11 +16,12 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from tether import cli
 from tether.config import ModelConfig, PPOConfig
 from tether.models.generation import decode_responses
-from tether.models.heads import REWARD_GAIN_KEY, reward_bias, reward_gain
-from tether.models.loading import TINY_CONFIG, load_causal_lm
+from tether.models.heads import REWARD_GAIN_KEY, load_scalar_model, reward_bias, reward_gain
+from tether.models.loading import TINY_CONFIG, load_causal_lm, load_tokenizer
 from tether.models.tiny_families import family_tokenizer
 from tether.ppo.roles import build_roles
-from tether.reward.foreign import ForeignReward
+from tether.ppo.rollout import episode_scores
+from tether.reward.foreign import ForeignReward, reward_for
 from tether.reward.score import score_texts
 from tether.sft.data import load_demonstrations
 
@@ -71,6 +72,8 @@ def test_ppo_scores_through_the_rms_own_tokenizer(foreign_rm, eos_policy, ppo_da
     gen = roles.sample(prompts, torch.Generator().manual_seed(0))
     episodes = roles.score(gen, prompts)  # the rollout's step 1b
     texts = decode_responses(roles.tokenizer, gen)  # the policy's ids, up to its turn end
+    # (the samples tether ppo logs are scored the same way)
+    assert torch.equal(episode_scores(gen, prompts, texts, reward, None), episodes.scores)
     own = AutoTokenizer.from_pretrained(foreign_rm)  # the RM's tokenizer as its files give it
     eot = own.convert_tokens_to_ids("<|eot_id|>")
     assert rm_tok.eos_token_id == eot  # the turn end its template puts after an assistant message
@@ -104,8 +107,14 @@ def test_ppo_and_eval_run_with_the_foreign_rm(foreign_rm, eos_policy, ppo_data, 
     assert code == 0
     assert f"the 24 demonstrations of {demos_file} score mean 0, std 1" in log
     assert "runs whole, in no shared trunk" in log and "cannot be the critic" in log
-    scores = [json.loads(line)["score"] for line in (ppo / "samples.jsonl").read_text().splitlines()]
-    assert scores and all(abs(s) < 10 for s in scores)
+    # The samples PPO logged: the RM's scores of their texts, normalised on the demonstrations given.
+    samples = [json.loads(line) for line in (ppo / "samples.jsonl").read_text().splitlines()]
+    reward = reward_for(
+        *load_scalar_model(str(foreign_rm)), load_tokenizer(eos_policy), foreign_rm, [], str(demos_file)
+    )
+    assert isinstance(reward, ForeignReward)
+    again = reward([s["prompt"] for s in samples], [s["response"] for s in samples], [s["finished"] for s in samples])
+    assert [s["score"] for s in samples] == pytest.approx(again.tolist(), abs=1e-4)
 
     out = tmp_path / "eval"
     code = cli.main(

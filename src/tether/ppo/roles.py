@@ -214,8 +214,6 @@ class PPORoles:
 
     def _scores(self, gen: Generation, prompts: Sequence[str], hidden: Tensor | None) -> Tensor:
         penalty = self.cfg.missing_eos_penalty
-        if isinstance(self.reward, ForeignReward):  # its own tokens: decoded and re-encoded
-            return scores_with_penalty(self.reward.score(gen, prompts), gen, penalty)
         if not isinstance(self.reward, nn.Module):
             return episode_scores(gen, prompts, decode_responses(self.tokenizer, gen), self.reward, penalty)
         if hidden is None or self.trunk is None:

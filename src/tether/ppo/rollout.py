@@ -30,6 +30,7 @@ from transformers import PreTrainedModel
 from tether.models.generation import Generation, position_ids_from_mask
 from tether.models.heads import reward_scores, token_values
 from tether.ops import entropy_from_logits, token_logprobs
+from tether.reward.foreign import ForeignReward
 
 # A reward source other than a reward model (tests, toy tasks): (prompts, responses) -> [B].
 RewardFn = Callable[[list[str], list[str]], Tensor]
@@ -261,12 +262,16 @@ def episode_scores(
     """The score of each episode: ``[B]`` float32 on the generation's device.
 
     A reward model reads the very token ids that were sampled (prompt ⊕ response, EOS included
-    when reached) at the last real token, normalised; a ``RewardFn`` gets the decoded texts. A
-    response that never reached EOS gets ``missing_eos_penalty`` added (None: nothing).
+    when reached) at the last real token, normalised; one of another tokenizer
+    (:class:`~tether.reward.foreign.ForeignReward`) reads them decoded and re-encoded as its own,
+    its turn end where the policy ended; a ``RewardFn`` gets the decoded texts. A response that
+    never reached EOS gets ``missing_eos_penalty`` added (None: nothing).
     """
     if isinstance(reward, torch.nn.Module):
         reward.eval()
         scores = reward_scores(reward, *joined(gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask))
+    elif isinstance(reward, ForeignReward):
+        scores = reward.score(gen, prompts)
     else:
         scores = torch.as_tensor(reward(list(prompts), list(responses)), dtype=torch.float32)
     return scores_with_penalty(scores, gen, missing_eos_penalty)
