@@ -33,7 +33,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = sft_sources(cfg, console.print)  # own data: nothing more from the built-in task
     # The paper's checkpoint selection by RM score: the scorer is built here, so that the SFT
     # trainer does not depend on the reward stage.
-    scorer = rm_scorer(cfg.reward_model, cfg.max_new_tokens, cfg.seed) if cfg.select_by == "rm_score" else None
+    by_rm = cfg.select_by == "rm_score"  # validate() made sure of a reward_model then
+    scorer = rm_scorer(cfg.reward_model, cfg.max_new_tokens, cfg.seed) if by_rm and cfg.reward_model else None
     result = train_sft(cfg, scorer, show_samples=args.show_samples, log=console.print)
     console.print(
         f"[bold green]sft done[/]: held-out loss {result.valid_loss_before:.4f} → {result.valid_loss_after:.4f} "
