@@ -328,6 +328,8 @@ def test_samples_per_prompt_with_leave_one_out_baseline(tmp_path, ppo_data, eos_
 
 
 def test_tokenizer_mismatch_is_a_clear_error(tmp_path, ppo_data, eos_policy, tiny_rm):
+    """A value model must read the policy's ids (a reward model of another tokenizer is scored
+    through its own: tests/reward/test_foreign_rm.py)."""
     from transformers import AutoTokenizer
 
     other = tmp_path / "rm_other_tokenizer"
@@ -339,8 +341,8 @@ def test_tokenizer_mismatch_is_a_clear_error(tmp_path, ppo_data, eos_policy, tin
     tok = AutoTokenizer.from_pretrained(tiny_rm)
     tok.add_tokens(["<extra_token>"])
     tok.save_pretrained(other)
-    cfg = ppo_cfg(tmp_path / "run", ppo_data, eos_policy, reward_model=str(other))
-    with pytest.raises(ValueError, match="reward model's tokenizer differs from the policy's"):
+    cfg = ppo_cfg(tmp_path / "run", ppo_data, eos_policy, reward_model=str(tiny_rm), value_model=str(other))
+    with pytest.raises(ValueError, match="value model's tokenizer differs from the policy's"):
         train_ppo(cfg, **QUIET)
 
 
