@@ -100,8 +100,19 @@ RUN_PRESET_CHANGES: dict[tuple[str, str], tuple[str, dict]] = {
 }
 
 
-@pytest.mark.parametrize("stage,cls", [("sft", SFTConfig), ("rm", RMConfig), ("ppo", PPOConfig), ("eval", EvalConfig)])
-@pytest.mark.parametrize("preset", ["tiny", "demo", "paper", "full"])
+STAGE_CLASSES = [("sft", SFTConfig), ("rm", RMConfig), ("ppo", PPOConfig), ("eval", EvalConfig)]
+
+
+@pytest.mark.parametrize(
+    "stage,cls,preset",
+    [
+        (stage, cls, preset)
+        for preset in ("tiny", "demo", "paper", "full")
+        for stage, cls in STAGE_CLASSES
+        # a pair whose stage has no such preset (eval has no paper preset) has nothing to compare
+        if RUN_PRESET_CHANGES.get((preset, stage), (preset, {}))[0] in PRESETS[stage]
+    ],
+)
 def test_stage_presets_are_the_run_presets_stages(stage, cls, preset):
     """`tether ppo --preset demo` trains as `tether run --preset demo` does (one set of settings):
     each run preset file repeats its stages' own files, and a test (this one) holds them equal.
@@ -113,8 +124,6 @@ def test_stage_presets_are_the_run_presets_stages(stage, cls, preset):
     run.validate()  # the run preset itself must be valid (`tether run --preset paper` once was not)
     in_run = getattr(run, stage)
     own, changed = RUN_PRESET_CHANGES.get((preset, stage), (preset, {}))
-    if own not in PRESETS[stage]:
-        pytest.skip(f"{stage} has no {own} preset")
     # The paper's SFT selection needs an RM to select with.
     alone = resolve(cls, stage, own, overrides={"reward_model": "rm"} if (stage, own) == ("sft", "paper") else {})
     alone = dataclasses.replace(alone, **changed)
