@@ -10,7 +10,10 @@ side (:meth:`PPORoles.describe`):
 - **the sampling precision**: the policy itself under its autocast, or an inference copy of it in
   ``rollout_dtype`` (:class:`~tether.models.generation.Sampler`);
 - **the trunk kept from sampling**: when the sampler runs the trunk's very modules eagerly and
-  in the precision scoring runs them in, sampling keeps their output and scoring starts there.
+  in the precision scoring runs them in, sampling keeps their output and scoring starts there;
+- **the LM head in float32 under autocast**: PPO's old log-probs (scoring, a generation chunk)
+  and new ones (the update, a micro-batch) come from batches of other shapes, and a bf16 head
+  rounds their logits differently: the ratio at unchanged weights would not be 1.
 
 The trainer then asks the roles for what it needs and never learns which path ran:
 :meth:`PPORoles.rollout` (sample and score, step 1), :meth:`PPORoles.score` (a generation into a
@@ -27,14 +30,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tether.config import PPOConfig
 from tether.distributed import Dist, ParallelModel, as_parallel
 from tether.models.generation import Generation, Sampler, buffers_fit, decode_responses, sample
-from tether.models.heads import apply_normalization, load_scalar_model, score_at_last_token
+from tether.models.heads import apply_normalization, load_scalar_model, score_at_last_token, unwrap
 from tether.models.loading import autocast, autocast_dtype, fast_bf16, load_causal_lm
+from tether.models.precision import CastCachedLinear
 from tether.models.trunk import SharedTrunk, backbone
 from tether.ppo.rollout import (
     RewardFn,
@@ -242,6 +247,8 @@ def build_roles(cfg: PPOConfig, reward_fn: RewardFn | None = None, d: Dist | Non
     sampler = Sampler(policy, _sampling_dtype(cfg, device, notes), compile=cfg.rollout_compile)
     precision = autocast(cfg.policy, device)
     capture = _sampling_capture(sampler, trunk, precision, device, notes)
+    # After the sampler: a low-precision copy keeps its own head (it samples without autocast).
+    _float32_heads([policy, ref_policy], precision, device, notes)
     return PPORoles(
         cfg, policy, ref_policy, value_model, reward, tokenizer, sampler, trunk, precision, capture,
         policy_par, value_par, notes,
@@ -383,6 +390,44 @@ def _sampling_capture(
     else:
         notes.append("ppo: sampling keeps the shared blocks' output for scoring (no second pass through them)")
     return block
+
+
+class Float32Head(nn.Linear):
+    """An LM head that computes its logits in float32 under autocast (weights and input cast up).
+
+    Outside autocast, on float32 weights and input, it is the plain ``nn.Linear`` op for op.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Linear's own name
+        with torch.autocast(input.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(input.float(), self.weight.float(), bias)
+
+
+def _float32_heads(
+    models: Sequence[PreTrainedModel | None],
+    precision: contextlib.AbstractContextManager,
+    device: torch.device,
+    notes: list[str],
+) -> None:
+    """Under an autocast, make the models' LM heads :class:`Float32Head` s (in place).
+
+    The old log-probs come from scoring (a generation chunk, padded to its longest), the new ones
+    from the update's micro-batches (other rows, other padding): under bf16 the two logits of a
+    token then round differently (1 bf16 ulp of a logit of 8 is 0.03 nats) and the PPO ratio at
+    unchanged weights is not 1. In float32 only the blocks' round-off is left.
+    """
+    with precision:
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    if dtype is None:
+        return
+    for model in models:
+        head = None if model is None else unwrap(model).get_output_embeddings()
+        if isinstance(head, nn.Linear) and type(head) in (nn.Linear, CastCachedLinear):
+            head.__class__ = Float32Head
+    notes.append(
+        f"ppo: the LM head computes its logits in float32 under the {dtype} autocast (old and new log-probs agree)"
+    )
 
 
 def plain_roles(

@@ -1,0 +1,57 @@
+"""PPO's roles object: the speed and precision decisions it takes, and what they guarantee."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from ppo_support import length_reward  # this folder is on sys.path
+
+from tether.config import PPOConfig, resolve
+from tether.models.generation import row_generators
+from tether.ppo.roles import Float32Head, build_roles
+
+PROMPTS = ["hi", "a much longer prompt that forces left padding of the others", "mid", "x y"] * 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def roles_cfg(policy: Path, **overrides) -> PPOConfig:
+    base = {"policy.name_or_path": str(policy), "generation_batch_size": 8, "max_new_tokens": 12}
+    return resolve(PPOConfig, "ppo", "tiny", overrides={**base, **overrides})
+
+
+def test_the_ppo_ratio_is_one_at_unchanged_weights_under_bf16_autocast(tiny_dir):
+    """Old log-probs from scoring (one chunk of 8, padded to its longest) and new ones from the
+    update's micro-batches of 2 (other rows, other padding), at the same weights under bf16
+    autocast: log-ratio 0 to the blocks' round-off. With a bf16 LM head the two logits of a token
+    round differently: max |log-ratio| 7.2e-3 here, 2.3e-4 with the float32 head (AVX2 CPU)."""
+    roles = build_roles(roles_cfg(tiny_dir, **{"policy.autocast": "bfloat16"}), length_reward)
+    said = "LM head computes its logits in float32 under the torch.bfloat16 autocast"
+    assert any(said in line for line in roles.describe())
+    with torch.no_grad():  # logits of a trained model's size (the random tiny model's are small)
+        roles.policy.get_output_embeddings().weight.mul_(8.0)
+    rollout, _ = roles.rollout(PROMPTS, row_generators(0, range(len(PROMPTS)), "cpu"))
+    assert len(set(rollout.query_mask.sum(1).tolist())) > 1  # ragged prompts: the micro-batches trim
+    log_ratio = []
+    with torch.no_grad():
+        for rows in ([0, 1], [2, 3], [4, 5], [6, 7], [7, 2], [5]):
+            micro = rollout.select(rows)
+            logprobs, _ = roles.forward(micro)
+            log_ratio.append((logprobs - micro.logprobs)[micro.response_mask.bool()])
+    worst = float(torch.cat(log_ratio).abs().max())
+    assert worst < 1e-3, worst
+
+
+def test_float32_runs_keep_the_plain_lm_head(eos_policy):
+    """Without autocast nothing changes: the head stays the model's own layer."""
+    roles = build_roles(roles_cfg(eos_policy), length_reward)
+    assert not isinstance(roles.policy.get_output_embeddings(), Float32Head)
+    assert not any("LM head" in n for n in roles.describe())
