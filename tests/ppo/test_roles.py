@@ -15,12 +15,7 @@ from tether.ppo.roles import Float32Head, build_roles
 PROMPTS = ["hi", "a much longer prompt that forces left padding of the others", "mid", "x y"] * 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def roles_cfg(policy: Path, **overrides) -> PPOConfig:
