@@ -590,3 +590,15 @@ def test_bf16_rollouts_sample_a_copy_synced_after_every_optimiser_step(tmp_path,
     # The sampled log-probs are bf16's, the PPO ones the fp32 policy's: a small, visible gap.
     assert all(0 < m["logprob_gap"] < 0.5 for m in bf16.metrics)
     assert all(m["logprob_gap"] < 1e-4 for m in fp32.metrics)
+
+
+def test_the_critic_starts_without_a_constant_offset(tmp_path, ppo_data, eos_policy):
+    """Scores 20 above anything the fresh value head says: before the first update the critic's
+    output is shifted so that at iteration 1 its token mean equals the returns' (said in the log)."""
+    lines: list[str] = []
+    cfg = ppo_cfg(tmp_path / "run", ppo_data, eos_policy, total_episodes=8, sample_every=0, ptx_examples_per_episode=0)
+    result = train_ppo(cfg, lambda p, r: length_reward(p, r) + 20.0, log=lines.append)
+    first = result.metrics[0]
+    assert abs(first["value_mean"] - first["return_mean"]) < 1e-4, first
+    said = [line for line in lines if "the critic's offset at iteration 1: |value mean - return mean|" in line]
+    assert len(said) == 1 and float(said[0].split("|value mean - return mean| ")[1].split(";")[0]) > 2.0, said

@@ -63,7 +63,7 @@ from tether.distributed import (
 )
 from tether.metrics import MetricsLogger, progress_bar, read_metrics
 from tether.models.generation import decode_responses, row_generators
-from tether.models.heads import save_scalar_model
+from tether.models.heads import reward_bias, reward_gain, save_scalar_model, set_reward_normalization
 from tether.models.lm_batch import (
     SFTExample,
     collate,
@@ -380,6 +380,8 @@ def train_ppo(
             # 4. Advantages: GAE(γ, λ) over the response tokens, whitened over the batch (every
             #    rank's tokens: the statistics are all-reduced).
             targets = compute_targets(rollout, cfg, kl_coef, all_reduce=all_reduce_sum if d.enabled else None)
+            if iteration == 0:  # before the policy moves: the critic's constant offset removed
+                rollout, targets = _remove_critic_offset(roles, rollout, targets, kl_coef, d, log)
             # The whole batch (every rank's episodes, without the trunk's hidden states) for the
             # minibatches' token counts and the metrics: the same on every rank.
             whole = _gather(rollout, targets, roles.tokenizer.pad_token_id) if d.enabled else (rollout, targets)
@@ -467,6 +469,44 @@ def _plan(
         f"KL penalty {cfg.kl_estimator}, β={kl_ctl.value:g} ({type(kl_ctl).__name__})"
         + (f"; {d.world_size} data-parallel ranks ({parallel})" if d.enabled else "")
     )
+
+
+def _remove_critic_offset(
+    roles: PPORoles, rollout: Rollout, targets: Targets, kl_coef: float, d: Dist, log: Callable[[str], None]
+) -> tuple[Rollout, Targets]:
+    """The first rollout with the value model's constant offset removed, and its targets.
+
+    The critic starts from the RM, which was trained to score at EOS; PPO reads it at the
+    response's positions before EOS, where its level differs from the returns by the same sign in
+    every episode (a demo run: value mean -2.62 against return mean -1.52). The value model's
+    output bias is shifted by ``c`` so that the token mean of ``V + c`` equals that of the
+    returns computed from ``V + c`` (GAE's returns are affine in a constant shift of the values,
+    so two evaluations give ``c`` exactly); means over every rank's tokens. Logged.
+    """
+    cfg, mask = roles.cfg, rollout.response_mask.bool()
+    all_reduce = all_reduce_sum if d.enabled else None
+
+    def shifted(c: float) -> Rollout:
+        return dataclasses.replace(rollout, values=torch.where(mask, rollout.values + c, 0.0))
+
+    def mean(x: torch.Tensor) -> float:
+        sums = torch.stack([torch.where(mask, x, 0.0).sum(), mask.sum().to(x.dtype)]).double()
+        total, count = (all_reduce(sums) if all_reduce is not None else sums).tolist()
+        return total / max(count, 1.0)
+
+    gap0 = mean(targets.returns - rollout.values)
+    gap1 = mean(compute_targets(shifted(1.0), cfg, kl_coef, all_reduce).returns - shifted(1.0).values)
+    c = gap0 / (gap0 - gap1) if gap0 != gap1 else gap0
+    set_reward_normalization(
+        roles.value_model, gain=reward_gain(roles.value_model), bias=reward_bias(roles.value_model) + c
+    )
+    rollout = shifted(c)
+    targets = compute_targets(rollout, cfg, kl_coef, all_reduce)
+    log(
+        f"ppo: the critic's offset at iteration 1: |value mean - return mean| {abs(gap0):.3f}; its output bias "
+        f"shifted by {c:+.3f} before the first update: now {abs(mean(targets.returns - rollout.values)):.2e}"
+    )
+    return rollout, targets
 
 
 def _check_scores(rollout: Rollout, d: Dist, iteration: int, out: Path) -> None:
@@ -620,6 +660,7 @@ class _Run:
             "prompt_position": pos.prompts,
             "ptx_position": pos.ptx,
             "kl_coef": self.opt.kl_ctl.value,
+            "value_bias": reward_bias(self.roles.value_model),  # shifted at iteration 1 (not a weight)
             "world_size": self.d.world_size,
         }
         rngs = gather_rng_states(rng_state())  # every rank's stream (a collective: all ranks call it)
@@ -645,6 +686,9 @@ class _Run:
         counters = load_state(state_dir, self.models, self.opt.stateful(), generators, rank=d.rank)
         assert self.roles.sampler is not None
         self.roles.sampler.sync()
+        if "value_bias" in counters:
+            value_model = self.roles.value_model
+            set_reward_normalization(value_model, gain=reward_gain(value_model), bias=counters["value_bias"])
         (p_epoch, p_index), (x_epoch, x_index) = counters["prompt_position"], counters["ptx_position"]
         pos = _Position(counters["iteration"], counters["episodes"], (p_epoch, p_index), (x_epoch, x_index))
         if d.is_main:
