@@ -126,6 +126,7 @@ def build_models(model: str, trained_layers: int, out: Path) -> None:
     def nudged(src: str, dst: str, top: int, scalar: bool = False) -> None:
         model, tok = load_scalar_model(src) if scalar else load_causal_lm(src)
         layers = model.model.layers
+        top = min(top, len(layers) - 1)  # the bottom block always shared (tiny has 2)
         with torch.no_grad():
             for module in [*layers[len(layers) - top :], model.model.norm]:
                 for p in module.parameters():
