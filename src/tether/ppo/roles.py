@@ -246,13 +246,16 @@ def build_roles(cfg: PPOConfig, reward_fn: RewardFn | None = None, d: Dist | Non
     value_par = ParallelModel(value_model, cfg.policy.parallel, d)
     sampler = Sampler(policy, _sampling_dtype(cfg, device, notes), compile=cfg.rollout_compile)
     precision = autocast(cfg.policy, device)
-    capture = _sampling_capture(sampler, trunk, precision, device, notes)
-    # After the sampler: a low-precision copy keeps its own head (it samples without autocast).
-    _float32_heads([policy, ref_policy], precision, device, notes)
-    return PPORoles(
-        cfg, policy, ref_policy, value_model, reward, tokenizer, sampler, trunk, precision, capture,
+    roles = PPORoles(
+        cfg, policy, ref_policy, value_model, reward, tokenizer, sampler, trunk, precision, None,
         policy_par, value_par, notes,
     )  # fmt: skip
+    if trunk is not None:  # found from the weights; kept only where its path is the models' own forward
+        roles.trunk = _exact_trunk(roles, notes)
+    roles.capture = _sampling_capture(sampler, roles.trunk, precision, device, notes)
+    # After the sampler: a low-precision copy keeps its own head (it samples without autocast).
+    _float32_heads([policy, ref_policy], precision, device, notes)
+    return roles
 
 
 def _load_models(
@@ -334,6 +337,44 @@ def _share_trunk(cfg: PPOConfig, models: Sequence[object], notes: list[str]) -> 
         else "ppo: the models share no frozen block; each runs whole"
     )
     return trunk
+
+
+def _exact_trunk(roles: PPORoles, notes: list[str]) -> SharedTrunk | None:
+    """The roles' trunk if it gives what each model's own forward gives on a probe batch, else None.
+
+    Running a model's top blocks on the trunk's output skips whatever its own forward does
+    around the blocks (Gemma's embedding scale and logit soft-capping, Granite's multipliers):
+    the probe compares log-probs, values and scores both ways, in float32, on two sequences (one
+    left-padded) longer than any sliding window in the configs, and turns the sharing off with
+    the reason when they differ.
+    """
+    models = [m for m in (roles.policy, roles.ref_policy, roles.value_model, roles.reward) if isinstance(m, nn.Module)]
+    window = max(int(getattr(unwrap(m).config, "sliding_window", None) or 0) for m in models)
+    width = max(8, window + 4)
+    device, vocab = roles.device, int(unwrap(roles.policy).config.vocab_size)
+    probe = torch.Generator().manual_seed(0)  # CPU: draws the probe's token ids there
+    ids = torch.randint(vocab, (2, 2 * width), generator=probe).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded prompt
+    inputs: Inputs = (ids[:, :width], mask[:, :width], ids[:, width:], mask[:, width:])
+    gen = Generation(*inputs, logprobs=torch.zeros_like(inputs[2], dtype=torch.float32), finished=mask[:, -1].bool())
+    with torch.no_grad():
+        hidden = roles.trunk.hidden(*joined(*inputs)) if roles.trunk is not None else None
+        pairs = {
+            "policy's log-probs": [roles._logprobs(roles.policy, inputs, h)[0] for h in (None, hidden)],
+            "value model's values": [roles._values(roles.value_model, inputs, h) for h in (None, hidden)],
+        }
+        if isinstance(roles.reward, nn.Module):  # (a reward function never sees the trunk)
+            pairs["reward model's scores"] = [roles._scores(gen, ["", ""], h) for h in (None, hidden)]
+    for what, (whole, shared) in pairs.items():
+        gap = float((whole - shared).abs().max())
+        if not gap <= 1e-4 * (1.0 + float(whole.abs().max())):
+            notes.append(
+                f"ppo: the shared trunk is off: the {what} through it differ from the model's own forward "
+                f"by {gap:.2g} (a probe of {2 * width} tokens)"
+            )
+            return None
+    return roles.trunk
 
 
 def _sampling_dtype(cfg: PPOConfig, device: torch.device, notes: list[str]) -> str | None:
