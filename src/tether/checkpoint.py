@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from tether.config import save_config
 from tether.metrics import parse_jsonl_lines
 
 WEIGHTS = "trainable.safetensors"
@@ -243,3 +244,15 @@ def epoch_order(n_items: int, seed: int, epoch: int) -> torch.Tensor:
     """
     # CPU: the permutation is made on the CPU whatever device trains (randperm's default device).
     return torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+
+
+def start_run_dir(cfg: Any, is_main: bool) -> Path:
+    """A trainer's ``cfg.out_dir``, created, with the resolved config saved in it (by the main
+    process); torch's and Python's global RNGs seeded with ``cfg.seed`` (the same on every rank)."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        save_config(cfg, out / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    return out

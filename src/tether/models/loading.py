@@ -370,11 +370,11 @@ def apply_lora(model: PreTrainedModel, lora: LoraConfig, task_type: str = "CAUSA
 
 
 def load_causal_lm(
-    cfg: ModelConfig | str, *, trainable: bool = False
+    cfg: ModelConfig | str | Path, *, trainable: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) for a causal LM; LoRA and residual dropout applied when trainable."""
-    if isinstance(cfg, str):
-        cfg = ModelConfig(name_or_path=cfg)
+    if isinstance(cfg, str | Path):
+        cfg = ModelConfig(name_or_path=str(cfg))
     path = resolve_model_dir(cfg.name_or_path, allow_download=cfg.allow_download)
     tokenizer = load_tokenizer(path, cfg)
     device = resolve_device(cfg.device)

@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +42,10 @@ from tether.checkpoint import (
     non_finite_weights,
     rng_state,
     save_state,
+    start_run_dir,
     truncate_metrics,
 )
-from tether.config import PPOConfig, save_config
+from tether.config import PPOConfig
 from tether.data.formats import read_records
 from tether.data.task import default_splits
 from tether.distributed import (
@@ -339,7 +339,7 @@ def train_ppo(
     # Set-up: the process group, the run directory, the data (validated before any model
     # loads), the roles, the optimisation state, resume.
     d, log = _process_group(cfg, log)
-    out = _run_dir(cfg, d)
+    out = start_run_dir(cfg, d.is_main)
     prompts = load_prompts(cfg.prompts_file)
     # Plain PPO (γ = 0) computes no pretraining loss at all: it would add nothing to the gradient.
     pretrain = load_pretrain_texts(cfg.pretrain_file) if cfg.ptx_coef > 0 and cfg.ptx_per_minibatch > 0 else []
@@ -443,17 +443,6 @@ def _process_group(cfg: PPOConfig, log: Callable[[str], None]) -> tuple[Dist, Ca
             f"{d.world_size} ranks: raise batch_size to at least {d.world_size * cfg.samples_per_prompt}"
         )
     return d, main_only(log, d)
-
-
-def _run_dir(cfg: PPOConfig, d: Dist) -> Path:
-    """The output directory with the resolved config in it; the process's RNGs seeded."""
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if d.is_main:
-        save_config(cfg, out / "config.yaml")
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    return out
 
 
 def _plan(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,9 +31,10 @@ from tether.checkpoint import (
     find_state,
     last_good_state,
     load_state,
+    start_run_dir,
     truncate_metrics,
 )
-from tether.config import RMConfig, RMLoss, save_config
+from tether.config import RMConfig, RMLoss
 from tether.data.formats import Comparison
 from tether.distributed import (
     Dist,
@@ -213,12 +213,7 @@ def train_reward_model(
     d = init_from_env(cfg.model.device)
     log = main_only(log, d)
     heldout = heldout_labeler_ids(cfg, panel_heldout_labelers)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if d.is_main:
-        save_config(cfg, out / "config.yaml")
-    torch.manual_seed(cfg.seed)  # the new scalar head's initialisation (the same on every rank)
-    random.seed(cfg.seed)
+    out = start_run_dir(cfg, d.is_main)  # seeded: the new scalar head's initialisation, the same on every rank
 
     # 1. Data and model: every file validated before the model loads; split by prompt, keep
     #    held-out labelers out of training, encode.

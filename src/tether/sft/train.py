@@ -34,9 +34,10 @@ from tether.checkpoint import (
     find_state,
     last_good_state,
     load_state,
+    start_run_dir,
     truncate_metrics,
 )
-from tether.config import SFTConfig, save_config
+from tether.config import SFTConfig
 from tether.data.formats import Demonstration
 from tether.distributed import (
     Dist,
@@ -152,12 +153,7 @@ def train_sft(
         )
     d = init_from_env(cfg.model.device)
     log = main_only(log, d)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if d.is_main:
-        save_config(cfg, out / "config.yaml")
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
+    out = start_run_dir(cfg, d.is_main)
 
     # 1. Data and model (every file validated whole before the model loads, let alone trains).
     demos, valid_demos, pretrain_texts = load_sft_files(cfg)
