@@ -12,7 +12,8 @@
 # travel: see scripts/fetch_gpu_wheels.sh); bench_generation.py at batch 16 / 64 / 256 (the old
 # loop, the engine in fp32 and its bf16 copy, HF generate; GB/s and share of the bandwidth
 # roofline); bench_ppo.py --preset demo (bf16 autocast and bf16 rollouts on a GPU) with shared
-# trunk + engine, then with neither; `tether run --preset tiny`; the tests that build models
+# trunk + engine, then with neither; `tether run --preset tiny`, and again with a Llama-3-shaped
+# tokenizer (tiny-llama3); the tests that build models
 # (ModelConfig.device 'auto' is the GPU there); the decode step under torch.compile. A failed step
 # is reported and the next one runs. Everything is tee'd to $OUT/gpu_check.log; $OUT/summary.txt
 # is printed last; $OUT/details.tar.gz holds each step's log, the tests' JUnit XML and the tiny
@@ -73,6 +74,14 @@ main() {
       test -s "$WORK/tiny-run/$f" || { echo "missing: $f"; exit 1; }
     done
     "$PY" -c "$MANIFEST_PY" "$WORK/tiny-run/manifest.json"'
+
+  # A model whose tokenizer is not ChatML (Llama-3-shaped: no pad, turn end <|eot_id|>), built
+  # offline like the tests' (tether.models.tiny_families): the token roles on the GPU path.
+  step tiny_llama3_run 150 '
+    "$PY" -c "import sys; from tether.cli import main; sys.exit(main())" run --preset tiny \
+      --sft.model.name-or-path tiny-llama3 --out-dir "$WORK/tiny-llama3-run" || exit
+    test -s "$WORK/tiny-llama3-run/eval/eval.json" || { echo "missing: eval/eval.json"; exit 1; }
+    "$PY" -c "$MANIFEST_PY" "$WORK/tiny-llama3-run/manifest.json"'
 
   # 8 processes where pytest-xdist is installed (the image has it): tiny models leave the GPU idle.
   step tests 200 'cd "$REPO" || exit
