@@ -72,6 +72,27 @@ def tiny_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma2_dir(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-block Gemma 2 with the tiny tokenizer: embeddings scaled by √hidden and logits
+    soft-capped in its own forward, sliding-window attention of 4 tokens in every other block (what
+    a frozen trunk's output fed back as ``inputs_embeds`` gets wrong)."""
+    import torch
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+
+    from tether.models.loading import save_model
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    special = {name: getattr(tok, name) for name in ("pad_token_id", "eos_token_id", "bos_token_id")}
+    config = Gemma2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=4, final_logit_softcapping=3.0, query_pre_attn_scalar=16,
+        **special,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return save_model(Gemma2ForCausalLM(config), tok, tmp_path_factory.mktemp("gemma2") / "model")
+
+
+@pytest.fixture(scope="session")
 def demonstrations() -> list[dict]:
     """The toy demonstrations (:func:`make_demonstrations`), for fixtures wider than a test."""
     return make_demonstrations()

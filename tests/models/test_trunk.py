@@ -238,3 +238,20 @@ def test_trunk_cache_is_off_where_it_would_not_be_exact(tiny_dir):
     assert plan(trainable_layers=1, limit_mib=0) == "off (trunk_cache_mib = 0)"
     # 1000 tokens x 64 x 4 bytes = 0.24 MiB
     assert "0 MiB > trunk_cache_mib = 0.1" in plan(trainable_layers=1, limit_mib=0.1)
+
+
+def test_trunk_cache_is_off_where_the_trunks_path_is_not_the_models_own_forward(tiny_dir, tiny_gemma2_dir):
+    """A probe at set-up: Gemma 2's own forward scales its embeddings and soft-caps its logits,
+    which running the top on the kept trunk output skips; SFT's cache (logits) and the RM's
+    (scalars) go off with the reason, a Llama's stays on."""
+    from tether.models.trunk import TrunkCache
+
+    def plan(load, path):
+        model, _ = load(ModelConfig(name_or_path=str(path), trainable_layers=1), trainable=True)
+        return TrunkCache.plan(model, n_tokens=100, epochs_left=2, limit_mib=1, parallel="none")
+
+    for load, what in ((load_causal_lm, "logits"), (load_scalar_model, "scores")):
+        cache, how = plan(load, tiny_gemma2_dir)
+        assert cache is None and how.startswith(f"off: its {what} through the frozen blocks' output differ"), how
+        cache, how = plan(load, tiny_dir)
+        assert cache is not None and how.startswith("on: "), how

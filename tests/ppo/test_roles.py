@@ -52,31 +52,13 @@ def test_float32_runs_keep_the_plain_lm_head(eos_policy):
     assert not any("LM head" in n for n in roles.describe())
 
 
-def tiny_gemma2(tiny_dir: Path, out: Path) -> Path:
-    """A random 2-block Gemma 2 with the tiny tokenizer: embeddings scaled by √hidden and logits
-    soft-capped in its own forward, sliding-window attention of 4 tokens in every other block."""
-    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
-
-    from tether.models.loading import save_model
-
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
-    special = {name: getattr(tok, name) for name in ("pad_token_id", "eos_token_id", "bos_token_id")}
-    config = Gemma2Config(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, sliding_window=4, final_logit_softcapping=3.0, query_pre_attn_scalar=16,
-        **special,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return save_model(Gemma2ForCausalLM(config), tok, out)
-
-
-def test_the_shared_trunk_is_off_where_its_path_differs_from_the_models_own_forward(tiny_dir, tmp_path):
+def test_the_shared_trunk_is_off_where_its_path_differs_from_the_models_own_forward(tiny_dir, tiny_gemma2_dir):
     """The probe at set-up: Gemma 2's own forward scales the embeddings and soft-caps the logits,
     which the trunk's path skips, so sharing goes off with the reason; a Llama's stays on."""
     frozen = {"policy.trainable_layers": 1}
     llama = build_roles(roles_cfg(tiny_dir, **frozen), length_reward)
     assert llama.trunk is not None and any("share 1 of 2 blocks" in line for line in llama.describe())
-    gemma = build_roles(roles_cfg(tiny_gemma2(tiny_dir, tmp_path / "gemma2"), **frozen), length_reward)
+    gemma = build_roles(roles_cfg(tiny_gemma2_dir, **frozen), length_reward)
     assert gemma.trunk is None and gemma.capture is None
     lines = gemma.describe()
     assert any("share 1 of 2 blocks" in line for line in lines), lines  # found from the weights ...

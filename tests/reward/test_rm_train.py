@@ -506,8 +506,8 @@ def test_trunk_cache_trains_the_same_rm(data_dir, monkeypatch):
     train_reward_model(on, log=logs.append)
     assert any(line.startswith("rm: trunk cache on: the output of the embeddings and 1 of 2 blocks") for line in logs)
     held = next(line for line in logs if line.startswith("rm: trunk cache held"))
-    # Every distinct training sequence went through the trunk exactly once, in epoch 1.
-    assert sum(forwards) == int(held.split()[4])
+    # The set-up probe's 2 sequences, then every distinct training sequence exactly once, in epoch 1.
+    assert forwards[0] == 2 and sum(forwards[1:]) == int(held.split()[4])
     a, b = final_weights(on), final_weights(tiny_cfg(data_dir, "off"))
     assert a.keys() == b.keys()
     for name in a:

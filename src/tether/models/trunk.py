@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from tether.models.generation import position_ids_from_mask
-from tether.models.heads import unwrap
+from tether.models.heads import scalar_per_token, unwrap
 
 
 def backbone(model: PreTrainedModel) -> PreTrainedModel:
@@ -174,6 +174,41 @@ class SharedTrunk:
         """A scalar-head model's raw output at every position: ``[B, T]`` float32."""
         return unwrap(model).score(self.top(model, hidden, attention_mask)).squeeze(-1).float()
 
+    @torch.no_grad()
+    def differs_from(self, model: PreTrainedModel) -> str | None:
+        """Why running ``model``'s top on the trunk's output is not ``model``'s own forward, or None.
+
+        The trunk's output goes back in as ``inputs_embeds`` and the head reads the top's output,
+        skipping whatever the model's own forward does around its blocks (Gemma's embedding scale
+        and logit soft-capping, Granite's multipliers). A probe batch answers it: two sequences
+        (one left-padded), longer than twice any sliding window, compared at their real positions
+        in eval mode (logits for a causal LM, the raw scalar for a scalar head).
+        """
+        inner = unwrap(model)
+        width = 2 * max(8, int(getattr(inner.config, "sliding_window", None) or 0) + 4)
+        device = next(model.parameters()).device
+        probe = torch.Generator().manual_seed(0)  # CPU: draws the probe's token ids there
+        ids = torch.randint(int(inner.config.vocab_size), (2, width), generator=probe).to(device)
+        mask = torch.ones_like(ids)
+        mask[1, :3] = 0
+        was_training = model.training
+        model.eval()
+        try:
+            hidden = self.hidden(ids, mask)
+            if hasattr(inner, "score"):
+                what, own, shared = "scores", scalar_per_token(model, ids, mask), self.scalars(model, hidden, mask)
+            else:
+                own = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+                what, shared = "logits", self.logits(model, hidden, mask, width)
+        finally:
+            model.train(was_training)
+        real = mask.bool()
+        own, shared = own[real].float(), shared[real].float()
+        gap = float((own - shared).abs().max())
+        if gap <= 1e-4 * (1.0 + float(own.abs().max())):
+            return None
+        return f"its {what} through the frozen blocks' output differ from the model's own forward by {gap:.2g}"
+
 
 def frozen_depth(model: PreTrainedModel) -> int:
     """How many bottom blocks of ``model`` (with its embeddings) no parameter trains: 0 when the
@@ -266,7 +301,10 @@ class TrunkCache:
         n_blocks = len(stack.layers)
         if mib > limit_mib:
             return None, f"off: the frozen blocks' output would take {mib:,.0f} MiB > trunk_cache_mib = {limit_mib:g}"
-        return cls(model, depth), (
+        cache = cls(model, depth)
+        if (why := cache.trunk.differs_from(model)) is not None:
+            return None, f"off: {why} (a probe at set-up)"
+        return cache, (
             f"on: the output of the embeddings and {depth} of {n_blocks} blocks (frozen) is kept for the "
             f"later epochs: {n_tokens:,} tokens x {hidden_size} x {itemsize} bytes = {mib:,.1f} MiB on the CPU"
         )
