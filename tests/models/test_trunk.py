@@ -255,3 +255,25 @@ def test_trunk_cache_is_off_where_the_trunks_path_is_not_the_models_own_forward(
         assert cache is None and how.startswith(f"off: its {what} through the frozen blocks' output differ"), how
         cache, how = plan(load, tiny_dir)
         assert cache is not None and how.startswith("on: "), how
+
+
+def test_trunk_cache_is_off_for_granites_multipliers(tiny_dir, tmp_path):
+    """Granite multiplies its embeddings in its own forward and divides its logits by
+    ``logits_scaling``: fed back as ``inputs_embeds``, the kept trunk output would be scaled twice
+    and the logits left unscaled. SFT's cache goes off."""
+    from transformers import AutoTokenizer, GraniteConfig, GraniteForCausalLM
+
+    from tether.models.loading import save_model
+    from tether.models.trunk import TrunkCache
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    config = GraniteConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, embedding_multiplier=12.0, logits_scaling=4.0, residual_multiplier=0.22,
+        attention_multiplier=0.25, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    path = save_model(GraniteForCausalLM(config), tok, tmp_path / "granite")
+    model, _ = load_causal_lm(ModelConfig(name_or_path=str(path), trainable_layers=1), trainable=True)
+    cache, how = TrunkCache.plan(model, n_tokens=100, epochs_left=2, limit_mib=1, parallel="none")
+    assert cache is None and how.startswith("off: its logits through the frozen blocks' output differ"), how
