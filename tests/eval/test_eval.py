@@ -395,7 +395,9 @@ def test_shared_blocks_run_once_and_give_the_full_forwards_figures(tiny_dir, pro
     policies = {"sft": str(tiny_dir), "ppo": str(ppo_dir)}
     common = dict(reward_model=str(rm_dir), ref_policy=str(tiny_dir), pretrain_heldout=pretrain, **QUIET)
     report = evaluate_policies(policies, prompts, cfg, **common)
-    assert len(runs) == 3  # ppo's 3 batches of 4, 4 and 2 responses; sft is the reference: its KL is 0
+    # ppo's 3 batches of 4, 4 and 2 responses, after the set-up probe's pass for each of the three
+    # models (the trunk is used only where it is each model's own forward); sft is the reference: KL 0
+    assert len(runs) == 3 + 3
     assert sorted(loads) == sorted([str(tiny_dir), str(ppo_dir), str(rm_dir)])  # each model once
 
     policy, _ = load_causal_lm(str(ppo_dir))
@@ -421,4 +423,26 @@ def test_shared_blocks_run_once_and_give_the_full_forwards_figures(tiny_dir, pro
     # Without an RM the policy and the reference alone still share the block: the same KL.
     runs.clear()
     no_rm = evaluate_policies(policies, prompts, cfg, ref_policy=str(tiny_dir), **QUIET)
-    assert len(runs) == 3 and no_rm.by_name("ppo").kl_to_ref == ppo.kl_to_ref
+    assert len(runs) == 2 + 3 and no_rm.by_name("ppo").kl_to_ref == ppo.kl_to_ref  # (a probe pass per model)
+
+
+def test_models_run_whole_where_the_shared_blocks_path_is_not_their_own(
+    tiny_gemma2_dir, prompts, tmp_path, capsys, monkeypatch
+):
+    """A Gemma 2 policy and its reference share a frozen block bit for bit, but Gemma's forward
+    scales the embeddings and soft-caps the logits around its blocks: the evaluation measures the
+    KL with each model's full forward (the probe says why), as with no sharing at all."""
+    import tether.eval.evaluate as ev
+
+    ppo_dir = nudge_top(tiny_gemma2_dir, tmp_path / "ppo", 0.05)
+    cfg = EvalConfig(samples_per_prompt=1, max_new_tokens=6, batch_size=4)
+    policies = {"sft": str(tiny_gemma2_dir), "ppo": str(ppo_dir)}
+    report = evaluate_policies(policies, prompts[:2], cfg, ref_policy=str(tiny_gemma2_dir), **QUIET)
+    assert "run whole, not on their shared frozen blocks: its logits" in capsys.readouterr().out
+    policy, tok = load_causal_lm(str(ppo_dir))
+    assert ev._exact_trunk([policy, load_causal_lm(str(tiny_gemma2_dir))[0]]) is None
+    from tether.models.trunk import SharedTrunk
+
+    monkeypatch.setattr(SharedTrunk, "detect", classmethod(lambda cls, models: None))  # no sharing at all
+    whole = evaluate_policies(policies, prompts[:2], cfg, ref_policy=str(tiny_gemma2_dir), **QUIET)
+    assert report.by_name("ppo").kl_to_ref == whole.by_name("ppo").kl_to_ref != 0

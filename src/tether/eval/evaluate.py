@@ -190,6 +190,17 @@ class _ModelCache:
         self.roles.clear()
 
 
+def _exact_trunk(models: list[PreTrainedModel]) -> SharedTrunk | None:
+    """The frozen bottom blocks ``models`` share, where running each model's top on their output
+    is that model's own forward (a probe, :meth:`SharedTrunk.differs_from`), else None (said once)."""
+    trunk = SharedTrunk.detect(models)
+    why = next((w for m in models if trunk is not None and (w := trunk.differs_from(m)) is not None), None)
+    if why is not None:
+        print(f"eval: the models run whole, not on their shared frozen blocks: {why}", flush=True)
+        return None
+    return trunk
+
+
 @dataclass
 class _Readers:
     """What a shard measures its sampled responses with, on the sampled ids (prompt ⊕ response):
@@ -209,9 +220,9 @@ class _Readers:
         self.trunk, self.rm_on_trunk = None, False
         if self.ref is not None:
             rm = [self.reward_model] if isinstance(self.reward_model, torch.nn.Module) else []
-            self.trunk = SharedTrunk.detect([self.policy, self.ref, *rm])
+            self.trunk = _exact_trunk([self.policy, self.ref, *rm])
             self.rm_on_trunk = bool(rm) and self.trunk is not None
-            self.trunk = self.trunk or SharedTrunk.detect([self.policy, self.ref])
+            self.trunk = self.trunk or _exact_trunk([self.policy, self.ref])
 
     @torch.no_grad()
     def measure(self, gen: Generation, prompts: Sequence[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
