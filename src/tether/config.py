@@ -598,6 +598,10 @@ class EvalConfig:
     else the default task's."""
     pretrain_texts: int = 0
     """Use only the first N held-out pretraining paragraphs (0 = all)."""
+    demonstrations_file: str | None = None
+    """Demonstrations that normalise a reward model of another tokenizer which carries no tether
+    normalisation (scores mean 0 on them), as `tether ppo --demonstrations-file` does. None: the
+    default task's demonstrations."""
     n_bootstrap: int = 2000
     """Bootstrap resamples (over prompts) for every 95 % interval."""
     seed: int = 0

@@ -7,6 +7,8 @@ policy's SFT checkpoint."""
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -122,10 +124,15 @@ def test_ppo_and_eval_run_with_the_foreign_rm(foreign_rm, eos_policy, ppo_data, 
         ["eval", "--preset", "tiny", "--policy", f"sft={eos_policy}", "--policy", f"ppo={ppo / 'policy'}",
          "--reward-model", str(foreign_rm), "--prompts-file", str(ppo_data["prompts"]), "--limit", "4",
          "--sft-best-of", "0", "--pretrain-file", str(ppo_data["pretrain"]), "--pretrain-texts", "4",
-         "--out-dir", str(out)]
+         "--demonstrations-file", str(demos_file), "--out-dir", str(out)]
     )  # fmt: skip
     assert code == 0
-    assert "eval: reward: the RM carries no tether normalisation" in " ".join(capsys.readouterr().out.split())
+    out_text = capsys.readouterr().out
+    assert "eval: reward: the RM carries no tether normalisation" in " ".join(out_text.split())
+    # normalised on the user's demonstrations, as PPO was (the same gain and bias), not on the built-in task's
+    assert "".join(f"the 24 demonstrations of {demos_file}".split()) in "".join(out_text.split())
+    norm = re.compile(r"score = (\S+) · raw (\S+) so that")
+    assert norm.findall(" ".join(out_text.split()))[0] == norm.findall(log)[0]
     policies = json.loads((out / "eval.json").read_text())["policies"]
     rm_scores = {p["name"]: p["rm_score"] for p in policies}
-    assert set(rm_scores) == {"sft", "ppo"} and all(abs(s) < 10 for s in rm_scores.values()), rm_scores
+    assert set(rm_scores) == {"sft", "ppo"} and all(math.isfinite(s) for s in rm_scores.values()), rm_scores

@@ -273,7 +273,7 @@ def _shard_readers(
     rm = cache.load("reward_model", reward_model) if reward_model else None
     policy, tokenizer = cache.load("policy", path)
     notes: list[str] = []  # an RM of another tokenizer scores the decoded responses (reward.foreign)
-    reward = reward_for(*rm, tokenizer, reward_model, notes) if rm is not None else None
+    reward = reward_for(*rm, tokenizer, reward_model, notes, cfg.demonstrations_file) if rm is not None else None
     for line in notes:
         print(f"eval: {line}", flush=True)
     return _Readers(policy, ref, reward, kl_is_zero), tokenizer
