@@ -124,11 +124,6 @@ def alignment_tax_off(cfg: EvalConfig) -> bool:
     return bool(cfg.prompts_file) and not cfg.pretrain_file
 
 
-def builtin_prompts(cfg: EvalConfig) -> bool:
-    """The evaluation answers the built-in task's prompts (those the simulated labelers are written for)."""
-    return not cfg.prompts_file
-
-
 def record_inputs(cfg: EvalConfig, out_dir: str | Path) -> Path:
     """``OUT/config.yaml`` of an evaluation: its settings and the source of every input."""
     return save_config(cfg, Path(out_dir) / "config.yaml")
