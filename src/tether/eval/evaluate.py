@@ -29,7 +29,7 @@ from tether.cluster import Executor, Local
 from tether.config import Autocast, EvalConfig, ModelConfig, to_dict
 from tether.data.formats import Comparison, PretrainText, Prompt
 from tether.labelers.panel import Panel
-from tether.models.generation import Generation, decode_responses, row_generators, sample
+from tether.models.generation import Generation, buffers_fit, decode_responses, row_generators, sample
 from tether.models.heads import load_scalar_model, score_at_last_token
 from tether.models.lm_batch import encode_pretrain, evaluate_loss
 from tether.models.loading import autocast, load_causal_lm, resolve_device
@@ -215,21 +215,28 @@ class _Readers:
     kl_is_zero: bool  # the policy is the reference checkpoint itself
 
     def __post_init__(self) -> None:
-        # Worth it where two models or more read the batch: the policy and the reference (the
-        # KL), and the RM with them when it shares their blocks too.
-        self.trunk, self.rm_on_trunk = None, False
-        if self.ref is not None:
-            rm = [self.reward_model] if isinstance(self.reward_model, torch.nn.Module) else []
-            self.trunk = _exact_trunk([self.policy, self.ref, *rm])
+        # Worth it wherever a second model reads the batch (the reference for the KL, the RM for
+        # the score): sampling keeps the trunk's output (``capture``), so each reader runs only
+        # its own top blocks. A trunk the RM breaks (another architecture) is tried without it.
+        self.trunk, self.rm_on_trunk, self.capture = None, False, None
+        rm = [self.reward_model] if isinstance(self.reward_model, torch.nn.Module) else []
+        readers = [m for m in (self.ref, *rm) if m is not None]
+        if readers:
+            self.trunk = _exact_trunk([self.policy, *readers])
             self.rm_on_trunk = bool(rm) and self.trunk is not None
-            self.trunk = self.trunk or _exact_trunk([self.policy, self.ref])
+            if self.trunk is None and self.ref is not None and rm:
+                self.trunk = _exact_trunk([self.policy, self.ref])
+        if self.trunk is not None and buffers_fit(self.policy.config):
+            self.capture = self.trunk.last_block(self.policy)
 
     @torch.no_grad()
     def measure(self, gen: Generation, prompts: Sequence[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(RM scores [B] or None, KL [B] or None)`` on the CPU."""
         inputs = (gen.query_ids, gen.query_mask, gen.response_ids, gen.response_mask)
         ids, mask = joined(*inputs)
-        hidden = self.trunk.hidden(ids, mask) if self.trunk is not None else None
+        hidden = gen.hidden  # the trunk's output as sampling computed it (``capture``), else run here
+        if hidden is None and self.trunk is not None:
+            hidden = self.trunk.hidden(ids, mask)
         scores = kls = None
         if isinstance(self.reward_model, ForeignReward):  # its own tokens: decoded, re-encoded
             scores = self.reward_model.score(gen, prompts)
@@ -243,7 +250,9 @@ class _Readers:
         if self.kl_is_zero:
             kls = torch.zeros(len(prompts))
         elif self.ref is not None:
-            kls = (self._logprob_sums(self.policy, inputs, hidden) - self._logprob_sums(self.ref, inputs, hidden)).cpu()
+            # The policy's log-probs are the ones it sampled with (temperature 1: the KL is only
+            # measured there); the reference reads the same ids.
+            kls = (gen.logprobs.sum(-1) - self._logprob_sums(self.ref, inputs, hidden)).cpu()
         return scores, kls
 
     def _logprob_sums(
@@ -322,6 +331,7 @@ def sample_policy_shard(
                 max_new_tokens=cfg.response_length,
                 temperature=cfg.temperature,
                 generator=generators,
+                capture=readers.capture,
             )
             scores, kls = readers.measure(gen, candidates)
         batch_texts = decode_responses(tokenizer, gen)
