@@ -17,6 +17,7 @@ import torch
 
 from tether import cli
 from tether.data.formats import read_records
+from tether.eval.seeds import Win, check_bar, read_run
 from tether.models.loading import load_causal_lm
 
 
@@ -123,6 +124,23 @@ def test_two_rounds_killed_moved_and_resumed(tmp_path, capsys):
     for other in (by_name["sft"]["path"], by_name["ppo_ptx"]["path"]):
         weights = load_causal_lm(other)[0].state_dict()
         assert any(not torch.equal(w, weights[n]) for n, w in kept.items()), other
+
+    # The seeds table reads the run's own figures: the final RM's (round 2's), every stage's seconds.
+    row = read_run(run)
+    ptx = by_name["ppo_ptx"]
+    assert row.wins["ppo_ptx"] == Win(ptx["expected_win_rate"], *ptx["expected_win_ci"]) and "sft" in row.wins
+    assert row.rm_heldout_labelers == after["round-2/rm"]["outputs"]["heldout_labeler_accuracy"] is not None
+    assert row.minutes == pytest.approx(sum(s["seconds_last_attempt"] for s in after.values()) / 60)
+    (tmp_path / "seeds").mkdir()
+    (tmp_path / "seeds" / "tiny-seed0").symlink_to(run)
+    script = Path(__file__).parents[1] / "scripts" / "demo_seeds.py"
+    args = ["--table-only", "--preset", "tiny", "--seeds", "0", "--out-root", str(tmp_path / "seeds"), "--check"]
+    table = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=60)
+    assert (
+        f"| 0 | {row.wins['base']} | {row.wins['sft_bo2']} | {row.wins['ppo']} | {row.wins['ppo_ptx']} |"
+        in table.stdout
+    )
+    assert table.returncode == (0 if all(ok for _, ok in check_bar([row])) else 1), table.stdout + table.stderr
 
     # `tether eval --run` re-evaluates the run: its policies, its test split, flags on top of its settings.
     out = tmp_path / "re-eval"
