@@ -128,6 +128,38 @@ def test_one_generator_per_row_makes_a_row_independent_of_its_batch(tiny_dir):
         sample(model, tok, PROMPTS[:3], max_new_tokens=4, generator=row_generators(0, [0, 1], "cpu"))
 
 
+def test_repeated_prompts_share_one_prefill_and_keep_the_oracles_tokens(tiny_dir):
+    """A prompt's samples and best-of-n's candidates repeat a prompt: the prefill runs it once and
+    every repeat starts from its keys and values, with the oracle's tokens and log-probs row for
+    row (each row its own stream), and the same captured block output as its first row."""
+    model, tok = eos_boosted(tiny_dir, 10.0)
+    prompts = [p for p in PROMPTS for _ in range(3)][::-1]  # each prompt 3 times, interleaved with the rest
+    fed = []  # rows x tokens of every prefill forward (more than one token per row)
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kw: fed.append(kw["input_ids"].shape) if kw["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True,
+    )
+    block = model.model.layers[0]
+    try:
+        gen = sample(
+            model, tok, prompts, max_new_tokens=16, generator=row_generators(9, range(12), "cpu"), capture=block
+        )
+    finally:
+        hook.remove()
+    ids, logps = naive_sample(
+        model, tok, prompts, max_new_tokens=16, temperature=1.0, generator=row_generators(9, range(12), "cpu")
+    )
+    assert len(set(gen.lengths.tolist())) > 1
+    assert torch.equal(gen.response_ids, ids)
+    assert torch.allclose(gen.logprobs, logps, atol=1e-5, rtol=0)
+    # Each distinct prompt went through the prefill once (after the template's shared header).
+    assert sum(rows for rows, _ in fed) <= len(PROMPTS) + 1  # (+1: the header's batch-1 forward, if any)
+    width = gen.query_ids.shape[1]
+    for i, p in enumerate(prompts):
+        first = prompts.index(p)
+        assert torch.equal(gen.hidden[i, :width], gen.hidden[first, :width])
+
+
 def test_the_fallback_cache_gives_the_same_tokens(tiny_dir, monkeypatch):
     """Models the buffers do not fit (sliding windows, ...) keep HF's DynamicCache: same tokens."""
     from transformers import LlamaConfig, MistralConfig

@@ -174,6 +174,12 @@ class _BufferLayer(CacheLayerMixin):
         self.length = end
         return self.keys[:n, :, :end], self.values[:n, :, :end]
 
+    def copy_rows(self, sources: torch.Tensor, targets: torch.Tensor, end: int) -> None:
+        """Rows ``targets`` get the keys and values of rows ``sources`` in columns ``0 … end``."""
+        if self.is_initialized:
+            self.keys[targets, :, :end] = self.keys[sources, :, :end]
+            self.values[targets, :, :end] = self.values[sources, :, :end]
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
 
@@ -201,6 +207,11 @@ class _BufferCache(Cache):
         """Send the next forward to ``rows`` at column ``length`` (None: the decode batch)."""
         for layer in self.layers:
             layer.rows, layer.length, layer.shared = rows, length, shared
+
+    def copy_rows(self, sources: torch.Tensor, targets: torch.Tensor, end: int) -> None:
+        """Rows ``targets`` of every layer get rows ``sources``' keys and values in columns ``0 … end``."""
+        for layer in self.layers:
+            layer.copy_rows(sources, targets, end)
 
 
 def buffers_fit(config: PretrainedConfig) -> bool:
@@ -250,6 +261,16 @@ def _shared_prefix(query_ids: torch.Tensor, lengths: torch.Tensor, min_tokens: i
     return c if c >= min_tokens else 0
 
 
+def _first_of_each_prompt(query_ids: torch.Tensor, lengths: torch.Tensor) -> list[int]:
+    """For each row of a left-padded ``[B, P]`` batch, the first row with the same prompt."""
+    seen: dict[tuple[int, ...], int] = {}
+    width = query_ids.shape[1]
+    return [
+        seen.setdefault(tuple(ids[width - n :].tolist()), i)
+        for i, (ids, n) in enumerate(zip(query_ids, lengths.tolist(), strict=True))
+    ]
+
+
 def _shrink_at(n_rows: int) -> int:
     """Compact the batch once at most this many of its ``n_rows`` rows are still alive.
 
@@ -274,6 +295,9 @@ class _NoCapture:
     def run(self, forward: Callable[..., Any], *, stop: bool, **inputs: Any) -> Any:
         """``forward(**inputs)``; ``stop``: only the block's output is needed (None returned)."""
         return forward(**inputs)
+
+    def copy_rows(self, sources: torch.Tensor, targets: torch.Tensor, end: int) -> None:
+        """Rows ``targets`` get what was kept for rows ``sources`` in columns ``0 … end``."""
 
     def hidden(self, width: int) -> torch.Tensor | None:
         """What was kept, ``[B, width, H]`` (None: nothing)."""
@@ -327,6 +351,10 @@ class _BlockCapture(_NoCapture):
             return None
         finally:
             self.stop = False
+
+    def copy_rows(self, sources: torch.Tensor, targets: torch.Tensor, end: int) -> None:
+        if self.kept is not None:
+            self.kept[targets, :end] = self.kept[sources, :end]
 
     def hidden(self, width: int) -> torch.Tensor | None:
         assert self.kept is not None
@@ -435,7 +463,15 @@ def _decode_loop(
         # The shared prefix: row i's columns width - lengths[i] … + c (the batch-1 output, broadcast).
         grab.put(torch.arange(batch, device=device), (width - lengths)[:, None] + torch.arange(c, device=device))
     logits = torch.empty(0, device=device)
-    buckets = _prefill_buckets((lengths - c).tolist()) if buffers else [list(range(batch))]
+    # Rows with the same prompt (a prompt's samples, best-of-n's candidates) share one prefill:
+    # each repeat gets its first row's keys, values and logits (causal attention: the same numbers).
+    first = _first_of_each_prompt(query_ids, lengths) if buffers else list(range(batch))
+    unique = [i for i in range(batch) if first[i] == i]
+    buckets = (
+        [[unique[j] for j in b] for b in _prefill_buckets([int(lengths[i]) - c for i in unique])]
+        if buffers
+        else [list(range(batch))]
+    )
     for bucket in buckets:
         rows = torch.tensor(bucket, device=device)
         w = int(lengths[rows].max()) - c
@@ -459,6 +495,12 @@ def _decode_loop(
         cols = torch.arange(width - w, width, device=device)
         grab.put(rows, cols.expand(len(rows), -1), cols >= (width - lengths[rows] + c)[:, None])
     if buffers:
+        repeats = torch.tensor([i for i in range(batch) if first[i] != i], dtype=torch.long, device=device)
+        if len(repeats):
+            sources = torch.tensor([first[i] for i in repeats.tolist()], dtype=torch.long, device=device)
+            cache.copy_rows(sources, repeats, width)
+            logits[repeats] = logits[sources]
+            grab.copy_rows(sources, repeats, width)
         cache.route(None, width)
 
     # 2. Decode. `alive` maps the rows still in the batch to their index in the output.
