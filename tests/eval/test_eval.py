@@ -146,8 +146,15 @@ def test_report_shows_verdicts_and_round_trips(tiny_dir, perturbed, prompts, tmp
     assert "expected win rate [95 % CI]" in page and again.config["samples_per_prompt"] == 2
 
 
-def test_best_of_n_keeps_the_reward_models_pick(tiny_dir, prompts, tmp_path):
-    """Best-of-4: each response is the RM's top-scored of 4 samples; KL is the analytic bound."""
+def test_best_of_n_keeps_the_reward_models_pick(tiny_dir, prompts, tmp_path, monkeypatch):
+    """Best-of-4: each response is the RM's top-scored of 4 samples; KL is the analytic bound. The
+    plain policy of the same model is candidate 0 of each response (the same stream): sampled once,
+    by best-of-4's shards, with the responses and RM scores it gets when evaluated alone."""
+    import tether.eval.evaluate as ev
+
+    shards = []
+    real = ev.sample_policy_shard
+    monkeypatch.setattr(ev, "sample_policy_shard", lambda *a, **kw: shards.append(kw["n_best"]) or real(*a, **kw))
     torch.manual_seed(0)
     rm, tok = load_scalar_model(str(tiny_dir))  # the tiny LM with a random scalar head
     rm_dir = save_scalar_model(rm, tok, tmp_path / "rm")
@@ -161,7 +168,7 @@ def test_best_of_n_keeps_the_reward_models_pick(tiny_dir, prompts, tmp_path):
     # An independent oracle: the same draws (candidate c of prompt i seeded by (seed, i, c)), one
     # prompt per forward where the evaluation batched two, scored.
     model, _ = load_causal_lm(str(tiny_dir))
-    picks, candidate_scores = [], []
+    picks, candidate_scores, firsts = [], [], []
     for i in range(len(prompts)):
         texts = [prompts[i].text] * 4
         generators = row_generators(0, [(i, c) for c in range(4)], "cpu")
@@ -170,12 +177,19 @@ def test_best_of_n_keeps_the_reward_models_pick(tiny_dir, prompts, tmp_path):
         scores = episode_scores(gen, texts, responses, rm, None).view(-1, 4)
         picks.append(responses[int(scores[0].argmax())])
         candidate_scores.append(scores)
+        firsts.append(responses[0])
     best = torch.cat(candidate_scores).max(-1).values
     assert bo4.responses == picks and bo4.best_of == 4 and sft.best_of == 1
     assert bo4.rm_score == pytest.approx(float(best.mean()), abs=1e-5)
     assert bo4.rm_score > float(torch.cat(candidate_scores).mean())
     assert bo4.kl_to_ref == pytest.approx(math.log(4) - 0.75) and bo4.pretrain_ppl is None
     assert "≤ 0.64" in write_report(report, tmp_path / "report").read_text()
+    assert shards == [4]  # sft had no shard of its own
+    assert sft.responses == firsts and sft.kl_to_ref == 0.0
+    assert sft.rm_score == pytest.approx(float(torch.cat(candidate_scores)[:, 0].mean()), abs=1e-5)
+    alone = evaluate_policies({"sft": str(tiny_dir)}, prompts, cfg, **common, **QUIET).by_name("sft")
+    assert alone.responses == sft.responses and alone.rm_score == pytest.approx(sft.rm_score, abs=1e-5)
+    assert (alone.likert, alone.flag_rates, alone.length) == (sft.likert, sft.flag_rates, sft.length)
     with pytest.raises(ValueError, match="needs a reward model"):
         evaluate_policies({"sft": str(tiny_dir)}, prompts, best_of={"sft": 2}, **QUIET)
     with pytest.raises(ValueError, match="not among the policies"):

@@ -301,7 +301,8 @@ def sample_policy_shard(
     autocast_dtype: Autocast | None = None,
     progress: Callable[[int], None] | None = None,
     cache: _ModelCache | None = None,
-) -> PolicyShard:
+    keep_first: bool = False,
+) -> PolicyShard | tuple[PolicyShard, PolicyShard]:
     """A policy's responses to ``texts`` (responses ``first_index …`` of the evaluation, one entry
     per response), measured and judged by the held-out labelers. ``progress(n)`` is called after
     each forward batch with the responses done so far; ``cache`` keeps the models for the next call.
@@ -309,14 +310,17 @@ def sample_policy_shard(
     Candidate c of response i is sampled from a stream seeded by (seed, i, c), and labeler j's
     noise on it by (seed, i, j): the same for every policy (common random numbers), and a shard
     gives exactly what the whole list gives. n_best > 1 keeps each response's top-scored of
-    n_best candidates (best-of-n by the reward model).
+    n_best candidates (best-of-n by the reward model); ``keep_first`` also returns candidate 0 of
+    each response as a shard of its own: the policy's plain response (the same stream, (seed, i, 0)),
+    with its RM score and a KL of 0 when the policy is the reference (else none measured).
     """
 
     panel = panel or Panel()
     precision = autocast(ModelConfig(autocast=autocast_dtype), resolve_device("auto"))
     readers, tokenizer = _shard_readers(path, cfg, n_best, reward_model, ref_policy, cache or _ModelCache())
     device = next(readers.policy.parameters()).device
-    out = PolicyShard([], [], [], [], [], [])
+    out, first = PolicyShard([], [], [], [], [], []), PolicyShard([], [], [], [], [], [])
+    first_kl_zero = ref_policy is not None and cfg.temperature == 1.0 and str(path) == str(ref_policy)
     step = max(1, cfg.batch_size // n_best)  # responses per forward batch of n_best candidates each
     for start in range(0, len(texts), step):
         chunk = texts[start : start + step]
@@ -335,23 +339,36 @@ def sample_policy_shard(
             )
             scores, kls = readers.measure(gen, candidates)
         batch_texts = decode_responses(tokenizer, gen)
+        if keep_first:  # candidate 0 of each response: the policy's own sample
+            zero = torch.arange(len(chunk)) * n_best
+            zero_scores = scores[zero] if scores is not None else None
+            zero_kls = torch.zeros(len(chunk)) if first_kl_zero else None
+            zero_texts = [batch_texts[i] for i in zero.tolist()]
+            _add_rows(first, gen.select(zero.to(gen.response_ids.device)), zero_texts, zero_scores, zero_kls)
         if scores is not None and n_best > 1:  # keep each response's top-scored candidate
             pick = scores.view(-1, n_best).argmax(-1) + torch.arange(len(chunk)) * n_best
             gen, scores = gen.select(pick.to(gen.response_ids.device)), scores[pick]
             batch_texts = [batch_texts[i] for i in pick.tolist()]
-        out.scores += scores.tolist() if scores is not None else []
-        out.kls += kls.tolist() if kls is not None else []
-        out.responses += batch_texts
-        out.lengths += gen.lengths.tolist()
-        out.eos += gen.finished.tolist()
+        _add_rows(out, gen, batch_texts, scores, kls)
         if progress is not None:
             progress(len(out.responses))
-    out.judgements = [
-        panel.judge(lab, t, r, np.random.default_rng([cfg.seed, first_index + i, j]))
-        for i, (t, r) in enumerate(zip(texts, out.responses, strict=True))
-        for j, lab in enumerate(panel.heldout_labelers)
-    ]
-    return out
+    for shard in (out, first) if keep_first else (out,):
+        shard.judgements = [
+            panel.judge(lab, t, r, np.random.default_rng([cfg.seed, first_index + i, j]))
+            for i, (t, r) in enumerate(zip(texts, shard.responses, strict=True))
+            for j, lab in enumerate(panel.heldout_labelers)
+        ]
+    return (out, first) if keep_first else out
+
+
+def _add_rows(
+    shard: PolicyShard, gen: Generation, texts: list[str], scores: torch.Tensor | None, kls: torch.Tensor | None
+) -> None:
+    shard.scores += scores.tolist() if scores is not None else []
+    shard.kls += kls.tolist() if kls is not None else []
+    shard.responses += texts
+    shard.lengths += gen.lengths.tolist()
+    shard.eos += gen.finished.tolist()
 
 
 def policy_perplexity(
@@ -371,6 +388,7 @@ class _Job:
     first: int  # responses first … last (a perplexity: 0 … 0)
     last: int
     ppl: bool = False
+    also: str | None = None  # a best-of-n shard whose candidate 0 is also this policy's responses
 
 
 def _check_policies(policies: dict[str, str], baseline: str, best_of: dict[str, int], reward_model: str | None) -> None:
@@ -386,15 +404,36 @@ def _check_policies(policies: dict[str, str], baseline: str, best_of: dict[str, 
 
 
 def _plan_jobs(
-    policies: dict[str, str], best_of: dict[str, int], shards: Sequence[tuple[int, int]], taxed: Callable[[str], bool]
+    policies: dict[str, str], shards: Sequence[tuple[int, int]], taxed: Callable[[str], bool], within: dict[str, str]
 ) -> list[_Job]:
     """Each policy's shards, then its perplexity when ``taxed(name)``: in this order a process
-    running them one after another computes the perplexity with the model it just sampled."""
+    running them one after another computes the perplexity with the model it just sampled. A
+    policy in ``within`` (name → best-of-n policy) gets its responses from that one's shards."""
+    also = {bo: name for name, bo in within.items()}
     return [
         job
         for name in policies
-        for job in [*(_Job(name, a, b) for a, b in shards), *([_Job(name, 0, 0, ppl=True)] if taxed(name) else [])]
+        for job in [
+            *(_Job(name, a, b, also=also.get(name)) for a, b in shards if name not in within),
+            *([_Job(name, 0, 0, ppl=True)] if taxed(name) else []),
+        ]
     ]
+
+
+def _within_best_of(
+    policies: dict[str, str], best_of: dict[str, int], ref_policy: str | None, cfg: EvalConfig
+) -> dict[str, str]:
+    """Plain policies whose responses are candidate 0 of a best-of-n policy of the same model
+    (name → that policy): its shards sample them anyway, from the same streams (seed, i, 0). Only
+    where the plain policy's KL is not measured or is 0 (it is the reference): best-of-n measures none."""
+    within: dict[str, str] = {}
+    for bo, n in best_of.items():
+        for name, path in policies.items():
+            measured = ref_policy is not None and cfg.temperature == 1.0 and str(path) != str(ref_policy)
+            if n > 1 and best_of.get(name, 1) == 1 and path == policies[bo] and not measured and name not in within:
+                within[name] = bo
+                break
+    return within
 
 
 def _keep_shards(
@@ -408,7 +447,8 @@ def _keep_shards(
     for i, job in enumerate(jobs):
         if job.ppl:
             continue
-        shard_file = Path(keep_dir) / f"{shard_key(stamps[job.name], texts[job.first : job.last], job.first)}.pkl"
+        stamp = {**stamps[job.name], "also": job.also} if job.also else stamps[job.name]
+        shard_file = Path(keep_dir) / f"{shard_key(stamp, texts[job.first : job.last], job.first)}.pkl"
         if shard_file.exists():
             with open(shard_file, "rb") as f:
                 kept[i] = pickle.load(f)
@@ -433,6 +473,8 @@ def _run_jobs(
             progress.perplexity_done(job.name)
         else:
             progress.shard_done(job.name, job.last - job.first)
+            if job.also:
+                progress.shard_done(job.also, job.last - job.first)
 
     fresh = iter(executor.map([calls[i] for i in todo], "eval", on_done))
     return [kept[i] if i in kept else next(fresh) for i in range(len(jobs))]
@@ -508,7 +550,9 @@ def evaluate_policies(
     by averaging out sampling noise, not by pretending to have more prompts. ``best_of`` (name →
     n) makes a policy best-of-n: each of its responses is the one the reward model scores highest
     among n samples, the RM's own optimisation without any training, at a KL of at most
-    log n − (n − 1)/n nats when that policy is the reference. ``autocast_dtype`` ('bfloat16',
+    log n − (n − 1)/n nats when that policy is the reference. A plain policy of the same model
+    (SFT beside SFT best-of-n) is not sampled again: its responses are each best-of-n response's
+    candidate 0, drawn from the very stream its own would be. ``autocast_dtype`` ('bfloat16',
     'auto') runs every forward pass under mixed precision; every policy is measured the same way.
     ``executor`` runs the sampling shards and perplexities (default: here, one shard per policy;
     :class:`tether.cluster.RayCluster`: Ray tasks over prompt shards, with the same results).
@@ -530,11 +574,12 @@ def evaluate_policies(
     # 2. The jobs: every policy's responses, shard by shard (each response seeded by its own
     # index, so shards on several workers give what one process gives), and its alignment tax
     # (best-of-n leaves the model as it is: no tax of its own).
+    within = _within_best_of(policies, best_of, ref_policy, cfg)
     jobs = _plan_jobs(
         policies,
-        best_of,
         executor.shards(len(texts)),
         lambda name: bool(pretrain_heldout) and best_of.get(name, 1) == 1,
+        within,
     )
     here = isinstance(executor, Local)  # in this process: models kept between calls, a line per batch
     cache = _ModelCache() if here else None
@@ -555,6 +600,7 @@ def evaluate_policies(
             autocast_dtype=autocast_dtype,
             progress=functools.partial(progress.partial, job.name, job.last - job.first) if here else None,
             cache=cache,
+            keep_first=job.also is not None,
         )
         for job in jobs
     ]
@@ -563,6 +609,7 @@ def evaluate_policies(
         log(
             f"eval: generating with {name} ({path}), {len(texts)} responses"
             + (f", best of {n_best} by the RM" if n_best > 1 else "")
+            + (f": candidate 0 of each of {within[name]}'s" if name in within else "")
         )
 
     # 3. Shards an earlier, interrupted evaluation finished (keep_dir) are read back, not redone.
@@ -586,7 +633,11 @@ def evaluate_policies(
     results = []
     for name, path in policies.items():
         n_best = best_of.get(name, 1)
-        parts = [r for job, r in zip(jobs, done, strict=True) if job.name == name and not job.ppl]
+        parts = [
+            r if job.name == name and not job.also else r[0] if job.name == name else r[1]
+            for job, r in zip(jobs, done, strict=True)
+            if not job.ppl and name in (job.name, job.also)
+        ]
         ppl = next((r for job, r in zip(jobs, done, strict=True) if job.name == name and job.ppl), None)
         kl_bound = n_best > 1 and ref_policy is not None and str(path) == str(ref_policy) and cfg.temperature == 1.0
         results.append(_policy_eval(name, path, parts, ppl, n_best, kl_bound))
