@@ -421,26 +421,19 @@ def _generate(
     return tokens, logprobs, finished, grab.hidden(width + tokens.shape[1])
 
 
-def _decode_loop(
+def _prefill(
     model: PreTrainedModel,
     query_ids: torch.Tensor,
     query_mask: torch.Tensor,
     cache: Cache,
     grab: _NoCapture,
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    generator: torch.Generator | Sequence[torch.Generator] | None,
-    eos_token_id: int | None,
-    pad_token_id: int,
-    decode: Callable[..., Any] | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_generate`'s prefill and decode steps (its docstring says what they do). ``cache``:
-    the KV buffers or HF's own cache; ``grab``: what keeps the captured block's output."""
+    capacity: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts into ``cache``: returns the attention mask over the cache's columns ``[B,
+    capacity]`` (the prompt's filled in) and each row's next-token logits ``[B, V]``."""
     device = query_ids.device
     buffers = isinstance(cache, _BufferCache)
     batch, width = query_ids.shape
-    capacity = width + max_new_tokens
     lengths = query_mask.sum(-1)
     # Cache layout: the prompt tokens every row shares (the chat template's header) once in
     # columns 0 … c, then each row's own tokens right-aligned up to `width`, then one column per
@@ -449,7 +442,7 @@ def _decode_loop(
     column = torch.arange(capacity, device=device)
     mask = ((column < c) | ((column >= width - (lengths - c)[:, None]) & (column < width))).long()
 
-    # 1. Prefill: the shared prefix once, then rows grouped by length (no compute on padding).
+    # The shared prefix once, then rows grouped by length (no compute on padding).
     if c:
         start = int(width - lengths[0])
         cache.route(torch.arange(batch, device=device), 0, shared=True)
@@ -502,6 +495,30 @@ def _decode_loop(
             logits[repeats] = logits[sources]
             grab.copy_rows(sources, repeats, width)
         cache.route(None, width)
+    return mask, logits
+
+
+def _decode_loop(
+    model: PreTrainedModel,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    cache: Cache,
+    grab: _NoCapture,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    decode: Callable[..., Any] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_generate`'s prefill and decode steps (its docstring says what they do). ``cache``:
+    the KV buffers or HF's own cache; ``grab``: what keeps the captured block's output."""
+    device = query_ids.device
+    batch, width = query_ids.shape
+    lengths = query_mask.sum(-1)
+    # 1. Prefill.
+    mask, logits = _prefill(model, query_ids, query_mask, cache, grab, width + max_new_tokens)
 
     # 2. Decode. `alive` maps the rows still in the batch to their index in the output.
     tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
